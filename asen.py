@@ -1,0 +1,387 @@
+"""Train and test ASEN (Ma et al., AAAI 2020): the entry point.
+
+    python asen.py --dataset FashionAI                                   # train
+    python asen.py --test --resume runs/ASEN/model_best.pth.tar          # test
+    python asen.py --dataset SynthFashion                                # offline CPU demo
+"""
+import argparse
+import copy
+import json
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import datasets
+import model as models
+import synthfashion
+import utils
+from utils import UserError
+
+DATASETS = ('FashionAI', 'DARN', 'DeepFashion', 'SynthFashion')
+
+# SynthFashion runs out of the box on a CPU: these replace the defaults of flags not given.
+SYNTH_PRESET = dict(backbone='resnet18', pretrained=False, img_size=96, epochs=4, num_triplets=2000,
+                    batch_size=32, lr=1e-3, decay_rate=0.9, log_interval=20)
+
+# Flags a checkpoint does not override when resuming (they describe this invocation).
+INVOCATION_FLAGS = {'resume', 'test', 'start_epoch', 'no_cuda', 'workers'}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description='Attribute-Specific Embedding Network (ASEN): train, or test with --test --resume.',
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group('data')
+    data.add_argument('--dataset', default='FashionAI', choices=DATASETS,
+                      help='dataset under --data_path; SynthFashion is generated on first use and '
+                           f'brings a CPU preset {SYNTH_PRESET} for flags not given')
+    data.add_argument('--data_path', '--data-path', default='data', help='folder holding the datasets')
+    data.add_argument('--img_size', '--img-size', type=int, default=224,
+                      help='Resize and CenterCrop size; the attention map size follows from it')
+    data.add_argument('--num_triplets', '--num-triplets', type=int, default=100000,
+                      help='training triplets drawn anew each epoch')
+    data.add_argument('--synth-images', '--synth_images', dest='synth_images', type=int, default=2000,
+                      help='SynthFashion: training images to generate (valid and test get a quarter each)')
+    data.add_argument('--workers', type=int, default=None,
+                      help='DataLoader worker processes (default: 4 on CUDA, 0 on CPU, as the original)')
+
+    net = parser.add_argument_group('model')
+    net.add_argument('--model', default='ASENet', choices=sorted(models.MODELS), help='network')
+    net.add_argument('--backbone', default='resnet50', choices=models.BACKBONES,
+                     help='ResNet trunk, cut after layer3')
+    net.add_argument('--no-pretrained', dest='pretrained', action='store_false', default=True,
+                     help='random init instead of ImageNet weights (default: pretrained)')
+    net.add_argument('--dim_embed', '--dim-embed', type=int, default=1024, help='embedding size')
+
+    train = parser.add_argument_group('training')
+    train.add_argument('--epochs', type=int, default=200, help='last epoch to train')
+    train.add_argument('--start_epoch', '--start-epoch', type=int, default=1,
+                       help='first epoch (set from the checkpoint with --resume)')
+    train.add_argument('--batch-size', '--batch_size', dest='batch_size', type=int, default=16,
+                       help='triplets per batch')
+    train.add_argument('--lr', type=float, default=1e-4, help='Adam learning rate')
+    train.add_argument('--step_size', '--step-size', type=int, default=1, help='StepLR step, in epochs')
+    train.add_argument('--decay_rate', '--decay-rate', type=float, default=0.985, help='StepLR gamma')
+    train.add_argument('--margin', type=float, default=0.2, help='triplet ranking margin')
+    train.add_argument('--seed', type=int, default=1, help='seeds Python random, numpy and torch')
+
+    perf = parser.add_argument_group('performance (off by default: the original semantics)')
+    perf.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
+                      help='autocast precision; fp16 uses a GradScaler')
+    perf.add_argument('--channels-last', dest='channels_last', action='store_true',
+                      help='channels_last memory format for the network and its inputs')
+    perf.add_argument('--compile', action='store_true', help='torch.compile the network')
+    perf.add_argument('--concat-forward', dest='concat_forward', action='store_true',
+                      help='one forward pass over anchor+negative+positive (changes BatchNorm batch '
+                           'statistics; the original does three passes)')
+
+    run = parser.add_argument_group('run')
+    run.add_argument('--name', default='ASEN', help='run folder runs/<name>/ for snapshots and logs')
+    run.add_argument('--resume', default=None, help='checkpoint to resume training from or to test')
+    run.add_argument('--test', action='store_true', help='evaluate --resume on the test split and exit')
+    run.add_argument('--no-cuda', '--no_cuda', dest='no_cuda', action='store_true',
+                     help='use the CPU even when CUDA is available')
+    run.add_argument('--log-interval', '--log_interval', dest='log_interval', type=int, default=400,
+                     help='batches between training log lines')
+    return parser
+
+
+def explicit_flags(parser, argv):
+    """Names of the options given on the command line (defaults suppressed)."""
+    probe = copy.deepcopy(parser)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    args.explicit = explicit_flags(parser, argv)
+    if args.dataset == 'SynthFashion':
+        apply_defaults(args, SYNTH_PRESET)
+    return args
+
+
+def apply_defaults(args, values):
+    """Set each of `values` on `args` unless the user gave that flag."""
+    for key, value in values.items():
+        if key not in args.explicit and key in vars(args):
+            setattr(args, key, value)
+
+
+def check_args(args):
+    positive = ['synth_images', 'img_size', 'num_triplets', 'dim_embed', 'epochs', 'batch_size', 'step_size', 'log_interval']
+    for key in positive:
+        if getattr(args, key) <= 0:
+            raise UserError(f"--{key} must be positive, got {getattr(args, key)}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+
+
+def resolve_device(args):
+    return torch.device('cuda' if torch.cuda.is_available() and not args.no_cuda else 'cpu')
+
+
+# ----------------------------------------------------------------------------- training
+
+def autocast(device, amp):
+    dtype = torch.float16 if amp == 'fp16' else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=amp != 'off')
+
+
+def to_device(tensor, device, channels_last):
+    tensor = tensor.to(device, non_blocking=True)
+    return tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.dim() == 4 else tensor
+
+
+def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger):
+    """One pass over the epoch's triplets; returns (mean loss, mean triplet accuracy)."""
+    losses, accs = utils.AverageMeter(), utils.AverageMeter()
+    tnet.train()
+    progress = tqdm(loader, desc=f'epoch {epoch}', disable=not sys.stderr.isatty(), leave=False)
+    for batch_idx, (anchor, negative, positive, attr) in enumerate(progress):
+        anchor, negative, positive = (to_device(t, device, args.channels_last) for t in (anchor, negative, positive))
+        attr = attr.to(device)
+        with autocast(device, args.amp):
+            sim_an, sim_ap = tnet(anchor, negative, positive, attr)
+            loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
+        if not torch.isfinite(loss):
+            raise UserError(f"non-finite loss at epoch {epoch}, batch {batch_idx}; the last good snapshot "
+                            f"in runs/{args.name}/ is kept; lower --lr or use --amp off")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        losses.update(loss.item(), anchor.size(0))
+        accs.update(utils.triplet_accuracy(sim_an.detach(), sim_ap.detach()), anchor.size(0))
+        if batch_idx % args.log_interval == 0:
+            logger.info(f'Train Epoch: {epoch} [{batch_idx * anchor.size(0)}/{len(loader.dataset)}]\t'
+                        f'Loss: {losses.val:.4f} ({losses.avg:.4f}) \t'
+                        f'Acc: {100 * accs.val:.2f}% ({100 * accs.avg:.2f}%)')
+    return losses.avg, accs.avg
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.inference_mode()
+def extract_embeddings(net, loader, device, args):
+    """Embeddings (N, D) float32 of a RetrievalDataset in its order, each under its attribute."""
+    net.eval()
+    out = None
+    progress = tqdm(loader, desc='features', disable=not sys.stderr.isatty(), leave=False)
+    for images, attr, _, index in progress:
+        with autocast(device, args.amp):
+            emb = net(to_device(images, device, args.channels_last), attr.to(device))
+        if out is None:
+            out = torch.empty(len(loader.dataset), emb.shape[1], device=device)
+        out[index.to(device)] = emb.float()
+    return out
+
+
+def retrieval_map(query_emb, query_entries, cand_emb, cand_entries, n_attributes):
+    """Per-attribute mAP and the query-weighted MeanAP (fractions in [0, 1])."""
+    per_attribute, n_queries = [], []
+    for attr in range(n_attributes):
+        q = np.flatnonzero(query_entries[:, 1] == attr)
+        c = np.flatnonzero(cand_entries[:, 1] == attr)
+        q_idx, c_idx = torch.from_numpy(q).to(query_emb.device), torch.from_numpy(c).to(cand_emb.device)
+        per_attribute.append(utils.mean_average_precision(
+            cand_emb[c_idx], query_emb[q_idx], torch.from_numpy(cand_entries[c, 2]),
+            torch.from_numpy(query_entries[q, 2])))
+        n_queries.append(len(q))
+    mean = float(np.average(per_attribute, weights=n_queries)) if sum(n_queries) else 0.0
+    return per_attribute, mean
+
+
+def make_loader(dataset, args, device, shuffle=False):
+    workers = args.workers if args.workers is not None else (4 if device.type == 'cuda' else 0)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle,
+                                       num_workers=workers, pin_memory=device.type == 'cuda',
+                                       persistent_workers=workers > 0)
+
+
+def evaluate(net, split_files, split, device, args, logger, epoch=None):
+    """Score `split` (valid or test); logs and returns {'mAP': {attr: %}, 'MeanAP': %, ...}."""
+    transform = datasets.build_transform(args.img_size, train=False)
+    queries = datasets.RetrievalDataset(split_files, split, 'query', transform)
+    candidates = datasets.RetrievalDataset(split_files, split, 'candidate', transform)
+    query_emb = extract_embeddings(net, make_loader(queries, args, device), device, args)
+    cand_emb = extract_embeddings(net, make_loader(candidates, args, device), device, args)
+    n_attr = len(split_files.attributes)
+    per_attr, mean = retrieval_map(query_emb, queries.entries, cand_emb, candidates.entries, n_attr)
+    if epoch is not None:
+        logger.info(f'Train Epoch: {epoch}')
+    for name, value in zip(split_files.attributes, per_attr):
+        logger.info(f'{name} mAP: {100 * value:.4f}')
+    logger.info(f'MeanAP: {100 * mean:.4f}')
+    result = {'split': split, 'mAP': {n: 100 * v for n, v in zip(split_files.attributes, per_attr)},
+              'MeanAP': 100 * mean}
+    if split == 'test':
+        result['Random MeanAP'] = random_map(query_emb, queries, cand_emb, candidates, n_attr, args.seed)
+        logger.info(f"Random MeanAP: {result['Random MeanAP']:.4f}")
+    return result
+
+
+def random_map(query_emb, queries, cand_emb, candidates, n_attributes, seed):
+    """MeanAP (%) of random Gaussian embeddings on the same split: the paper's Random row."""
+    gen = torch.Generator().manual_seed(seed)
+    rand_q = models.l2norm(torch.randn(query_emb.shape, generator=gen))
+    rand_c = models.l2norm(torch.randn(cand_emb.shape, generator=gen))
+    _, mean = retrieval_map(rand_q, queries.entries, rand_c, candidates.entries, n_attributes)
+    return 100 * mean
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def restore_args(args, checkpoint):
+    """Take the checkpoint's settings for every flag the user did not give."""
+    saved = checkpoint.get('args')
+    if not isinstance(saved, dict):
+        return
+    keep = args.explicit | INVOCATION_FLAGS
+    for key, value in saved.items():
+        if key not in keep and key in vars(args):
+            setattr(args, key, value)
+
+
+def load_weights(tnet, checkpoint, path):
+    state = checkpoint.get('state_dict') if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"--resume {path}: no 'state_dict' in the file; it is not an ASEN checkpoint")
+    try:
+        tnet.load_state_dict(state)
+    except RuntimeError as err:
+        detail = ' '.join(str(err).split())[:300]
+        raise UserError(f"--resume {path}: weights do not fit --model {tnet.embeddingnet.__class__.__name__} "
+                        f"with these flags (another model, backbone or attribute count?): {detail}") from err
+
+
+def snapshot(epoch, tnet, optimizer, scheduler, scaler, prec, best_prec, args):
+    saved_args = {k: v for k, v in vars(args).items() if k != 'explicit'}
+    return {'epoch': epoch, 'state_dict': tnet.state_dict(), 'prec': prec, 'best_prec': best_prec,
+            'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+            'scaler': scaler.state_dict(), 'args': saved_args, 'rng': utils.rng_state()}
+
+
+def save_snapshot(state, run_dir, is_best):
+    path = os.path.join(run_dir, 'checkpoint.pth.tar')
+    utils.save_atomic(state, path)
+    if is_best:
+        best = os.path.join(run_dir, 'model_best.pth.tar')
+        tmp = best + '.tmp'
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, best)
+
+
+# ----------------------------------------------------------------------------- main
+
+def build_network(args, n_attributes, device):
+    net = models.build_model(args.model, n_attributes, args.backbone, args.pretrained, args.dim_embed)
+    tnet = models.TripletNet(net, concat_forward=args.concat_forward).to(device)
+    if args.channels_last:
+        tnet = tnet.to(memory_format=torch.channels_last)
+    return tnet
+
+
+def prepare_dataset(args):
+    if args.dataset == 'SynthFashion':
+        n_eval = max(args.synth_images // 4, 8)
+        synthfashion.ensure(os.path.join(args.data_path, 'SynthFashion'), n_train=args.synth_images,
+                            n_valid=n_eval, n_test=n_eval)
+    return datasets.SplitFiles(args.data_path, args.dataset)
+
+
+def run_test(tnet, split_files, device, args, logger, run_dir):
+    net = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
+    result = evaluate(net, split_files, 'test', device, args, logger)
+    result.update(model=args.model, dataset=args.dataset, checkpoint=args.resume)
+    utils.write_json(result, os.path.join(run_dir, 'test_results.json'))
+    return result
+
+
+def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
+    optimizer = torch.optim.Adam([p for p in tnet.parameters() if p.requires_grad], lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.decay_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    best_prec = 0.0
+    if checkpoint is not None and 'optimizer' in checkpoint:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scheduler.load_state_dict(checkpoint['scheduler'])
+        scaler.load_state_dict(checkpoint['scaler'])
+        best_prec = checkpoint.get('best_prec', 0.0)
+        utils.set_rng_state(checkpoint['rng'])
+    train_set = datasets.TripletDataset(split_files, args.num_triplets,
+                                        datasets.build_transform(args.img_size, train=True), args.seed)
+    train_loader = make_loader(train_set, args, device)
+    train_model = torch.compile(tnet) if args.compile else tnet
+    eval_model = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
+    utils.write_json({k: v for k, v in vars(args).items() if k != 'explicit'}, os.path.join(run_dir, 'args.json'))
+    logger.info(f'Begin training on {args.dataset} dataset.')
+    start = time.time()
+    for epoch in range(args.start_epoch, args.epochs + 1):
+        train_set.set_epoch(epoch)
+        loss, acc = train_one_epoch(train_model, train_loader, optimizer, scaler, device,
+                                    epoch, args, logger)
+        result = evaluate(eval_model, split_files, 'valid', device, args, logger, epoch)
+        prec = result['MeanAP'] / 100
+        is_best = prec > best_prec
+        best_prec = max(prec, best_prec)
+        scheduler.step()
+        save_snapshot(snapshot(epoch, tnet, optimizer, scheduler, scaler, prec, best_prec, args), run_dir, is_best)
+        append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc,
+                                     lr=optimizer.param_groups[0]['lr'], **result))
+        logger.info(f"lr:{optimizer.param_groups[0]['lr']}")
+    minutes = int(time.time() - start) // 60
+    logger.info(f'training time {minutes // 60}h {minutes % 60}min')
+    return best_prec
+
+
+def append_metrics(run_dir, record):
+    with open(os.path.join(run_dir, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
+def run(args):
+    check_args(args)
+    checkpoint = utils.load_checkpoint(args.resume) if args.resume else None
+    if checkpoint is not None:
+        restore_args(args, checkpoint)
+    if args.test and checkpoint is None:
+        raise UserError("--test needs --resume CHECKPOINT (e.g. runs/<name>/model_best.pth.tar)")
+    device = resolve_device(args)
+    utils.seed_everything(args.seed)
+    run_dir = os.path.join('runs', args.name)
+    os.makedirs(run_dir, exist_ok=True)
+    logger = utils.setup_logger(os.path.join(run_dir, 'test.log' if args.test else 'train.log'))
+    split_files = prepare_dataset(args)
+    tnet = build_network(args, len(split_files.attributes), device)
+    logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
+    if checkpoint is not None:
+        load_weights(tnet, checkpoint, args.resume)
+        logger.info(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint.get('epoch')} "
+                    f"mAP on validation set {checkpoint.get('prec')})")
+        if not args.test and 'start_epoch' not in args.explicit:
+            args.start_epoch = int(checkpoint.get('epoch', 0)) + 1
+    if args.test:
+        return run_test(tnet, split_files, device, args, logger, run_dir)
+    return run_training(tnet, split_files, device, args, logger, run_dir, checkpoint)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        run(args)
+    except UserError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

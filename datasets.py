@@ -1,0 +1,273 @@
+"""Datasets in the authors' on-disk format (FashionAI, DARN, DeepFashion, SynthFashion).
+
+Layout under `<data_path>/<Dataset>/` (paths in the files are relative to that folder):
+  filenames_{train,valid,test}.txt   one image path a line; the 0-based line number is the id
+  label_train.txt                    `id attr value [attr value ...]`
+  {candidate,query}_{valid,test}.txt `id attr value`
+and `<data_path>/meta.json` maps the dataset name to ATTRIBUTES and ATTRIBUTES_NUM. A dataset
+may carry its own `<data_path>/<Dataset>/meta.json` (SynthFashion does), which wins, so unpacking
+the authors' archive over `data/meta.json` cannot break it. The published files have CRLF ends,
+stray CRs and trailing whitespace; every reader here accepts them.
+"""
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from utils import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- file readers
+
+def read_lines(path):
+    """Lines of a text file split on LF only, each stripped of CR and surrounding whitespace.
+
+    Splitting on LF alone keeps a stray CR inside a line from shifting the line numbers (ids);
+    trailing empty lines are dropped.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: file not found")
+    with open(path, 'rb') as f:
+        lines = [line.strip() for line in f.read().decode('utf-8').split('\n')]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+def read_int_rows(path, pairs=False):
+    """Rows of integers from a split file, as a list of (line number, [ints]).
+
+    `pairs=False`: exactly `id attr value`. `pairs=True`: `id attr value [attr value ...]`.
+    Blank lines are skipped; anything else malformed is reported as file:line.
+    """
+    rows = []
+    for number, line in enumerate(read_lines(path), start=1):
+        if not line:
+            continue
+        fields = line.split()
+        bad_count = len(fields) < 3 or len(fields) % 2 == 0 if pairs else len(fields) != 3
+        if bad_count or not all(f.isdigit() for f in fields):
+            expected = "'id attr value [attr value ...]'" if pairs else "'id attr value'"
+            raise UserError(f"{path}:{number}: malformed line {line!r}; expected {expected} "
+                            f"with non-negative integers")
+        rows.append((number, [int(f) for f in fields]))
+    return rows
+
+
+def load_meta(data_path, dataset):
+    """(ATTRIBUTES list, ATTRIBUTES_NUM list in that order) of `dataset`."""
+    candidates = [os.path.join(data_path, dataset, 'meta.json'), os.path.join(data_path, 'meta.json')]
+    for path in candidates:
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, 'rb') as f:
+                meta = json.loads(f.read().decode('utf-8'))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"{path}: not valid JSON ({err})") from err
+        if dataset not in meta:
+            continue
+        entry = meta[dataset]
+        try:
+            names = list(entry['ATTRIBUTES'])
+            counts = [int(entry['ATTRIBUTES_NUM'][name]) for name in names]
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{path}: entry {dataset!r} needs ATTRIBUTES and ATTRIBUTES_NUM for every "
+                            f"attribute ({type(err).__name__}: {err})") from err
+        return names, counts
+    raise UserError(f"no meta.json entry for dataset {dataset!r} in {' or '.join(candidates)}; "
+                    f"unpack the authors' split archive into {data_path}/ (see README, 'Datasets')")
+
+
+# ----------------------------------------------------------------------------- dataset files
+
+class SplitFiles:
+    """The meta data, file lists and labels of one dataset folder, validated on load."""
+
+    def __init__(self, data_path, dataset):
+        self.root = os.path.join(data_path, dataset)
+        if not os.path.isdir(self.root):
+            raise UserError(f"dataset folder {self.root} not found; prepare it as the README's "
+                            f"'Datasets' section says or pass --data_path")
+        self.dataset = dataset
+        self.attributes, self.values_per_attribute = load_meta(data_path, dataset)
+        self._filenames = {}
+
+    def path(self, name):
+        return os.path.join(self.root, name)
+
+    def filenames(self, split):
+        """Image paths of a split, indexed by id."""
+        if split not in self._filenames:
+            self._filenames[split] = read_lines(self.path(f'filenames_{split}.txt'))
+        return self._filenames[split]
+
+    def _check(self, file, number, image_id, attr, value, n_images):
+        if image_id >= n_images:
+            raise UserError(f"{file}:{number}: image id {image_id} is past the end of its filenames "
+                            f"file ({n_images} lines)")
+        if attr >= len(self.attributes):
+            raise UserError(f"{file}:{number}: attribute {attr} out of range; {self.dataset} has "
+                            f"{len(self.attributes)} attributes in meta.json")
+        if value >= self.values_per_attribute[attr]:
+            raise UserError(f"{file}:{number}: value {value} out of range for attribute "
+                            f"{self.attributes[attr]!r}, which has "
+                            f"{self.values_per_attribute[attr]} values in ATTRIBUTES_NUM")
+
+    def train_labels(self):
+        """(id, attr, value) int array (M, 3) from label_train.txt, one row per labelled pair."""
+        file = self.path('label_train.txt')
+        n_images = len(self.filenames('train'))
+        triples = []
+        for number, fields in read_int_rows(file, pairs=True):
+            image_id = fields[0]
+            for attr, value in zip(fields[1::2], fields[2::2]):
+                self._check(file, number, image_id, attr, value, n_images)
+                triples.append((image_id, attr, value))
+        return np.asarray(triples, dtype=np.int64).reshape(-1, 3)
+
+    def retrieval_entries(self, split, role):
+        """(id, attr, value) int array (M, 3) of `{role}_{split}.txt`, role query or candidate."""
+        file = self.path(f'{role}_{split}.txt')
+        n_images = len(self.filenames(split))
+        triples = []
+        for number, (image_id, attr, value) in read_int_rows(file):
+            self._check(file, number, image_id, attr, value, n_images)
+            triples.append((image_id, attr, value))
+        return np.asarray(triples, dtype=np.int64).reshape(-1, 3)
+
+
+# ----------------------------------------------------------------------------- triplets
+
+class TripletSampler:
+    """Draws training triplets as the authors do (TripletGenerator in their image_loader.py).
+
+    Attribute uniform; value uniform; anchor and positive two distinct labelled entries with that
+    value; negative a labelled entry of the same attribute with another value. Values with fewer
+    than two images are never drawn (the original loops forever on them).
+    """
+
+    def __init__(self, labels, n_attributes):
+        """`labels`: (M, 3) rows (image id, attribute, value)."""
+        self.groups = []    # per attribute: {value: image ids}
+        self.entries = []   # per attribute: (image ids, values) of all its entries
+        for attr in range(n_attributes):
+            rows = labels[labels[:, 1] == attr]
+            by_value = {int(v): rows[rows[:, 2] == v, 0] for v in np.unique(rows[:, 2])}
+            self.groups.append({v: ids for v, ids in by_value.items() if len(ids) >= 2})
+            self.entries.append((rows[:, 0], rows[:, 2]))
+        usable = [a for a in range(n_attributes)
+                  if self.groups[a] and len(np.unique(self.entries[a][1])) >= 2]
+        if not usable:
+            raise UserError("label_train.txt: no attribute has two values with training images; "
+                            "cannot form triplets")
+        self.usable_attributes = np.asarray(usable)
+
+    def sample(self, num_triplets, rng):
+        """(num, 4) int64 array of (anchor id, negative id, positive id, attribute)."""
+        out = np.empty((num_triplets, 4), dtype=np.int64)
+        attrs = self.usable_attributes[rng.integers(0, len(self.usable_attributes), num_triplets)]
+        out[:, 3] = attrs
+        for attr in np.unique(attrs):
+            rows = np.flatnonzero(attrs == attr)
+            values = np.asarray(sorted(self.groups[attr]))
+            chosen = values[rng.integers(0, len(values), len(rows))]
+            all_ids, all_values = self.entries[attr]
+            for value in np.unique(chosen):
+                sel = rows[chosen == value]
+                same = self.groups[attr][int(value)]
+                anchor = rng.integers(0, len(same), len(sel))
+                positive = rng.integers(0, len(same) - 1, len(sel))
+                positive += positive >= anchor                      # distinct from the anchor
+                others = all_ids[all_values != value]
+                out[sel, 0] = same[anchor]
+                out[sel, 1] = others[rng.integers(0, len(others), len(sel))]
+                out[sel, 2] = same[positive]
+        return out
+
+
+# ----------------------------------------------------------------------------- images
+
+def build_transform(img_size, train):
+    """The original's transform: Resize, CenterCrop, (train) random flip, ToTensor, Normalize."""
+    steps = [transforms.Resize(img_size), transforms.CenterCrop(img_size)]
+    if train:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return transforms.Compose(steps)
+
+
+def load_image(path):
+    """An RGB PIL image; a missing or unreadable file raises a UserError naming it."""
+    try:
+        with Image.open(path) as img:
+            return img.convert('RGB')
+    except FileNotFoundError as err:
+        raise UserError(f"image {path} is listed but missing; restore it or fix the filenames file") from err
+    except OSError as err:
+        raise UserError(f"image {path} cannot be read ({err}); replace it") from err
+
+
+def check_images_exist(root, filenames, ids, listing):
+    """Fail early, naming the first missing image, instead of mid-epoch."""
+    missing = [filenames[i] for i in np.unique(ids) if not os.path.isfile(os.path.join(root, filenames[i]))]
+    if missing:
+        raise UserError(f"{len(missing)} image(s) listed in {listing} are missing under {root}, "
+                        f"e.g. {missing[0]}; download the images as the README says")
+
+
+class TripletDataset(torch.utils.data.Dataset):
+    """`num_triplets` triplets, drawn anew for each epoch from a generator seeded by (seed, epoch).
+
+    Seeding by epoch makes the triplets of epoch e the same whether or not the run was resumed.
+    """
+
+    def __init__(self, split_files, num_triplets, transform, seed):
+        self.root = split_files.root
+        self.filenames = split_files.filenames('train')
+        labels = split_files.train_labels()
+        check_images_exist(self.root, self.filenames, labels[:, 0], split_files.path('filenames_train.txt'))
+        self.sampler = TripletSampler(labels, len(split_files.attributes))
+        self.num_triplets, self.transform, self.seed = num_triplets, transform, seed
+        self.set_epoch(1)
+
+    def set_epoch(self, epoch):
+        self.triplets = self.sampler.sample(self.num_triplets, np.random.default_rng([self.seed, epoch]))
+
+    def __len__(self):
+        return len(self.triplets)
+
+    def _image(self, image_id):
+        return self.transform(load_image(os.path.join(self.root, self.filenames[image_id])))
+
+    def __getitem__(self, index):
+        anchor, negative, positive, attr = self.triplets[index]
+        return self._image(anchor), self._image(negative), self._image(positive), int(attr)
+
+
+class RetrievalDataset(torch.utils.data.Dataset):
+    """The query or candidate images of a valid/test split: (image, attribute, value, index)."""
+
+    def __init__(self, split_files, split, role, transform):
+        self.root = split_files.root
+        self.filenames = split_files.filenames(split)
+        self.entries = split_files.retrieval_entries(split, role)
+        check_images_exist(self.root, self.filenames, self.entries[:, 0],
+                           split_files.path(f'{role}_{split}.txt'))
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.entries)
+
+    def image_path(self, index):
+        return os.path.join(self.root, self.filenames[self.entries[index, 0]])
+
+    def __getitem__(self, index):
+        _, attr, value = self.entries[index]
+        return self.transform(load_image(self.image_path(index))), int(attr), int(value), index

@@ -1,0 +1,79 @@
+"""A tiny SynthFashion run through the real entry point: train, test, resume, errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import asen
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--dataset', 'SynthFashion', '--synth-images', '48', '--img-size', '64', '--num_triplets', '24',
+        '--batch-size', '8', '--dim_embed', '16', '--log-interval', '1', '--seed', '3']
+
+
+@pytest.fixture()
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def test_train_then_test_then_resume(workdir, capsys):
+    assert asen.main(TINY + ['--epochs', '1', '--name', 'tiny']) == 0
+    run = workdir / 'runs' / 'tiny'
+    assert {'checkpoint.pth.tar', 'model_best.pth.tar', 'train.log', 'args.json',
+            'metrics.jsonl'} <= set(os.listdir(run))
+    log = (run / 'train.log').read_text()
+    assert 'Train Epoch: 1 [0/24]' in log and 'sleeve_length mAP: ' in log and 'MeanAP: ' in log
+    ckpt = load(run / 'checkpoint.pth.tar')
+    assert ckpt['epoch'] == 1 and 0.0 <= ckpt['prec'] <= 1.0
+    assert {'state_dict', 'optimizer', 'scheduler', 'best_prec', 'args', 'rng'} <= set(ckpt)
+
+    # test with only the checkpoint: dataset, model and sizes come from it
+    assert asen.main(['--test', '--resume', str(run / 'model_best.pth.tar')]) == 0
+    result = json.loads((run / 'test_results.json').read_text())
+    assert result['split'] == 'test' and set(result['mAP']) == {
+        'sleeve_length', 'neckline_design', 'coat_length', 'colour', 'pattern'}
+    assert 0 < result['Random MeanAP'] < 100
+    assert 'Random MeanAP: ' in (run / 'test.log').read_text()
+
+    # resume continues at the next epoch
+    assert asen.main(['--resume', str(run / 'checkpoint.pth.tar'), '--epochs', '2']) == 0
+    assert load(run / 'checkpoint.pth.tar')['epoch'] == 2
+    assert 'Train Epoch: 2 [0/24]' in (run / 'train.log').read_text()
+    assert len((run / 'metrics.jsonl').read_text().splitlines()) == 2
+
+
+def test_resumed_run_ends_with_the_same_weights(workdir):
+    assert asen.main(TINY + ['--epochs', '2', '--name', 'straight']) == 0
+    assert asen.main(TINY + ['--epochs', '1', '--name', 'split']) == 0
+    assert asen.main(['--resume', 'runs/split/checkpoint.pth.tar', '--epochs', '2']) == 0
+    straight = load(workdir / 'runs/straight/checkpoint.pth.tar')['state_dict']
+    resumed = load(workdir / 'runs/split/checkpoint.pth.tar')['state_dict']
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def run_cli(args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'asen.py')] + args, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_missing_resume_is_a_one_line_error(workdir):
+    proc = run_cli(['--test', '--resume', 'runs/nope/model_best.pth.tar'], workdir)
+    assert proc.returncode != 0
+    assert 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().count('\n') == 0 and 'runs/nope/model_best.pth.tar' in proc.stderr
+
+
+def test_missing_dataset_is_a_one_line_error(workdir):
+    proc = run_cli(['--dataset', 'FashionAI', '--no-pretrained'], workdir)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    assert 'data/FashionAI' in proc.stderr and 'README' in proc.stderr

@@ -1,0 +1,179 @@
+"""Metrics, checkpoints, seeding and logging shared by the ASEN entry point.
+
+The retrieval metric follows the authors' evaluation (Ma et al., AAAI 2020, Sec. 4.1): for each
+attribute, its queries are ranked against its candidates by dot-product similarity, AP is taken
+over the full ranking and averaged over queries; MeanAP weights the attributes by query count.
+"""
+import json
+import logging
+import os
+import random
+import tempfile
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A mistake in the user's input (flag, file, data): reported as one line, no traceback."""
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def _as_tensor(x):
+    return x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
+
+
+def average_precisions(cand_set, queries, c_gdtruth, q_gdtruth, chunk_size=1024):
+    """AP of every query over the full ranking of the candidates, as a float64 tensor (Q,).
+
+    AP = (1/R) * sum over relevant ranks k of precision@k; 0 when a query has R = 0 relevant
+    candidates. Queries are processed in chunks so memory grows with the number of candidates,
+    not queries x candidates.
+    """
+    cand_set, queries = _as_tensor(cand_set), _as_tensor(queries)
+    c_gdtruth, q_gdtruth = _as_tensor(c_gdtruth), _as_tensor(q_gdtruth).to(cand_set.device)
+    c_gdtruth = c_gdtruth.to(cand_set.device)
+    queries = queries.to(cand_set.device, cand_set.dtype)
+    n_cand = cand_set.shape[0]
+    ranks = torch.arange(1, n_cand + 1, device=cand_set.device, dtype=torch.float64)  # (C,)
+    aps = []
+    for start in range(0, queries.shape[0], chunk_size):
+        sims = queries[start:start + chunk_size] @ cand_set.T                      # (q, C)
+        order = torch.argsort(sims, dim=1, descending=True)                        # (q, C)
+        relevant = c_gdtruth[order] == q_gdtruth[start:start + chunk_size, None]   # (q, C) bool
+        hits = relevant.cumsum(dim=1, dtype=torch.float64)                         # (q, C)
+        precision_sum = ((hits / ranks) * relevant).sum(dim=1)                     # (q,)
+        n_relevant = relevant.sum(dim=1)
+        aps.append(torch.where(n_relevant > 0, precision_sum / n_relevant.clamp(min=1), 0.0))
+    if not aps:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat(aps).cpu()
+
+
+def mean_average_precision(cand_set, queries, c_gdtruth, q_gdtruth):
+    """mAP of one attribute: mean AP of `queries` (Q, D) against `cand_set` (C, D).
+
+    Same argument order and meaning as the authors' function; numpy arrays or torch tensors in,
+    a Python float in [0, 1] out (0 when there are no queries).
+    """
+    aps = average_precisions(cand_set, queries, c_gdtruth, q_gdtruth)
+    return float(aps.mean()) if aps.numel() else 0.0
+
+
+def triplet_accuracy(sim_an, sim_ap):
+    """Share of triplets whose anchor is more similar to the positive than to the negative."""
+    return (sim_ap > sim_an).float().mean().item()
+
+
+class AverageMeter:
+    """Running value and (weighted) average."""
+
+    def __init__(self):
+        self.val = self.sum = self.count = self.avg = 0.0
+
+    def update(self, val, n=1):
+        self.val = val
+        self.sum += val * n
+        self.count += n
+        self.avg = self.sum / self.count
+
+
+# ----------------------------------------------------------------------------- seeding
+
+def seed_everything(seed):
+    """Seed Python `random`, numpy and torch (the original code forgot `random`)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """All global RNG states, as types that `torch.load(weights_only=True)` accepts."""
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {
+        'python': [version, list(internal), gauss],
+        'numpy': [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what `rng_state` returned."""
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state['numpy']
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file beside `path`, then rename: a kill never leaves half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.pth.tar')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write checkpoint {path}: {err.strerror or err}; free disk space "
+                        f"or choose another --name; the previous snapshot is kept") from err
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    """Load a checkpoint safely (weights_only=True: no code runs), with one-line errors."""
+    if not os.path.isfile(path):
+        raise UserError(f"--resume {path}: no such file; check the path (runs/<name>/checkpoint.pth.tar "
+                        f"or model_best.pth.tar)")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or unsafe files
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--resume {path}: cannot be loaded as a checkpoint ({first_line}); "
+                        f"it is corrupt, truncated or not a weights-only PyTorch file") from err
+
+
+def write_json(obj, path):
+    """Write JSON atomically."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- logging
+
+def setup_logger(log_file=None):
+    """Console logger in the original's format, also writing to `log_file` when given."""
+    logger = logging.getLogger('asen')
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    formatter = logging.Formatter('%(asctime)s - %(name)s - %(levelname)s - %(message)s')
+    handlers = [logging.StreamHandler()]
+    if log_file:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return logger
