@@ -14,11 +14,15 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 import datasets
+import analysis
 import model as models
 import synthfashion
+import visualize
 import utils
 from utils import UserError
 
@@ -29,11 +33,19 @@ SYNTH_PRESET = dict(backbone='resnet18', pretrained=False, img_size=96, epochs=4
                     batch_size=32, lr=1e-3, decay_rate=0.9, log_interval=20)
 
 # Flags a checkpoint does not override when resuming (they describe this invocation).
-INVOCATION_FLAGS = {'resume', 'test', 'start_epoch', 'no_cuda', 'workers'}
+INVOCATION_FLAGS = {'resume', 'test', 'start_epoch', 'no_cuda', 'workers', 'skip_bad_images', 'visualize',
+                    'retrieve', 'attribute', 'topk', 'gallery'}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit 2) rather than the usage block."""
+
+    def error(self, message):
+        self.exit(2, f'error: {message} (see python asen.py --help)\n')
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description='Attribute-Specific Embedding Network (ASEN): train, or test with --test --resume.',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = parser.add_argument_group('data')
@@ -47,6 +59,9 @@ def get_args_parser():
                       help='training triplets drawn anew each epoch')
     data.add_argument('--synth-images', '--synth_images', dest='synth_images', type=int, default=2000,
                       help='SynthFashion: training images to generate (valid and test get a quarter each)')
+    data.add_argument('--skip-bad-images', dest='skip_bad_images', action='store_true',
+                      help='skip listed images that are missing or unreadable, and say how many '
+                           '(default: stop and name the first one)')
     data.add_argument('--workers', type=int, default=None,
                       help='DataLoader worker processes (default: 4 on CUDA, 0 on CPU, as the original)')
 
@@ -88,6 +103,16 @@ def get_args_parser():
                      help='use the CPU even when CUDA is available')
     run.add_argument('--log-interval', '--log_interval', dest='log_interval', type=int, default=400,
                      help='batches between training log lines')
+
+    use = parser.add_argument_group('seeing and using a trained model (with --resume)')
+    use.add_argument('--visualize', action='store_true',
+                     help='write attention overlays of a few test images per attribute to runs/<name>/heatmaps/')
+    use.add_argument('--retrieve', metavar='IMAGE', default=None,
+                     help='rank the test candidates (or --gallery) by similarity to IMAGE under --attribute')
+    use.add_argument('--attribute', default=None, help='attribute name for --retrieve')
+    use.add_argument('--topk', type=int, default=10, help='results --retrieve prints and draws')
+    use.add_argument('--gallery', metavar='DIR', default=None,
+                     help='rank the images of DIR instead of the test candidates')
     return parser
 
 
@@ -140,7 +165,7 @@ def to_device(tensor, device, channels_last):
     return tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.dim() == 4 else tensor
 
 
-def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger):
+def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger, writer=None):
     """One pass over the epoch's triplets; returns (mean loss, mean triplet accuracy)."""
     losses, accs = utils.AverageMeter(), utils.AverageMeter()
     tnet.train()
@@ -164,6 +189,10 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger
             logger.info(f'Train Epoch: {epoch} [{batch_idx * anchor.size(0)}/{len(loader.dataset)}]\t'
                         f'Loss: {losses.val:.4f} ({losses.avg:.4f}) \t'
                         f'Acc: {100 * accs.val:.2f}% ({100 * accs.avg:.2f}%)')
+            if writer is not None:
+                step = (epoch - 1) * len(loader) + batch_idx
+                writer.add_scalar('train/loss', losses.val, step)
+                writer.add_scalar('train/triplet_accuracy', 100 * accs.val, step)
     return losses.avg, accs.avg
 
 
@@ -209,8 +238,9 @@ def make_loader(dataset, args, device, shuffle=False):
 def evaluate(net, split_files, split, device, args, logger, epoch=None):
     """Score `split` (valid or test); logs and returns {'mAP': {attr: %}, 'MeanAP': %, ...}."""
     transform = datasets.build_transform(args.img_size, train=False)
-    queries = datasets.RetrievalDataset(split_files, split, 'query', transform)
-    candidates = datasets.RetrievalDataset(split_files, split, 'candidate', transform)
+    queries = datasets.RetrievalDataset(split_files, split, 'query', transform, args.skip_bad_images)
+    candidates = datasets.RetrievalDataset(split_files, split, 'candidate', transform, args.skip_bad_images)
+    report_skipped(logger, f'{split} split', queries.skipped + candidates.skipped)
     query_emb = extract_embeddings(net, make_loader(queries, args, device), device, args)
     cand_emb = extract_embeddings(net, make_loader(candidates, args, device), device, args)
     n_attr = len(split_files.attributes)
@@ -226,6 +256,11 @@ def evaluate(net, split_files, split, device, args, logger, epoch=None):
         result['Random MeanAP'] = random_map(query_emb, queries, cand_emb, candidates, n_attr, args.seed)
         logger.info(f"Random MeanAP: {result['Random MeanAP']:.4f}")
     return result
+
+
+def report_skipped(logger, what, count):
+    if count:
+        logger.info(f'--skip-bad-images: left out {count} missing or unreadable image(s) of the {what}')
 
 
 def random_map(query_emb, queries, cand_emb, candidates, n_attributes, seed):
@@ -263,10 +298,9 @@ def load_weights(tnet, checkpoint, path):
 
 
 def snapshot(epoch, tnet, optimizer, scheduler, scaler, prec, best_prec, args):
-    saved_args = {k: v for k, v in vars(args).items() if k != 'explicit'}
     return {'epoch': epoch, 'state_dict': tnet.state_dict(), 'prec': prec, 'best_prec': best_prec,
             'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-            'scaler': scaler.state_dict(), 'args': saved_args, 'rng': utils.rng_state()}
+            'scaler': scaler.state_dict(), 'args': saved_args(args), 'rng': utils.rng_state()}
 
 
 def save_snapshot(state, run_dir, is_best):
@@ -297,12 +331,59 @@ def prepare_dataset(args):
     return datasets.SplitFiles(args.data_path, args.dataset)
 
 
+def synth_regions(split_files, split):
+    """SynthFashion's attribute regions of `split` (n_images, n_attributes, 4), else None."""
+    path = split_files.path(f'regions_{split}.txt')
+    return synthfashion.read_regions(path) if os.path.isfile(path) else None
+
+
+def log_localisation(net, split_files, regions, device, args, logger):
+    """Attention mass inside each attribute's region, beside the region's share (uniform attention)."""
+    scores = analysis.attention_localisation(net, split_files, 'test', regions, args.img_size, device)
+    for name, (inside, share) in zip(split_files.attributes, scores):
+        logger.info(f'{name} attention in region: {100 * inside:.2f}% (uniform: {100 * share:.2f}%, '
+                    f'ratio {inside / max(share, 1e-12):.2f})')
+    return {name: {'inside': 100 * i, 'uniform': 100 * u} for name, (i, u) in zip(split_files.attributes, scores)}
+
+
+def markdown_table(result, attributes):
+    """The paper's layout: attributes as columns, MeanAP last."""
+    header = '| model | ' + ' | '.join(attributes) + ' | MeanAP |'
+    rule = '|' + ' --- |' * (len(attributes) + 2)
+    row = f"| {result['model']} | " + ' | '.join(f"{result['mAP'][a]:.2f}" for a in attributes)
+    return '\n'.join([header, rule, row + f" | {result['MeanAP']:.2f} |"])
+
+
 def run_test(tnet, split_files, device, args, logger, run_dir):
     net = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
     result = evaluate(net, split_files, 'test', device, args, logger)
     result.update(model=args.model, dataset=args.dataset, checkpoint=args.resume)
+    regions = synth_regions(split_files, 'test')
+    if regions is not None and args.model != 'ASENet_noASA':
+        result['attention_localisation'] = log_localisation(tnet.embeddingnet, split_files, regions,
+                                                            device, args, logger)
     utils.write_json(result, os.path.join(run_dir, 'test_results.json'))
+    print(markdown_table(result, split_files.attributes))
     return result
+
+
+def valid_heatmaps(net, split_files, args, run_dir, epoch, writer, device):
+    """Attention overlays of a fixed set of valid images, as a PNG and in TensorBoard."""
+    transform = datasets.build_transform(args.img_size, train=False)
+    candidates = datasets.RetrievalDataset(split_files, 'valid', 'candidate', transform, args.skip_bad_images)
+    samples = analysis.samples_per_attribute(candidates, len(split_files.attributes), 2)
+    path = os.path.join(run_dir, 'heatmaps', f'valid_epoch{epoch:03d}.png')
+    visualize.save_attention_grid(net, [(p, a) for p, a, _ in samples], split_files.attributes, transform,
+                                  device, path, columns=4)
+    with Image.open(path) as img:
+        writer.add_image('attention/valid', np.asarray(img.convert('RGB')), epoch, dataformats='HWC')
+
+
+def log_epoch(writer, epoch, lr, result):
+    writer.add_scalar('train/lr', lr, epoch)
+    writer.add_scalar('valid/MeanAP', result['MeanAP'], epoch)
+    for name, value in result['mAP'].items():
+        writer.add_scalar(f'valid/mAP/{name}', value, epoch)
 
 
 def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
@@ -317,29 +398,47 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
         best_prec = checkpoint.get('best_prec', 0.0)
         utils.set_rng_state(checkpoint['rng'])
     train_set = datasets.TripletDataset(split_files, args.num_triplets,
-                                        datasets.build_transform(args.img_size, train=True), args.seed)
+                                        datasets.build_transform(args.img_size, train=True), args.seed,
+                                        args.skip_bad_images)
+    report_skipped(logger, 'training set', train_set.skipped)
     train_loader = make_loader(train_set, args, device)
     train_model = torch.compile(tnet) if args.compile else tnet
     eval_model = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
-    utils.write_json({k: v for k, v in vars(args).items() if k != 'explicit'}, os.path.join(run_dir, 'args.json'))
+    utils.write_json(saved_args(args), os.path.join(run_dir, 'args.json'))
+    writer = SummaryWriter(run_dir)
     logger.info(f'Begin training on {args.dataset} dataset.')
-    start = time.time()
-    for epoch in range(args.start_epoch, args.epochs + 1):
-        train_set.set_epoch(epoch)
-        loss, acc = train_one_epoch(train_model, train_loader, optimizer, scaler, device,
-                                    epoch, args, logger)
-        result = evaluate(eval_model, split_files, 'valid', device, args, logger, epoch)
-        prec = result['MeanAP'] / 100
-        is_best = prec > best_prec
-        best_prec = max(prec, best_prec)
-        scheduler.step()
-        save_snapshot(snapshot(epoch, tnet, optimizer, scheduler, scaler, prec, best_prec, args), run_dir, is_best)
-        append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc,
-                                     lr=optimizer.param_groups[0]['lr'], **result))
-        logger.info(f"lr:{optimizer.param_groups[0]['lr']}")
+    start, epoch = time.time(), args.start_epoch
+    try:
+        for epoch in range(args.start_epoch, args.epochs + 1):
+            train_set.set_epoch(epoch)
+            loss, acc = train_one_epoch(train_model, train_loader, optimizer, scaler, device, epoch, args,
+                                        logger, writer)
+            result = evaluate(eval_model, split_files, 'valid', device, args, logger, epoch)
+            prec = result['MeanAP'] / 100
+            is_best = prec > best_prec
+            best_prec = max(prec, best_prec)
+            scheduler.step()
+            save_snapshot(snapshot(epoch, tnet, optimizer, scheduler, scaler, prec, best_prec, args),
+                          run_dir, is_best)
+            lr = optimizer.param_groups[0]['lr']
+            append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, lr=lr, **result))
+            log_epoch(writer, epoch, lr, result)
+            valid_heatmaps(tnet.embeddingnet, split_files, args, run_dir, epoch, writer, device)
+            logger.info(f'lr:{lr}')
+    except KeyboardInterrupt:
+        # the weights are mid-epoch: resuming this file repeats the interrupted epoch from them
+        path = os.path.join(run_dir, 'interrupted.pth.tar')
+        utils.save_atomic(snapshot(epoch - 1, tnet, optimizer, scheduler, scaler, None, best_prec, args), path)
+        raise UserError(f'interrupted in epoch {epoch}; saved {path}; continue with --resume {path}')
+    finally:
+        writer.close()
     minutes = int(time.time() - start) // 60
     logger.info(f'training time {minutes // 60}h {minutes % 60}min')
     return best_prec
+
+
+def saved_args(args):
+    return {k: v for k, v in vars(args).items() if k != 'explicit'}
 
 
 def append_metrics(run_dir, record):
@@ -347,18 +446,36 @@ def append_metrics(run_dir, record):
         f.write(json.dumps(record) + '\n')
 
 
+def run_retrieval(tnet, split_files, device, args, run_dir):
+    results, grid = analysis.retrieve(tnet.embeddingnet, split_files, args, device, run_dir)
+    for rank, score, path in results:
+        print(f'{rank:3d}  {score:.4f}  {path}')
+    print(f'grid: {grid}')
+    return results
+
+
+def run_visualize(tnet, split_files, device, args, run_dir):
+    path = analysis.write_heatmaps(tnet.embeddingnet, split_files, args.img_size, device,
+                                   os.path.join(run_dir, 'heatmaps'), regions=synth_regions(split_files, 'test'))
+    print(f'heatmaps: {path}')
+    return path
+
+
 def run(args):
     check_args(args)
     checkpoint = utils.load_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
         restore_args(args, checkpoint)
-    if args.test and checkpoint is None:
-        raise UserError("--test needs --resume CHECKPOINT (e.g. runs/<name>/model_best.pth.tar)")
+    for flag in ('test', 'visualize', 'retrieve'):
+        if getattr(args, flag) and checkpoint is None:
+            raise UserError(f"--{flag} needs --resume CHECKPOINT (e.g. runs/<name>/model_best.pth.tar)")
+    if args.retrieve and not args.attribute:
+        raise UserError("--retrieve needs --attribute NAME (one of the dataset's ATTRIBUTES)")
     device = resolve_device(args)
     utils.seed_everything(args.seed)
     run_dir = os.path.join('runs', args.name)
     os.makedirs(run_dir, exist_ok=True)
-    logger = utils.setup_logger(os.path.join(run_dir, 'test.log' if args.test else 'train.log'))
+    logger = utils.setup_logger(os.path.join(run_dir, 'train.log' if is_training(args) else 'test.log'))
     split_files = prepare_dataset(args)
     tnet = build_network(args, len(split_files.attributes), device)
     logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
@@ -366,11 +483,21 @@ def run(args):
         load_weights(tnet, checkpoint, args.resume)
         logger.info(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint.get('epoch')} "
                     f"mAP on validation set {checkpoint.get('prec')})")
-        if not args.test and 'start_epoch' not in args.explicit:
+        if is_training(args) and 'start_epoch' not in args.explicit:
             args.start_epoch = int(checkpoint.get('epoch', 0)) + 1
+    if args.retrieve:
+        return run_retrieval(tnet, split_files, device, args, run_dir)
+    if args.visualize:
+        run_visualize(tnet, split_files, device, args, run_dir)
     if args.test:
         return run_test(tnet, split_files, device, args, logger, run_dir)
-    return run_training(tnet, split_files, device, args, logger, run_dir, checkpoint)
+    if is_training(args):
+        return run_training(tnet, split_files, device, args, logger, run_dir, checkpoint)
+    return None
+
+
+def is_training(args):
+    return not (args.test or args.visualize or args.retrieve)
 
 
 def main(argv=None):
@@ -378,7 +505,9 @@ def main(argv=None):
     try:
         run(args)
     except UserError as err:
-        print(f'error: {err}', file=sys.stderr)
+        # errors raised in DataLoader workers arrive wrapped in their traceback: keep the message
+        message = str(err).strip().splitlines()[-1] if str(err).strip() else 'failed'
+        print(f"error: {message.removeprefix('utils.UserError: ')}", file=sys.stderr)
         return 2
     return 0
 

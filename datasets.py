@@ -214,12 +214,31 @@ def load_image(path):
         raise UserError(f"image {path} cannot be read ({err}); replace it") from err
 
 
-def check_images_exist(root, filenames, ids, listing):
-    """Fail early, naming the first missing image, instead of mid-epoch."""
-    missing = [filenames[i] for i in np.unique(ids) if not os.path.isfile(os.path.join(root, filenames[i]))]
-    if missing:
-        raise UserError(f"{len(missing)} image(s) listed in {listing} are missing under {root}, "
-                        f"e.g. {missing[0]}; download the images as the README says")
+def _readable(path):
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        return True
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def bad_image_ids(root, filenames, ids, listing, skip_bad):
+    """Ids among `ids` whose image cannot be used, found before training starts.
+
+    Without `skip_bad` the first missing image is an error naming it; with it, missing and
+    unreadable images (checked with PIL's verify) are returned so the caller can drop them.
+    """
+    bad = []
+    for image_id in np.unique(ids):
+        path = os.path.join(root, filenames[image_id])
+        if not os.path.isfile(path) or (skip_bad and not _readable(path)):
+            bad.append(image_id)
+    if bad and not skip_bad:
+        raise UserError(f"{len(bad)} image(s) listed in {listing} are missing under {root}, e.g. "
+                        f"{filenames[bad[0]]}; download the images as the README says, or pass "
+                        f"--skip-bad-images to leave them out")
+    return np.asarray(bad, dtype=np.int64)
 
 
 class TripletDataset(torch.utils.data.Dataset):
@@ -228,11 +247,13 @@ class TripletDataset(torch.utils.data.Dataset):
     Seeding by epoch makes the triplets of epoch e the same whether or not the run was resumed.
     """
 
-    def __init__(self, split_files, num_triplets, transform, seed):
+    def __init__(self, split_files, num_triplets, transform, seed, skip_bad=False):
         self.root = split_files.root
         self.filenames = split_files.filenames('train')
         labels = split_files.train_labels()
-        check_images_exist(self.root, self.filenames, labels[:, 0], split_files.path('filenames_train.txt'))
+        bad = bad_image_ids(self.root, self.filenames, labels[:, 0], split_files.path('label_train.txt'), skip_bad)
+        labels = labels[~np.isin(labels[:, 0], bad)]
+        self.skipped = len(bad)
         self.sampler = TripletSampler(labels, len(split_files.attributes))
         self.num_triplets, self.transform, self.seed = num_triplets, transform, seed
         self.set_epoch(1)
@@ -254,12 +275,13 @@ class TripletDataset(torch.utils.data.Dataset):
 class RetrievalDataset(torch.utils.data.Dataset):
     """The query or candidate images of a valid/test split: (image, attribute, value, index)."""
 
-    def __init__(self, split_files, split, role, transform):
+    def __init__(self, split_files, split, role, transform, skip_bad=False):
         self.root = split_files.root
         self.filenames = split_files.filenames(split)
-        self.entries = split_files.retrieval_entries(split, role)
-        check_images_exist(self.root, self.filenames, self.entries[:, 0],
-                           split_files.path(f'{role}_{split}.txt'))
+        entries = split_files.retrieval_entries(split, role)
+        bad = bad_image_ids(self.root, self.filenames, entries[:, 0], split_files.path(f'{role}_{split}.txt'), skip_bad)
+        self.entries = entries[~np.isin(entries[:, 0], bad)]
+        self.skipped = len(bad)
         self.transform = transform
 
     def __len__(self):

@@ -189,6 +189,7 @@ class TripletNet(nn.Module):
             emb_a = self.embeddingnet(anchor, attribute)
             emb_n = self.embeddingnet(negative, attribute)
             emb_p = self.embeddingnet(positive, attribute)
+        emb_a, emb_n, emb_p = emb_a.float(), emb_n.float(), emb_p.float()     # fp32 similarities under autocast
         return (emb_a * emb_n).sum(dim=1), (emb_a * emb_p).sum(dim=1)        # (N,), (N,)
 
 
