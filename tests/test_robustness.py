@@ -1,0 +1,186 @@
+"""Crash-safe exact resume, safe checkpoint loading, and one-line errors for bad input."""
+import errno
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import asen
+import utils
+from conftest import ROOT, TINY
+
+FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward']
+
+
+def load(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def cli(args, cwd, **kwargs):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'asen.py')] + args, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def run_cli(args, cwd):
+    proc = cli(args, cwd)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code not in (0, None)
+    assert 'Traceback' not in err
+    assert err.strip().count('\n') == 0, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def test_sigkilled_run_resumes_to_the_same_weights(workdir):
+    assert asen.main(TINY + FAITHFUL + ['--epochs', '3', '--name', 'straight']) == 0
+    proc = cli(TINY + FAITHFUL + ['--epochs', '3', '--name', 'killed'], workdir)
+    metrics = workdir / 'runs' / 'killed' / 'metrics.jsonl'
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count('\n') >= 1) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    ckpt = workdir / 'runs' / 'killed' / 'checkpoint.pth.tar'
+    assert load(ckpt)['epoch'] in (1, 2, 3)
+    assert asen.main(['--resume', str(ckpt), '--epochs', '3']) == 0
+    straight, resumed = load(workdir / 'runs/straight/checkpoint.pth.tar'), load(ckpt)
+    assert resumed['epoch'] == 3
+    for key, value in straight['state_dict'].items():
+        assert torch.equal(value, resumed['state_dict'][key]), key
+    assert straight['best_prec'] == resumed['best_prec']
+
+
+class CreatesFile:
+    """Unpickling this would create a file: what a malicious checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+def test_checkpoint_loading_runs_no_code(tmp_path):
+    target = tmp_path / 'pwned'
+    bad = tmp_path / 'evil.pth.tar'
+    with open(bad, 'wb') as f:
+        pickle.dump({'state_dict': CreatesFile(str(target))}, f)
+    torch.save({'epoch': 1, 'payload': CreatesFile(str(target))}, tmp_path / 'evil2.pth.tar')
+    target.unlink(missing_ok=True)
+    for path in (bad, tmp_path / 'evil2.pth.tar'):
+        with pytest.raises(utils.UserError, match='cannot be loaded'):
+            utils.load_checkpoint(str(path))
+        assert not target.exists()
+
+
+def test_corrupt_and_foreign_checkpoints(trained_run, tmp_path):
+    root, run = trained_run
+    corrupt = tmp_path / 'corrupt.pth.tar'
+    corrupt.write_bytes(b'\x80\x04not a checkpoint')
+    code, _, err = run_cli(['--test', '--resume', str(corrupt)], root)
+    assert_one_line_error(code, err, 'corrupt.pth.tar', 'cannot be loaded')
+    # another model: the ablation without ASA has no asa.* weights
+    code, _, err = run_cli(['--test', '--resume', str(run / 'checkpoint.pth.tar'), '--model', 'ASENet_noASA'], root)
+    assert_one_line_error(code, err, 'do not fit', 'ASENet')
+    # another attribute count: weights of 5 attributes into a dataset of 2
+    ckpt = load(run / 'checkpoint.pth.tar')
+    state = {k: v for k, v in ckpt['state_dict'].items()}
+    state['embeddingnet.asa.attr_proj.weight'] = state['embeddingnet.asa.attr_proj.weight'][:, :2]
+    torch.save(dict(ckpt, state_dict=state), tmp_path / 'two.pth.tar')
+    code, _, err = run_cli(['--test', '--resume', str(tmp_path / 'two.pth.tar')], root)
+    assert_one_line_error(code, err, 'attribute count')
+
+
+def test_no_space_left_keeps_the_previous_snapshot(tmp_path, monkeypatch):
+    path = tmp_path / 'checkpoint.pth.tar'
+    utils.save_atomic({'epoch': 1}, str(path))
+
+    def full_disk(obj, f):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(utils.UserError, match='No space left'):
+        utils.save_atomic({'epoch': 2}, str(path))
+    monkeypatch.undo()
+    assert load(path)['epoch'] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ['checkpoint.pth.tar']
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_snapshot(workdir, monkeypatch, capsys):
+    assert asen.main(TINY + ['--epochs', '1', '--name', 'nan']) == 0
+    monkeypatch.setattr(asen.models, 'triplet_loss', lambda *a: torch.tensor(float('nan')))
+    assert asen.main(['--resume', 'runs/nan/checkpoint.pth.tar', '--epochs', '2']) == 2
+    assert 'non-finite loss at epoch 2' in capsys.readouterr().err
+    assert load(workdir / 'runs/nan/checkpoint.pth.tar')['epoch'] == 1
+
+
+def test_ctrl_c_saves_a_resumable_snapshot(workdir, monkeypatch, capsys):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(asen, 'train_one_epoch', interrupt)
+    assert asen.main(TINY + ['--epochs', '2', '--name', 'ctrlc']) == 130
+    assert 'interrupted.pth.tar' in capsys.readouterr().err
+    monkeypatch.undo()
+    assert asen.main(['--resume', 'runs/ctrlc/interrupted.pth.tar', '--epochs', '1']) == 0
+    assert load(workdir / 'runs/ctrlc/checkpoint.pth.tar')['epoch'] == 1
+
+
+def test_unknown_flags_values_are_one_line(tmp_path):
+    for args, needle in ((['--dataset', 'Nope'], '--dataset'), (['--model', 'Nope'], '--model'),
+                         (['--lr', '-1'], '--lr')):
+        code, _, err = run_cli(args, tmp_path)
+        assert_one_line_error(code, err, needle)
+
+
+def break_line(path, number, text):
+    lines = path.read_text().splitlines()
+    lines[number - 1] = text
+    path.write_text('\n'.join(lines) + '\n')
+
+
+@pytest.fixture()
+def tiny_data(trained_run, workdir):
+    """A private copy of the tiny SynthFashion data that a test may damage."""
+    import shutil
+    shutil.copytree(trained_run[0] / 'data', workdir / 'data')
+    return workdir / 'data' / 'SynthFashion'
+
+
+ARGS = TINY + ['--epochs', '1', '--no-cuda']
+
+
+def test_malformed_line_and_value_out_of_range(tiny_data, workdir):
+    break_line(tiny_data / 'query_valid.txt', 2, '3 x 1')
+    code, _, err = run_cli(ARGS, workdir)
+    assert_one_line_error(code, err, 'query_valid.txt:2', 'malformed')
+    break_line(tiny_data / 'query_valid.txt', 2, '3 0 9')
+    code, _, err = run_cli(ARGS, workdir)
+    assert_one_line_error(code, err, 'query_valid.txt:2', 'value 9 out of range')
+
+
+def test_missing_image_is_named_and_can_be_skipped(tiny_data, workdir):
+    first = (tiny_data / 'filenames_train.txt').read_text().splitlines()[0]
+    (tiny_data / first).unlink()
+    code, _, err = run_cli(ARGS, workdir)
+    assert_one_line_error(code, err, first, '--skip-bad-images')
+    # an unreadable one too, then skip both
+    second = (tiny_data / 'filenames_train.txt').read_text().splitlines()[1]
+    (tiny_data / second).write_bytes(b'not a jpeg')
+    code, out, err = run_cli(ARGS + ['--skip-bad-images', '--name', 'skip'], workdir)
+    assert code == 0, err
+    assert 'left out 2 missing or unreadable image(s) of the training set' in \
+        (workdir / 'runs' / 'skip' / 'train.log').read_text()
+
+
+def test_missing_meta_entry(workdir):
+    (workdir / 'data' / 'DARN').mkdir(parents=True)
+    code, _, err = run_cli(['--dataset', 'DARN', '--no-pretrained'], workdir)
+    assert_one_line_error(code, err, 'meta.json', 'DARN')
