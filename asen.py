@@ -249,27 +249,28 @@ def make_loader(dataset, args, device, shuffle=False):
                                        persistent_workers=workers > 0)
 
 
-def evaluate(net, split_files, split, device, args, logger, epoch=None):
-    """Score `split` (valid or test); logs and returns {'mAP': {attr: %}, 'MeanAP': %, ...}."""
+def retrieval_sets(split_files, split, args, logger):
+    """(queries, candidates) RetrievalDatasets of `split`, validated once."""
     transform = datasets.build_transform(args.img_size, train=False)
     queries = datasets.RetrievalDataset(split_files, split, 'query', transform, args.skip_bad_images)
     candidates = datasets.RetrievalDataset(split_files, split, 'candidate', transform, args.skip_bad_images)
     report_skipped(logger, f'{split} split', queries.skipped + candidates.skipped)
+    return queries, candidates
+
+
+def evaluate(net, sets, attributes, device, args, logger, epoch=None):
+    """Score (queries, candidates); logs and returns {'mAP': {attr: %}, 'MeanAP': %, ...}."""
+    queries, candidates = sets
     query_emb = extract_embeddings(net, make_loader(queries, args, device), device, args)
     cand_emb = extract_embeddings(net, make_loader(candidates, args, device), device, args)
-    n_attr = len(split_files.attributes)
-    per_attr, mean = retrieval_map(query_emb, queries.entries, cand_emb, candidates.entries, n_attr)
+    per_attr, mean = retrieval_map(query_emb, queries.entries, cand_emb, candidates.entries, len(attributes))
     if epoch is not None:
         logger.info(f'Train Epoch: {epoch}')
-    for name, value in zip(split_files.attributes, per_attr):
+    for name, value in zip(attributes, per_attr):
         logger.info(f'{name} mAP: {100 * value:.4f}')
     logger.info(f'MeanAP: {100 * mean:.4f}')
-    result = {'split': split, 'mAP': {n: 100 * v for n, v in zip(split_files.attributes, per_attr)},
-              'MeanAP': 100 * mean}
-    if split == 'test':
-        result['Random MeanAP'] = random_map(query_emb, queries, cand_emb, candidates, n_attr, args.seed)
-        logger.info(f"Random MeanAP: {result['Random MeanAP']:.4f}")
-    return result
+    return {'mAP': {n: 100 * v for n, v in zip(attributes, per_attr)}, 'MeanAP': 100 * mean,
+            'embeddings': (query_emb, cand_emb)}
 
 
 def report_skipped(logger, what, count):
@@ -370,8 +371,12 @@ def markdown_table(result, attributes):
 
 def run_test(tnet, split_files, device, args, logger, run_dir):
     net = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
-    result = evaluate(net, split_files, 'test', device, args, logger)
-    result.update(model=args.model, dataset=args.dataset, checkpoint=args.resume)
+    sets = retrieval_sets(split_files, 'test', args, logger)
+    result = evaluate(net, sets, split_files.attributes, device, args, logger)
+    query_emb, cand_emb = result.pop('embeddings')
+    result['Random MeanAP'] = random_map(query_emb, sets[0], cand_emb, sets[1], len(split_files.attributes), args.seed)
+    logger.info(f"Random MeanAP: {result['Random MeanAP']:.4f}")
+    result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume)
     regions = synth_regions(split_files, 'test')
     if regions is not None and args.model != 'ASENet_noASA':
         result['attention_localisation'] = log_localisation(tnet.embeddingnet, split_files, regions,
@@ -381,13 +386,11 @@ def run_test(tnet, split_files, device, args, logger, run_dir):
     return result
 
 
-def valid_heatmaps(net, split_files, args, run_dir, epoch, writer, device):
+def valid_heatmaps(net, candidates, attributes, run_dir, epoch, writer, device):
     """Attention overlays of a fixed set of valid images, as a PNG and in TensorBoard."""
-    transform = datasets.build_transform(args.img_size, train=False)
-    candidates = datasets.RetrievalDataset(split_files, 'valid', 'candidate', transform, args.skip_bad_images)
-    samples = analysis.samples_per_attribute(candidates, len(split_files.attributes), 2)
+    samples = analysis.samples_per_attribute(candidates, len(attributes), 2)
     path = os.path.join(run_dir, 'heatmaps', f'valid_epoch{epoch:03d}.png')
-    visualize.save_attention_grid(net, [(p, a) for p, a, _ in samples], split_files.attributes, transform,
+    visualize.save_attention_grid(net, [(p, a) for p, a, _ in samples], attributes, candidates.transform,
                                   device, path, columns=4)
     with Image.open(path) as img:
         writer.add_image('attention/valid', np.asarray(img.convert('RGB')), epoch, dataformats='HWC')
@@ -415,6 +418,7 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
                                         datasets.build_transform(args.img_size, train=True), args.seed,
                                         args.skip_bad_images)
     report_skipped(logger, 'training set', train_set.skipped)
+    valid_sets = retrieval_sets(split_files, 'valid', args, logger)
     train_loader = make_loader(train_set, args, device)
     train_model = torch.compile(tnet) if args.compile else tnet
     eval_model = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
@@ -427,7 +431,8 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
             train_set.set_epoch(epoch)
             loss, acc = train_one_epoch(train_model, train_loader, optimizer, scaler, device, epoch, args,
                                         logger, writer)
-            result = evaluate(eval_model, split_files, 'valid', device, args, logger, epoch)
+            result = evaluate(eval_model, valid_sets, split_files.attributes, device, args, logger, epoch)
+            del result['embeddings']
             prec = result['MeanAP'] / 100
             is_best = prec > best_prec
             best_prec = max(prec, best_prec)
@@ -437,7 +442,7 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
             lr = optimizer.param_groups[0]['lr']
             append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, lr=lr, **result))
             log_epoch(writer, epoch, lr, result)
-            valid_heatmaps(tnet.embeddingnet, split_files, args, run_dir, epoch, writer, device)
+            valid_heatmaps(tnet.embeddingnet, valid_sets[1], split_files.attributes, run_dir, epoch, writer, device)
             logger.info(f'lr:{lr}')
     except KeyboardInterrupt:
         # the weights are mid-epoch: resuming this file repeats the interrupted epoch from them

@@ -8,7 +8,9 @@ import json
 import logging
 import os
 import random
+import sys
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -143,11 +145,13 @@ def load_checkpoint(path):
         raise UserError(f"--resume {path}: no such file; check the path (runs/<name>/checkpoint.pth.tar "
                         f"or model_best.pth.tar)")
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or unsafe files
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"--resume {path}: cannot be loaded as a checkpoint ({first_line}); "
-                        f"it is corrupt, truncated or not a weights-only PyTorch file") from err
+        raise UserError(f"--resume {path}: cannot be loaded as a checkpoint ({type(err).__name__}); it is "
+                        f"corrupt, truncated, or holds objects other than weights, which are refused "
+                        f"so that a downloaded file cannot run code") from err
 
 
 def write_json(obj, path):
@@ -169,7 +173,7 @@ def setup_logger(log_file=None):
         logger.removeHandler(handler)
         handler.close()
     formatter = logging.Formatter('%(asctime)s - %(name)s - %(levelname)s - %(message)s')
-    handlers = [logging.StreamHandler()]
+    handlers = [logging.StreamHandler(sys.stdout)]
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
         handlers.append(logging.FileHandler(log_file))

@@ -106,10 +106,10 @@ def test_no_space_left_keeps_the_previous_snapshot(tmp_path, monkeypatch):
 
     def full_disk(obj, f):
         raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr(torch, 'save', full_disk)
-    with pytest.raises(utils.UserError, match='No space left'):
-        utils.save_atomic({'epoch': 2}, str(path))
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, 'save', full_disk)
+        with pytest.raises(utils.UserError, match='No space left'):
+            utils.save_atomic({'epoch': 2}, str(path))
     assert load(path)['epoch'] == 1
     assert [p.name for p in tmp_path.iterdir()] == ['checkpoint.pth.tar']
 
@@ -125,10 +125,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_snapshot(workdir, monkeypatch,
 def test_ctrl_c_saves_a_resumable_snapshot(workdir, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(asen, 'train_one_epoch', interrupt)
-    assert asen.main(TINY + ['--epochs', '2', '--name', 'ctrlc']) == 130
+    with monkeypatch.context() as patch:
+        patch.setattr(asen, 'train_one_epoch', interrupt)
+        assert asen.main(TINY + ['--epochs', '2', '--name', 'ctrlc']) == 130
     assert 'interrupted.pth.tar' in capsys.readouterr().err
-    monkeypatch.undo()
     assert asen.main(['--resume', 'runs/ctrlc/interrupted.pth.tar', '--epochs', '1']) == 0
     assert load(workdir / 'runs/ctrlc/checkpoint.pth.tar')['epoch'] == 1
 
