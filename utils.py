@@ -31,25 +31,26 @@ def average_precisions(cand_set, queries, c_gdtruth, q_gdtruth, chunk_size=1024)
 
     AP = (1/R) * sum over relevant ranks k of precision@k; 0 when a query has R = 0 relevant
     candidates. Queries are processed in chunks so memory grows with the number of candidates,
-    not queries x candidates.
+    not queries x candidates. Only the relevant positions of each ranking are visited after the
+    sort: the j-th relevant candidate at rank r adds j / r.
     """
     cand_set, queries = _as_tensor(cand_set), _as_tensor(queries)
-    c_gdtruth, q_gdtruth = _as_tensor(c_gdtruth), _as_tensor(q_gdtruth).to(cand_set.device)
-    c_gdtruth = c_gdtruth.to(cand_set.device)
-    queries = queries.to(cand_set.device, cand_set.dtype)
-    n_cand = cand_set.shape[0]
-    ranks = torch.arange(1, n_cand + 1, device=cand_set.device, dtype=torch.float64)  # (C,)
-    aps = []
+    device = cand_set.device
+    c_gdtruth, q_gdtruth = _as_tensor(c_gdtruth).to(device), _as_tensor(q_gdtruth).to(device)
+    queries = queries.to(device, cand_set.dtype)
+    aps = [torch.zeros(0, dtype=torch.float64, device=device)]
     for start in range(0, queries.shape[0], chunk_size):
-        sims = queries[start:start + chunk_size] @ cand_set.T                      # (q, C)
-        order = torch.argsort(sims, dim=1, descending=True)                        # (q, C)
-        relevant = c_gdtruth[order] == q_gdtruth[start:start + chunk_size, None]   # (q, C) bool
-        hits = relevant.cumsum(dim=1, dtype=torch.float64)                         # (q, C)
-        precision_sum = ((hits / ranks) * relevant).sum(dim=1)                     # (q,)
-        n_relevant = relevant.sum(dim=1)
+        sims = queries[start:start + chunk_size] @ cand_set.T                       # (q, C)
+        order = torch.argsort(sims, dim=1, descending=True)                         # (q, C)
+        relevant = c_gdtruth[order] == q_gdtruth[start:start + chunk_size, None]    # (q, C) bool
+        rows, cols = relevant.nonzero(as_tuple=True)                                # row-major order
+        n_relevant = relevant.sum(dim=1)                                            # (q,)
+        first = torch.cumsum(n_relevant, 0) - n_relevant                            # (q,) offsets
+        nth = torch.arange(len(rows), device=device) - first[rows] + 1             # j of each hit
+        contrib = nth.double() / (cols + 1).double()                                # j / rank
+        precision_sum = torch.zeros(len(n_relevant), dtype=torch.float64, device=device)
+        precision_sum.index_add_(0, rows, contrib)
         aps.append(torch.where(n_relevant > 0, precision_sum / n_relevant.clamp(min=1), 0.0))
-    if not aps:
-        return torch.zeros(0, dtype=torch.float64)
     return torch.cat(aps).cpu()
 
 
