@@ -242,11 +242,12 @@ def retrieval_map(query_emb, query_entries, cand_emb, cand_entries, n_attributes
     return per_attribute, mean
 
 
-def make_loader(dataset, args, device, shuffle=False):
+def make_loader(dataset, args, device):
+    """Batches in dataset order. Workers are not persistent: each epoch's iterator must see the
+    triplets that `set_epoch` drew."""
     workers = args.workers if args.workers is not None else (4 if device.type == 'cuda' else 0)
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle,
-                                       num_workers=workers, pin_memory=device.type == 'cuda',
-                                       persistent_workers=workers > 0)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
+                                       pin_memory=device.type == 'cuda')
 
 
 def retrieval_sets(split_files, split, args, logger):

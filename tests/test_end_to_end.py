@@ -58,3 +58,17 @@ def test_missing_dataset_is_a_one_line_error(workdir):
     proc = run_cli(['--dataset', 'FashionAI', '--no-pretrained'], workdir)
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
     assert 'data/FashionAI' in proc.stderr and 'README' in proc.stderr
+
+
+def test_workers_see_each_epochs_triplets(trained_run):
+    """With DataLoader workers, the batches of epoch 2 are epoch 2's triplets, not a stale copy."""
+    import datasets
+    root, _ = trained_run
+    split = datasets.SplitFiles(str(root / 'data'), 'SynthFashion')
+    train_set = datasets.TripletDataset(split, 16, datasets.build_transform(32, train=True), seed=1)
+    args = asen.parse_args(['--batch-size', '8', '--workers', '1'])
+    loader = asen.make_loader(train_set, args, torch.device('cpu'))
+    for epoch in (1, 2):
+        train_set.set_epoch(epoch)
+        seen = torch.cat([attr for *_, attr in loader])
+        assert torch.equal(seen, torch.from_numpy(train_set.triplets[:, 3]))
