@@ -36,18 +36,16 @@ def write_heatmaps(net, split_files, img_size, device, out_dir, per_attribute=4,
 
 
 @torch.inference_mode()
-def attention_localisation(net, split_files, split, regions, img_size, device, batch_size=64):
+def attention_localisation(net, retrieval_sets, n_attributes, regions, img_size, device, batch_size=64):
     """Per attribute: (mean attention mass inside its region, mean region share of the view).
 
-    Every query and candidate image of `split` is scored under its own attribute; `regions`
-    (n_images, n_attributes, 4) are boxes in original pixel coordinates.
+    Every image of the (queries, candidates) RetrievalDatasets is scored under its own attribute;
+    `regions` (n_images, n_attributes, 4) are boxes in original pixel coordinates.
     """
-    transform = datasets.build_transform(img_size, train=False)
-    n_attr = len(split_files.attributes)
-    inside, share = [[] for _ in range(n_attr)], [[] for _ in range(n_attr)]
+    inside, share = [[] for _ in range(n_attributes)], [[] for _ in range(n_attributes)]
     net.eval()
-    for role in ('query', 'candidate'):
-        dataset = datasets.RetrievalDataset(split_files, split, role, transform)
+    for dataset in retrieval_sets:
+        transform = dataset.transform
         for start in range(0, len(dataset), batch_size):
             rows = range(start, min(start + batch_size, len(dataset)))
             images = [datasets.load_image(dataset.image_path(i)) for i in rows]

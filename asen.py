@@ -260,7 +260,7 @@ def retrieval_sets(split_files, split, args, logger):
 
 
 def evaluate(net, sets, attributes, device, args, logger, epoch=None):
-    """Score (queries, candidates); logs and returns {'mAP': {attr: %}, 'MeanAP': %, ...}."""
+    """Score (queries, candidates); logs, returns ({'mAP': {attr: %}, 'MeanAP': %}, embeddings)."""
     queries, candidates = sets
     query_emb = extract_embeddings(net, make_loader(queries, args, device), device, args)
     cand_emb = extract_embeddings(net, make_loader(candidates, args, device), device, args)
@@ -270,8 +270,7 @@ def evaluate(net, sets, attributes, device, args, logger, epoch=None):
     for name, value in zip(attributes, per_attr):
         logger.info(f'{name} mAP: {100 * value:.4f}')
     logger.info(f'MeanAP: {100 * mean:.4f}')
-    return {'mAP': {n: 100 * v for n, v in zip(attributes, per_attr)}, 'MeanAP': 100 * mean,
-            'embeddings': (query_emb, cand_emb)}
+    return {'mAP': {n: 100 * v for n, v in zip(attributes, per_attr)}, 'MeanAP': 100 * mean}, (query_emb, cand_emb)
 
 
 def report_skipped(logger, what, count):
@@ -353,9 +352,9 @@ def synth_regions(split_files, split):
     return synthfashion.read_regions(path) if os.path.isfile(path) else None
 
 
-def log_localisation(net, split_files, regions, device, args, logger):
+def log_localisation(net, sets, split_files, regions, device, args, logger):
     """Attention mass inside each attribute's region, beside the region's share (uniform attention)."""
-    scores = analysis.attention_localisation(net, split_files, 'test', regions, args.img_size, device)
+    scores = analysis.attention_localisation(net, sets, len(split_files.attributes), regions, args.img_size, device)
     for name, (inside, share) in zip(split_files.attributes, scores):
         logger.info(f'{name} attention in region: {100 * inside:.2f}% (uniform: {100 * share:.2f}%, '
                     f'ratio {inside / max(share, 1e-12):.2f})')
@@ -373,14 +372,13 @@ def markdown_table(result, attributes):
 def run_test(tnet, split_files, device, args, logger, run_dir):
     net = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
     sets = retrieval_sets(split_files, 'test', args, logger)
-    result = evaluate(net, sets, split_files.attributes, device, args, logger)
-    query_emb, cand_emb = result.pop('embeddings')
+    result, (query_emb, cand_emb) = evaluate(net, sets, split_files.attributes, device, args, logger)
     result['Random MeanAP'] = random_map(query_emb, sets[0], cand_emb, sets[1], len(split_files.attributes), args.seed)
     logger.info(f"Random MeanAP: {result['Random MeanAP']:.4f}")
     result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume)
     regions = synth_regions(split_files, 'test')
     if regions is not None and args.model != 'ASENet_noASA':
-        result['attention_localisation'] = log_localisation(tnet.embeddingnet, split_files, regions,
+        result['attention_localisation'] = log_localisation(tnet.embeddingnet, sets, split_files, regions,
                                                             device, args, logger)
     utils.write_json(result, os.path.join(run_dir, 'test_results.json'))
     print(markdown_table(result, split_files.attributes))
@@ -432,8 +430,7 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
             train_set.set_epoch(epoch)
             loss, acc = train_one_epoch(train_model, train_loader, optimizer, scaler, device, epoch, args,
                                         logger, writer)
-            result = evaluate(eval_model, valid_sets, split_files.attributes, device, args, logger, epoch)
-            del result['embeddings']
+            result, _ = evaluate(eval_model, valid_sets, split_files.attributes, device, args, logger, epoch)
             prec = result['MeanAP'] / 100
             is_best = prec > best_prec
             best_prec = max(prec, best_prec)
