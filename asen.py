@@ -79,12 +79,22 @@ def get_args_parser():
                       help='DataLoader worker processes (default: 4 on CUDA, 0 on CPU, as the original)')
 
     net = parser.add_argument_group('model')
-    net.add_argument('--model', default='ASENet', choices=sorted(models.MODELS), help='network')
+    net.add_argument('--model', default='ASENet', choices=list(models.MODELS),
+                     help='network: ASENet and its ablations (_noASA, _noACA); ASENet_V2, the authors\' later '
+                          'variant (embedding size = trunk channels, e.g. 1024 for resnet50: --dim_embed is '
+                          'ignored); ASENet_V2_fc, V2 with a final Linear to --dim_embed (their earlier V2 code); '
+                          'ConditionalSimNet (CSN, Veit et al. 2017); TripletNet, one embedding for all attributes')
     net.add_argument('--backbone', default='resnet50', choices=models.BACKBONES,
                      help='ResNet trunk, cut after layer3')
     net.add_argument('--no-pretrained', dest='pretrained', action='store_false', default=True,
                      help='random init instead of ImageNet weights (default: pretrained)')
     net.add_argument('--dim_embed', '--dim-embed', type=int, default=1024, help='embedding size')
+    net.add_argument('--csn-fixed-masks', dest='csn_fixed_masks', action='store_true',
+                     help='ConditionalSimNet: fixed disjoint 0/1 masks, not trained (default: learned masks '
+                          'initialised N(0.9, 0.7))')
+    net.add_argument('--csn-reg', dest='csn_reg', action='store_true',
+                     help='ConditionalSimNet: add the CSN regularisers to the loss, 5e-3 x embedding L2 norm '
+                          '+ 5e-4 x mask L1 norm (default: off, as the ASEN authors\' CSN baseline)')
 
     train = parser.add_argument_group('training')
     train.add_argument('--epochs', type=int, default=200, help='last epoch to train')
@@ -190,11 +200,12 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger
         with autocast(device, args.amp):
             sim_an, sim_ap = tnet(anchor, negative, positive, attr)
             loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
-        if not torch.isfinite(loss):
+            objective = loss + models.regularisation(tnet)
+        if not torch.isfinite(objective):
             raise UserError(f"non-finite loss at epoch {epoch}, batch {batch_idx}; the last good snapshot "
                             f"in runs/{args.name}/ is kept; lower --lr or use --amp off")
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        scaler.scale(objective).backward()
         scaler.step(optimizer)
         scaler.update()
         losses.update(loss.item(), anchor.size(0))
@@ -330,8 +341,22 @@ def save_snapshot(state, run_dir, is_best):
 
 # ----------------------------------------------------------------------------- main
 
-def build_network(args, n_attributes, device):
-    net = models.build_model(args.model, n_attributes, args.backbone, args.pretrained, args.dim_embed)
+def model_options(args):
+    """Constructor options of --model from its own flags; a flag of another model is an error."""
+    csn = {'csn_fixed_masks': 'fixed_masks', 'csn_reg': 'regularise'}
+    given = [flag for flag in csn if getattr(args, flag, False)]
+    if args.model != 'ConditionalSimNet':
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} applies only to --model ConditionalSimNet")
+        return {}
+    return {option: bool(getattr(args, flag, False)) for flag, option in csn.items()}
+
+
+def build_network(args, n_attributes, device, imagenet=True):
+    """The triplet-wrapped --model; `imagenet=False` skips the ImageNet weights (a checkpoint
+    replaces them, so nothing is downloaded)."""
+    net = models.build_model(args.model, n_attributes, args.backbone, args.pretrained and imagenet,
+                             args.dim_embed, **model_options(args))
     tnet = models.TripletNet(net, concat_forward=args.concat_forward).to(device)
     if args.channels_last:
         tnet = tnet.to(memory_format=torch.channels_last)
@@ -377,7 +402,7 @@ def run_test(tnet, split_files, device, args, logger, run_dir):
     logger.info(f"Random MeanAP: {result['Random MeanAP']:.4f}")
     result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume)
     regions = synth_regions(split_files, 'test')
-    if regions is not None and args.model != 'ASENet_noASA':
+    if regions is not None and tnet.embeddingnet.has_spatial_attention:
         result['attention_localisation'] = log_localisation(tnet.embeddingnet, sets, split_files, regions,
                                                             device, args, logger)
     utils.write_json(result, os.path.join(run_dir, 'test_results.json'))
@@ -494,7 +519,7 @@ def run(args):
     os.makedirs(run_dir, exist_ok=True)
     logger = utils.setup_logger(os.path.join(run_dir, 'train.log' if is_training(args) else 'test.log'))
     split_files = prepare_dataset(args)
-    tnet = build_network(args, len(split_files.attributes), device)
+    tnet = build_network(args, len(split_files.attributes), device, imagenet=checkpoint is None)
     logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
     if checkpoint is not None:
         load_weights(tnet, checkpoint, args.resume)

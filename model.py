@@ -35,6 +35,12 @@ def one_hot(attribute, n_attributes, dtype):
     return F.one_hot(attribute, n_attributes).to(dtype)
 
 
+def uniform_attention(feature_map):
+    """(N, C, H, W) -> (N, H, W) maps of 1 / (H*W): the attention of a model that pools everything."""
+    n, _, h, w = feature_map.shape
+    return feature_map.new_full((n, h, w), 1.0 / (h * w))
+
+
 class ResNetTrunk(nn.Module):
     """A torchvision ResNet up to and including layer3 (stride 16).
 
@@ -140,6 +146,7 @@ class ASENet(nn.Module):
         channels = backbone.out_channels
         self.backbone = backbone
         self.n_attributes = n_attributes
+        self.has_spatial_attention = use_asa
         self.asa = AttributeSpatialAttention(channels, n_attributes) if use_asa else None
         self.aca = AttributeChannelAttention(channels, n_attributes) if use_aca else None
         self.feature_fc = nn.Linear(channels, dim_embed)
@@ -147,9 +154,8 @@ class ASENet(nn.Module):
     def attention_maps(self, images, attribute):
         """Spatial attention (N, H, W) of each image under its attribute (uniform without ASA)."""
         feature_map = self.backbone(images)
-        n, _, h, w = feature_map.shape
         if self.asa is None:
-            return feature_map.new_full((n, h, w), 1.0 / (h * w))
+            return uniform_attention(feature_map)
         attr = one_hot(attribute, self.n_attributes, feature_map.dtype)
         return self.asa.attention(feature_map, attr)[:, 0]                  # (N, H, W)
 
@@ -164,6 +170,174 @@ class ASENet(nn.Module):
         if self.aca is not None:
             pooled = self.aca(pooled, attr)
         embedding = self.feature_fc(pooled)
+        return l2norm(embedding) if norm else embedding
+
+
+class ASENetV2(nn.Module):
+    """ASENet_V2, the authors' later variant of ASEN (Maryeon/asen, model.py, class ASENet_V2).
+
+    Same pipeline as ASENet (Ma et al., AAAI 2020, Sec. 3), with a learned attribute embedding
+    e = attr_embedding[a] (n_attr x hidden) in place of the one-hot vector:
+
+    ASA: s = sum_channels(tanh(BN(conv1(I))) * tanh(attr_transform1(e))) / sqrt(hidden),
+         alpha = softmax of s over the H*W positions, pooled x = sum_positions alpha * I;
+    ACA: q = ReLU(attr_transform2(e)), m = sigmoid(fc2(ReLU(fc1([x; q])))), output x * m;
+    embedding: l2norm(x * m). Like the authors' final code there is no feature_fc, so the embedding
+    size is the trunk's channel count C (1024 for resnet50) and `dim_embed` is ignored, unless
+    `feature_fc=True` (the authors' earlier V2 code: a Linear C -> dim_embed before l2norm).
+
+    Submodule names are the authors', so their state-dict keys map 1:1 (backbonenet -> backbone).
+    """
+
+    ORIGINAL_NAMES = {'backbonenet': 'backbone', 'attr_embedding': 'attr_embedding',
+                      'attr_transform1': 'attr_transform1', 'attr_transform2': 'attr_transform2',
+                      'conv1': 'conv1', 'img_bn1': 'img_bn1', 'fc1': 'fc1', 'fc2': 'fc2',
+                      'feature_fc': 'feature_fc'}
+    has_spatial_attention = True
+
+    def __init__(self, backbone, n_attributes, dim_embed=1024, hidden=512, feature_fc=False):
+        super().__init__()
+        channels = backbone.out_channels
+        self.backbone = backbone
+        self.n_attributes = n_attributes
+        self.hidden = hidden
+        self.attr_embedding = nn.Embedding(n_attributes, hidden)
+        self.attr_transform1 = nn.Linear(hidden, hidden)                   # ASA attribute branch
+        self.conv1 = nn.Conv2d(channels, hidden, kernel_size=1)           # ASA image branch
+        self.img_bn1 = nn.BatchNorm2d(hidden)
+        self.attr_transform2 = nn.Linear(hidden, hidden)                   # ACA attribute branch
+        self.fc1 = nn.Linear(channels + hidden, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+        self.feature_fc = nn.Linear(channels, dim_embed) if feature_fc else None
+
+    def _attention(self, feature_map, attribute):
+        """(N, C, H, W), (N,) -> attention weights (N, 1, H, W) summing to 1 over H*W."""
+        n, _, h, w = feature_map.shape
+        img = torch.tanh(self.img_bn1(self.conv1(feature_map)))                       # (N, hidden, H, W)
+        attr = torch.tanh(self.attr_transform1(self.attr_embedding(attribute)))       # (N, hidden)
+        scores = (img * attr[:, :, None, None]).sum(dim=1, keepdim=True)              # (N, 1, H, W)
+        scores = scores / self.hidden ** 0.5
+        alpha = F.softmax(scores.reshape(n, 1, h * w), dim=2)                          # (N, 1, H*W)
+        return alpha.reshape(n, 1, h, w)                                               # (N, 1, H, W)
+
+    def attention_maps(self, images, attribute):
+        """Spatial attention (N, H, W) of each image under its attribute."""
+        return self._attention(self.backbone(images), attribute)[:, 0]
+
+    def forward(self, images, attribute, norm=True):
+        """(N, 3, S, S) images and (N,) attribute indices -> (N, C) embeddings ((N, dim_embed)
+        with feature_fc)."""
+        feature_map = self.backbone(images)                                            # (N, C, H, W)
+        pooled = (feature_map * self._attention(feature_map, attribute)).sum(dim=(2, 3))  # (N, C)
+        q = F.relu(self.attr_transform2(self.attr_embedding(attribute)))              # (N, hidden)
+        mask = torch.sigmoid(self.fc2(F.relu(self.fc1(torch.cat([pooled, q], dim=1)))))  # (N, C)
+        embedding = pooled * mask
+        if self.feature_fc is not None:
+            embedding = self.feature_fc(embedding)
+        return l2norm(embedding) if norm else embedding
+
+
+def disjoint_masks(n_attributes, dim_embed):
+    """(n_attributes, dim_embed) 0/1 masks: attribute i owns dims [i*L, (i+1)*L), L = dim_embed // n.
+
+    Veit et al.'s fixed masks (csn.py, learnedmask=False); the dim_embed % n leftover dims belong
+    to no attribute.
+    """
+    length = dim_embed // n_attributes
+    if length == 0:
+        raise UserError(f"--csn-fixed-masks: --dim_embed {dim_embed} is smaller than the "
+                        f"{n_attributes} attributes; give each at least one dimension")
+    masks = torch.zeros(n_attributes, dim_embed)
+    for i in range(n_attributes):
+        masks[i, i * length:(i + 1) * length] = 1.0
+    return masks
+
+
+class ConditionalSimNet(nn.Module):
+    """Conditional Similarity Network (Veit et al., CVPR 2017) on the ASEN trunk, as the ASEN paper's
+    CSN baseline (Maryeon/asen, model.py, class ConditionalSimNet).
+
+    trunk -> global average pool -> embed_fc (C -> dim_embed) -> times ReLU(masks[a]) -> l2norm.
+    Learned masks start from N(0.9, 0.7); `fixed_masks=True` uses disjoint 0/1 masks that are not
+    trained (requires_grad False; the ReLU leaves them unchanged).
+
+    `regularise=True` records, in training mode, the CSN regularisers of every forward pass
+    (andreasveit/conditional-similarity-networks, csn.py and main.py): the L2 (Frobenius) norm of
+    the un-normalised, un-masked embeddings divided by sqrt(batch), and the L1 norm of the
+    (ReLU-ed) masks of the batch divided by the batch size. `regularisation()` returns
+    embed_reg * mean_passes(embed term) + mask_reg * mean_passes(mask term) and forgets them.
+    """
+
+    ORIGINAL_NAMES = {'embeddingnet': 'backbone', 'embed_fc': 'embed_fc', 'masks': 'masks'}
+    has_spatial_attention = False
+
+    def __init__(self, backbone, n_attributes, dim_embed=1024, fixed_masks=False, regularise=False,
+                 embed_reg=5e-3, mask_reg=5e-4, mask_mean=0.9, mask_std=0.7):
+        super().__init__()
+        self.backbone = backbone
+        self.n_attributes = n_attributes
+        self.embed_fc = nn.Linear(backbone.out_channels, dim_embed)
+        self.masks = nn.Embedding(n_attributes, dim_embed)
+        self.fixed_masks = fixed_masks
+        if fixed_masks:
+            with torch.no_grad():
+                self.masks.weight.copy_(disjoint_masks(n_attributes, dim_embed))
+            self.masks.weight.requires_grad_(False)
+        else:
+            nn.init.normal_(self.masks.weight, mean=mask_mean, std=mask_std)
+        self.regularise = regularise
+        self.embed_reg, self.mask_reg = embed_reg, mask_reg
+        self._terms = []                                                   # (embed term, mask term) per pass
+
+    def attention_maps(self, images, attribute):
+        """Uniform (N, H, W) maps: CSN pools the whole feature map."""
+        return uniform_attention(self.backbone(images))
+
+    def forward(self, images, attribute, norm=True):
+        """(N, 3, S, S) images and (N,) attribute indices -> (N, dim_embed) embeddings."""
+        feature_map = self.backbone(images)                                # (N, C, H, W)
+        embedded = self.embed_fc(feature_map.mean(dim=(2, 3)))             # (N, dim_embed)
+        mask = self.masks(attribute)                                       # (N, dim_embed)
+        if not self.fixed_masks:
+            mask = F.relu(mask)
+        if self.regularise and self.training and torch.is_grad_enabled():
+            n = embedded.shape[0]
+            self._terms.append((embedded.float().norm(2) / n ** 0.5, mask.float().norm(1) / n))
+        masked = embedded * mask
+        return l2norm(masked) if norm else masked
+
+    def regularisation(self):
+        """Weighted CSN regularisers of the forward passes since the last call (0 when none)."""
+        if not self._terms:
+            return 0.0
+        embed = torch.stack([e for e, _ in self._terms]).mean()
+        mask = torch.stack([m for _, m in self._terms]).mean()
+        self._terms = []
+        return self.embed_reg * embed + self.mask_reg * mask
+
+
+class GlobalEmbeddingNet(nn.Module):
+    """The Triplet Network baseline of the ASEN paper (Sec. 4.2): one embedding for all attributes.
+
+    trunk -> global average pool -> embed_fc (C -> dim_embed) -> l2norm; the attribute is ignored,
+    though training uses the same attribute-specific triplets.
+    """
+
+    has_spatial_attention = False
+
+    def __init__(self, backbone, n_attributes, dim_embed=1024):
+        super().__init__()
+        self.backbone = backbone
+        self.n_attributes = n_attributes
+        self.embed_fc = nn.Linear(backbone.out_channels, dim_embed)
+
+    def attention_maps(self, images, attribute):
+        """Uniform (N, H, W) maps: the whole feature map is pooled."""
+        return uniform_attention(self.backbone(images))
+
+    def forward(self, images, attribute=None, norm=True):
+        """(N, 3, S, S) images -> (N, dim_embed) embeddings, whatever the attribute."""
+        embedding = self.embed_fc(self.backbone(images).mean(dim=(2, 3)))  # (N, dim_embed)
         return l2norm(embedding) if norm else embedding
 
 
@@ -199,15 +373,39 @@ def triplet_loss(sim_an, sim_ap, margin):
     return F.margin_ranking_loss(sim_an, sim_ap, target, margin=margin)
 
 
+def _asenet(**fixed):
+    def build(backbone, n_attributes, dim_embed, **options):
+        return ASENet(backbone, n_attributes, dim_embed, **fixed, **options)
+    return build
+
+
+def _asenet_v2(**fixed):
+    def build(backbone, n_attributes, dim_embed, **options):
+        return ASENetV2(backbone, n_attributes, dim_embed, **fixed, **options)
+    return build
+
+
+# --model name -> builder(backbone trunk, n_attributes, dim_embed, **options) -> embedding network
 MODELS = {
-    'ASENet': dict(),
-    'ASENet_noASA': dict(use_asa=False),
-    'ASENet_noACA': dict(use_aca=False),
+    'ASENet': _asenet(),
+    'ASENet_noASA': _asenet(use_asa=False),
+    'ASENet_noACA': _asenet(use_aca=False),
+    'ASENet_V2': _asenet_v2(),
+    'ASENet_V2_fc': _asenet_v2(feature_fc=True),
+    'ConditionalSimNet': ConditionalSimNet,
+    'TripletNet': GlobalEmbeddingNet,
 }
 
 
-def build_model(name, n_attributes, backbone='resnet50', pretrained=True, dim_embed=1024):
-    """The embedding network called `name` (see MODELS) on a fresh backbone."""
+def build_model(name, n_attributes, backbone='resnet50', pretrained=True, dim_embed=1024, **options):
+    """The embedding network called `name` (a key of MODELS) on a fresh backbone; `options` go to
+    its constructor (e.g. fixed_masks, regularise for ConditionalSimNet)."""
     if name not in MODELS:
         raise UserError(f"--model {name}: unknown; choose one of {', '.join(MODELS)}")
-    return ASENet(build_backbone(backbone, pretrained), n_attributes, dim_embed, **MODELS[name])
+    return MODELS[name](build_backbone(backbone, pretrained), n_attributes, dim_embed, **options)
+
+
+def regularisation(tnet):
+    """Extra training loss of the wrapped embedding network (CSN's regularisers), else 0."""
+    reg = getattr(tnet.embeddingnet, 'regularisation', None)
+    return reg() if reg is not None else 0.0

@@ -82,3 +82,161 @@ def test_missing_imagenet_weights_offline(tmp_path, monkeypatch):
     with pytest.raises(UserError, match='--no-pretrained') as err:
         models.build_backbone('resnet18', pretrained=True)
     assert str(tmp_path) in str(err.value)
+
+
+# ----------------------------------------------------------------------------- the other models
+
+NEW_MODELS = ['ASENet_V2', 'ASENet_V2_fc', 'ConditionalSimNet', 'TripletNet']
+
+
+def embed(net, images, attr):
+    with torch.no_grad():
+        return net(images, attr)
+
+
+@pytest.mark.parametrize('name', NEW_MODELS)
+def test_new_models_shape_norm_and_attention(name):
+    torch.manual_seed(0)
+    net = models.build_model(name, 3, 'resnet18', pretrained=False, dim_embed=16).eval()
+    images, attr = torch.randn(2, 3, 48, 48), torch.tensor([0, 2])
+    emb = embed(net, images, attr)
+    expected = 256 if name == 'ASENet_V2' else 16       # V2: trunk channels, dim_embed ignored
+    assert emb.shape == (2, expected)
+    assert torch.allclose(emb.norm(dim=1), torch.ones(2), atol=1e-5)
+    with torch.no_grad():
+        maps = net.attention_maps(images, attr)
+    side = net.backbone(images).shape[-1]
+    assert maps.shape == (2, side, side)
+    assert torch.allclose(maps.sum(dim=(1, 2)), torch.ones(2), atol=1e-5)
+    uniform = torch.allclose(maps, torch.full_like(maps, 1.0 / side ** 2))
+    assert net.has_spatial_attention == (not uniform)
+    assert net.has_spatial_attention == name.startswith('ASENet')
+
+
+@pytest.mark.parametrize('name', NEW_MODELS)
+def test_attribute_dependence(name):
+    torch.manual_seed(0)
+    net = models.build_model(name, 4, 'resnet18', pretrained=False, dim_embed=16).eval()
+    images = torch.randn(1, 3, 48, 48).repeat(2, 1, 1, 1)
+    emb = embed(net, images, torch.tensor([0, 1]))
+    if name == 'TripletNet':
+        assert torch.equal(emb[0], emb[1])
+    else:
+        assert not torch.allclose(emb[0], emb[1])
+
+
+def test_has_spatial_attention_of_ablations():
+    flags = {name: models.build_model(name, 3, 'resnet18', pretrained=False, dim_embed=8).has_spatial_attention
+             for name in ('ASENet', 'ASENet_noASA', 'ASENet_noACA')}
+    assert flags == {'ASENet': True, 'ASENet_noASA': False, 'ASENet_noACA': True}
+
+
+def test_v2_follows_the_formula():
+    """ASENet_V2 against its equations, written out with the module's own weights."""
+    torch.manual_seed(1)
+    net = models.build_model('ASENet_V2', 3, 'resnet18', pretrained=False).eval()
+    torch.nn.init.normal_(net.img_bn1.running_mean)
+    images, attr = torch.randn(2, 3, 40, 40), torch.tensor([2, 0])
+    with torch.no_grad():
+        fmap = net.backbone(images)
+        n, c, h, w = fmap.shape
+        e = net.attr_embedding.weight[attr]
+        img = torch.tanh(net.img_bn1(torch.nn.functional.conv2d(fmap, net.conv1.weight, net.conv1.bias)))
+        a = torch.tanh(e @ net.attr_transform1.weight.T + net.attr_transform1.bias)
+        s = torch.einsum('nchw,nc->nhw', img, a) / 512 ** 0.5
+        alpha = torch.softmax(s.reshape(n, -1), dim=1).reshape(n, h, w)
+        x = torch.einsum('nchw,nhw->nc', fmap, alpha)
+        q = torch.relu(e @ net.attr_transform2.weight.T + net.attr_transform2.bias)
+        m = torch.sigmoid(net.fc2(torch.relu(net.fc1(torch.cat([x, q], 1)))))
+        expected = (x * m) / (x * m).norm(dim=1, keepdim=True)
+        assert torch.allclose(net(images, attr), expected, atol=1e-5)
+        assert torch.allclose(net.attention_maps(images, attr), alpha, atol=1e-6)
+    assert net.fc1.in_features == c + 512 and net.fc2.out_features == c and net.feature_fc is None
+
+
+def test_csn_learned_masks_init_and_formula():
+    torch.manual_seed(0)
+    net = models.build_model('ConditionalSimNet', 5, 'resnet18', pretrained=False, dim_embed=400).eval()
+    weight = net.masks.weight
+    assert weight.requires_grad
+    assert abs(weight.mean().item() - 0.9) < 0.05 and abs(weight.std().item() - 0.7) < 0.05
+    images, attr = torch.randn(2, 3, 32, 32), torch.tensor([4, 1])
+    with torch.no_grad():
+        raw = net.embed_fc(net.backbone(images).mean(dim=(2, 3))) * torch.relu(weight[attr])
+        assert torch.allclose(net(images, attr), raw / raw.norm(dim=1, keepdim=True), atol=1e-5)
+
+
+def test_csn_fixed_masks_are_disjoint_and_not_trained():
+    torch.manual_seed(0)
+    net = models.build_model('ConditionalSimNet', 3, 'resnet18', pretrained=False, dim_embed=10,
+                             fixed_masks=True)
+    masks = net.masks.weight.detach().clone()
+    assert set(masks.unique().tolist()) == {0.0, 1.0}
+    assert (masks.sum(dim=0) <= 1).all()                          # disjoint
+    assert masks.sum(dim=1).tolist() == [3.0, 3.0, 3.0]           # 10 // 3 dims each
+    assert not net.masks.weight.requires_grad
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net.train()
+    sim_an, sim_ap = models.TripletNet(net)(*(torch.randn(4, 3, 32, 32) for _ in range(3)), torch.tensor([0, 1, 2, 0]))
+    models.triplet_loss(sim_an, sim_ap, 0.2).backward()
+    optimizer.step()
+    assert torch.equal(net.masks.weight, masks)
+    with pytest.raises(UserError, match='--dim_embed'):
+        models.build_model('ConditionalSimNet', 5, 'resnet18', pretrained=False, dim_embed=4, fixed_masks=True)
+
+
+def test_csn_regularisation_matches_the_plain_formula():
+    """Veit et al.'s terms: mean over the three passes of ||E||_2 / sqrt(N) (E: embeddings before
+    the mask and the normalisation) and of ||relu(M)||_1 / N, weighted 5e-3 and 5e-4."""
+    torch.manual_seed(0)
+    net = models.build_model('ConditionalSimNet', 3, 'resnet18', pretrained=False, dim_embed=8, regularise=True)
+    tnet = models.TripletNet(net).train()
+    batches, attr = [torch.randn(4, 3, 32, 32) for _ in range(3)], torch.tensor([0, 1, 2, 1])
+    tnet(*batches, attr)
+    reg = models.regularisation(tnet)
+    embed_terms, mask_terms = [], []
+    for x in batches:   # recompute in train mode on the same inputs: BatchNorm batch statistics
+        raw = net.embed_fc(net.backbone(x).mean(dim=(2, 3)))
+        embed_terms.append(torch.sqrt((raw ** 2).sum()) / 2.0)
+        mask_terms.append(torch.relu(net.masks.weight[attr]).abs().sum() / 4)
+    net._terms = []
+    expected = 5e-3 * torch.stack(embed_terms).mean() + 5e-4 * torch.stack(mask_terms).mean()
+    assert torch.allclose(reg, expected, rtol=1e-4)
+    assert models.regularisation(tnet) == 0.0                     # the terms were consumed
+    with torch.no_grad():
+        tnet(*batches, attr)
+    assert models.regularisation(tnet) == 0.0                     # nothing recorded without grad
+
+
+@pytest.fixture(scope='module')
+def synth_data(tmp_path_factory):
+    """One tiny SynthFashion folder shared by the end-to-end runs of this module."""
+    return str(tmp_path_factory.mktemp('synth_data'))
+
+
+@pytest.mark.parametrize('name,extra', [('ASENet_V2', []), ('TripletNet', []),
+                                        ('ConditionalSimNet', ['--csn-fixed-masks', '--csn-reg'])])
+def test_tiny_training_of_each_new_model(name, extra, synth_data, workdir):
+    import json
+    import asen
+    from conftest import TINY
+    argv = TINY + ['--data_path', synth_data, '--epochs', '1', '--num_triplets', '16', '--model', name,
+                   '--name', name] + extra
+    assert asen.main(argv) == 0
+    run = workdir / 'runs' / name
+    state = torch.load(run / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
+    assert state['args']['model'] == name and 0.0 <= state['prec'] <= 1.0
+    if name == 'ConditionalSimNet':
+        masks = state['state_dict']['embeddingnet.masks.weight']
+        assert torch.equal(masks, models.disjoint_masks(5, 16))          # fixed masks survived training
+    assert asen.main(['--test', '--resume', str(run / 'checkpoint.pth.tar'), '--data_path', synth_data]) == 0
+    result = json.loads((run / 'test_results.json').read_text())
+    assert result['model'] == name
+    assert ('attention_localisation' in result) == (name == 'ASENet_V2')
+
+
+def test_csn_flags_need_the_csn_model(workdir, capsys):
+    import asen
+    from conftest import TINY
+    assert asen.main(TINY + ['--model', 'ASENet', '--csn-reg']) == 2
+    assert '--csn-reg applies only to --model ConditionalSimNet' in capsys.readouterr().err
