@@ -311,16 +311,55 @@ def restore_args(args, checkpoint):
             setattr(args, key, value)
 
 
-def load_weights(tnet, checkpoint, path):
+def adopt_original_checkpoint(args, checkpoint):
+    """A file saved by the authors' code ({'epoch', 'state_dict', 'prec'}, their module names):
+    rename its weights to ours in place, and take --model, --backbone and --dim_embed from them
+    unless given. Returns what was inferred (None for other files). It has no 'args', so
+    --dataset is this command line's."""
+    state = checkpoint.get('state_dict') if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or 'args' in checkpoint:
+        return None
+    try:
+        converted = models.convert_original_state_dict(state)
+    except UserError as err:
+        raise UserError(f"--resume {args.resume}: {err}") from err
+    if converted is None:
+        return None
+    info, checkpoint['state_dict'] = converted
+    for key in ('model', 'backbone', 'dim_embed'):
+        if key not in args.explicit and info[key] is not None:
+            setattr(args, key, info[key])
+    return info
+
+
+def load_weights(tnet, checkpoint, path, dataset=None):
     state = checkpoint.get('state_dict') if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise UserError(f"--resume {path}: no 'state_dict' in the file; it is not an ASEN checkpoint")
     try:
         tnet.load_state_dict(state)
     except RuntimeError as err:
-        detail = ' '.join(str(err).split())[:300]
-        raise UserError(f"--resume {path}: weights do not fit --model {tnet.embeddingnet.__class__.__name__} "
-                        f"with these flags (another model, backbone or attribute count?): {detail}") from err
+        raise UserError(weights_mismatch(tnet, state, path, dataset) or
+                        f"--resume {path}: weights do not fit --model {model_name(tnet)}: "
+                        f"{' '.join(str(err).split())[:300]}") from err
+
+
+def model_name(tnet):
+    return getattr(tnet.embeddingnet, 'model_name', type(tnet.embeddingnet).__name__)
+
+
+def weights_mismatch(tnet, state, path, dataset=None):
+    """One line on why `state` does not fit `tnet`: the attribute count, else the key names."""
+    here = tnet.embeddingnet.n_attributes
+    in_file = models.attribute_count(state)
+    if in_file is not None and in_file != here:
+        where = f"--dataset {dataset.dataset} has {here} ({dataset.path('meta.json')})" if dataset else \
+            f"this dataset has {here}"
+        return (f"--resume {path}: the file's network has {in_file} attributes but {where}; "
+                f"pass the --dataset it was trained on")
+    detail = models.state_dict_mismatch(tnet.state_dict(), state)
+    return detail and (f"--resume {path}: weights do not fit --model {model_name(tnet)} "
+                       f"(--backbone, --dim_embed or --model differ from the file's?): {detail}")
 
 
 def snapshot(epoch, tnet, optimizer, scheduler, scaler, prec, best_prec, args):
@@ -508,6 +547,7 @@ def run(args):
     checkpoint = utils.load_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
         restore_args(args, checkpoint)
+        adopt_original_checkpoint(args, checkpoint)
     for flag in ('test', 'visualize', 'retrieve'):
         if getattr(args, flag) and checkpoint is None:
             raise UserError(f"--{flag} needs --resume CHECKPOINT (e.g. runs/<name>/model_best.pth.tar)")
@@ -522,7 +562,7 @@ def run(args):
     tnet = build_network(args, len(split_files.attributes), device, imagenet=checkpoint is None)
     logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
     if checkpoint is not None:
-        load_weights(tnet, checkpoint, args.resume)
+        load_weights(tnet, checkpoint, args.resume, split_files)
         logger.info(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint.get('epoch')} "
                     f"mAP on validation set {checkpoint.get('prec')})")
         if is_training(args) and 'start_epoch' not in args.explicit:

@@ -402,10 +402,117 @@ def build_model(name, n_attributes, backbone='resnet50', pretrained=True, dim_em
     its constructor (e.g. fixed_masks, regularise for ConditionalSimNet)."""
     if name not in MODELS:
         raise UserError(f"--model {name}: unknown; choose one of {', '.join(MODELS)}")
-    return MODELS[name](build_backbone(backbone, pretrained), n_attributes, dim_embed, **options)
+    net = MODELS[name](build_backbone(backbone, pretrained), n_attributes, dim_embed, **options)
+    net.model_name = name
+    return net
 
 
 def regularisation(tnet):
     """Extra training loss of the wrapped embedding network (CSN's regularisers), else 0."""
     reg = getattr(tnet.embeddingnet, 'regularisation', None)
     return reg() if reg is not None else 0.0
+
+
+# ----------------------------------------------------------------------------- the authors' checkpoints
+
+# Keys of the original backbone that our trunk (cut after layer3) does not have: the authors'
+# ResNet keeps an unused ImageNet `fc`, and a whole torchvision ResNet (as in CSN) has `layer4`.
+ORIGINAL_UNUSED_BACKBONE = ('fc.', 'layer4.')
+
+
+def _layer_blocks(keys, prefix):
+    return {int(k[len(prefix):].split('.')[0]) for k in keys if k.startswith(prefix)}
+
+
+def infer_backbone(trunk_keys):
+    """BACKBONES name of a ResNet state dict's keys (without prefix), from its layer3 blocks."""
+    blocks = len(_layer_blocks(trunk_keys, 'layer3.'))
+    bottleneck = any(k.startswith('layer3.0.conv3.') for k in trunk_keys)
+    name = {(False, 2): 'resnet18', (False, 6): 'resnet34', (True, 6): 'resnet50'}.get((bottleneck, blocks))
+    if name is None:
+        kind = 'bottleneck' if bottleneck else 'basic'
+        raise UserError(f"a ResNet with {blocks} {kind} blocks in layer3 is none of {', '.join(BACKBONES)}")
+    return name
+
+
+def convert_original_state_dict(state):
+    """A state dict saved by the authors' code (their triplet wrapper) in our names, or None.
+
+    Original layouts (Maryeon/asen, model.py; their backbone is resnet.py's ResNet, which stops
+    after layer3 but keeps an ImageNet `fc`):
+      ASENet:     embeddingnet.backbonenet.*, embeddingnet.{mask_fc1,mask_fc2,conv1,conv2,fc1,fc2,feature_fc}.*
+      ASENet_V2:  embeddingnet.backbonenet.*, embeddingnet.{attr_embedding,attr_transform1,attr_transform2,
+                  conv1,img_bn1,fc1,fc2}.* (+ feature_fc in their earlier V2 code)
+      CSN:        embeddingnet.embeddingnet.*, embeddingnet.{embed_fc,masks}.*
+    A leading `module.` (nn.DataParallel) is removed. Backbone keys under fc./layer4. are dropped;
+    every other key is renamed or, when unknown, kept so that loading names it.
+    Returns ({'model', 'backbone', 'n_attributes', 'dim_embed'}, converted state) or None when the
+    keys are not in an original layout (e.g. our own checkpoints).
+    """
+    if state and all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    inner = {k[len('embeddingnet.'):]: v for k, v in state.items() if k.startswith('embeddingnet.')}
+    if any(k.startswith('backbonenet.') for k in inner):
+        if 'attr_embedding.weight' in inner:
+            model = 'ASENet_V2_fc' if 'feature_fc.weight' in inner else 'ASENet_V2'
+            names, n_attributes = ASENetV2.ORIGINAL_NAMES, inner['attr_embedding.weight'].shape[0]
+        elif 'mask_fc1.weight' in inner:
+            model, names, n_attributes = 'ASENet', ASENet.ORIGINAL_NAMES, inner['mask_fc1.weight'].shape[1]
+        else:
+            heads = sorted({k.split('.')[0] for k in inner} - {'backbonenet'})
+            raise UserError(f"original-code layout (embeddingnet.backbonenet.*) but its layers "
+                            f"{', '.join(heads) or '(none)'} are neither ASENet's (mask_fc1, ...) nor "
+                            f"ASENet_V2's (attr_embedding, ...)")
+        dim_embed = inner['feature_fc.weight'].shape[0] if 'feature_fc.weight' in inner else None
+    elif any(k.startswith('embeddingnet.') for k in inner):
+        model, names = 'ConditionalSimNet', ConditionalSimNet.ORIGINAL_NAMES
+        n_attributes = inner['masks.weight'].shape[0] if 'masks.weight' in inner else None
+        dim_embed = inner['embed_fc.weight'].shape[0] if 'embed_fc.weight' in inner else None
+    else:
+        return None
+    trunk_name = next(orig for orig, ours in names.items() if ours == 'backbone')
+    converted, trunk_keys = {}, []
+    for key, value in inner.items():
+        head, _, rest = key.partition('.')
+        if head == trunk_name:
+            if rest.startswith(ORIGINAL_UNUSED_BACKBONE):
+                continue
+            trunk_keys.append(rest)
+        converted['embeddingnet.' + (names.get(head, head) + '.' + rest if rest else key)] = value
+    for key, value in state.items():          # keys outside embeddingnet.: kept, so loading names them
+        if not key.startswith('embeddingnet.'):
+            converted[key] = value
+    info = dict(model=model, backbone=infer_backbone(trunk_keys),
+                n_attributes=None if n_attributes is None else int(n_attributes),
+                dim_embed=None if dim_embed is None else int(dim_embed))
+    return info, converted
+
+
+def attribute_count(state):
+    """Number of attributes of an embedding network's state dict in our names (None if unknown)."""
+    for key, dim in (('embeddingnet.asa.attr_proj.weight', 1), ('embeddingnet.aca.attr_proj.weight', 1),
+                     ('embeddingnet.attr_embedding.weight', 0), ('embeddingnet.masks.weight', 0)):
+        if key in state and hasattr(state[key], 'shape'):
+            return int(state[key].shape[dim])
+    return None
+
+
+def state_dict_mismatch(expected, given, limit=4):
+    """One line naming how the state dict `given` differs from `expected` (a module's state dict):
+    missing keys, unexpected keys, shape differences; '' when they fit."""
+    def names(keys):
+        keys = sorted(keys)
+        more = f' (+{len(keys) - limit} more)' if len(keys) > limit else ''
+        return ', '.join(keys[:limit]) + more
+    missing, unexpected = set(expected) - set(given), set(given) - set(expected)
+    shapes = [f"{k} {tuple(given[k].shape)} in the file vs {tuple(expected[k].shape)} here"
+              for k in sorted(set(expected) & set(given))
+              if hasattr(given[k], 'shape') and tuple(given[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f'missing keys: {names(missing)}')
+    if unexpected:
+        parts.append(f'unexpected keys: {names(unexpected)}')
+    if shapes:
+        parts.append('shapes differ: ' + '; '.join(shapes[:limit]) + (f' (+{len(shapes) - limit} more)' if len(shapes) > limit else ''))
+    return '; '.join(parts)

@@ -1,0 +1,143 @@
+"""Checkpoints saved by the authors' code load through --resume and give their embeddings."""
+import json
+
+import pytest
+import torch
+
+import asen
+import datasets
+import model as models
+import original_networks as orig
+import utils
+from utils import UserError
+
+KINDS = ['ASENet', 'ASENet_V2', 'ConditionalSimNet']
+# the tiny SynthFashion of tests/conftest.py's TINY, without the training flags
+DATA = ['--dataset', 'SynthFashion', '--synth-images', '48', '--img-size', '64', '--amp', 'off']
+
+
+def load_like_asen(path, argv):
+    """Our network from `path`, through the steps asen.run takes for --resume."""
+    args = asen.parse_args(argv + ['--resume', str(path)])
+    checkpoint = utils.load_checkpoint(args.resume)
+    asen.restore_args(args, checkpoint)
+    info = asen.adopt_original_checkpoint(args, checkpoint)
+    tnet = asen.build_network(args, info['n_attributes'], torch.device('cpu'), imagenet=False)
+    asen.load_weights(tnet, checkpoint, args.resume)
+    return tnet.eval(), args, info
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_original_state_dict_converts(kind):
+    state = orig.build(kind, 4).state_dict()
+    info, converted = models.convert_original_state_dict(state)
+    assert info['model'] == kind and info['backbone'] == 'resnet18' and info['n_attributes'] == 4
+    assert info['dim_embed'] == (None if kind == 'ASENet_V2' else 16)
+    assert not any(k.startswith(('embeddingnet.backbonenet.', 'embeddingnet.embeddingnet.')) for k in converted)
+    assert not any('.fc.' in k or 'layer4' in k for k in converted if k.startswith('embeddingnet.backbone.'))
+    assert any('layer4' in k for k in state) == (kind == 'ConditionalSimNet')
+    ours = models.build_model(kind, 4, 'resnet18', pretrained=False, dim_embed=16)
+    assert set(converted) == {'embeddingnet.' + k for k in ours.state_dict()}
+    # our own checkpoints are not in the original layout
+    assert models.convert_original_state_dict(models.TripletNet(ours).state_dict()) is None
+
+
+def test_conversion_handles_dataparallel_and_depth():
+    state = {'module.' + k: v for k, v in orig.build('ASENet', 3, depth=50).state_dict().items()}
+    info, converted = models.convert_original_state_dict(state)
+    assert info['backbone'] == 'resnet50' and info['model'] == 'ASENet'
+    assert 'embeddingnet.asa.attr_proj.weight' in converted
+    info, _ = models.convert_original_state_dict(orig.build('ASENet_V2', 3, depth=34).state_dict())
+    assert info['backbone'] == 'resnet34'
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_our_embeddings_equal_the_originals(kind, tmp_path):
+    original = orig.build(kind, 5, seed=3)
+    path = tmp_path / 'original.pth.tar'
+    orig.save(original, path)
+    ours, args, info = load_like_asen(path, ['--dataset', 'SynthFashion'])
+    assert (args.model, args.backbone, args.pretrained) == (kind, 'resnet18', False)
+    images = torch.randn(6, 3, 64, 64)
+    for attribute in range(5):
+        attr = torch.full((6,), attribute)
+        with torch.no_grad():
+            theirs, mine = original.embeddingnet(images, attr), ours.embeddingnet(images, attr)
+        assert torch.allclose(theirs, mine, atol=1e-5), (kind, attribute, (theirs - mine).abs().max())
+    with torch.no_grad():   # and the embeddings do depend on the attribute, so the check has teeth
+        a, b = (original.embeddingnet(images, torch.full((6,), i)) for i in (0, 1))
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_resume_never_downloads_imagenet_weights(tmp_path, monkeypatch):
+    orig.save(orig.build('ASENet_V2', 5), tmp_path / 'v2.pth.tar')
+
+    def no_download(*args, **kwargs):
+        raise AssertionError('ImageNet weights were requested')
+    monkeypatch.setattr(models, '_load_imagenet_state', no_download)
+    # --backbone resnet18 given and no --no-pretrained: pretrained stays True in args
+    tnet, args, _ = load_like_asen(tmp_path / 'v2.pth.tar', ['--dataset', 'FashionAI', '--backbone', 'resnet18'])
+    assert args.pretrained and args.model == 'ASENet_V2'
+
+
+@pytest.mark.parametrize('kind', ['ASENet_V2', 'ConditionalSimNet'])
+def test_cli_test_of_an_original_checkpoint_reports_its_map(kind, workdir):
+    original = orig.build(kind, 5, seed=1)
+    orig.save(original, workdir / 'theirs.pth.tar', legacy=True)
+    assert asen.main(['--test', '--resume', str(workdir / 'theirs.pth.tar'), '--name', 'orig'] + DATA) == 0
+    result = json.loads((workdir / 'runs' / 'orig' / 'test_results.json').read_text())
+    assert result['model'] == kind
+
+    # the same mAP from the original network's embeddings of the same test split
+    split = datasets.SplitFiles('data', 'SynthFashion')
+    transform = datasets.build_transform(64, train=False)
+    embedded = []
+    for role in ('query', 'candidate'):
+        dataset = datasets.RetrievalDataset(split, 'test', role, transform)
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        attrs = torch.from_numpy(dataset.entries[:, 1]).long()
+        with torch.no_grad():
+            embedded.append((original.embeddingnet(images, attrs), dataset.entries))
+    (q_emb, q_entries), (c_emb, c_entries) = embedded
+    _, mean = asen.retrieval_map(q_emb, q_entries, c_emb, c_entries, len(split.attributes))
+    assert result['MeanAP'] == pytest.approx(100 * mean, abs=1e-6)
+    assert 0 < result['MeanAP'] < 100
+
+
+def test_file_that_fits_no_model_is_one_clear_line(workdir, capsys):
+    # the attribute count of the file (8, like FashionAI) against SynthFashion's 5
+    orig.save(orig.build('ASENet_V2', 8), workdir / 'fashionai.pth.tar')
+    assert asen.main(['--test', '--resume', 'fashionai.pth.tar'] + DATA) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0
+    assert 'has 8 attributes' in err and 'SynthFashion has 5' in err and 'meta.json' in err
+
+    # an original-looking file with layers of no known model
+    state = orig.build('ASENet', 5).state_dict()
+    state = {k.replace('mask_fc1', 'gate'): v for k, v in state.items()}
+    torch.save({'epoch': 1, 'state_dict': state, 'prec': 0.1}, workdir / 'odd.pth.tar')
+    assert asen.main(['--test', '--resume', 'odd.pth.tar'] + DATA) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and 'odd.pth.tar' in err and 'gate' in err
+
+    # a known layout with a layer missing: the missing key is named
+    state = {k: v for k, v in orig.build('ConditionalSimNet', 5).state_dict().items() if 'embed_fc.bias' not in k}
+    torch.save({'epoch': 1, 'state_dict': state, 'prec': 0.1}, workdir / 'partial.pth.tar')
+    assert asen.main(['--test', '--resume', 'partial.pth.tar'] + DATA) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and 'missing keys: embeddingnet.embed_fc.bias' in err
+
+
+def test_mismatch_line_names_keys_and_shapes():
+    net = models.TripletNet(models.build_model('TripletNet', 3, 'resnet18', pretrained=False, dim_embed=8))
+    state = dict(net.state_dict())
+    state['embeddingnet.embed_fc.weight'] = torch.zeros(4, 256)
+    del state['embeddingnet.embed_fc.bias']
+    state['embeddingnet.extra'] = torch.zeros(1)
+    line = models.state_dict_mismatch(net.state_dict(), state)
+    assert 'missing keys: embeddingnet.embed_fc.bias' in line
+    assert 'unexpected keys: embeddingnet.extra' in line
+    assert 'embeddingnet.embed_fc.weight (4, 256) in the file vs (8, 256) here' in line
+    assert models.state_dict_mismatch(net.state_dict(), net.state_dict()) == ''
+    with pytest.raises(UserError, match='layer3'):
+        models.infer_backbone(['layer3.0.conv1.weight'])
