@@ -355,7 +355,7 @@ def weights_mismatch(tnet, state, path, dataset=None):
     if in_file is not None and in_file != here:
         where = f"--dataset {dataset.dataset} has {here} ({dataset.path('meta.json')})" if dataset else \
             f"this dataset has {here}"
-        return (f"--resume {path}: the file's network has {in_file} attributes but {where}; "
+        return (f"--resume {path}: attribute count {in_file} in the file but {where}; "
                 f"pass the --dataset it was trained on")
     detail = models.state_dict_mismatch(tnet.state_dict(), state)
     return detail and (f"--resume {path}: weights do not fit --model {model_name(tnet)} "
