@@ -132,6 +132,14 @@ def get_args_parser():
     use.add_argument('--gallery', metavar='DIR', default=None,
                      help='rank the images of DIR instead of the test candidates')
 
+    table = parser.add_argument_group('result tables')
+    table.add_argument('--collect', nargs='+', metavar='RUN', default=None,
+                       help='print one markdown table of the test results of these runs (runs/<name> '
+                            'folders or their test_results.json) and exit')
+    table.add_argument('--collect-out', '--collect_out', dest='collect_out', metavar='FILE', default=None,
+                       help='also write the collected table as JSON to FILE')
+    table.add_argument('--collect-by', '--collect_by', dest='collect_by', choices=('model', 'run'),
+                       default='model', help='one row per model (mean ± std over its runs) or per run')
     return parser
 
 
@@ -558,6 +566,8 @@ def run_visualize(tnet, split_files, device, args, run_dir):
 
 
 def run(args):
+    if args.collect:
+        return tables.collect(args.collect, args.collect_out, args.collect_by)
     check_args(args)
     checkpoint = utils.load_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
