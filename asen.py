@@ -329,6 +329,7 @@ def heatmap_images(sets):
 
 
 def check_triplet_flags(args):
+    """--visualize and --retrieve need query/candidate files, which triplet datasets lack."""
     for flag in ('visualize', 'retrieve'):
         if getattr(args, flag) and args.dataset in TRIPLET_DATASETS:
             raise UserError(f"--{flag} is not available for {args.dataset} (it has triplet lists, not "
