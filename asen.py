@@ -24,9 +24,13 @@ import model as models
 import synthfashion
 import visualize
 import utils
+import tables
+import zappos
 from utils import UserError
 
-DATASETS = ('FashionAI', 'DARN', 'DeepFashion', 'SynthFashion')
+DATASETS = ('FashionAI', 'DARN', 'DeepFashion', 'SynthFashion', 'Zappos50k')
+# Datasets of (anchor, far, close) triplet lists, scored by triplet accuracy rather than mAP.
+TRIPLET_DATASETS = ('Zappos50k',)
 
 # SynthFashion runs out of the box on a CPU in about 5 minutes: these replace the defaults of
 # flags not given. The fast paths (bf16 where the CPU has bf16 kernels, channels_last, one
@@ -137,6 +141,15 @@ def get_args_parser():
     use.add_argument('--topk', type=int, default=10, help='results --retrieve prints and draws')
     use.add_argument('--gallery', metavar='DIR', default=None,
                      help='rank the images of DIR instead of the test candidates')
+
+    table = parser.add_argument_group('result tables')
+    table.add_argument('--collect', nargs='+', metavar='RUN', default=None,
+                       help='print one markdown table of the test results of these runs (runs/<name> '
+                            'folders or their test_results.json) and exit')
+    table.add_argument('--collect-out', '--collect_out', dest='collect_out', metavar='FILE', default=None,
+                       help='also write the collected table as JSON to FILE')
+    table.add_argument('--collect-by', '--collect_by', dest='collect_by', choices=('model', 'run'),
+                       default='model', help='one row per model (mean ± std over its runs) or per run')
     return parser
 
 
@@ -272,6 +285,8 @@ def retrieval_sets(split_files, split, args, logger):
 
 def evaluate(net, sets, attributes, device, args, logger, epoch=None):
     """Score (queries, candidates); logs, returns ({'mAP': {attr: %}, 'MeanAP': %}, embeddings)."""
+    if isinstance(sets, zappos.TripletEvalSet):
+        return evaluate_triplets(net, sets, attributes, device, args, logger, epoch)
     queries, candidates = sets
     query_emb = extract_embeddings(net, make_loader(queries, args, device), device, args)
     cand_emb = extract_embeddings(net, make_loader(candidates, args, device), device, args)
@@ -296,6 +311,73 @@ def random_map(query_emb, queries, cand_emb, candidates, n_attributes, seed):
     rand_c = models.l2norm(torch.randn(cand_emb.shape, generator=gen))
     _, mean = retrieval_map(rand_q, queries.entries, rand_c, candidates.entries, n_attributes)
     return 100 * mean
+
+
+# ----------------------------------------------------------------------------- triplet datasets (Zappos50k)
+
+def training_set(split_files, args):
+    """The training triplets of the dataset: attribute labels or, on Zappos50k, the CSN lists."""
+    transform = datasets.build_transform(args.img_size, train=True)
+    if args.dataset in TRIPLET_DATASETS:
+        return zappos.ZapposTripletDataset(split_files, args.num_triplets, transform, args.seed, args.skip_bad_images)
+    return datasets.TripletDataset(split_files, args.num_triplets, transform, args.seed, args.skip_bad_images)
+
+
+def evaluation_sets(split_files, split, args, logger):
+    """What `evaluate` scores: (queries, candidates), or on Zappos50k a TripletEvalSet."""
+    if args.dataset not in TRIPLET_DATASETS:
+        return retrieval_sets(split_files, split, args, logger)
+    split = {'valid': 'val'}.get(split, split)          # CSN names its lists train, val, test
+    eval_set = zappos.TripletEvalSet(split_files, split, datasets.build_transform(args.img_size, train=False),
+                                     args.skip_bad_images)
+    report_skipped(logger, f'{split} triplets', eval_set.skipped)
+    return eval_set
+
+
+def heatmap_images(sets):
+    """The images whose attention is drawn each epoch: the candidates, or the triplets' images."""
+    return sets if isinstance(sets, zappos.TripletEvalSet) else sets[1]
+
+
+def check_triplet_flags(args):
+    """--visualize and --retrieve need query/candidate files, which triplet datasets lack."""
+    for flag in ('visualize', 'retrieve'):
+        if getattr(args, flag) and args.dataset in TRIPLET_DATASETS:
+            raise UserError(f"--{flag} is not available for {args.dataset} (it has triplet lists, not "
+                            f"query/candidate files); use --test")
+
+
+def evaluate_triplets(net, eval_set, conditions, device, args, logger, epoch=None):
+    """Triplet accuracy per condition and overall; logs, returns ({'accuracy': {cond: %}, 'Accuracy': %},
+    embeddings). Each distinct (image, condition) is embedded once, then all triplets are scored at once."""
+    emb = extract_embeddings(net, make_loader(eval_set, args, device), device, args)
+    per_condition, overall = zappos.condition_accuracy(emb, eval_set.rows, eval_set.conditions, len(conditions))
+    if epoch is not None:
+        logger.info(f'Train Epoch: {epoch}')
+    for name, value in zip(conditions, per_condition):
+        logger.info(f'{name} accuracy: {100 * value:.4f}')
+    logger.info(f'Accuracy: {100 * overall:.4f}')
+    return {'accuracy': {n: 100 * v for n, v in zip(conditions, per_condition)}, 'Accuracy': 100 * overall}, emb
+
+
+def random_accuracy(emb, eval_set, n_conditions, seed):
+    """Triplet accuracy (%) of random Gaussian embeddings: the Random row (about 50)."""
+    rand = models.l2norm(torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed)))
+    return 100 * zappos.condition_accuracy(rand, eval_set.rows, eval_set.conditions, n_conditions)[1]
+
+
+def run_test_triplets(tnet, split_files, device, args, logger, run_dir):
+    """--test on a triplet dataset: accuracies on the test lists, test_results.json, a markdown table."""
+    net = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
+    eval_set = evaluation_sets(split_files, 'test', args, logger)
+    result, emb = evaluate(net, eval_set, split_files.attributes, device, args, logger)
+    result['Random Accuracy'] = random_accuracy(emb.cpu(), eval_set, len(split_files.attributes), args.seed)
+    logger.info(f"Random Accuracy: {result['Random Accuracy']:.4f}")
+    result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume,
+                  attributes=split_files.attributes)
+    utils.write_json(result, os.path.join(run_dir, 'test_results.json'))
+    print(markdown_table(result, split_files.attributes))
+    return result
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -403,6 +485,8 @@ def build_network(args, n_attributes, device, imagenet=True):
 
 
 def prepare_dataset(args):
+    if args.dataset == 'Zappos50k':
+        return zappos.ZapposFiles(args.data_path)
     if args.dataset == 'SynthFashion':
         n_eval = max(args.synth_images // 4, 8)
         synthfashion.ensure(os.path.join(args.data_path, 'SynthFashion'), n_train=args.synth_images,
@@ -426,20 +510,24 @@ def log_localisation(net, sets, split_files, regions, device, args, logger):
 
 
 def markdown_table(result, attributes):
-    """The paper's layout: attributes as columns, MeanAP last."""
-    header = '| model | ' + ' | '.join(attributes) + ' | MeanAP |'
+    """The paper's layout: attributes as columns, MeanAP (Zappos50k: Accuracy) last."""
+    per, total = tables.score_keys(result)
+    header = '| model | ' + ' | '.join(attributes) + f' | {total} |'
     rule = '|' + ' --- |' * (len(attributes) + 2)
-    row = f"| {result['model']} | " + ' | '.join(f"{result['mAP'][a]:.2f}" for a in attributes)
-    return '\n'.join([header, rule, row + f" | {result['MeanAP']:.2f} |"])
+    row = f"| {result['model']} | " + ' | '.join(f"{result[per][a]:.2f}" for a in attributes)
+    return '\n'.join([header, rule, row + f" | {result[total]:.2f} |"])
 
 
 def run_test(tnet, split_files, device, args, logger, run_dir):
+    if args.dataset in TRIPLET_DATASETS:
+        return run_test_triplets(tnet, split_files, device, args, logger, run_dir)
     net = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
     sets = retrieval_sets(split_files, 'test', args, logger)
     result, (query_emb, cand_emb) = evaluate(net, sets, split_files.attributes, device, args, logger)
     result['Random MeanAP'] = random_map(query_emb, sets[0], cand_emb, sets[1], len(split_files.attributes), args.seed)
     logger.info(f"Random MeanAP: {result['Random MeanAP']:.4f}")
-    result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume)
+    result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume,
+                  attributes=split_files.attributes)
     regions = synth_regions(split_files, 'test')
     if regions is not None and tnet.embeddingnet.has_spatial_attention:
         result['attention_localisation'] = log_localisation(tnet.embeddingnet, sets, split_files, regions,
@@ -461,9 +549,10 @@ def valid_heatmaps(net, candidates, attributes, run_dir, epoch, writer, device):
 
 def log_epoch(writer, epoch, lr, result):
     writer.add_scalar('train/lr', lr, epoch)
-    writer.add_scalar('valid/MeanAP', result['MeanAP'], epoch)
-    for name, value in result['mAP'].items():
-        writer.add_scalar(f'valid/mAP/{name}', value, epoch)
+    per, total = tables.score_keys(result)
+    writer.add_scalar(f'valid/{total}', result[total], epoch)
+    for name, value in result[per].items():
+        writer.add_scalar(f'valid/{per}/{name}', value, epoch)
 
 
 def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
@@ -477,11 +566,9 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
         scaler.load_state_dict(checkpoint['scaler'])
         best_prec = checkpoint.get('best_prec', 0.0)
         utils.set_rng_state(checkpoint['rng'])
-    train_set = datasets.TripletDataset(split_files, args.num_triplets,
-                                        datasets.build_transform(args.img_size, train=True), args.seed,
-                                        args.skip_bad_images)
+    train_set = training_set(split_files, args)
     report_skipped(logger, 'training set', train_set.skipped)
-    valid_sets = retrieval_sets(split_files, 'valid', args, logger)
+    valid_sets = evaluation_sets(split_files, 'valid', args, logger)
     train_loader = make_loader(train_set, args, device)
     train_model = torch.compile(tnet) if args.compile else tnet
     eval_model = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
@@ -495,7 +582,7 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
             loss, acc = train_one_epoch(train_model, train_loader, optimizer, scaler, device, epoch, args,
                                         logger, writer)
             result, _ = evaluate(eval_model, valid_sets, split_files.attributes, device, args, logger, epoch)
-            prec = result['MeanAP'] / 100
+            prec = result[tables.score_keys(result)[1]] / 100
             is_best = prec > best_prec
             best_prec = max(prec, best_prec)
             scheduler.step()
@@ -504,7 +591,8 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
             lr = optimizer.param_groups[0]['lr']
             append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, lr=lr, **result))
             log_epoch(writer, epoch, lr, result)
-            valid_heatmaps(tnet.embeddingnet, valid_sets[1], split_files.attributes, run_dir, epoch, writer, device)
+            valid_heatmaps(tnet.embeddingnet, heatmap_images(valid_sets), split_files.attributes, run_dir, epoch,
+                           writer, device)
             logger.info(f'lr:{lr}')
     except KeyboardInterrupt:
         # the weights are mid-epoch: resuming this file repeats the interrupted epoch from them
@@ -543,6 +631,8 @@ def run_visualize(tnet, split_files, device, args, run_dir):
 
 
 def run(args):
+    if args.collect:
+        return tables.collect(args.collect, args.collect_out, args.collect_by)
     check_args(args)
     checkpoint = utils.load_checkpoint(args.resume) if args.resume else None
     if checkpoint is not None:
@@ -553,6 +643,7 @@ def run(args):
             raise UserError(f"--{flag} needs --resume CHECKPOINT (e.g. runs/<name>/model_best.pth.tar)")
     if args.retrieve and not args.attribute:
         raise UserError("--retrieve needs --attribute NAME (one of the dataset's ATTRIBUTES)")
+    check_triplet_flags(args)
     device = resolve_device(args)
     utils.seed_everything(args.seed)
     run_dir = os.path.join('runs', args.name)

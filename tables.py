@@ -1,0 +1,134 @@
+"""Result tables: the test results of several runs as one markdown table (and JSON).
+
+    python asen.py --collect runs/ASEN_seed1 runs/ASEN_seed2 runs/noASA [--collect-out table.json]
+
+Each run is a `runs/<name>` folder holding `test_results.json` (written by `--test`) or that file
+itself. Rows are models (mean ± sample std over their runs, with the run count) or, with
+`--collect-by run`, runs; columns are the attributes and MeanAP (Zappos50k: the conditions and
+Accuracy); a last `Random` row averages the runs' random-embedding baselines.
+"""
+import json
+import os
+
+import numpy as np
+
+import utils
+from utils import UserError
+
+RESULTS = 'test_results.json'
+
+
+def score_keys(result):
+    """(per-attribute key, overall key) of a result: ('mAP', 'MeanAP') or ('accuracy', 'Accuracy')."""
+    return ('accuracy', 'Accuracy') if 'Accuracy' in result else ('mAP', 'MeanAP')
+
+
+def results_path(path):
+    """`path` itself if it is a file, else `path/test_results.json`; a one-line error if absent."""
+    if os.path.isfile(path):
+        return path
+    candidate = os.path.join(path, RESULTS)
+    if os.path.isdir(path) and os.path.isfile(candidate):
+        return candidate
+    if os.path.isdir(path):
+        raise UserError(f"{path}: no {RESULTS} in this run folder; test the run first with "
+                        f"python asen.py --test --resume {os.path.join(path, 'model_best.pth.tar')}")
+    raise UserError(f"{path}: no such run folder or {RESULTS} file")
+
+
+def load_result(path):
+    """(run name, result dict) of one run, checked to hold what a table needs."""
+    file = results_path(path)
+    try:
+        with open(file, 'rb') as f:
+            result = json.loads(f.read().decode('utf-8'))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{file}: not valid JSON ({err}); rerun --test to rewrite it") from err
+    per, total = score_keys(result) if isinstance(result, dict) else (None, None)
+    if not isinstance(result, dict) or not isinstance(result.get(per), dict) or total not in result:
+        raise UserError(f"{file}: not a test result of asen.py --test (no 'mAP' and 'MeanAP', nor "
+                        f"'accuracy' and 'Accuracy')")
+    name = os.path.basename(os.path.dirname(os.path.abspath(file)))
+    return name, result
+
+
+def columns_of(result):
+    """Attribute columns in the dataset's order (older results: the order stored in the file)."""
+    per, _ = score_keys(result)
+    return list(result.get('attributes') or result[per])
+
+
+def check_compatible(loaded, paths):
+    """One dataset and one set of columns across all results, else a one-line error."""
+    first_name, first = loaded[0]
+    for (name, result), path in zip(loaded[1:], paths[1:]):
+        if result.get('dataset') != first.get('dataset'):
+            raise UserError(f"{path}: dataset {result.get('dataset')}, but {paths[0]} is "
+                            f"{first.get('dataset')}; collect one dataset at a time")
+        if sorted(columns_of(result)) != sorted(columns_of(first)):
+            raise UserError(f"{path}: attributes {columns_of(result)} differ from those of {paths[0]}")
+
+
+def summarise(values):
+    """(mean, sample std or None for one value) of a list of numbers."""
+    mean = float(np.mean(values))
+    return mean, float(np.std(values, ddof=1)) if len(values) > 1 else None
+
+
+def group_rows(loaded, by):
+    """[(row label, [results])] in first-seen order, grouped by model or one per run."""
+    groups = {}
+    for name, result in loaded:
+        key = result.get('model', name) if by == 'model' else name
+        groups.setdefault(key, []).append(result)
+    return list(groups.items())
+
+
+def build_table(paths, by='model'):
+    """The table of the runs at `paths` as a JSON-ready dict."""
+    loaded = [load_result(p) for p in paths]
+    check_compatible(loaded, paths)
+    first = loaded[0][1]
+    per, total = score_keys(first)
+    columns = columns_of(first)
+    rows = []
+    for label, results in group_rows(loaded, by):
+        cells = {c: summarise([r[per][c] for r in results]) for c in columns}
+        cells[total] = summarise([r[total] for r in results])
+        rows.append({'row': label, 'runs': len(results), 'mean': {k: v[0] for k, v in cells.items()},
+                     'std': {k: v[1] for k, v in cells.items()}})
+    randoms = [r[f'Random {total}'] for _, r in loaded if f'Random {total}' in r]
+    if randoms:
+        mean, std = summarise(randoms)
+        rows.append({'row': 'Random', 'runs': len(randoms), 'mean': {total: mean}, 'std': {total: std}})
+    return {'dataset': first.get('dataset'), 'score': total, 'by': by, 'columns': columns + [total], 'rows': rows,
+            'sources': [results_path(p) for p in paths]}
+
+
+def cell(row, column):
+    """'64.43' or '64.43 ± 0.12'; empty where the row has no such column."""
+    if column not in row['mean']:
+        return ''
+    std = row['std'][column]
+    return f"{row['mean'][column]:.2f}" + (f" ± {std:.2f}" if std is not None else '')
+
+
+def markdown(table):
+    """The table in markdown: a row label, the run count, then the columns."""
+    lines = [f"| {table.get('by', 'model')} | runs | " + ' | '.join(table['columns']) + ' |',
+             '|' + ' --- |' * (len(table['columns']) + 2)]
+    for row in table['rows']:
+        lines.append(f"| {row['row']} | {row['runs']} | " + ' | '.join(cell(row, c) for c in table['columns']) + ' |')
+    return '\n'.join(lines)
+
+
+def collect(paths, out=None, by='model'):
+    """Print the markdown table of the runs at `paths`; write it as JSON to `out` when given."""
+    table = build_table(paths, by)
+    print(markdown(table))
+    if out:
+        try:
+            utils.write_json(table, out)
+        except OSError as err:
+            raise UserError(f"--collect-out {out}: cannot write ({err.strerror or err}); check the folder") from err
+    return table

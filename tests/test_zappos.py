@@ -1,0 +1,163 @@
+"""Zappos50k with the CSN triplet lists: reader, sampler, triplet accuracy, train and test end to end."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import asen
+import zappos
+from utils import UserError
+
+N_IMAGES = 12
+
+
+def build_zappos(root, lines_per_list=6, seed=0):
+    """A tiny Zappos50k folder in CSN's layout: random JPEGs, filenames.json, 12 triplet lists."""
+    rng = np.random.default_rng(seed)
+    folder = root / 'data' / 'Zappos50k'
+    paths = [f'Shoes/Brand {i % 3}/{i}.{i}.jpg' for i in range(N_IMAGES)]     # spaces and dots, as UT-Zap50K
+    for path in paths:
+        target = folder / 'ut-zap50k-images' / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(target)
+    (folder / 'filenames.json').write_text('\n'.join(paths) + '\n')
+    (folder / 'tripletlists').mkdir()
+    for cond in zappos.CONDITIONS:
+        for split in ('train', 'val', 'test'):
+            rows = [rng.choice(N_IMAGES, 3, replace=False) for _ in range(lines_per_list)]
+            text = ''.join(f'{a} {f} {c}\n' for a, f, c in rows)
+            (folder / 'tripletlists' / f'{cond}_tripletlist_{split}.txt').write_text(text)
+    return folder
+
+
+@pytest.fixture()
+def zappos_dir(workdir):
+    return build_zappos(workdir)
+
+
+TINY_ZAPPOS = ['--dataset', 'Zappos50k', '--backbone', 'resnet18', '--no-pretrained', '--img-size', '32',
+               '--num_triplets', '16', '--batch-size', '8', '--dim_embed', '16', '--log-interval', '1',
+               '--epochs', '1', '--name', 'zap']
+
+
+def test_train_then_test_through_main(zappos_dir, workdir, capsys):
+    assert asen.main(TINY_ZAPPOS) == 0
+    run = workdir / 'runs' / 'zap'
+    log = (run / 'train.log').read_text()
+    for cond in zappos.CONDITIONS:
+        assert f'{cond} accuracy: ' in log
+    assert 'Accuracy: ' in log and 'Train Epoch: 1 [0/16]' in log
+    assert (run / 'model_best.pth.tar').exists() and (run / 'heatmaps' / 'valid_epoch001.png').exists()
+    metrics = json.loads((run / 'metrics.jsonl').read_text().splitlines()[0])
+    assert set(metrics['accuracy']) == set(zappos.CONDITIONS) and 0 <= metrics['Accuracy'] <= 100
+
+    capsys.readouterr()
+    assert asen.main(['--test', '--resume', str(run / 'model_best.pth.tar')]) == 0
+    table = capsys.readouterr().out
+    assert '| model | class | closure | gender | heel | Accuracy |' in table
+    result = json.loads((run / 'test_results.json').read_text())
+    assert result['dataset'] == 'Zappos50k' and result['attributes'] == list(zappos.CONDITIONS)
+    assert 0 <= result['Accuracy'] <= 100 and 0 <= result['Random Accuracy'] <= 100
+    # 6 test triplets per condition: every accuracy is a multiple of 1/6, overall their mean
+    for value in result['accuracy'].values():
+        assert abs(value * 6 / 100 - round(value * 6 / 100)) < 1e-6
+    assert abs(np.mean(list(result['accuracy'].values())) - result['Accuracy']) < 1e-6
+    assert 'heel accuracy: ' in (run / 'test.log').read_text()
+
+
+def test_vectorised_accuracy_equals_a_loop():
+    rng = np.random.default_rng(1)
+    emb = torch.nn.functional.normalize(torch.randn(30, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    rows = rng.integers(0, 30, (200, 3))
+    conditions = rng.integers(0, 3, 200)              # condition 3 has no triplets: scores 0
+    hits, totals = np.zeros(4), np.zeros(4)
+    for (a, f, c), cond in zip(rows, conditions):
+        hits[cond] += float(emb[a] @ emb[c]) > float(emb[a] @ emb[f])
+        totals[cond] += 1
+    per, overall = zappos.condition_accuracy(emb, rows, conditions, 4)
+    expected = [h / t if t else 0.0 for h, t in zip(hits, totals)]
+    assert np.allclose(per, expected) and per[3] == 0.0
+    assert overall == pytest.approx(hits.sum() / totals.sum())
+    assert 0.2 < overall < 0.8
+
+
+def test_eval_set_embeds_each_image_condition_once(zappos_dir):
+    files = zappos.ZapposFiles(str(zappos_dir.parent))
+    eval_set = zappos.TripletEvalSet(files, 'test', transform=lambda img: img)
+    triplets = files.triplets('test')
+    assert len(eval_set.rows) == len(triplets) == 24
+    assert len({tuple(e) for e in eval_set.entries}) == len(eval_set)
+    for (a, f, c, cond), rows in zip(triplets, eval_set.rows):
+        assert [tuple(eval_set.entries[r]) for r in rows] == [(a, cond), (f, cond), (c, cond)]
+    image, cond, _, index = eval_set[0]
+    assert isinstance(image, Image.Image) and cond == eval_set.entries[0, 1] and index == 0
+
+
+def test_sampler_is_even_over_conditions_and_seeded():
+    triplets = np.array([[i, i + 1, i + 2, c] for c in range(4) for i in range(10 * (c + 1))])
+    sampler = zappos.ConditionSampler(triplets, 4)
+    drawn = sampler.sample(1002, np.random.default_rng([1, 3]))
+    assert np.bincount(drawn[:, 3]).tolist() == [251, 251, 250, 250]
+    as_rows = {tuple(t) for t in triplets}
+    assert all(tuple(t) in as_rows for t in drawn)              # (anchor, far, close, condition) kept
+    assert np.array_equal(drawn, sampler.sample(1002, np.random.default_rng([1, 3])))
+    assert not np.array_equal(drawn, sampler.sample(1002, np.random.default_rng([1, 4])))
+    assert len(set(drawn[:8, 3])) > 1                           # batches mix the conditions
+    few = sampler.sample(40, np.random.default_rng(0))          # 10 of 10..40: no repeats within a condition
+    for c in range(4):
+        assert len({tuple(t) for t in few[few[:, 3] == c]}) == 10
+
+
+def test_training_dataset_items_and_epochs(zappos_dir):
+    files = zappos.ZapposFiles(str(zappos_dir.parent))
+    train = zappos.ZapposTripletDataset(files, 8, transform=lambda img: img.size, seed=2)
+    first = train.triplets.copy()
+    assert len(train) == 8 and np.bincount(first[:, 3]).tolist() == [2, 2, 2, 2]
+    anchor, negative, positive, attr = train[0]
+    assert anchor == negative == positive == (32, 24) and attr == first[0, 3]
+    train.set_epoch(2)
+    assert not np.array_equal(first, train.triplets)
+    train.set_epoch(1)
+    assert np.array_equal(first, train.triplets)
+
+
+def test_malformed_line_names_file_and_line(zappos_dir):
+    path = zappos_dir / 'tripletlists' / 'gender_tripletlist_val.txt'
+    path.write_text('1 2 3\n4 5\n')
+    files = zappos.ZapposFiles(str(zappos_dir.parent))
+    with pytest.raises(UserError, match=r'gender_tripletlist_val.txt:2: malformed'):
+        files.triplets('val')
+    path.write_text('1 2 3\n4 5 99\n')
+    with pytest.raises(UserError, match=r'gender_tripletlist_val.txt:2: image id 99'):
+        files.triplets('val')
+
+
+def test_errors_through_main_are_one_line(zappos_dir, workdir, capsys):
+    (zappos_dir / 'tripletlists' / 'heel_tripletlist_train.txt').write_text('0 1 2\nx 1 2\n')
+    assert asen.main(TINY_ZAPPOS) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'heel_tripletlist_train.txt:2' in err
+    (zappos_dir / 'ut-zap50k-images' / 'Shoes' / 'Brand 0' / '0.0.jpg').unlink()
+    (zappos_dir / 'tripletlists' / 'heel_tripletlist_train.txt').write_text('3 4 5\n0 1 2\n')
+    assert asen.main(TINY_ZAPPOS) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'missing' in err and '0.0.jpg' in err
+    assert asen.main(TINY_ZAPPOS + ['--skip-bad-images']) == 0
+
+
+def test_missing_folder_is_one_line(workdir, capsys):
+    assert asen.main(TINY_ZAPPOS) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'data/Zappos50k' in err and 'README' in err
+    (workdir / 'data' / 'Zappos50k' / 'ut-zap50k-images').mkdir(parents=True)
+    assert asen.main(TINY_ZAPPOS) == 2
+    assert 'tripletlists' in capsys.readouterr().err
+
+
+def test_visualize_is_not_available(zappos_dir, workdir, capsys):
+    ckpt = workdir / 'fake.pth.tar'
+    torch.save({'state_dict': {}, 'args': {'dataset': 'Zappos50k'}}, ckpt)
+    assert asen.main(['--visualize', '--resume', str(ckpt)]) == 2
+    assert 'not available for Zappos50k' in capsys.readouterr().err
