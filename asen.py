@@ -7,19 +7,24 @@
 import argparse
 import copy
 import json
+import logging
 import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
+from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 import datasets
 import analysis
+import imagecache
 import model as models
 import synthfashion
 import visualize
@@ -47,7 +52,7 @@ def synth_preset():
 
 # Flags a checkpoint does not override when resuming (they describe this invocation).
 INVOCATION_FLAGS = {'resume', 'test', 'start_epoch', 'no_cuda', 'workers', 'skip_bad_images', 'visualize',
-                    'retrieve', 'attribute', 'topk', 'gallery'}
+                    'retrieve', 'attribute', 'topk', 'gallery', 'cache_images', 'sync_bn'}
 
 
 class Interrupted(UserError):
@@ -81,6 +86,10 @@ def get_args_parser():
                            '(default: stop and name the first one)')
     data.add_argument('--workers', type=int, default=None,
                       help='DataLoader worker processes (default: 4 on CUDA, 0 on CPU, as the original)')
+    data.add_argument('--cache-images', '--cache_images', dest='cache_images', action='store_true',
+                      help='decode and resize each split\'s images once into a uint8 memory-mapped file '
+                           'data/<Dataset>/cache/<split>_<img-size>.u8 (N x S x S x 3 bytes), rebuilt '
+                           'when the images, their list or --img-size change')
 
     net = parser.add_argument_group('model')
     net.add_argument('--model', default='ASENet', choices=list(models.MODELS),
@@ -105,7 +114,8 @@ def get_args_parser():
     train.add_argument('--start_epoch', '--start-epoch', type=int, default=1,
                        help='first epoch (set from the checkpoint with --resume)')
     train.add_argument('--batch-size', '--batch_size', dest='batch_size', type=int, default=16,
-                       help='triplets per batch')
+                       help='triplets per batch, per process: under torchrun with N processes a '
+                            'step sees N x this many triplets')
     train.add_argument('--lr', type=float, default=1e-4, help='Adam learning rate')
     train.add_argument('--step_size', '--step-size', type=int, default=1, help='StepLR step, in epochs')
     train.add_argument('--decay_rate', '--decay-rate', type=float, default=0.985, help='StepLR gamma')
@@ -122,6 +132,9 @@ def get_args_parser():
                       default=False,
                       help='one forward pass over anchor+negative+positive (changes BatchNorm batch '
                            'statistics; the original does three passes)')
+    perf.add_argument('--sync-bn', dest='sync_bn', action='store_true',
+                      help='under torchrun on GPUs: SyncBatchNorm (batch statistics over all processes); '
+                           'not available on CPUs (torch has no CPU kernel); no effect in one process')
 
     run = parser.add_argument_group('run')
     run.add_argument('--name', default='ASEN', help='run folder runs/<name>/ for snapshots and logs')
@@ -187,7 +200,9 @@ def check_args(args):
 
 
 def resolve_device(args):
-    return torch.device('cuda' if torch.cuda.is_available() and not args.no_cuda else 'cpu')
+    if torch.cuda.is_available() and not args.no_cuda:
+        return torch.device('cuda', local_rank()) if distributed() else torch.device('cuda')
+    return torch.device('cpu')
 
 
 # ----------------------------------------------------------------------------- training
@@ -214,7 +229,7 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger
             sim_an, sim_ap = tnet(anchor, negative, positive, attr)
             loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
             objective = loss + models.regularisation(tnet)
-        if not torch.isfinite(objective):
+        if not loss_is_finite(objective):
             raise UserError(f"non-finite loss at epoch {epoch}, batch {batch_idx}; the last good snapshot "
                             f"in runs/{args.name}/ is kept; lower --lr or use --amp off")
         optimizer.zero_grad(set_to_none=True)
@@ -280,6 +295,8 @@ def retrieval_sets(split_files, split, args, logger):
     queries = datasets.RetrievalDataset(split_files, split, 'query', transform, args.skip_bad_images)
     candidates = datasets.RetrievalDataset(split_files, split, 'candidate', transform, args.skip_bad_images)
     report_skipped(logger, f'{split} split', queries.skipped + candidates.skipped)
+    if args.cache_images:
+        attach_image_cache([queries, candidates], split_files, split, args, logger)
     return queries, candidates
 
 
@@ -288,8 +305,8 @@ def evaluate(net, sets, attributes, device, args, logger, epoch=None):
     if isinstance(sets, zappos.TripletEvalSet):
         return evaluate_triplets(net, sets, attributes, device, args, logger, epoch)
     queries, candidates = sets
-    query_emb = extract_embeddings(net, make_loader(queries, args, device), device, args)
-    cand_emb = extract_embeddings(net, make_loader(candidates, args, device), device, args)
+    query_emb = embed_split(net, queries, device, args)
+    cand_emb = embed_split(net, candidates, device, args)
     per_attr, mean = retrieval_map(query_emb, queries.entries, cand_emb, candidates.entries, len(attributes))
     if epoch is not None:
         logger.info(f'Train Epoch: {epoch}')
@@ -340,17 +357,18 @@ def heatmap_images(sets):
 
 
 def check_triplet_flags(args):
-    """--visualize and --retrieve need query/candidate files, which triplet datasets lack."""
-    for flag in ('visualize', 'retrieve'):
+    """--visualize and --retrieve need query/candidate files, which triplet datasets lack; the image
+    cache reads the authors' filenames files."""
+    for flag in ('visualize', 'retrieve', 'cache_images'):
         if getattr(args, flag) and args.dataset in TRIPLET_DATASETS:
-            raise UserError(f"--{flag} is not available for {args.dataset} (it has triplet lists, not "
-                            f"query/candidate files); use --test")
+            raise UserError(f"--{flag.replace('_', '-')} is not available for {args.dataset} (it has triplet "
+                            f"lists, not the authors' split files)")
 
 
 def evaluate_triplets(net, eval_set, conditions, device, args, logger, epoch=None):
     """Triplet accuracy per condition and overall; logs, returns ({'accuracy': {cond: %}, 'Accuracy': %},
     embeddings). Each distinct (image, condition) is embedded once, then all triplets are scored at once."""
-    emb = extract_embeddings(net, make_loader(eval_set, args, device), device, args)
+    emb = embed_split(net, eval_set, device, args)
     per_condition, overall = zappos.condition_accuracy(emb, eval_set.rows, eval_set.conditions, len(conditions))
     if epoch is not None:
         logger.info(f'Train Epoch: {epoch}')
@@ -529,11 +547,12 @@ def run_test(tnet, split_files, device, args, logger, run_dir):
     result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume,
                   attributes=split_files.attributes)
     regions = synth_regions(split_files, 'test')
-    if regions is not None and tnet.embeddingnet.has_spatial_attention:
+    if regions is not None and tnet.embeddingnet.has_spatial_attention and is_main_process():
         result['attention_localisation'] = log_localisation(tnet.embeddingnet, sets, split_files, regions,
                                                             device, args, logger)
-    utils.write_json(result, os.path.join(run_dir, 'test_results.json'))
-    print(markdown_table(result, split_files.attributes))
+    if is_main_process():
+        utils.write_json(result, os.path.join(run_dir, 'test_results.json'))
+        print(markdown_table(result, split_files.attributes))
     return result
 
 
@@ -568,12 +587,18 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
         utils.set_rng_state(checkpoint['rng'])
     train_set = training_set(split_files, args)
     report_skipped(logger, 'training set', train_set.skipped)
+    if args.cache_images:
+        attach_image_cache([train_set], split_files, 'train', args, logger)
+    if distributed():
+        train_set.shard(dist.get_rank(), dist.get_world_size())
     valid_sets = evaluation_sets(split_files, 'valid', args, logger)
     train_loader = make_loader(train_set, args, device)
-    train_model = torch.compile(tnet) if args.compile else tnet
+    train_model = distributed_model(tnet, device, args, logger)
+    train_model = torch.compile(train_model) if args.compile else train_model
     eval_model = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
-    utils.write_json(saved_args(args), os.path.join(run_dir, 'args.json'))
-    writer = SummaryWriter(run_dir)
+    if is_main_process():
+        utils.write_json(saved_args(args), os.path.join(run_dir, 'args.json'))
+    writer = SummaryWriter(run_dir) if is_main_process() else NullWriter()
     logger.info(f'Begin training on {args.dataset} dataset.')
     start, epoch = time.time(), args.start_epoch
     try:
@@ -581,23 +606,28 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
             train_set.set_epoch(epoch)
             loss, acc = train_one_epoch(train_model, train_loader, optimizer, scaler, device, epoch, args,
                                         logger, writer)
+            loss, acc = global_mean([loss, acc], device)
+            broadcast_buffers(tnet)
             result, _ = evaluate(eval_model, valid_sets, split_files.attributes, device, args, logger, epoch)
             prec = result[tables.score_keys(result)[1]] / 100
             is_best = prec > best_prec
             best_prec = max(prec, best_prec)
             scheduler.step()
-            save_snapshot(snapshot(epoch, tnet, optimizer, scheduler, scaler, prec, best_prec, args),
-                          run_dir, is_best)
             lr = optimizer.param_groups[0]['lr']
-            append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, lr=lr, **result))
-            log_epoch(writer, epoch, lr, result)
-            valid_heatmaps(tnet.embeddingnet, heatmap_images(valid_sets), split_files.attributes, run_dir, epoch,
-                           writer, device)
+            if is_main_process():
+                save_snapshot(snapshot(epoch, tnet, optimizer, scheduler, scaler, prec, best_prec, args),
+                              run_dir, is_best)
+                append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, lr=lr, **result))
+                log_epoch(writer, epoch, lr, result)
+                valid_heatmaps(tnet.embeddingnet, heatmap_images(valid_sets), split_files.attributes, run_dir,
+                               epoch, writer, device)
             logger.info(f'lr:{lr}')
     except KeyboardInterrupt:
         # the weights are mid-epoch: resuming this file repeats the interrupted epoch from them
         path = os.path.join(run_dir, 'interrupted.pth.tar')
-        utils.save_atomic(snapshot(epoch - 1, tnet, optimizer, scheduler, scaler, None, best_prec, args), path)
+        if is_main_process():
+            utils.save_atomic(snapshot(epoch - 1, tnet, optimizer, scheduler, scaler, None, best_prec, args),
+                              path)
         raise Interrupted(f'interrupted in epoch {epoch}; saved {path}; continue with --resume {path}')
     finally:
         writer.close()
@@ -648,8 +678,11 @@ def run(args):
     utils.seed_everything(args.seed)
     run_dir = os.path.join('runs', args.name)
     os.makedirs(run_dir, exist_ok=True)
-    logger = utils.setup_logger(os.path.join(run_dir, 'train.log' if is_training(args) else 'test.log'))
-    split_files = prepare_dataset(args)
+    if distributed() and (args.visualize or args.retrieve):
+        raise UserError("--visualize and --retrieve run in one process; start them without torchrun")
+    logger = utils.setup_logger(os.path.join(run_dir, 'train.log' if is_training(args) else 'test.log')) \
+        if is_main_process() else silent_logger()
+    split_files = local_first(lambda: prepare_dataset(args))
     tnet = build_network(args, len(split_files.attributes), device, imagenet=checkpoint is None)
     logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
     if checkpoint is not None:
@@ -669,6 +702,169 @@ def run(args):
     return None
 
 
+# ----------------------------------------------------------------------------- several processes
+
+def distributed():
+    """True inside a torchrun process group (never in a single-process run)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process():
+    """Rank 0, or the only process: the one that logs and writes."""
+    return not distributed() or dist.get_rank() == 0
+
+
+def local_rank():
+    return int(os.environ.get('LOCAL_RANK', '0'))
+
+
+def first_on_node():
+    """The process that prepares shared files on its node (all of them in a single-process run)."""
+    return not distributed() or local_rank() == 0
+
+
+@contextmanager
+def distributed_session(args):
+    """Under torchrun (WORLD_SIZE > 1): one process group (NCCL on GPUs, gloo on CPUs) for the
+    body, destroyed however the body ends. A single process runs the body without one."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
+        yield
+        return
+    if not dist.is_available():
+        raise UserError("WORLD_SIZE is set (torchrun) but this torch build has no torch.distributed")
+    use_cuda = torch.cuda.is_available() and not args.no_cuda
+    if use_cuda:
+        if local_rank() >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank()} but only {torch.cuda.device_count()} GPU(s); "
+                            f"give torchrun --nproc_per_node at most the number of GPUs")
+        torch.cuda.set_device(local_rank())
+    elif args.sync_bn:
+        raise UserError("--sync-bn needs GPUs (torch's SyncBatchNorm has no CPU kernel); drop it on CPUs")
+    dist.init_process_group('nccl' if use_cuda else 'gloo', timeout=timedelta(minutes=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def local_first(fn):
+    """fn() on each node's first process, then on the others (they find its files ready)."""
+    if not first_on_node():
+        dist.barrier()
+    result = fn()
+    if distributed() and first_on_node():
+        dist.barrier()
+    return result
+
+
+def silent_logger():
+    """The 'asen' logger with no output (ranks other than 0)."""
+    logger = utils.setup_logger(None)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.addHandler(logging.NullHandler())
+    return logger
+
+
+class NullWriter:
+    """Stands in for the TensorBoard writer on ranks other than 0."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def add_image(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def distributed_model(tnet, device, args, logger):
+    """`tnet` wrapped in DistributedDataParallel under torchrun (optionally with SyncBatchNorm,
+    converted in place so that checkpoints keep their layout); `tnet` itself otherwise."""
+    if not distributed():
+        return tnet
+    world = dist.get_world_size()
+    if args.num_triplets < world:
+        raise UserError(f"--num_triplets {args.num_triplets} is below the {world} processes")
+    if args.sync_bn:
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(tnet)
+    logger.info(f'DistributedDataParallel: {world} processes ({dist.get_backend()}), {args.batch_size} '
+                f'triplets per process and step, {world * args.batch_size} per step in all')
+    return torch.nn.parallel.DistributedDataParallel(
+        tnet, device_ids=[device.index] if device.type == 'cuda' else None)
+
+
+def loss_is_finite(loss):
+    """Whether the loss is finite, on every rank at once (so that all ranks stop together)."""
+    finite = torch.isfinite(loss.detach()).reshape(1).to(torch.int32)
+    if distributed():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def global_mean(values, device):
+    """Mean of each of `values` over the ranks (every rank holds as many triplets)."""
+    if not distributed():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+def broadcast_buffers(module):
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank: each rank's last
+    training forward updated its own, and evaluation must see the weights rank 0 saves."""
+    if distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def shard_sizes(n, world):
+    """Sizes of `world` contiguous shards of n items, differing by at most one."""
+    return [n // world + (rank < n % world) for rank in range(world)]
+
+
+def embed_split(net, dataset, device, args):
+    """Embeddings of a RetrievalDataset in its order; under torchrun each rank embeds a contiguous
+    shard and the shards are gathered, so every rank gets what one process would."""
+    if not distributed():
+        return extract_embeddings(net, make_loader(dataset, args, device), device, args)
+    sizes = shard_sizes(len(dataset), dist.get_world_size())
+    start = sum(sizes[:dist.get_rank()])
+    shard = datasets.IndexShard(dataset, start, start + sizes[dist.get_rank()])
+    local = extract_embeddings(net, make_loader(shard, args, device), device, args)
+    if local is None:
+        local = torch.zeros(0, args.dim_embed, device=device)
+    return gather_rows(local, sizes)
+
+
+def gather_rows(local, sizes):
+    """Concatenate every rank's rows (rank r holds sizes[r]), padding to the largest for all_gather."""
+    padded = local.new_zeros((max(sizes), local.shape[1]))
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+# ----------------------------------------------------------------------------- image cache
+
+def cache_workers(args):
+    """Decoding processes for building the image cache: --workers, else up to 4."""
+    return args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+
+
+def attach_image_cache(dataset_list, split_files, split, args, logger):
+    """Serve `dataset_list` (all of one split) from the split's image cache, built if stale."""
+    ids = np.concatenate([d.image_ids for d in dataset_list])
+    cache = local_first(lambda: imagecache.ensure(split_files, split, ids, args.img_size, cache_workers(args),
+                                                  args.skip_bad_images, may_build=first_on_node(),
+                                                  log=logger.info))
+    for dataset in dataset_list:
+        dataset.attach_cache(cache)
+
+
 def is_training(args):
     return not (args.test or args.visualize or args.retrieve)
 
@@ -676,7 +872,8 @@ def is_training(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        run(args)
+        with distributed_session(args):
+            run(args)
     except UserError as err:
         # errors raised in DataLoader workers arrive wrapped in their traceback: keep the message
         message = str(err).strip().splitlines()[-1] if str(err).strip() else 'failed'

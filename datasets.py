@@ -201,6 +201,33 @@ class TripletSampler:
 
 # ----------------------------------------------------------------------------- images
 
+def build_geometry(img_size):
+    """The decoding-side half of the transform: Resize(S) + CenterCrop(S), PIL in, PIL out."""
+    return transforms.Compose([transforms.Resize(img_size), transforms.CenterCrop(img_size)])
+
+
+def transform_settings(transform):
+    """(CenterCrop size S, horizontal-flip probability) of a `build_transform` transform."""
+    size, flip = None, 0.0
+    for step in getattr(transform, 'transforms', [transform]):
+        if isinstance(step, transforms.CenterCrop):
+            size = int(step.size[0])
+        elif isinstance(step, transforms.RandomHorizontalFlip):
+            flip = float(step.p)
+    if size is None:
+        raise ValueError('the transform has no CenterCrop; build it with datasets.build_transform')
+    return size, flip
+
+
+def to_normalized_tensor(pixels):
+    """(S, S, 3) uint8 array -> (3, S, S) float tensor, with exactly ToTensor + Normalize's arithmetic."""
+    tensor = torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1).contiguous()
+    tensor = tensor.to(torch.get_default_dtype()).div(255)
+    mean = torch.as_tensor(IMAGENET_MEAN, dtype=tensor.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, dtype=tensor.dtype).view(-1, 1, 1)
+    return tensor.sub_(mean).div_(std)
+
+
 def build_transform(img_size, train):
     """The original's transform: Resize, CenterCrop, (train) random flip, ToTensor, Normalize."""
     steps = [transforms.Resize(img_size), transforms.CenterCrop(img_size)]
@@ -248,7 +275,33 @@ def bad_image_ids(root, filenames, ids, listing, skip_bad):
     return np.asarray(bad, dtype=np.int64)
 
 
-class TripletDataset(torch.utils.data.Dataset):
+class CachedImages:
+    """Mixin: read an image through `self.cache` (an imagecache.ImageCache) when one is attached.
+
+    Cached pixels are Resize + CenterCrop already applied; the flip draws `torch.rand(1)` as
+    RandomHorizontalFlip does, so a cached and an uncached dataset give the same tensors under
+    the same torch seed.
+    """
+    cache = None
+
+    def attach_cache(self, cache):
+        """Serve images from `cache` (None detaches); its size must be the transform's."""
+        size, self.flip_p = transform_settings(self.transform)
+        if cache is not None and cache.size != size:
+            raise ValueError(f'image cache holds {cache.size} px images, the transform wants {size} px')
+        self.cache = cache
+
+    def load(self, image_id):
+        """The transformed image `image_id` of this split."""
+        pixels = self.cache.pixels(image_id) if self.cache is not None else None
+        if pixels is None:
+            return self.transform(load_image(os.path.join(self.root, self.filenames[image_id])))
+        if self.flip_p and torch.rand(1) < self.flip_p:
+            pixels = pixels[:, ::-1]
+        return to_normalized_tensor(pixels)
+
+
+class TripletDataset(CachedImages, torch.utils.data.Dataset):
     """`num_triplets` triplets, drawn anew for each epoch from a generator seeded by (seed, epoch).
 
     Seeding by epoch makes the triplets of epoch e the same whether or not the run was resumed.
@@ -262,24 +315,33 @@ class TripletDataset(torch.utils.data.Dataset):
         labels = labels[~np.isin(labels[:, 0], bad)]
         self.skipped = len(bad)
         self.sampler = TripletSampler(labels, len(split_files.attributes))
+        self.image_ids = np.unique(labels[:, 0])
         self.num_triplets, self.transform, self.seed = num_triplets, transform, seed
+        self.rank, self.world_size = 0, 1
+        self.set_epoch(1)
+
+    def shard(self, rank, world_size):
+        """Keep every `world_size`-th triplet from `rank` on (distributed training); redraws epoch 1."""
+        self.rank, self.world_size = rank, world_size
         self.set_epoch(1)
 
     def set_epoch(self, epoch):
-        self.triplets = self.sampler.sample(self.num_triplets, np.random.default_rng([self.seed, epoch]))
+        """Draw epoch `epoch`'s triplets; a shard keeps triplets rank, rank + W, ... of the first
+        num_triplets // W * W, so every rank has as many and global batch k holds the triplets of
+        batch k of one process with W times the batch size."""
+        triplets = self.sampler.sample(self.num_triplets, np.random.default_rng([self.seed, epoch]))
+        usable = len(triplets) // self.world_size * self.world_size
+        self.triplets = triplets[self.rank:usable:self.world_size]
 
     def __len__(self):
         return len(self.triplets)
 
-    def _image(self, image_id):
-        return self.transform(load_image(os.path.join(self.root, self.filenames[image_id])))
-
     def __getitem__(self, index):
         anchor, negative, positive, attr = self.triplets[index]
-        return self._image(anchor), self._image(negative), self._image(positive), int(attr)
+        return self.load(anchor), self.load(negative), self.load(positive), int(attr)
 
 
-class RetrievalDataset(torch.utils.data.Dataset):
+class RetrievalDataset(CachedImages, torch.utils.data.Dataset):
     """The query or candidate images of a valid/test split: (image, attribute, value, index)."""
 
     def __init__(self, split_files, split, role, transform, skip_bad=False):
@@ -289,6 +351,7 @@ class RetrievalDataset(torch.utils.data.Dataset):
         bad = bad_image_ids(self.root, self.filenames, entries[:, 0], split_files.path(f'{role}_{split}.txt'), skip_bad)
         self.entries = entries[~np.isin(entries[:, 0], bad)]
         self.skipped = len(bad)
+        self.image_ids = np.unique(self.entries[:, 0])
         self.transform = transform
 
     def __len__(self):
@@ -298,8 +361,22 @@ class RetrievalDataset(torch.utils.data.Dataset):
         return os.path.join(self.root, self.filenames[self.entries[index, 0]])
 
     def __getitem__(self, index):
-        _, attr, value = self.entries[index]
-        return self.transform(load_image(self.image_path(index))), int(attr), int(value), index
+        image_id, attr, value = self.entries[index]
+        return self.load(image_id), int(attr), int(value), index
+
+
+class IndexShard(torch.utils.data.Dataset):
+    """Items start..stop-1 of a RetrievalDataset, their index shifted to count from 0."""
+
+    def __init__(self, dataset, start, stop):
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, index):
+        image, attr, value, full_index = self.dataset[self.start + index]
+        return image, attr, value, full_index - self.start
 
 
 # ----------------------------------------------------------------------------- FashionAI split builder

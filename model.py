@@ -409,6 +409,7 @@ def build_model(name, n_attributes, backbone='resnet50', pretrained=True, dim_em
 
 def regularisation(tnet):
     """Extra training loss of the wrapped embedding network (CSN's regularisers), else 0."""
+    tnet = getattr(tnet, 'module', tnet)                   # inside DistributedDataParallel
     reg = getattr(tnet.embeddingnet, 'regularisation', None)
     return reg() if reg is not None else 0.0
 

@@ -134,7 +134,9 @@ class ZapposTripletDataset(datasets.TripletDataset):
         listing = files.path(os.path.join('tripletlists', '*_tripletlist_train.txt'))
         triplets, self.skipped = drop_bad_images(files, files.triplets('train'), listing, skip_bad)
         self.sampler = ConditionSampler(triplets, len(CONDITIONS))
+        self.image_ids = np.unique(triplets[:, :3])
         self.num_triplets, self.transform, self.seed = num_triplets, transform, seed
+        self.rank, self.world_size = 0, 1
         self.set_epoch(1)
 
 

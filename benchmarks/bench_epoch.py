@@ -1,9 +1,13 @@
-"""Wall time of one SynthFashion epoch end to end through asen.main, default flags vs fast flags.
+"""Wall time of one SynthFashion epoch end to end through asen.main: default, fast and cached flags.
 
 Each run is `asen.main(['--dataset', 'SynthFashion', '--data_path', DATA, '--epochs', '1',
 '--name', NAME, *passthrough, *flags])` in a temporary working directory, so runs/<NAME>/ lands
 there; the timed call includes data loading, training, validation and checkpointing. The dataset is
-generated (by asen's own code) before the timed runs if it is not there yet.
+generated (by asen's own code) before the timed runs if it is not there yet, and so is the image
+cache of the `cached` variant (`--cache-images`). Each run also reports the time of its training
+pass alone (asen.train_one_epoch, without validation and checkpointing); `--step-alone` adds the
+time of as many training steps on tensors already in memory (bench_train_step's loop, the fast
+flags), the speed an epoch reaches when loading images costs nothing.
 
     python benchmarks/bench_epoch.py                          # SynthFashion preset of asen.py
     python benchmarks/bench_epoch.py --num_triplets 16 --synth-images 48 --img-size 64 --data_path /tmp/sf
@@ -22,10 +26,13 @@ from _common import markdown_table, print_json
 import torch  # noqa: E402
 
 import asen  # noqa: E402  (the project's module; _common put the repo on sys.path)
+import bench_train_step  # noqa: E402
+import datasets  # noqa: E402
 
 VARIANTS = {
     'default': [],
     'fast': ['--amp', 'bf16', '--channels-last', '--concat-forward'],
+    'cached': ['--amp', 'bf16', '--channels-last', '--concat-forward', '--cache-images'],
 }
 
 
@@ -44,6 +51,47 @@ def close_asen_logger():
         handler.close()
 
 
+def prepare_cache(settings):
+    """Build the train and valid image caches (untimed) as asen would; returns seconds."""
+    start = time.perf_counter()
+    cached = asen.parse_args(settings.argv_base + ['--cache-images'])
+    split_files = asen.prepare_dataset(cached)
+    logger = logging.getLogger('bench_epoch')
+    train_set = datasets.TripletDataset(split_files, cached.num_triplets,
+                                        datasets.build_transform(cached.img_size, train=True), cached.seed)
+    asen.attach_image_cache([train_set], split_files, 'train', cached, logger)
+    asen.retrieval_sets(split_files, 'valid', cached, logger)
+    return time.perf_counter() - start
+
+
+class EpochTimer:
+    """Wraps asen.train_one_epoch to record the seconds of each training pass."""
+
+    def __init__(self):
+        self.seconds, self.original = [], asen.train_one_epoch
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            self.seconds.append(time.perf_counter() - start)
+
+
+def step_alone(settings, device):
+    """(seconds, steps) of the epoch's number of training steps on in-memory tensors, fast flags."""
+    steps = -(-settings.num_triplets // settings.batch_size)
+    bench_args = argparse.Namespace(n_attributes=5, backbone=settings.backbone, pretrained=False,
+                                    dim_embed=settings.dim_embed, lr=settings.lr, margin=settings.margin,
+                                    batch_size=settings.batch_size, img_size=settings.img_size,
+                                    warmup=1, steps=steps)
+    cfg = bench_train_step.config_of('bf16 channels_last concat')
+    if bench_train_step.skip_reason(cfg, device):
+        cfg = bench_train_step.config_of('fp32 concat')
+    seconds, _ = bench_train_step.run_config(cfg, bench_args, device)
+    return seconds, steps
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -59,6 +107,9 @@ def main(argv=None):
                         help='which flag sets to time, in this order')
     parser.add_argument('--workdir', default=None,
                         help='keep the runs here instead of in a removed temporary folder')
+    parser.add_argument('--workers', type=int, default=None, help='passed through to asen')
+    parser.add_argument('--step-alone', dest='step_alone', action=argparse.BooleanOptionalAction, default=True,
+                        help='also time the training steps alone on in-memory tensors')
     args = parser.parse_args(argv)
 
     data_path = os.path.abspath(args.data_path)
@@ -67,11 +118,14 @@ def main(argv=None):
                         ('--synth-images', args.synth_images)):
         if value is not None:
             passthrough += [flag, str(value)]
+    if args.workers is not None:
+        passthrough += ['--workers', str(args.workers)]
     if args.no_cuda:
         passthrough.append('--no-cuda')
     base = ['--dataset', 'SynthFashion', '--data_path', data_path, '--epochs', '1', *passthrough]
 
     settings = asen.parse_args(base)              # what asen will use (preset + passthrough)
+    settings.argv_base = base
     device = asen.resolve_device(settings)
     info = _common.machine_info(device)
     _common.print_machine(info)
@@ -80,6 +134,8 @@ def main(argv=None):
     start = time.perf_counter()
     asen.prepare_dataset(settings)
     prepare_s = time.perf_counter() - start
+    cache_s = prepare_cache(settings) if 'cached' in args.variants else None
+    close_asen_logger()
     if device.type == 'cuda':
         torch.zeros(1, device=device)             # CUDA context outside the first timed run
 
@@ -96,14 +152,20 @@ def main(argv=None):
         os.chdir(workdir)
         for name in args.variants:
             argv_run = base + ['--name', f'bench-{name}'] + VARIANTS[name]
+            timer = asen.train_one_epoch = EpochTimer()
             start = time.perf_counter()
-            rc = asen.main(argv_run)
+            try:
+                rc = asen.main(argv_run)
+            finally:
+                asen.train_one_epoch = timer.original
             seconds = time.perf_counter() - start
             close_asen_logger()
+            train_s = timer.seconds[0] if timer.seconds else None
             metrics = read_metrics(os.path.join(workdir, 'runs', f'bench-{name}', 'metrics.jsonl'))
             last = metrics[-1] if metrics else {}
             result = dict(name=name, argv=argv_run, rc=rc, seconds=seconds,
-                          triplets_per_s=settings.num_triplets / seconds,
+                          triplets_per_s=settings.num_triplets / seconds, train_s=train_s,
+                          train_triplets_per_s=settings.num_triplets / train_s if train_s else None,
                           valid_MeanAP=last.get('MeanAP'), train_loss=last.get('train_loss'))
             results.append(result)
     finally:
@@ -112,13 +174,22 @@ def main(argv=None):
         if tmp is not None:
             tmp.cleanup()
 
+    alone = None
+    if args.step_alone:
+        seconds, steps = step_alone(settings, device)
+        alone = dict(seconds=seconds, steps=steps, triplets_per_s=steps * settings.batch_size / seconds)
     first = next((r['seconds'] for r in results if r['rc'] == 0), None)
     for r in results:
         ok = r['rc'] == 0
         rows.append([r['name'], ' '.join(VARIANTS[r['name']]) or '(none)', 'ok' if ok else f"rc={r['rc']}",
                      f"{r['seconds']:.2f}", f"{r['triplets_per_s']:.1f}",
                      f"{first / r['seconds']:.2f}x" if ok and first else '',
+                     f"{r['train_s']:.2f}" if r['train_s'] else 'n/a',
+                     f"{r['train_triplets_per_s']:.1f}" if r['train_s'] else 'n/a',
                      f"{r['valid_MeanAP']:.2f}" if r['valid_MeanAP'] is not None else 'n/a'])
+    if alone:
+        rows.append(['training steps alone', 'in-memory tensors, fast flags', 'ok', '', '', '',
+                     f"{alone['seconds']:.2f}", f"{alone['triplets_per_s']:.1f}", ''])
     print(f"One epoch of SynthFashion: {settings.backbone}, {settings.img_size} px, "
           f"{settings.num_triplets} triplets, batch {settings.batch_size}, "
           f"{settings.synth_images} training images, device {device}; data in {data_path} "
@@ -126,11 +197,14 @@ def main(argv=None):
     print(f"common flags: {shlex.join(base)}")
     print()
     print(markdown_table(['variant', 'extra flags', 'status', 'wall (s)', 'triplets/s', 'speed-up',
-                          'valid MeanAP (%)'], rows))
+                          'training pass (s)', 'training triplets/s', 'valid MeanAP (%)'], rows))
     print()
-    print('wall time covers the whole asen.main call: training epoch, validation, checkpoint.')
+    print('wall time covers the whole asen.main call: training epoch, validation, checkpoint; the '
+          'training pass is asen.train_one_epoch alone (data loading included).')
+    if cache_s is not None:
+        print(f'image cache built (or found up to date) in {cache_s:.1f} s, not timed')
     print_json({'benchmark': 'bench_epoch', 'machine': info, 'data_path': data_path,
-                'prepare_s': prepare_s,
+                'prepare_s': prepare_s, 'cache_s': cache_s, 'step_alone': alone,
                 'settings': {'backbone': settings.backbone, 'img_size': settings.img_size,
                              'num_triplets': settings.num_triplets, 'batch_size': settings.batch_size,
                              'synth_images': settings.synth_images, 'device': str(device)},

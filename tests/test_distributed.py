@@ -1,0 +1,147 @@
+"""torchrun with 2 CPU processes (gloo): training, one DDP step against one process, gathered evaluation."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import asen
+import ddp_step
+import model as models
+from conftest import ROOT, TINY
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason='torch.distributed with gloo is not available')
+
+FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward', '--workers', '0']
+
+
+def torchrun(args, cwd):
+    """`python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS` with one thread a process."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope='module')
+def ddp_run(tmp_path_factory):
+    """(working dir, torchrun process) of one tiny epoch trained by 2 processes."""
+    root = tmp_path_factory.mktemp('ddp')
+    proc = torchrun([os.path.join(ROOT, 'asen.py'), *TINY, *FAITHFUL, '--epochs', '1', '--name', 'ddp'], root)
+    return root, proc
+
+
+def test_torchrun_trains_evaluates_and_saves_once(ddp_run, monkeypatch):
+    root, proc = ddp_run
+    run = root / 'runs' / 'ddp'
+    assert proc.stdout.count('Begin training on SynthFashion') == 1          # rank 0 alone logs
+    assert proc.stdout.count('MeanAP: ') == 1
+    assert 'DistributedDataParallel: 2 processes (gloo), 8 triplets per process and step' in proc.stdout
+    assert 'Train Epoch: 1 [0/12]' in proc.stdout                           # 24 triplets, 12 a rank
+    assert len((run / 'metrics.jsonl').read_text().splitlines()) == 1
+    ckpt = torch.load(run / 'checkpoint.pth.tar', weights_only=True)
+    single = models.TripletNet(models.build_model('ASENet', 5, 'resnet18', False, 16))
+    assert list(ckpt['state_dict']) == list(single.state_dict())            # the unwrapped layout
+    monkeypatch.chdir(root)
+    assert asen.main(['--test', '--resume', str(run / 'checkpoint.pth.tar'), '--name', 'single']) == 0
+
+
+def test_gathered_evaluation_equals_one_process(ddp_run, monkeypatch):
+    """7 valid/test candidates per attribute are not all even: the shards are uneven and padded."""
+    root, _ = ddp_run
+    ckpt = str(root / 'runs' / 'ddp' / 'checkpoint.pth.tar')
+    monkeypatch.chdir(root)
+    assert asen.main(['--test', '--resume', ckpt, '--name', 'one']) == 0
+    proc = torchrun([os.path.join(ROOT, 'asen.py'), '--test', '--resume', ckpt, '--name', 'two'], root)
+    assert proc.stdout.count('Random MeanAP') == 1
+    one = json.loads((root / 'runs' / 'one' / 'test_results.json').read_text())
+    two = json.loads((root / 'runs' / 'two' / 'test_results.json').read_text())
+    assert two['MeanAP'] == pytest.approx(one['MeanAP'], abs=1e-9)
+    for name, value in one['mAP'].items():
+        assert two['mAP'][name] == pytest.approx(value, abs=1e-9), name
+
+
+def assert_tensors_close(got, want, what, atol):
+    assert set(got) == set(want)
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-4, atol=atol, msg=f'{what} {key}')
+
+
+def assert_same_step(got, want):
+    """Gradients to 1e-5 of the largest one (some, like the bias before a softmax, are float noise
+    around 0); weights after one SGD step (lr 0.1) to 1e-6, a tenth of the gradient tolerance."""
+    assert got['loss'] == pytest.approx(want['loss'], rel=1e-5)
+    largest = max(g.abs().max().item() for g in want['grads'].values())
+    assert_tensors_close(got['grads'], want['grads'], 'gradient', 1e-5 * largest)
+    assert_tensors_close(got['weights'], want['weights'], 'weight', max(1e-6, 1e-6 * largest))
+
+
+@pytest.fixture(scope='module')
+def ddp_step_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp('step') / 'step.pt'
+    torchrun([os.path.join(ROOT, 'tests', 'ddp_step.py'), str(out)], ROOT)
+    return torch.load(out, weights_only=True)
+
+
+def test_ddp_step_with_frozen_batchnorm_equals_one_process_at_twice_the_batch(ddp_step_result):
+    """Frozen BatchNorm makes each triplet's loss independent of its batch mates: 2 ranks x 4
+    triplets must give the loss, gradients and Adam step of 1 process x 8 triplets."""
+    args = ddp_step.settings()
+    tnet = ddp_step.network(True, args)
+    optimizer = ddp_step.optimizer_of(tnet, args)
+    loss, _ = asen.train_one_epoch(tnet, ddp_step.loader(ddp_step.global_batch(), slice(None), 2 * ddp_step.BATCH),
+                                   optimizer, torch.amp.GradScaler('cpu', enabled=False), torch.device('cpu'), 1,
+                                   args, asen.silent_logger())
+    want, got = ddp_step.outcome(tnet, loss), ddp_step_result['frozen_bn']
+    assert_same_step(got, want)
+    assert not torch.equal(got['weights']['embeddingnet.feature_fc.weight'],
+                           ddp_step.network(True, args).state_dict()['embeddingnet.feature_fc.weight'])
+
+
+def test_ddp_step_with_batchnorm_equals_the_mean_loss_of_the_two_halves(ddp_step_result):
+    """Training-mode BatchNorm normalises each rank's half by that half's statistics (no
+    SyncBatchNorm on CPUs), so the reference is one process computing the mean of the two halves'
+    losses, each half in its own forward pass: same loss, averaged gradients, same Adam step."""
+    args = ddp_step.settings()
+    tnet = ddp_step.network(False, args)
+    tnet.train()
+    optimizer = ddp_step.optimizer_of(tnet, args)
+    batch, total = ddp_step.global_batch(), 0.0
+    optimizer.zero_grad()
+    for rank in range(2):
+        anchor, negative, positive, attr = (t[rank::2] for t in batch)
+        loss = models.triplet_loss(*tnet(anchor, negative, positive, attr), args.margin) / 2
+        loss.backward()
+        total += loss.item()
+    optimizer.step()
+    want, got = ddp_step.outcome(tnet, total), ddp_step_result['train_bn']
+    assert_same_step(got, want)
+
+
+def test_triplet_shards_partition_each_epochs_draw(trained_run):
+    """Rank r keeps triplets r, r + W, ... of the same (seed, epoch) draw; W shards of equal length
+    cover the first num_triplets // W * W triplets exactly once."""
+    import datasets
+    root, _ = trained_run
+    split = datasets.SplitFiles(str(root / 'data'), 'SynthFashion')
+    transform = datasets.build_transform(32, train=False)
+    full = datasets.TripletDataset(split, 11, transform, seed=4)
+    full.set_epoch(3)
+    shards = []
+    for rank in range(3):
+        shard = datasets.TripletDataset(split, 11, transform, seed=4)
+        shard.shard(rank, 3)
+        shard.set_epoch(3)
+        shards.append(shard.triplets)
+    assert [len(s) for s in shards] == [3, 3, 3]
+    for rank, triplets in enumerate(shards):
+        assert (triplets == full.triplets[rank:9:3]).all()
+
+
+def test_nonfinite_loss_check_in_one_process():
+    assert asen.loss_is_finite(torch.tensor(0.5)) and not asen.loss_is_finite(torch.tensor(float('nan')))

@@ -1,0 +1,124 @@
+"""--cache-images: the cached pixels are the transform's, the key rebuilds a stale cache, workers read it."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import asen
+import datasets
+import imagecache
+import synthfashion
+from conftest import TINY
+from utils import UserError
+
+SIZE = 40
+
+
+@pytest.fixture(scope='module')
+def split_files(tmp_path_factory):
+    """A tiny SynthFashion folder of this module's own (the tests below alter its images)."""
+    root = tmp_path_factory.mktemp('cache') / 'data'
+    synthfashion.ensure(str(root / 'SynthFashion'), n_train=16, n_valid=12, n_test=12)
+    return datasets.SplitFiles(str(root), 'SynthFashion')
+
+
+def cached(dataset, split_files, split, **kwargs):
+    cache = imagecache.ensure(split_files, split, dataset.image_ids, SIZE, log=lambda *_: None, **kwargs)
+    dataset.attach_cache(cache)
+    return dataset
+
+
+def test_eval_items_equal_the_uncached_transform(split_files):
+    transform = datasets.build_transform(SIZE, train=False)
+    plain = datasets.RetrievalDataset(split_files, 'valid', 'candidate', transform)
+    fast = cached(datasets.RetrievalDataset(split_files, 'valid', 'candidate', transform), split_files, 'valid')
+    assert fast.cache is not None and len(plain) > 4
+    for index in range(len(plain)):
+        a, b = plain[index], fast[index]
+        assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_train_items_equal_the_uncached_transform_flip_for_flip(split_files):
+    """Same torch seed: the cached path draws the flips as RandomHorizontalFlip does; both flip
+    outcomes occur and each matches the transform bit for bit."""
+    train = datasets.build_transform(SIZE, train=True)
+    plain = datasets.TripletDataset(split_files, 12, train, seed=1)
+    fast = cached(datasets.TripletDataset(split_files, 12, train, seed=1), split_files, 'train')
+    unflipped = datasets.build_transform(SIZE, train=False)
+    flips = set()
+    for index in range(len(plain)):
+        torch.manual_seed(index)
+        a = plain[index]
+        torch.manual_seed(index)
+        b = fast[index]
+        for image_a, image_b, image_id in zip(a[:3], b[:3], plain.triplets[index, :3]):
+            assert torch.equal(image_a, image_b)
+            straight = unflipped(datasets.load_image(os.path.join(plain.root, plain.filenames[image_id])))
+            flips.add(not torch.equal(image_a, straight))
+        assert a[3] == b[3]
+    assert flips == {True, False}
+
+
+def test_stale_cache_is_rebuilt(split_files, tmp_path):
+    ids = np.arange(8)
+    logs = []
+    first = imagecache.ensure(split_files, 'test', ids, SIZE, log=logs.append)
+    data_path, key_path = imagecache.cache_paths(split_files.root, 'test', SIZE)
+    assert os.path.getsize(data_path) == 8 * SIZE * SIZE * 3 and os.path.isfile(key_path)
+    assert len(logs) == 1 and first.pixels(3).shape == (SIZE, SIZE, 3)
+    imagecache.ensure(split_files, 'test', ids, SIZE, log=logs.append)
+    assert len(logs) == 1                                    # up to date: reused
+    image = os.path.join(split_files.root, split_files.filenames('test')[2])
+    stat = os.stat(image)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    imagecache.ensure(split_files, 'test', ids, SIZE, log=logs.append)
+    assert len(logs) == 2                                    # an image changed: rebuilt
+    imagecache.ensure(split_files, 'test', ids[:5], SIZE, log=logs.append)
+    assert len(logs) == 3                                    # other ids: rebuilt
+    other = imagecache.ensure(split_files, 'test', ids, SIZE // 2, log=logs.append)
+    assert len(logs) == 4 and other.pixels(0).shape == (SIZE // 2, SIZE // 2, 3)
+    assert os.path.isfile(imagecache.cache_paths(split_files.root, 'test', SIZE)[0])   # sizes coexist
+    with pytest.raises(UserError, match='stale'):
+        imagecache.ensure(split_files, 'test', ids, SIZE, may_build=False)
+
+
+def test_workers_read_the_cache(split_files):
+    transform = datasets.build_transform(SIZE, train=False)
+    fast = cached(datasets.RetrievalDataset(split_files, 'test', 'query', transform), split_files, 'test')
+    fast.cache.array()                                       # opened here: the workers must reopen theirs
+    batches = list(torch.utils.data.DataLoader(fast, batch_size=4, num_workers=1))
+    images = torch.cat([b[0] for b in batches])
+    assert torch.equal(images, torch.stack([fast[i][0] for i in range(len(fast))]))
+
+
+def test_unreadable_image_is_not_cached_with_skip_bad(split_files):
+    filenames = split_files.filenames('valid')
+    bad = os.path.join(split_files.root, filenames[5])
+    original = open(bad, 'rb').read()
+    try:
+        with open(bad, 'wb') as f:
+            f.write(b'not an image')
+        with pytest.raises(UserError, match=filenames[5]):
+            imagecache.ensure(split_files, 'valid', np.arange(8), SIZE, workers=0, log=lambda *_: None)
+        cache = imagecache.ensure(split_files, 'valid', np.arange(8), SIZE, skip_bad=True, log=lambda *_: None)
+        assert cache.pixels(5) is None and cache.pixels(4) is not None
+        reopened = imagecache.ensure(split_files, 'valid', np.arange(8), SIZE, may_build=False)
+        assert reopened.pixels(5) is None
+    finally:
+        with open(bad, 'wb') as f:
+            f.write(original)
+
+
+def test_training_on_the_cache_gives_the_same_weights(workdir):
+    """One epoch with and without --cache-images (fp32, the original path): identical checkpoints."""
+    flags = TINY + ['--epochs', '1', '--workers', '0', '--amp', 'off', '--no-channels-last', '--no-concat-forward']
+    assert asen.main(flags + ['--name', 'plain']) == 0
+    assert asen.main(flags + ['--name', 'cached', '--cache-images']) == 0
+    cache_dir = workdir / 'data' / 'SynthFashion' / 'cache'
+    assert {'train_64.u8', 'train_64.json', 'valid_64.u8', 'valid_64.json'} <= set(os.listdir(cache_dir))
+    load = lambda name: torch.load(workdir / 'runs' / name / 'checkpoint.pth.tar', weights_only=True)  # noqa: E731
+    plain, fast = load('plain'), load('cached')
+    for key, value in plain['state_dict'].items():
+        assert torch.equal(value, fast['state_dict'][key]), key
+    assert plain['prec'] == fast['prec']
