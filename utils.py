@@ -41,8 +41,7 @@ def average_precisions(cand_set, queries, c_gdtruth, q_gdtruth, chunk_size=1024)
     aps = [torch.zeros(0, dtype=torch.float64, device=device)]
     for start in range(0, queries.shape[0], chunk_size):
         sims = queries[start:start + chunk_size] @ cand_set.T                       # (q, C)
-        order = torch.argsort(sims, dim=1, descending=True)                         # (q, C)
-        relevant = c_gdtruth[order] == q_gdtruth[start:start + chunk_size, None]    # (q, C) bool
+        relevant = ranked_relevance(sims, c_gdtruth[None, :] == q_gdtruth[start:start + chunk_size, None])
         rows, cols = relevant.nonzero(as_tuple=True)                                # row-major order
         n_relevant = relevant.sum(dim=1)                                            # (q,)
         first = torch.cumsum(n_relevant, 0) - n_relevant                            # (q,) offsets
@@ -52,6 +51,30 @@ def average_precisions(cand_set, queries, c_gdtruth, q_gdtruth, chunk_size=1024)
         precision_sum.index_add_(0, rows, contrib)
         aps.append(torch.where(n_relevant > 0, precision_sum / n_relevant.clamp(min=1), 0.0))
     return torch.cat(aps).cpu()
+
+
+_SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def ranked_relevance(sims, relevant):
+    """(q, C) relevance flags reordered by descending similarity in each row.
+
+    Rather than an argsort and a gather, the flag is packed into the lowest mantissa bit of each
+    similarity and the packed values alone are sorted (NumPy's SIMD sort on the CPU, several
+    times faster than an argsort). Packing moves a score by at most one ulp, so only candidates
+    whose scores are within one ulp of each other may change places; the original's argsort
+    orders exact ties arbitrarily too.
+    """
+    if sims.dtype not in _SAME_SIZE_INT:
+        sims = sims.float()
+    int_type = _SAME_SIZE_INT[sims.dtype]
+    bits = sims.contiguous().view(int_type)
+    keys = ((bits & ~1) | relevant.to(int_type)).view(sims.dtype)                  # (q, C)
+    if keys.device.type == 'cpu':
+        keys = torch.from_numpy(np.sort(keys.numpy(), axis=1))                      # ascending
+    else:
+        keys = torch.sort(keys, dim=1).values
+    return (keys.flip(1).view(int_type) & 1).bool()                                 # descending
 
 
 def mean_average_precision(cand_set, queries, c_gdtruth, q_gdtruth):

@@ -60,3 +60,12 @@ def test_map_is_in_unit_interval_and_float():
     value = utils.mean_average_precision(rng.normal(size=(20, 4)), rng.normal(size=(6, 4)),
                                          rng.integers(0, 2, 20), rng.integers(0, 2, 6))
     assert isinstance(value, float) and 0.0 <= value <= 1.0
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_ranked_relevance_equals_argsort_then_gather(dtype):
+    gen = torch.Generator().manual_seed(0)
+    sims = torch.randn(9, 50, generator=gen).to(dtype)
+    relevant = torch.rand(9, 50, generator=gen) < 0.3
+    order = torch.argsort(sims, dim=1, descending=True)
+    assert torch.equal(utils.ranked_relevance(sims, relevant), torch.gather(relevant, 1, order))
