@@ -834,8 +834,11 @@ def embed_split(net, dataset, device, args):
     start = sum(sizes[:dist.get_rank()])
     shard = datasets.IndexShard(dataset, start, start + sizes[dist.get_rank()])
     local = extract_embeddings(net, make_loader(shard, args, device), device, args)
+    # a rank with an empty shard learns the embedding width (C for ASENet_V2) from the others
+    width = torch.tensor([0 if local is None else local.shape[1]], device=device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
     if local is None:
-        local = torch.zeros(0, args.dim_embed, device=device)
+        local = torch.zeros(0, int(width.item()), device=device)
     return gather_rows(local, sizes)
 
 
