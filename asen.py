@@ -687,8 +687,9 @@ def run(args):
     logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
     if checkpoint is not None:
         load_weights(tnet, checkpoint, args.resume, split_files)
+        score = 'accuracy' if args.dataset in TRIPLET_DATASETS else 'mAP'
         logger.info(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint.get('epoch')} "
-                    f"mAP on validation set {checkpoint.get('prec')})")
+                    f"{score} on validation set {checkpoint.get('prec')})")
         if is_training(args) and 'start_epoch' not in args.explicit:
             args.start_epoch = int(checkpoint.get('epoch', 0)) + 1
     if args.retrieve:
