@@ -384,20 +384,6 @@ def random_accuracy(emb, eval_set, n_conditions, seed):
     return 100 * zappos.condition_accuracy(rand, eval_set.rows, eval_set.conditions, n_conditions)[1]
 
 
-def run_test_triplets(tnet, split_files, device, args, logger, run_dir):
-    """--test on a triplet dataset: accuracies on the test lists, test_results.json, a markdown table."""
-    net = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
-    eval_set = evaluation_sets(split_files, 'test', args, logger)
-    result, emb = evaluate(net, eval_set, split_files.attributes, device, args, logger)
-    result['Random Accuracy'] = random_accuracy(emb.cpu(), eval_set, len(split_files.attributes), args.seed)
-    logger.info(f"Random Accuracy: {result['Random Accuracy']:.4f}")
-    result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume,
-                  attributes=split_files.attributes)
-    utils.write_json(result, os.path.join(run_dir, 'test_results.json'))
-    print(markdown_table(result, split_files.attributes))
-    return result
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def restore_args(args, checkpoint):
@@ -537,13 +523,14 @@ def markdown_table(result, attributes):
 
 
 def run_test(tnet, split_files, device, args, logger, run_dir):
-    if args.dataset in TRIPLET_DATASETS:
-        return run_test_triplets(tnet, split_files, device, args, logger, run_dir)
+    """--test: the test split's figures (mAP, or triplet accuracy on Zappos50k) beside the Random
+    baseline, test_results.json and a markdown table."""
     net = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
-    sets = retrieval_sets(split_files, 'test', args, logger)
-    result, (query_emb, cand_emb) = evaluate(net, sets, split_files.attributes, device, args, logger)
-    result['Random MeanAP'] = random_map(query_emb, sets[0], cand_emb, sets[1], len(split_files.attributes), args.seed)
-    logger.info(f"Random MeanAP: {result['Random MeanAP']:.4f}")
+    sets = evaluation_sets(split_files, 'test', args, logger)
+    result, embeddings = evaluate(net, sets, split_files.attributes, device, args, logger)
+    random_key = f'Random {tables.score_keys(result)[1]}'
+    result[random_key] = random_baseline(embeddings, sets, len(split_files.attributes), args.seed)
+    logger.info(f"{random_key}: {result[random_key]:.4f}")
     result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume,
                   attributes=split_files.attributes)
     regions = synth_regions(split_files, 'test')
@@ -554,6 +541,14 @@ def run_test(tnet, split_files, device, args, logger, run_dir):
         utils.write_json(result, os.path.join(run_dir, 'test_results.json'))
         print(markdown_table(result, split_files.attributes))
     return result
+
+
+def random_baseline(embeddings, sets, n_attributes, seed):
+    """The Random row: MeanAP, or triplet accuracy on a triplet dataset, of random embeddings."""
+    if isinstance(sets, zappos.TripletEvalSet):
+        return random_accuracy(embeddings.cpu(), sets, n_attributes, seed)
+    query_emb, cand_emb = embeddings
+    return random_map(query_emb, sets[0], cand_emb, sets[1], n_attributes, seed)
 
 
 def valid_heatmaps(net, candidates, attributes, run_dir, epoch, writer, device):

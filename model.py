@@ -9,6 +9,7 @@ of attributes) all come from the input and the constructor; nothing assumes 224 
 """
 import os
 import urllib.error
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -373,25 +374,13 @@ def triplet_loss(sim_an, sim_ap, margin):
     return F.margin_ranking_loss(sim_an, sim_ap, target, margin=margin)
 
 
-def _asenet(**fixed):
-    def build(backbone, n_attributes, dim_embed, **options):
-        return ASENet(backbone, n_attributes, dim_embed, **fixed, **options)
-    return build
-
-
-def _asenet_v2(**fixed):
-    def build(backbone, n_attributes, dim_embed, **options):
-        return ASENetV2(backbone, n_attributes, dim_embed, **fixed, **options)
-    return build
-
-
 # --model name -> builder(backbone trunk, n_attributes, dim_embed, **options) -> embedding network
 MODELS = {
-    'ASENet': _asenet(),
-    'ASENet_noASA': _asenet(use_asa=False),
-    'ASENet_noACA': _asenet(use_aca=False),
-    'ASENet_V2': _asenet_v2(),
-    'ASENet_V2_fc': _asenet_v2(feature_fc=True),
+    'ASENet': ASENet,
+    'ASENet_noASA': partial(ASENet, use_asa=False),
+    'ASENet_noACA': partial(ASENet, use_aca=False),
+    'ASENet_V2': ASENetV2,
+    'ASENet_V2_fc': partial(ASENetV2, feature_fc=True),
     'ConditionalSimNet': ConditionalSimNet,
     'TripletNet': GlobalEmbeddingNet,
 }
