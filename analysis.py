@@ -40,7 +40,8 @@ def attention_localisation(net, retrieval_sets, n_attributes, regions, img_size,
     """Per attribute: (mean attention mass inside its region, mean region share of the view).
 
     Every image of the (queries, candidates) RetrievalDatasets is scored under its own attribute;
-    `regions` (n_images, n_attributes, 4) are boxes in original pixel coordinates.
+    `regions` (n_images, n_attributes, K, 4) are boxes in original pixel coordinates, a region
+    being the union of its K boxes.
     """
     inside, share = [[] for _ in range(n_attributes)], [[] for _ in range(n_attributes)]
     net.eval()

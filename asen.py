@@ -499,9 +499,9 @@ def prepare_dataset(args):
 
 
 def synth_regions(split_files, split):
-    """SynthFashion's attribute regions of `split` (n_images, n_attributes, 4), else None."""
+    """SynthFashion's attribute regions of `split` (n_images, n_attributes, boxes, 4), else None."""
     path = split_files.path(f'regions_{split}.txt')
-    return synthfashion.read_regions(path) if os.path.isfile(path) else None
+    return synthfashion.read_regions(path, len(split_files.attributes)) if os.path.isfile(path) else None
 
 
 def log_localisation(net, sets, split_files, regions, device, args, logger):

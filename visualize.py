@@ -6,6 +6,7 @@ works in that view: `network_view` reproduces it on the PIL image, `box_to_view`
 in original pixel coordinates into it, and the attention cells are taken to tile the view evenly
 (cell size S / h by S / w), as the bilinear overlay also assumes.
 """
+import itertools
 import os
 
 import numpy as np
@@ -149,25 +150,34 @@ def transform_size(transform):
 # ----------------------------------------------------------------------------- attention
 
 def localisation_share(attention, boxes, image_sizes, img_size):
-    """How much attention falls in each box, and how much uniform attention would.
+    """How much attention falls in each region, and how much uniform attention would.
 
-    attention: (N, h, w) maps over the S x S views (torch or numpy); boxes: (N, 4) as (x0, y0,
-    x1, y1) in original pixel coordinates; image_sizes: (N, 2) original (width, height). Each box
-    is mapped into its view and then into cell units; a cell partly covered counts with the
-    covered fraction of its area. Returns numpy (mass, area_share), both (N,): the fraction of the
-    attention mass inside the box, and the box's share of the view area.
+    attention: (N, h, w) maps over the S x S views (torch or numpy); boxes: (N, 4) or (N, K, 4) as
+    (x0, y0, x1, y1) in original pixel coordinates, a region being the union of its K boxes (empty
+    boxes such as (0, 0, 0, 0) add nothing); image_sizes: (N, 2) original (width, height). Each box
+    is mapped into its view and then into cell units; a cell partly covered counts with the covered
+    fraction of its area, overlaps once (inclusion-exclusion over the boxes' intersections).
+    Returns numpy (mass, area_share), both (N,): the fraction of the attention mass inside the
+    region, and the region's share of the view area.
     """
     attention = _to_numpy(attention)
     n, h, w = attention.shape
-    boxes, image_sizes = _to_numpy(boxes).reshape(n, 4), _to_numpy(image_sizes).reshape(n, 2)
-    view = np.array([box_to_view(b, s, img_size) for b, s in zip(boxes, image_sizes)]).reshape(n, 4)
-    area_share = (view[:, 2] - view[:, 0]).clip(0) * (view[:, 3] - view[:, 1]).clip(0) / img_size ** 2
-    cover_x = _interval_cover(view[:, 0] * w / img_size, view[:, 2] * w / img_size, w)  # (N, w)
-    cover_y = _interval_cover(view[:, 1] * h / img_size, view[:, 3] * h / img_size, h)  # (N, h)
-    inside = np.einsum('nij,ni,nj->n', attention, cover_y, cover_x)
+    boxes, image_sizes = _to_numpy(boxes).reshape(n, -1, 4), _to_numpy(image_sizes).reshape(n, 2)
+    view = np.array([[box_to_view(b, size, img_size) for b in image_boxes]
+                     for image_boxes, size in zip(boxes, image_sizes)]).reshape(boxes.shape)  # (N, K, 4)
+    inside, area = np.zeros(n), np.zeros(n)
+    for r in range(1, view.shape[1] + 1):
+        for subset in itertools.combinations(range(view.shape[1]), r):
+            x0, y0 = view[:, subset, 0].max(axis=1), view[:, subset, 1].max(axis=1)  # intersection
+            x1, y1 = view[:, subset, 2].min(axis=1), view[:, subset, 3].min(axis=1)
+            sign = (-1) ** (r - 1)
+            area += sign * (x1 - x0).clip(0) * (y1 - y0).clip(0) / img_size ** 2
+            cover_x = _interval_cover(x0 * w / img_size, x1 * w / img_size, w)  # (N, w)
+            cover_y = _interval_cover(y0 * h / img_size, y1 * h / img_size, h)  # (N, h)
+            inside += sign * np.einsum('nij,ni,nj->n', attention, cover_y, cover_x)
     total = attention.sum(axis=(1, 2))
     mass = np.divide(inside, total, out=np.zeros(n), where=total > 0)
-    return mass, area_share
+    return mass, area
 
 
 def _interval_cover(start, end, cells):
@@ -182,8 +192,9 @@ def save_attention_grid(model, samples, attributes, transform, device, path, reg
 
     samples: list of (image_path, attribute_index); attributes: attribute names, for captions;
     transform: the evaluation transform (Resize(S) + CenterCrop(S) + ToTensor + Normalize); S is
-    read from its CenterCrop unless img_size is given. regions: optional list, one box (x0, y0,
-    x1, y1) in original pixel coordinates or None per sample, outlined on its tile. The model runs
+    read from its CenterCrop unless img_size is given. regions: optional list, per sample None or
+    boxes (x0, y0, x1, y1) in original pixel coordinates (one box or a (K, 4) array; empty boxes
+    are skipped), outlined on its tile. The model runs
     in eval mode under inference_mode (its training flag is restored). Returns `path`.
     """
     img_size = img_size or transform_size(transform)
@@ -195,8 +206,9 @@ def save_attention_grid(model, samples, attributes, transform, device, path, reg
     tiles, captions = [], []
     for image, (_, attribute), attention, box in zip(images, samples, maps, regions):
         tile = overlay_heatmap(network_view(image, img_size), attention)
-        if box is not None:
-            tile = draw_box(tile, box_to_view(box, image.size, img_size), (255, 255, 255))
+        for box in ([] if box is None else np.reshape(box, (-1, 4))):
+            if box[2] > box[0] and box[3] > box[1]:
+                tile = draw_box(tile, box_to_view(box, image.size, img_size), (255, 255, 255))
         tiles.append(tile)
         captions.append(str(attributes[attribute]))
     return _save(image_grid(tiles, captions, columns, img_size), path)

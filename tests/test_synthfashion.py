@@ -122,18 +122,25 @@ def test_queries_and_candidates(dataset, split):
 @pytest.mark.parametrize("split", synthfashion.SPLITS)
 def test_regions(dataset, split):
     info = meta(dataset)
-    regions = synthfashion.read_regions(dataset / f"regions_{split}.txt")
-    assert regions.shape == (SMALL[f"n_{split}"], len(info["ATTRIBUTES"]), 4)
+    names = info["ATTRIBUTES"]
+    regions = synthfashion.read_regions(dataset / f"regions_{split}.txt", len(names))
+    assert regions.shape == (SMALL[f"n_{split}"], len(names), synthfashion.MAX_BOXES, 4)
     x0, y0, x1, y1 = np.moveaxis(regions, -1, 0)
     assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= 64).all() and (y1 <= 64).all()
-    assert (x0 < x1).all() and (y0 < y1).all()
-    area = (x1 - x0) * (y1 - y0)
-    kinds = [info["REGION_KIND"][name] for name in info["ATTRIBUTES"]]
-    garment = kinds.index("global")
-    for attribute, kind in enumerate(kinds):
-        if kind == "local":  # equal only for a crop top with long sleeves (sleeves span it)
-            assert (area[:, attribute] <= area[:, garment]).all()
-            assert area[:, attribute].mean() < 0.75 * area[:, garment].mean()
+    used = (x0 < x1) & (y0 < y1)
+    assert (regions[~used] == 0).all()                    # unused boxes are 0 0 0 0
+    sleeve = names.index("sleeve_length")
+    assert used[:, sleeve].all()                           # one box per sleeve
+    assert used[:, :, 0].all() and not used[:, np.arange(len(names)) != sleeve, 1].any()
+    area = (x1 - x0) * (y1 - y0) * used
+    garment = area[:, names.index("colour"), 0]
+    for name in ("neckline_design", "coat_length"):
+        assert area[:, names.index(name), 0].mean() < 0.5 * garment.mean()
+    centre_x = (x0 + x1) / 2                               # one box per arm, either side of the neck
+    neck_x = centre_x[:, names.index("neckline_design"), 0]
+    arm_x = np.sort(centre_x[:, sleeve], axis=1)
+    assert (arm_x[:, 0] < neck_x).all() and (arm_x[:, 1] > neck_x).all()
+    assert (area[:, sleeve] < 0.2 * 64 * 64).all()               # an arm, not the figure
 
 
 def test_region_box_follows_layer_rotation():

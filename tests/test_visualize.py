@@ -8,14 +8,14 @@ import model as models
 import visualize
 
 
-def brute_force_share(attention, view_box, img_size):
-    """Attention mass inside an integer-pixel view box, from a per-pixel copy of the map."""
+def brute_force_share(attention, view_boxes, img_size):
+    """Attention mass inside the union of integer-pixel view boxes, from a per-pixel copy of the map."""
     h, w = attention.shape
     cell_y, cell_x = img_size // h, img_size // w
     pixels = np.kron(attention, np.ones((cell_y, cell_x))) / (cell_y * cell_x)  # nearest cells
-    x0, y0, x1, y1 = view_box
     inside = np.zeros_like(pixels, dtype=bool)
-    inside[y0:y1, x0:x1] = True
+    for x0, y0, x1, y1 in np.reshape(view_boxes, (-1, 4)):
+        inside[y0:y1, x0:x1] = True
     return pixels[inside].sum() / pixels.sum(), inside.mean()
 
 
@@ -82,6 +82,24 @@ def test_localisation_share_matches_brute_force():
         expected_mass, expected_share = brute_force_share(attention[k], view_boxes[k], img_size)
         assert mass[k] == pytest.approx(expected_mass, abs=1e-9)
         assert share[k] == pytest.approx(expected_share, abs=1e-9)
+
+
+def test_localisation_share_union_matches_brute_force():
+    """Regions of 3 boxes that overlap, nest or are empty: their union is counted once."""
+    rng = np.random.default_rng(1)
+    img_size, n, k = 12, 60, 3
+    attention = rng.random((n, 3, 4)) ** 4                     # cells of 4 x 3 pixels
+    x = np.sort(rng.integers(0, img_size + 1, (n, k, 2)), axis=2)
+    y = np.sort(rng.integers(0, img_size + 1, (n, k, 2)), axis=2)
+    boxes = np.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=2)  # (n, k, 4)
+    boxes[::4, 2] = 0                                          # some regions have an empty box
+    boxes[1::4, 1] = boxes[1::4, 0]                            # and some a repeated one
+    sizes = np.tile([img_size, img_size], (n, 1))
+    mass, share = visualize.localisation_share(attention, boxes, sizes, img_size)
+    for i in range(n):
+        expected_mass, expected_share = brute_force_share(attention[i], boxes[i], img_size)
+        assert mass[i] == pytest.approx(expected_mass, abs=1e-9)
+        assert share[i] == pytest.approx(expected_share, abs=1e-9)
 
 
 def test_localisation_share_single_cell():
