@@ -101,6 +101,10 @@ def get_args_parser():
                      help='ResNet trunk, cut after layer3')
     net.add_argument('--no-pretrained', dest='pretrained', action='store_false', default=True,
                      help='random init instead of ImageNet weights (default: pretrained)')
+    net.add_argument('--backbone-weights', dest='backbone_weights', default=None, metavar='FILE',
+                     help='trunk weights from a local file instead of the ImageNet download: a torchvision '
+                          'ResNet state dict (e.g. resnet50-0676ba61.pth) or one written by pretrain.py '
+                          '(default: none)')
     net.add_argument('--dim_embed', '--dim-embed', type=int, default=1024, help='embedding size')
     net.add_argument('--csn-fixed-masks', dest='csn_fixed_masks', action='store_true',
                      help='ConditionalSimNet: fixed disjoint 0/1 masks, not trained (default: learned masks '
@@ -478,10 +482,12 @@ def model_options(args):
 
 
 def build_network(args, n_attributes, device, imagenet=True):
-    """The triplet-wrapped --model; `imagenet=False` skips the ImageNet weights (a checkpoint
-    replaces them, so nothing is downloaded)."""
-    net = models.build_model(args.model, n_attributes, args.backbone, args.pretrained and imagenet,
-                             args.dim_embed, **model_options(args))
+    """The triplet-wrapped --model; `imagenet=False` skips the ImageNet and --backbone-weights
+    weights (a checkpoint replaces them, so nothing is downloaded or read)."""
+    weights_file = getattr(args, 'backbone_weights', None) if imagenet else None
+    net = models.build_model(args.model, n_attributes, args.backbone,
+                             args.pretrained and imagenet and weights_file is None, args.dim_embed,
+                             backbone_weights=weights_file, **model_options(args))
     tnet = models.TripletNet(net, concat_forward=args.concat_forward).to(device)
     if args.channels_last:
         tnet = tnet.to(memory_format=torch.channels_last)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import utils
 from utils import UserError
 
 BACKBONES = ('resnet18', 'resnet34', 'resnet50')
@@ -73,14 +74,37 @@ def _load_imagenet_state(name):
                         f"(from {weights.url}) or pass --no-pretrained") from err
 
 
-def build_backbone(name='resnet50', pretrained=True):
-    """ResNet trunk cut after layer3, with ImageNet weights unless `pretrained` is False."""
+def build_backbone(name='resnet50', pretrained=True, weights_file=None):
+    """ResNet trunk cut after layer3: ImageNet weights if `pretrained`, else random init; the trunk
+    keys of the state dict in `weights_file` (--backbone-weights), when given, replace either."""
     if name not in BACKBONES:
         raise UserError(f"--backbone {name}: unknown; choose one of {', '.join(BACKBONES)}")
     resnet = getattr(torchvision.models, name)(weights=None)
     if pretrained:
         resnet.load_state_dict(_load_imagenet_state(name))
-    return ResNetTrunk(resnet)
+    trunk = ResNetTrunk(resnet)
+    if weights_file is not None:
+        load_trunk_weights(trunk, weights_file, name)
+    return trunk
+
+
+TRUNK_PREFIXES = ('conv1.', 'bn1.', 'layer1.', 'layer2.', 'layer3.')
+
+
+def load_trunk_weights(trunk, path, backbone):
+    """Copy the trunk entries of a ResNet state dict file (torchvision key names; layer4 and fc are
+    ignored) into `trunk`; a file that does not fit gives a one-line error."""
+    state = utils.load_checkpoint(path, flag='--backbone-weights')
+    if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+        state = state['state_dict']                                   # a pretrain.py file
+    if not isinstance(state, dict):
+        raise UserError(f"--backbone-weights {path}: not a state dict")
+    state = {k: v for k, v in state.items() if k.startswith(TRUNK_PREFIXES)}
+    mismatch = state_dict_mismatch(trunk.state_dict(), state)
+    if mismatch:
+        raise UserError(f"--backbone-weights {path}: does not fit a {backbone} trunk ({mismatch}); "
+                        f"pass the --backbone it was made for")
+    trunk.load_state_dict(state)
 
 
 class AttributeSpatialAttention(nn.Module):
@@ -386,12 +410,15 @@ MODELS = {
 }
 
 
-def build_model(name, n_attributes, backbone='resnet50', pretrained=True, dim_embed=1024, **options):
-    """The embedding network called `name` (a key of MODELS) on a fresh backbone; `options` go to
-    its constructor (e.g. fixed_masks, regularise for ConditionalSimNet)."""
+def build_model(name, n_attributes, backbone='resnet50', pretrained=True, dim_embed=1024,
+                backbone_weights=None, **options):
+    """The embedding network called `name` (a key of MODELS) on a fresh backbone (trunk weights
+    from the file `backbone_weights` if given); `options` go to its constructor (e.g. fixed_masks,
+    regularise for ConditionalSimNet)."""
     if name not in MODELS:
         raise UserError(f"--model {name}: unknown; choose one of {', '.join(MODELS)}")
-    net = MODELS[name](build_backbone(backbone, pretrained), n_attributes, dim_embed, **options)
+    trunk = build_backbone(backbone, pretrained, backbone_weights)
+    net = MODELS[name](trunk, n_attributes, dim_embed, **options)
     net.model_name = name
     return net
 

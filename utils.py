@@ -163,17 +163,18 @@ def save_atomic(obj, path):
         raise
 
 
-def load_checkpoint(path):
-    """Load a checkpoint safely (weights_only=True: no code runs), with one-line errors."""
+def load_checkpoint(path, flag='--resume'):
+    """Load a checkpoint safely (weights_only=True: no code runs), with one-line errors naming `flag`."""
     if not os.path.isfile(path):
-        raise UserError(f"--resume {path}: no such file; check the path (runs/<name>/checkpoint.pth.tar "
-                        f"or model_best.pth.tar)")
+        hint = ("runs/<name>/checkpoint.pth.tar or model_best.pth.tar" if flag == '--resume'
+                else "a file written by pretrain.py, or a torchvision ResNet weight file")
+        raise UserError(f"{flag} {path}: no such file; check the path ({hint})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or unsafe files
-        raise UserError(f"--resume {path}: cannot be loaded as a checkpoint ({type(err).__name__}); it is "
+        raise UserError(f"{flag} {path}: cannot be loaded as a checkpoint ({type(err).__name__}); it is "
                         f"corrupt, truncated, or holds objects other than weights, which are refused "
                         f"so that a downloaded file cannot run code") from err
 
