@@ -80,7 +80,7 @@ SPLITS = ("train", "valid", "test")
 QUERY_FRACTION = 0.2
 JPEG_QUALITY = 92
 SUPERSAMPLE = 2
-MAX_BOXES = 2  # boxes per attribute region in regions_<split>.txt (the two sleeves)
+MAX_BOXES = 2  # boxes per attribute region in regions_<split>.txt (the two arms)
 
 # Figure geometry, in units of the figure height ``u`` (neckline top to ankle).
 SLEEVE_LENGTHS = (0.0, 0.15, 0.29, 0.44)

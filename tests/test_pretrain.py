@@ -75,3 +75,15 @@ def test_asen_cli_backbone_weights(workdir, capsys):
     assert asen.main(TINY + ['--epochs', '1', '--backbone-weights', str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f'error: --backbone-weights {path}: does not fit a resnet18 trunk')
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--dataset', 'Zappos50k'], '--dataset Zappos50k: has no attribute labels'),
+    (['--epochs', '0'], '--epochs must be positive'),
+    (['--dataset', 'Nope'], 'dataset folder data/Nope not found'),
+])
+def test_pretrain_bad_input_is_one_line(workdir, capsys, argv, message):
+    assert pretrain.main(argv + ['--out', 'trunk.pth']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and message in err[0]
+    assert not (workdir / 'trunk.pth').exists()

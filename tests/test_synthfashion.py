@@ -143,6 +143,14 @@ def test_regions(dataset, split):
     assert (area[:, sleeve] < 0.2 * 64 * 64).all()               # an arm, not the figure
 
 
+def test_read_regions_accepts_version_1_files(tmp_path):
+    """Version 1 wrote one box per attribute: it reads as a single-box region."""
+    path = tmp_path / "regions_test.txt"
+    path.write_text("1 2 3 4 5 6 7 8\n9 10 11 12 13 14 15 16\n")
+    regions = synthfashion.read_regions(path, 2)
+    assert regions.shape == (2, 2, 1, 4) and regions[1, 0, 0].tolist() == [9, 10, 11, 12]
+
+
 def test_region_box_follows_layer_rotation():
     canvas = synthfashion.Canvas(64)
     canvas.ellipse([44, 9, 46, 11], (255, 255, 255, 255))
