@@ -194,13 +194,16 @@ def apply_defaults(args, values):
             setattr(args, key, value)
 
 
-def check_args(args):
-    positive = ['synth_images', 'img_size', 'num_triplets', 'dim_embed', 'epochs', 'batch_size', 'step_size', 'log_interval']
-    for key in positive:
+def check_positive(args, keys):
+    """A one-line error for the first flag of `keys` whose value is not positive."""
+    for key in keys:
         if getattr(args, key) <= 0:
             raise UserError(f"--{key} must be positive, got {getattr(args, key)}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
+
+
+def check_args(args):
+    check_positive(args, ['synth_images', 'img_size', 'num_triplets', 'dim_embed', 'epochs', 'batch_size',
+                          'step_size', 'log_interval', 'lr'])
 
 
 def resolve_device(args):

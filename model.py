@@ -88,18 +88,17 @@ def build_backbone(name='resnet50', pretrained=True, weights_file=None):
     return trunk
 
 
-TRUNK_PREFIXES = ('conv1.', 'bn1.', 'layer1.', 'layer2.', 'layer3.')
-
-
 def load_trunk_weights(trunk, path, backbone):
     """Copy the trunk entries of a ResNet state dict file (torchvision key names; layer4 and fc are
     ignored) into `trunk`; a file that does not fit gives a one-line error."""
-    state = utils.load_checkpoint(path, flag='--backbone-weights')
+    state = utils.load_checkpoint(path, flag='--backbone-weights',
+                                  expected='a file written by pretrain.py, or a torchvision ResNet weight file')
     if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
         state = state['state_dict']                                   # a pretrain.py file
     if not isinstance(state, dict):
         raise UserError(f"--backbone-weights {path}: not a state dict")
-    state = {k: v for k, v in state.items() if k.startswith(TRUNK_PREFIXES)}
+    trunk_modules = dict(trunk.named_children())                       # conv1 ... layer3
+    state = {k: v for k, v in state.items() if k.split('.')[0] in trunk_modules}
     mismatch = state_dict_mismatch(trunk.state_dict(), state)
     if mismatch:
         raise UserError(f"--backbone-weights {path}: does not fit a {backbone} trunk ({mismatch}); "

@@ -44,7 +44,7 @@ def build_parser():
     parser.add_argument('--lr', type=float, default=1e-3, help='Adam learning rate')
     parser.add_argument('--seed', type=int, default=1, help='seed of init, shuffling and flips')
     parser.add_argument('--workers', type=int, default=2, help='data loading processes')
-    parser.add_argument('--amp', default='bf16' if asen.synth_preset()['amp'] == 'bf16' else 'off',
+    parser.add_argument('--amp', default=asen.synth_preset()['amp'],
                         choices=('off', 'bf16', 'fp16'), help='mixed precision')
     parser.add_argument('--no-cuda', dest='no_cuda', action='store_true', help='stay on the CPU')
     return parser
@@ -121,11 +121,7 @@ def train_one_epoch(net, loader, optimizer, device, amp):
 
 
 def check_args(args):
-    for key in ('img_size', 'epochs', 'batch_size', 'synth_images'):
-        if getattr(args, key) <= 0:
-            raise UserError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
-    if args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
+    asen.check_positive(args, ['img_size', 'epochs', 'batch_size', 'synth_images', 'lr'])
     if args.dataset == 'Zappos50k':
         raise UserError("--dataset Zappos50k: has no attribute labels to pretrain on (only triplet lists)")
 
@@ -133,7 +129,7 @@ def check_args(args):
 def run(args):
     check_args(args)
     utils.seed_everything(args.seed)
-    device = torch.device('cuda') if torch.cuda.is_available() and not args.no_cuda else torch.device('cpu')
+    device = asen.resolve_device(args)
     split_files = asen.prepare_dataset(args)
     n_attributes = len(split_files.attributes)
     filenames = split_files.filenames('train')

@@ -354,11 +354,10 @@ def _pattern_mask(size, figure, pattern, rng):
 
 def _paint_pattern(canvas, figure, torso, pattern, colour, rng):
     """Paint the pattern in ``colour`` over the torso polygon only."""
-    mask = _pattern_mask(canvas.image.size, figure, pattern, rng)
-    canvas.image.paste(colour + (255,), mask=ImageChops.multiply(mask, canvas.mask(torso)))
+    _paint_inside(canvas, torso, _pattern_mask(canvas.image.size, figure, pattern, rng), colour)
 
 
-def _paint_cutout(canvas, torso, shape, colour):
+def _paint_inside(canvas, torso, shape, colour):
     """Paint ``colour`` where the L-mode ``shape`` mask meets the torso polygon."""
     canvas.image.paste(colour + (255,), mask=ImageChops.multiply(shape, canvas.mask(torso)))
 
@@ -371,19 +370,19 @@ def _draw_neckline(canvas, figure, torso, neckline, base, skin, trim):
     a wide deep square and a collar that hides the neck (turtle).
     """
     if neckline == 0:
+        box = _supersampled(figure.box(-0.15, -0.09, 0.15, 0.09))
         scoop = Image.new("L", canvas.image.size, 0)
-        ImageDraw.Draw(scoop).ellipse(_supersampled(figure.box(-0.15, -0.09, 0.15, 0.09)), fill=255)
-        _paint_cutout(canvas, torso, scoop, skin)
-        canvas.draw.arc(_supersampled(figure.box(-0.15, -0.09, 0.15, 0.09)), 0, 180,
-                        fill=trim, width=SUPERSAMPLE)
+        ImageDraw.Draw(scoop).ellipse(box, fill=255)
+        _paint_inside(canvas, torso, scoop, skin)
+        canvas.draw.arc(box, 0, 180, fill=trim, width=SUPERSAMPLE)
     elif neckline == 1:
         v = [figure.point(-0.085, -0.001), figure.point(0, 0.30), figure.point(0.085, -0.001)]
-        _paint_cutout(canvas, torso, canvas.mask(v), skin)
+        _paint_inside(canvas, torso, canvas.mask(v), skin)
         canvas.line(v, trim, 1)
     elif neckline == 2:
         square = [figure.point(-0.13, -0.001), figure.point(-0.13, 0.17),
                   figure.point(0.13, 0.17), figure.point(0.13, -0.001)]
-        _paint_cutout(canvas, torso, canvas.mask(square), skin)
+        _paint_inside(canvas, torso, canvas.mask(square), skin)
         canvas.line(square, trim, 1)
     else:
         collar = _corners(figure.box(-0.075, -0.12, 0.075, 0.04))

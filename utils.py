@@ -163,12 +163,11 @@ def save_atomic(obj, path):
         raise
 
 
-def load_checkpoint(path, flag='--resume'):
-    """Load a checkpoint safely (weights_only=True: no code runs), with one-line errors naming `flag`."""
+def load_checkpoint(path, flag='--resume', expected='runs/<name>/checkpoint.pth.tar or model_best.pth.tar'):
+    """Load a checkpoint safely (weights_only=True: no code runs), with one-line errors naming `flag`
+    (and, for a missing file, what `expected` it to be)."""
     if not os.path.isfile(path):
-        hint = ("runs/<name>/checkpoint.pth.tar or model_best.pth.tar" if flag == '--resume'
-                else "a file written by pretrain.py, or a torchvision ResNet weight file")
-        raise UserError(f"{flag} {path}: no such file; check the path ({hint})")
+        raise UserError(f"{flag} {path}: no such file; check the path ({expected})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
