@@ -7,30 +7,28 @@
 import argparse
 import copy
 import json
-import logging
 import os
 import shutil
 import sys
 import time
-from contextlib import contextmanager
-from datetime import timedelta
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-import datasets
 import analysis
+import datasets
 import imagecache
 import model as models
+import runtime
 import synthfashion
 import visualize
 import utils
 import tables
 import zappos
+from runtime import autocast, distributed, is_main_process, local_first, to_device
 from utils import UserError
 
 DATASETS = ('FashionAI', 'DARN', 'DeepFashion', 'SynthFashion', 'Zappos50k')
@@ -194,34 +192,192 @@ def apply_defaults(args, values):
             setattr(args, key, value)
 
 
-def check_positive(args, keys):
-    """A one-line error for the first flag of `keys` whose value is not positive."""
-    for key in keys:
-        if getattr(args, key) <= 0:
-            raise UserError(f"--{key} must be positive, got {getattr(args, key)}")
-
-
 def check_args(args):
-    check_positive(args, ['synth_images', 'img_size', 'num_triplets', 'dim_embed', 'epochs', 'batch_size',
+    utils.check_positive(args, ['synth_images', 'img_size', 'num_triplets', 'dim_embed', 'epochs', 'batch_size',
                           'step_size', 'log_interval', 'lr'])
 
 
-def resolve_device(args):
-    if torch.cuda.is_available() and not args.no_cuda:
-        return torch.device('cuda', local_rank()) if distributed() else torch.device('cuda')
-    return torch.device('cpu')
+# ----------------------------------------------------------------------------- data
+
+def prepare_dataset(args):
+    if args.dataset == 'Zappos50k':
+        return zappos.ZapposFiles(args.data_path)
+    if args.dataset == 'SynthFashion':
+        n_eval = max(args.synth_images // 4, 8)
+        synthfashion.ensure(os.path.join(args.data_path, 'SynthFashion'), n_train=args.synth_images,
+                            n_valid=n_eval, n_test=n_eval)
+    return datasets.SplitFiles(args.data_path, args.dataset)
+
+
+def training_set(split_files, args):
+    """The training triplets of the dataset: attribute labels or, on Zappos50k, the CSN lists."""
+    transform = datasets.build_transform(args.img_size, train=True)
+    if args.dataset in TRIPLET_DATASETS:
+        return zappos.ZapposTripletDataset(split_files, args.num_triplets, transform, args.seed, args.skip_bad_images)
+    return datasets.TripletDataset(split_files, args.num_triplets, transform, args.seed, args.skip_bad_images)
+
+
+def evaluation_sets(split_files, split, args, logger):
+    """What `evaluate` scores: (queries, candidates), or on Zappos50k a TripletEvalSet."""
+    if args.dataset not in TRIPLET_DATASETS:
+        return retrieval_sets(split_files, split, args, logger)
+    split = {'valid': 'val'}.get(split, split)          # CSN names its lists train, val, test
+    eval_set = zappos.TripletEvalSet(split_files, split, datasets.build_transform(args.img_size, train=False),
+                                     args.skip_bad_images)
+    report_skipped(logger, f'{split} triplets', eval_set.skipped)
+    return eval_set
+
+
+def retrieval_sets(split_files, split, args, logger):
+    """(queries, candidates) RetrievalDatasets of `split`, validated once."""
+    transform = datasets.build_transform(args.img_size, train=False)
+    queries = datasets.RetrievalDataset(split_files, split, 'query', transform, args.skip_bad_images)
+    candidates = datasets.RetrievalDataset(split_files, split, 'candidate', transform, args.skip_bad_images)
+    report_skipped(logger, f'{split} split', queries.skipped + candidates.skipped)
+    if args.cache_images:
+        attach_image_cache([queries, candidates], split_files, split, args, logger)
+    return queries, candidates
+
+
+def check_triplet_flags(args):
+    """--visualize and --retrieve need query/candidate files, which triplet datasets lack; the image
+    cache reads the authors' filenames files."""
+    for flag in ('visualize', 'retrieve', 'cache_images'):
+        if getattr(args, flag) and args.dataset in TRIPLET_DATASETS:
+            raise UserError(f"--{flag.replace('_', '-')} is not available for {args.dataset} (it has triplet "
+                            f"lists, not the authors' split files)")
+
+
+def report_skipped(logger, what, count):
+    if count:
+        logger.info(f'--skip-bad-images: left out {count} missing or unreadable image(s) of the {what}')
+
+
+def make_loader(dataset, args, device):
+    """Batches in dataset order. Workers are not persistent: each epoch's iterator must see the
+    triplets that `set_epoch` drew."""
+    workers = args.workers if args.workers is not None else (4 if device.type == 'cuda' else 0)
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
+                                       pin_memory=device.type == 'cuda')
+
+
+def cache_workers(args):
+    """Decoding processes for building the image cache: --workers, else up to 4."""
+    return args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+
+
+def attach_image_cache(dataset_list, split_files, split, args, logger):
+    """Serve `dataset_list` (all of one split) from the split's image cache, built if stale."""
+    ids = np.concatenate([d.image_ids for d in dataset_list])
+    cache = local_first(lambda: imagecache.ensure(split_files, split, ids, args.img_size, cache_workers(args),
+                                                  args.skip_bad_images, may_build=runtime.first_on_node(),
+                                                  log=logger.info))
+    for dataset in dataset_list:
+        dataset.attach_cache(cache)
+
+
+def synth_regions(split_files, split):
+    """SynthFashion's attribute regions of `split` (n_images, n_attributes, boxes, 4), else None."""
+    path = split_files.path(f'regions_{split}.txt')
+    return synthfashion.read_regions(path, len(split_files.attributes)) if os.path.isfile(path) else None
+
+
+def heatmap_images(sets):
+    """The images whose attention is drawn each epoch: the candidates, or the triplets' images."""
+    return sets if isinstance(sets, zappos.TripletEvalSet) else sets[1]
+
+
+# ----------------------------------------------------------------------------- model
+
+def model_options(args):
+    """Constructor options of --model from its own flags; a flag of another model is an error."""
+    csn = {'csn_fixed_masks': 'fixed_masks', 'csn_reg': 'regularise'}
+    given = [flag for flag in csn if getattr(args, flag, False)]
+    if args.model != 'ConditionalSimNet':
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} applies only to --model ConditionalSimNet")
+        return {}
+    return {option: bool(getattr(args, flag, False)) for flag, option in csn.items()}
+
+
+def build_network(args, n_attributes, device, imagenet=True):
+    """The triplet-wrapped --model; `imagenet=False` skips the ImageNet and --backbone-weights
+    weights (a checkpoint replaces them, so nothing is downloaded or read)."""
+    weights_file = getattr(args, 'backbone_weights', None) if imagenet else None
+    net = models.build_model(args.model, n_attributes, args.backbone,
+                             args.pretrained and imagenet and weights_file is None, args.dim_embed,
+                             backbone_weights=weights_file, **model_options(args))
+    tnet = models.TripletNet(net, concat_forward=args.concat_forward).to(device)
+    if args.channels_last:
+        tnet = tnet.to(memory_format=torch.channels_last)
+    return tnet
 
 
 # ----------------------------------------------------------------------------- training
 
-def autocast(device, amp):
-    dtype = torch.float16 if amp == 'fp16' else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=amp != 'off')
-
-
-def to_device(tensor, device, channels_last):
-    tensor = tensor.to(device, non_blocking=True)
-    return tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.dim() == 4 else tensor
+def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
+    optimizer = torch.optim.Adam([p for p in tnet.parameters() if p.requires_grad], lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.decay_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    best_prec = 0.0
+    if checkpoint is not None and 'optimizer' in checkpoint:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        scheduler.load_state_dict(checkpoint['scheduler'])
+        scaler.load_state_dict(checkpoint['scaler'])
+        best_prec = checkpoint.get('best_prec', 0.0)
+        utils.set_rng_state(checkpoint['rng'])
+    train_set = training_set(split_files, args)
+    report_skipped(logger, 'training set', train_set.skipped)
+    if args.cache_images:
+        attach_image_cache([train_set], split_files, 'train', args, logger)
+    if distributed():
+        rank, world = runtime.rank_and_world()
+        if args.num_triplets < world:
+            raise UserError(f"--num_triplets {args.num_triplets} is below the {world} processes")
+        train_set.shard(rank, world)
+    valid_sets = evaluation_sets(split_files, 'valid', args, logger)
+    train_loader = make_loader(train_set, args, device)
+    train_model = runtime.distributed_model(tnet, device, args.sync_bn, logger, args.batch_size)
+    train_model = torch.compile(train_model) if args.compile else train_model
+    eval_model = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
+    if is_main_process():
+        utils.write_json(saved_args(args), os.path.join(run_dir, 'args.json'))
+    writer = SummaryWriter(run_dir) if is_main_process() else runtime.NullWriter()
+    logger.info(f'Begin training on {args.dataset} dataset.')
+    start, epoch = time.time(), args.start_epoch
+    try:
+        for epoch in range(args.start_epoch, args.epochs + 1):
+            train_set.set_epoch(epoch)
+            loss, acc = train_one_epoch(train_model, train_loader, optimizer, scaler, device, epoch, args,
+                                        logger, writer)
+            loss, acc = runtime.global_mean([loss, acc], device)
+            runtime.broadcast_buffers(tnet)
+            result, _ = evaluate(eval_model, valid_sets, split_files.attributes, device, args, logger, epoch)
+            prec = result[tables.score_keys(result)[1]] / 100
+            is_best = prec > best_prec
+            best_prec = max(prec, best_prec)
+            scheduler.step()
+            lr = optimizer.param_groups[0]['lr']
+            if is_main_process():
+                save_snapshot(snapshot(epoch, tnet, optimizer, scheduler, scaler, prec, best_prec, args),
+                              run_dir, is_best)
+                append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, lr=lr, **result))
+                log_epoch(writer, epoch, lr, result)
+                valid_heatmaps(tnet.embeddingnet, heatmap_images(valid_sets), split_files.attributes, run_dir,
+                               epoch, writer, device)
+            logger.info(f'lr:{lr}')
+    except KeyboardInterrupt:
+        # the weights are mid-epoch: resuming this file repeats the interrupted epoch from them
+        path = os.path.join(run_dir, 'interrupted.pth.tar')
+        if is_main_process():
+            utils.save_atomic(snapshot(epoch - 1, tnet, optimizer, scheduler, scaler, None, best_prec, args),
+                              path)
+        raise Interrupted(f'interrupted in epoch {epoch}; saved {path}; continue with --resume {path}')
+    finally:
+        writer.close()
+    minutes = int(time.time() - start) // 60
+    logger.info(f'training time {minutes // 60}h {minutes % 60}min')
+    return best_prec
 
 
 def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger, writer=None):
@@ -236,7 +392,7 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger
             sim_an, sim_ap = tnet(anchor, negative, positive, attr)
             loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
             objective = loss + models.regularisation(tnet)
-        if not loss_is_finite(objective):
+        if not runtime.loss_is_finite(objective):
             raise UserError(f"non-finite loss at epoch {epoch}, batch {batch_idx}; the last good snapshot "
                             f"in runs/{args.name}/ is kept; lower --lr or use --amp off")
         optimizer.zero_grad(set_to_none=True)
@@ -256,7 +412,67 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger
     return losses.avg, accs.avg
 
 
+def log_epoch(writer, epoch, lr, result):
+    writer.add_scalar('train/lr', lr, epoch)
+    per, total = tables.score_keys(result)
+    writer.add_scalar(f'valid/{total}', result[total], epoch)
+    for name, value in result[per].items():
+        writer.add_scalar(f'valid/{per}/{name}', value, epoch)
+
+
+def valid_heatmaps(net, candidates, attributes, run_dir, epoch, writer, device):
+    """Attention overlays of a fixed set of valid images, as a PNG and in TensorBoard."""
+    samples = analysis.samples_per_attribute(candidates, len(attributes), 2)
+    path = os.path.join(run_dir, 'heatmaps', f'valid_epoch{epoch:03d}.png')
+    visualize.save_attention_grid(net, [(p, a) for p, a, _ in samples], attributes, candidates.transform,
+                                  device, path, columns=4)
+    with Image.open(path) as img:
+        writer.add_image('attention/valid', np.asarray(img.convert('RGB')), epoch, dataformats='HWC')
+
+
+def saved_args(args):
+    return {k: v for k, v in vars(args).items() if k != 'explicit'}
+
+
+def append_metrics(run_dir, record):
+    with open(os.path.join(run_dir, 'metrics.jsonl'), 'a') as f:
+        f.write(json.dumps(record) + '\n')
+
+
 # ----------------------------------------------------------------------------- evaluation
+
+def evaluate(net, sets, attributes, device, args, logger, epoch=None):
+    """Score (queries, candidates); logs, returns ({'mAP': {attr: %}, 'MeanAP': %}, embeddings)."""
+    if isinstance(sets, zappos.TripletEvalSet):
+        return evaluate_triplets(net, sets, attributes, device, args, logger, epoch)
+    queries, candidates = sets
+    query_emb = embed_split(net, queries, device, args)
+    cand_emb = embed_split(net, candidates, device, args)
+    per_attr, mean = retrieval_map(query_emb, queries.entries, cand_emb, candidates.entries, len(attributes))
+    if epoch is not None:
+        logger.info(f'Train Epoch: {epoch}')
+    for name, value in zip(attributes, per_attr):
+        logger.info(f'{name} mAP: {100 * value:.4f}')
+    logger.info(f'MeanAP: {100 * mean:.4f}')
+    return {'mAP': {n: 100 * v for n, v in zip(attributes, per_attr)}, 'MeanAP': 100 * mean}, (query_emb, cand_emb)
+
+
+def embed_split(net, dataset, device, args):
+    """Embeddings of a RetrievalDataset in its order; under torchrun each rank embeds a contiguous
+    shard and the shards are gathered, so every rank gets what one process would."""
+    if not distributed():
+        return extract_embeddings(net, make_loader(dataset, args, device), device, args)
+    rank, world = runtime.rank_and_world()
+    sizes = runtime.shard_sizes(len(dataset), world)
+    start = sum(sizes[:rank])
+    shard = datasets.IndexShard(dataset, start, start + sizes[rank])
+    local = extract_embeddings(net, make_loader(shard, args, device), device, args)
+    # a rank with an empty shard learns the embedding width (C for ASENet_V2) from the others
+    width = runtime.max_over_ranks(0 if local is None else local.shape[1], device)
+    if local is None:
+        local = torch.zeros(0, width, device=device)
+    return runtime.gather_rows(local, sizes)
+
 
 @torch.inference_mode()
 def extract_embeddings(net, loader, device, args):
@@ -288,90 +504,6 @@ def retrieval_map(query_emb, query_entries, cand_emb, cand_entries, n_attributes
     return per_attribute, mean
 
 
-def make_loader(dataset, args, device):
-    """Batches in dataset order. Workers are not persistent: each epoch's iterator must see the
-    triplets that `set_epoch` drew."""
-    workers = args.workers if args.workers is not None else (4 if device.type == 'cuda' else 0)
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
-                                       pin_memory=device.type == 'cuda')
-
-
-def retrieval_sets(split_files, split, args, logger):
-    """(queries, candidates) RetrievalDatasets of `split`, validated once."""
-    transform = datasets.build_transform(args.img_size, train=False)
-    queries = datasets.RetrievalDataset(split_files, split, 'query', transform, args.skip_bad_images)
-    candidates = datasets.RetrievalDataset(split_files, split, 'candidate', transform, args.skip_bad_images)
-    report_skipped(logger, f'{split} split', queries.skipped + candidates.skipped)
-    if args.cache_images:
-        attach_image_cache([queries, candidates], split_files, split, args, logger)
-    return queries, candidates
-
-
-def evaluate(net, sets, attributes, device, args, logger, epoch=None):
-    """Score (queries, candidates); logs, returns ({'mAP': {attr: %}, 'MeanAP': %}, embeddings)."""
-    if isinstance(sets, zappos.TripletEvalSet):
-        return evaluate_triplets(net, sets, attributes, device, args, logger, epoch)
-    queries, candidates = sets
-    query_emb = embed_split(net, queries, device, args)
-    cand_emb = embed_split(net, candidates, device, args)
-    per_attr, mean = retrieval_map(query_emb, queries.entries, cand_emb, candidates.entries, len(attributes))
-    if epoch is not None:
-        logger.info(f'Train Epoch: {epoch}')
-    for name, value in zip(attributes, per_attr):
-        logger.info(f'{name} mAP: {100 * value:.4f}')
-    logger.info(f'MeanAP: {100 * mean:.4f}')
-    return {'mAP': {n: 100 * v for n, v in zip(attributes, per_attr)}, 'MeanAP': 100 * mean}, (query_emb, cand_emb)
-
-
-def report_skipped(logger, what, count):
-    if count:
-        logger.info(f'--skip-bad-images: left out {count} missing or unreadable image(s) of the {what}')
-
-
-def random_map(query_emb, queries, cand_emb, candidates, n_attributes, seed):
-    """MeanAP (%) of random Gaussian embeddings on the same split: the paper's Random row."""
-    gen = torch.Generator().manual_seed(seed)
-    rand_q = models.l2norm(torch.randn(query_emb.shape, generator=gen))
-    rand_c = models.l2norm(torch.randn(cand_emb.shape, generator=gen))
-    _, mean = retrieval_map(rand_q, queries.entries, rand_c, candidates.entries, n_attributes)
-    return 100 * mean
-
-
-# ----------------------------------------------------------------------------- triplet datasets (Zappos50k)
-
-def training_set(split_files, args):
-    """The training triplets of the dataset: attribute labels or, on Zappos50k, the CSN lists."""
-    transform = datasets.build_transform(args.img_size, train=True)
-    if args.dataset in TRIPLET_DATASETS:
-        return zappos.ZapposTripletDataset(split_files, args.num_triplets, transform, args.seed, args.skip_bad_images)
-    return datasets.TripletDataset(split_files, args.num_triplets, transform, args.seed, args.skip_bad_images)
-
-
-def evaluation_sets(split_files, split, args, logger):
-    """What `evaluate` scores: (queries, candidates), or on Zappos50k a TripletEvalSet."""
-    if args.dataset not in TRIPLET_DATASETS:
-        return retrieval_sets(split_files, split, args, logger)
-    split = {'valid': 'val'}.get(split, split)          # CSN names its lists train, val, test
-    eval_set = zappos.TripletEvalSet(split_files, split, datasets.build_transform(args.img_size, train=False),
-                                     args.skip_bad_images)
-    report_skipped(logger, f'{split} triplets', eval_set.skipped)
-    return eval_set
-
-
-def heatmap_images(sets):
-    """The images whose attention is drawn each epoch: the candidates, or the triplets' images."""
-    return sets if isinstance(sets, zappos.TripletEvalSet) else sets[1]
-
-
-def check_triplet_flags(args):
-    """--visualize and --retrieve need query/candidate files, which triplet datasets lack; the image
-    cache reads the authors' filenames files."""
-    for flag in ('visualize', 'retrieve', 'cache_images'):
-        if getattr(args, flag) and args.dataset in TRIPLET_DATASETS:
-            raise UserError(f"--{flag.replace('_', '-')} is not available for {args.dataset} (it has triplet "
-                            f"lists, not the authors' split files)")
-
-
 def evaluate_triplets(net, eval_set, conditions, device, args, logger, epoch=None):
     """Triplet accuracy per condition and overall; logs, returns ({'accuracy': {cond: %}, 'Accuracy': %},
     embeddings). Each distinct (image, condition) is embedded once, then all triplets are scored at once."""
@@ -385,10 +517,66 @@ def evaluate_triplets(net, eval_set, conditions, device, args, logger, epoch=Non
     return {'accuracy': {n: 100 * v for n, v in zip(conditions, per_condition)}, 'Accuracy': 100 * overall}, emb
 
 
+def run_test(tnet, split_files, device, args, logger, run_dir):
+    """--test: the test split's figures (mAP, or triplet accuracy on Zappos50k) beside the Random
+    baseline, test_results.json and a markdown table."""
+    net = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
+    sets = evaluation_sets(split_files, 'test', args, logger)
+    result, embeddings = evaluate(net, sets, split_files.attributes, device, args, logger)
+    random_key = f'Random {tables.score_keys(result)[1]}'
+    result[random_key] = random_baseline(embeddings, sets, len(split_files.attributes), args.seed)
+    logger.info(f"{random_key}: {result[random_key]:.4f}")
+    result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume,
+                  attributes=split_files.attributes)
+    regions = synth_regions(split_files, 'test')
+    if regions is not None and tnet.embeddingnet.has_spatial_attention and is_main_process():
+        result['attention_localisation'] = log_localisation(tnet.embeddingnet, sets, split_files, regions,
+                                                            device, args, logger)
+    if is_main_process():
+        utils.write_json(result, os.path.join(run_dir, 'test_results.json'))
+        print(markdown_table(result, split_files.attributes))
+    return result
+
+
+def random_baseline(embeddings, sets, n_attributes, seed):
+    """The Random row: MeanAP, or triplet accuracy on a triplet dataset, of random embeddings."""
+    if isinstance(sets, zappos.TripletEvalSet):
+        return random_accuracy(embeddings.cpu(), sets, n_attributes, seed)
+    query_emb, cand_emb = embeddings
+    return random_map(query_emb, sets[0], cand_emb, sets[1], n_attributes, seed)
+
+
+def random_map(query_emb, queries, cand_emb, candidates, n_attributes, seed):
+    """MeanAP (%) of random Gaussian embeddings on the same split: the paper's Random row."""
+    gen = torch.Generator().manual_seed(seed)
+    rand_q = models.l2norm(torch.randn(query_emb.shape, generator=gen))
+    rand_c = models.l2norm(torch.randn(cand_emb.shape, generator=gen))
+    _, mean = retrieval_map(rand_q, queries.entries, rand_c, candidates.entries, n_attributes)
+    return 100 * mean
+
+
 def random_accuracy(emb, eval_set, n_conditions, seed):
     """Triplet accuracy (%) of random Gaussian embeddings: the Random row (about 50)."""
     rand = models.l2norm(torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed)))
     return 100 * zappos.condition_accuracy(rand, eval_set.rows, eval_set.conditions, n_conditions)[1]
+
+
+def markdown_table(result, attributes):
+    """The paper's layout: attributes as columns, MeanAP (Zappos50k: Accuracy) last."""
+    per, total = tables.score_keys(result)
+    header = '| model | ' + ' | '.join(attributes) + f' | {total} |'
+    rule = '|' + ' --- |' * (len(attributes) + 2)
+    row = f"| {result['model']} | " + ' | '.join(f"{result[per][a]:.2f}" for a in attributes)
+    return '\n'.join([header, rule, row + f" | {result[total]:.2f} |"])
+
+
+def log_localisation(net, sets, split_files, regions, device, args, logger):
+    """Attention mass inside each attribute's region, beside the region's share (uniform attention)."""
+    scores = analysis.attention_localisation(net, sets, len(split_files.attributes), regions, args.img_size, device)
+    for name, (inside, share) in zip(split_files.attributes, scores):
+        logger.info(f'{name} attention in region: {100 * inside:.2f}% (uniform: {100 * share:.2f}%, '
+                    f'ratio {inside / max(share, 1e-12):.2f})')
+    return {name: {'inside': 100 * i, 'uniform': 100 * u} for name, (i, u) in zip(split_files.attributes, scores)}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -471,183 +659,7 @@ def save_snapshot(state, run_dir, is_best):
         os.replace(tmp, best)
 
 
-# ----------------------------------------------------------------------------- main
-
-def model_options(args):
-    """Constructor options of --model from its own flags; a flag of another model is an error."""
-    csn = {'csn_fixed_masks': 'fixed_masks', 'csn_reg': 'regularise'}
-    given = [flag for flag in csn if getattr(args, flag, False)]
-    if args.model != 'ConditionalSimNet':
-        if given:
-            raise UserError(f"--{given[0].replace('_', '-')} applies only to --model ConditionalSimNet")
-        return {}
-    return {option: bool(getattr(args, flag, False)) for flag, option in csn.items()}
-
-
-def build_network(args, n_attributes, device, imagenet=True):
-    """The triplet-wrapped --model; `imagenet=False` skips the ImageNet and --backbone-weights
-    weights (a checkpoint replaces them, so nothing is downloaded or read)."""
-    weights_file = getattr(args, 'backbone_weights', None) if imagenet else None
-    net = models.build_model(args.model, n_attributes, args.backbone,
-                             args.pretrained and imagenet and weights_file is None, args.dim_embed,
-                             backbone_weights=weights_file, **model_options(args))
-    tnet = models.TripletNet(net, concat_forward=args.concat_forward).to(device)
-    if args.channels_last:
-        tnet = tnet.to(memory_format=torch.channels_last)
-    return tnet
-
-
-def prepare_dataset(args):
-    if args.dataset == 'Zappos50k':
-        return zappos.ZapposFiles(args.data_path)
-    if args.dataset == 'SynthFashion':
-        n_eval = max(args.synth_images // 4, 8)
-        synthfashion.ensure(os.path.join(args.data_path, 'SynthFashion'), n_train=args.synth_images,
-                            n_valid=n_eval, n_test=n_eval)
-    return datasets.SplitFiles(args.data_path, args.dataset)
-
-
-def synth_regions(split_files, split):
-    """SynthFashion's attribute regions of `split` (n_images, n_attributes, boxes, 4), else None."""
-    path = split_files.path(f'regions_{split}.txt')
-    return synthfashion.read_regions(path, len(split_files.attributes)) if os.path.isfile(path) else None
-
-
-def log_localisation(net, sets, split_files, regions, device, args, logger):
-    """Attention mass inside each attribute's region, beside the region's share (uniform attention)."""
-    scores = analysis.attention_localisation(net, sets, len(split_files.attributes), regions, args.img_size, device)
-    for name, (inside, share) in zip(split_files.attributes, scores):
-        logger.info(f'{name} attention in region: {100 * inside:.2f}% (uniform: {100 * share:.2f}%, '
-                    f'ratio {inside / max(share, 1e-12):.2f})')
-    return {name: {'inside': 100 * i, 'uniform': 100 * u} for name, (i, u) in zip(split_files.attributes, scores)}
-
-
-def markdown_table(result, attributes):
-    """The paper's layout: attributes as columns, MeanAP (Zappos50k: Accuracy) last."""
-    per, total = tables.score_keys(result)
-    header = '| model | ' + ' | '.join(attributes) + f' | {total} |'
-    rule = '|' + ' --- |' * (len(attributes) + 2)
-    row = f"| {result['model']} | " + ' | '.join(f"{result[per][a]:.2f}" for a in attributes)
-    return '\n'.join([header, rule, row + f" | {result[total]:.2f} |"])
-
-
-def run_test(tnet, split_files, device, args, logger, run_dir):
-    """--test: the test split's figures (mAP, or triplet accuracy on Zappos50k) beside the Random
-    baseline, test_results.json and a markdown table."""
-    net = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
-    sets = evaluation_sets(split_files, 'test', args, logger)
-    result, embeddings = evaluate(net, sets, split_files.attributes, device, args, logger)
-    random_key = f'Random {tables.score_keys(result)[1]}'
-    result[random_key] = random_baseline(embeddings, sets, len(split_files.attributes), args.seed)
-    logger.info(f"{random_key}: {result[random_key]:.4f}")
-    result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume,
-                  attributes=split_files.attributes)
-    regions = synth_regions(split_files, 'test')
-    if regions is not None and tnet.embeddingnet.has_spatial_attention and is_main_process():
-        result['attention_localisation'] = log_localisation(tnet.embeddingnet, sets, split_files, regions,
-                                                            device, args, logger)
-    if is_main_process():
-        utils.write_json(result, os.path.join(run_dir, 'test_results.json'))
-        print(markdown_table(result, split_files.attributes))
-    return result
-
-
-def random_baseline(embeddings, sets, n_attributes, seed):
-    """The Random row: MeanAP, or triplet accuracy on a triplet dataset, of random embeddings."""
-    if isinstance(sets, zappos.TripletEvalSet):
-        return random_accuracy(embeddings.cpu(), sets, n_attributes, seed)
-    query_emb, cand_emb = embeddings
-    return random_map(query_emb, sets[0], cand_emb, sets[1], n_attributes, seed)
-
-
-def valid_heatmaps(net, candidates, attributes, run_dir, epoch, writer, device):
-    """Attention overlays of a fixed set of valid images, as a PNG and in TensorBoard."""
-    samples = analysis.samples_per_attribute(candidates, len(attributes), 2)
-    path = os.path.join(run_dir, 'heatmaps', f'valid_epoch{epoch:03d}.png')
-    visualize.save_attention_grid(net, [(p, a) for p, a, _ in samples], attributes, candidates.transform,
-                                  device, path, columns=4)
-    with Image.open(path) as img:
-        writer.add_image('attention/valid', np.asarray(img.convert('RGB')), epoch, dataformats='HWC')
-
-
-def log_epoch(writer, epoch, lr, result):
-    writer.add_scalar('train/lr', lr, epoch)
-    per, total = tables.score_keys(result)
-    writer.add_scalar(f'valid/{total}', result[total], epoch)
-    for name, value in result[per].items():
-        writer.add_scalar(f'valid/{per}/{name}', value, epoch)
-
-
-def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
-    optimizer = torch.optim.Adam([p for p in tnet.parameters() if p.requires_grad], lr=args.lr)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.decay_rate)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    best_prec = 0.0
-    if checkpoint is not None and 'optimizer' in checkpoint:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        scheduler.load_state_dict(checkpoint['scheduler'])
-        scaler.load_state_dict(checkpoint['scaler'])
-        best_prec = checkpoint.get('best_prec', 0.0)
-        utils.set_rng_state(checkpoint['rng'])
-    train_set = training_set(split_files, args)
-    report_skipped(logger, 'training set', train_set.skipped)
-    if args.cache_images:
-        attach_image_cache([train_set], split_files, 'train', args, logger)
-    if distributed():
-        train_set.shard(dist.get_rank(), dist.get_world_size())
-    valid_sets = evaluation_sets(split_files, 'valid', args, logger)
-    train_loader = make_loader(train_set, args, device)
-    train_model = distributed_model(tnet, device, args, logger)
-    train_model = torch.compile(train_model) if args.compile else train_model
-    eval_model = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
-    if is_main_process():
-        utils.write_json(saved_args(args), os.path.join(run_dir, 'args.json'))
-    writer = SummaryWriter(run_dir) if is_main_process() else NullWriter()
-    logger.info(f'Begin training on {args.dataset} dataset.')
-    start, epoch = time.time(), args.start_epoch
-    try:
-        for epoch in range(args.start_epoch, args.epochs + 1):
-            train_set.set_epoch(epoch)
-            loss, acc = train_one_epoch(train_model, train_loader, optimizer, scaler, device, epoch, args,
-                                        logger, writer)
-            loss, acc = global_mean([loss, acc], device)
-            broadcast_buffers(tnet)
-            result, _ = evaluate(eval_model, valid_sets, split_files.attributes, device, args, logger, epoch)
-            prec = result[tables.score_keys(result)[1]] / 100
-            is_best = prec > best_prec
-            best_prec = max(prec, best_prec)
-            scheduler.step()
-            lr = optimizer.param_groups[0]['lr']
-            if is_main_process():
-                save_snapshot(snapshot(epoch, tnet, optimizer, scheduler, scaler, prec, best_prec, args),
-                              run_dir, is_best)
-                append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, lr=lr, **result))
-                log_epoch(writer, epoch, lr, result)
-                valid_heatmaps(tnet.embeddingnet, heatmap_images(valid_sets), split_files.attributes, run_dir,
-                               epoch, writer, device)
-            logger.info(f'lr:{lr}')
-    except KeyboardInterrupt:
-        # the weights are mid-epoch: resuming this file repeats the interrupted epoch from them
-        path = os.path.join(run_dir, 'interrupted.pth.tar')
-        if is_main_process():
-            utils.save_atomic(snapshot(epoch - 1, tnet, optimizer, scheduler, scaler, None, best_prec, args),
-                              path)
-        raise Interrupted(f'interrupted in epoch {epoch}; saved {path}; continue with --resume {path}')
-    finally:
-        writer.close()
-    minutes = int(time.time() - start) // 60
-    logger.info(f'training time {minutes // 60}h {minutes % 60}min')
-    return best_prec
-
-
-def saved_args(args):
-    return {k: v for k, v in vars(args).items() if k != 'explicit'}
-
-
-def append_metrics(run_dir, record):
-    with open(os.path.join(run_dir, 'metrics.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
-
+# ----------------------------------------------------------------------------- using a trained model
 
 def run_retrieval(tnet, split_files, device, args, run_dir):
     results, grid = analysis.retrieve(tnet.embeddingnet, split_files, args, device, run_dir)
@@ -664,6 +676,12 @@ def run_visualize(tnet, split_files, device, args, run_dir):
     return path
 
 
+# ----------------------------------------------------------------------------- main
+
+def is_training(args):
+    return not (args.test or args.visualize or args.retrieve)
+
+
 def run(args):
     if args.collect:
         return tables.collect(args.collect, args.collect_out, args.collect_by)
@@ -678,14 +696,14 @@ def run(args):
     if args.retrieve and not args.attribute:
         raise UserError("--retrieve needs --attribute NAME (one of the dataset's ATTRIBUTES)")
     check_triplet_flags(args)
-    device = resolve_device(args)
+    device = runtime.resolve_device(args.no_cuda)
     utils.seed_everything(args.seed)
     run_dir = os.path.join('runs', args.name)
     os.makedirs(run_dir, exist_ok=True)
     if distributed() and (args.visualize or args.retrieve):
         raise UserError("--visualize and --retrieve run in one process; start them without torchrun")
     logger = utils.setup_logger(os.path.join(run_dir, 'train.log' if is_training(args) else 'test.log')) \
-        if is_main_process() else silent_logger()
+        if is_main_process() else runtime.silent_logger()
     split_files = local_first(lambda: prepare_dataset(args))
     tnet = build_network(args, len(split_files.attributes), device, imagenet=checkpoint is None)
     logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
@@ -707,180 +725,10 @@ def run(args):
     return None
 
 
-# ----------------------------------------------------------------------------- several processes
-
-def distributed():
-    """True inside a torchrun process group (never in a single-process run)."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def is_main_process():
-    """Rank 0, or the only process: the one that logs and writes."""
-    return not distributed() or dist.get_rank() == 0
-
-
-def local_rank():
-    return int(os.environ.get('LOCAL_RANK', '0'))
-
-
-def first_on_node():
-    """The process that prepares shared files on its node (all of them in a single-process run)."""
-    return not distributed() or local_rank() == 0
-
-
-@contextmanager
-def distributed_session(args):
-    """Under torchrun (WORLD_SIZE > 1): one process group (NCCL on GPUs, gloo on CPUs) for the
-    body, destroyed however the body ends. A single process runs the body without one."""
-    if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
-        yield
-        return
-    if not dist.is_available():
-        raise UserError("WORLD_SIZE is set (torchrun) but this torch build has no torch.distributed")
-    use_cuda = torch.cuda.is_available() and not args.no_cuda
-    if use_cuda:
-        if local_rank() >= torch.cuda.device_count():
-            raise UserError(f"LOCAL_RANK {local_rank()} but only {torch.cuda.device_count()} GPU(s); "
-                            f"give torchrun --nproc_per_node at most the number of GPUs")
-        torch.cuda.set_device(local_rank())
-    elif args.sync_bn:
-        raise UserError("--sync-bn needs GPUs (torch's SyncBatchNorm has no CPU kernel); drop it on CPUs")
-    dist.init_process_group('nccl' if use_cuda else 'gloo', timeout=timedelta(minutes=60))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def local_first(fn):
-    """fn() on each node's first process, then on the others (they find its files ready)."""
-    if not first_on_node():
-        dist.barrier()
-    result = fn()
-    if distributed() and first_on_node():
-        dist.barrier()
-    return result
-
-
-def silent_logger():
-    """The 'asen' logger with no output (ranks other than 0)."""
-    logger = utils.setup_logger(None)
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    logger.addHandler(logging.NullHandler())
-    return logger
-
-
-class NullWriter:
-    """Stands in for the TensorBoard writer on ranks other than 0."""
-
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    def add_image(self, *args, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-def distributed_model(tnet, device, args, logger):
-    """`tnet` wrapped in DistributedDataParallel under torchrun (optionally with SyncBatchNorm,
-    converted in place so that checkpoints keep their layout); `tnet` itself otherwise."""
-    if not distributed():
-        return tnet
-    world = dist.get_world_size()
-    if args.num_triplets < world:
-        raise UserError(f"--num_triplets {args.num_triplets} is below the {world} processes")
-    if args.sync_bn:
-        torch.nn.SyncBatchNorm.convert_sync_batchnorm(tnet)
-    logger.info(f'DistributedDataParallel: {world} processes ({dist.get_backend()}), {args.batch_size} '
-                f'triplets per process and step, {world * args.batch_size} per step in all')
-    return torch.nn.parallel.DistributedDataParallel(
-        tnet, device_ids=[device.index] if device.type == 'cuda' else None)
-
-
-def loss_is_finite(loss):
-    """Whether the loss is finite, on every rank at once (so that all ranks stop together)."""
-    finite = torch.isfinite(loss.detach()).reshape(1).to(torch.int32)
-    if distributed():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
-
-
-def global_mean(values, device):
-    """Mean of each of `values` over the ranks (every rank holds as many triplets)."""
-    if not distributed():
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return (tensor / dist.get_world_size()).tolist()
-
-
-def broadcast_buffers(module):
-    """Copy rank 0's buffers (BatchNorm running statistics) to every rank: each rank's last
-    training forward updated its own, and evaluation must see the weights rank 0 saves."""
-    if distributed():
-        for buffer in module.buffers():
-            dist.broadcast(buffer, 0)
-
-
-def shard_sizes(n, world):
-    """Sizes of `world` contiguous shards of n items, differing by at most one."""
-    return [n // world + (rank < n % world) for rank in range(world)]
-
-
-def embed_split(net, dataset, device, args):
-    """Embeddings of a RetrievalDataset in its order; under torchrun each rank embeds a contiguous
-    shard and the shards are gathered, so every rank gets what one process would."""
-    if not distributed():
-        return extract_embeddings(net, make_loader(dataset, args, device), device, args)
-    sizes = shard_sizes(len(dataset), dist.get_world_size())
-    start = sum(sizes[:dist.get_rank()])
-    shard = datasets.IndexShard(dataset, start, start + sizes[dist.get_rank()])
-    local = extract_embeddings(net, make_loader(shard, args, device), device, args)
-    # a rank with an empty shard learns the embedding width (C for ASENet_V2) from the others
-    width = torch.tensor([0 if local is None else local.shape[1]], device=device)
-    dist.all_reduce(width, op=dist.ReduceOp.MAX)
-    if local is None:
-        local = torch.zeros(0, int(width.item()), device=device)
-    return gather_rows(local, sizes)
-
-
-def gather_rows(local, sizes):
-    """Concatenate every rank's rows (rank r holds sizes[r]), padding to the largest for all_gather."""
-    padded = local.new_zeros((max(sizes), local.shape[1]))
-    padded[:len(local)] = local
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
-
-
-# ----------------------------------------------------------------------------- image cache
-
-def cache_workers(args):
-    """Decoding processes for building the image cache: --workers, else up to 4."""
-    return args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
-
-
-def attach_image_cache(dataset_list, split_files, split, args, logger):
-    """Serve `dataset_list` (all of one split) from the split's image cache, built if stale."""
-    ids = np.concatenate([d.image_ids for d in dataset_list])
-    cache = local_first(lambda: imagecache.ensure(split_files, split, ids, args.img_size, cache_workers(args),
-                                                  args.skip_bad_images, may_build=first_on_node(),
-                                                  log=logger.info))
-    for dataset in dataset_list:
-        dataset.attach_cache(cache)
-
-
-def is_training(args):
-    return not (args.test or args.visualize or args.retrieve)
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
-        with distributed_session(args):
+        with runtime.distributed_session(args.no_cuda, args.sync_bn):
             run(args)
     except UserError as err:
         # errors raised in DataLoader workers arrive wrapped in their traceback: keep the message

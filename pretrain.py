@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import asen
 import datasets
 import model as models
+import runtime
 import utils
 from utils import UserError
 
@@ -107,7 +108,7 @@ def train_one_epoch(net, loader, optimizer, device, amp):
     correct, counted = 0, 0
     for images, labels in loader:
         images, labels = images.to(device), labels.to(device)
-        with asen.autocast(device, amp):
+        with runtime.autocast(device, amp):
             logits = net(images)
         loss, batch_correct, batch_counted = attribute_losses(logits, labels)
         if not torch.isfinite(loss):
@@ -121,7 +122,7 @@ def train_one_epoch(net, loader, optimizer, device, amp):
 
 
 def check_args(args):
-    asen.check_positive(args, ['img_size', 'epochs', 'batch_size', 'synth_images', 'lr'])
+    utils.check_positive(args, ['img_size', 'epochs', 'batch_size', 'synth_images', 'lr'])
     if args.dataset == 'Zappos50k':
         raise UserError("--dataset Zappos50k: has no attribute labels to pretrain on (only triplet lists)")
 
@@ -129,7 +130,7 @@ def check_args(args):
 def run(args):
     check_args(args)
     utils.seed_everything(args.seed)
-    device = asen.resolve_device(args)
+    device = runtime.resolve_device(args.no_cuda)
     split_files = asen.prepare_dataset(args)
     n_attributes = len(split_files.attributes)
     filenames = split_files.filenames('train')

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import asen  # noqa: E402  (the project's module; _common put the repo on sys.path)
 import bench_train_step  # noqa: E402
 import datasets  # noqa: E402
+import runtime  # noqa: E402
 
 # 'default' is the original semantics: the SynthFashion preset would otherwise turn the fast paths on.
 VARIANTS = {
@@ -127,7 +128,7 @@ def main(argv=None):
 
     settings = asen.parse_args(base)              # what asen will use (preset + passthrough)
     settings.argv_base = base
-    device = asen.resolve_device(settings)
+    device = runtime.resolve_device(settings.no_cuda)
     info = _common.machine_info(device)
     _common.print_machine(info)
 

@@ -2,7 +2,7 @@
 
 Each configuration builds a fresh network (torch.manual_seed(0)), runs --warmup untimed steps and
 --steps timed ones through the project's code path (model.build_model, model.TripletNet,
-asen.autocast, asen.to_device, model.triplet_loss, a GradScaler as asen uses it).
+runtime.autocast, runtime.to_device, model.triplet_loss, a GradScaler as asen uses it).
 
     python benchmarks/bench_train_step.py                    # ResNet-50, 224 px, 16 triplets
     python benchmarks/bench_train_step.py --compile          # also the torch.compile variants
@@ -16,8 +16,8 @@ from _common import markdown_table, print_json
 
 import torch  # noqa: E402
 
-import asen  # noqa: E402  (the project's modules; _common put the repo on sys.path)
-import model as models  # noqa: E402
+import model as models  # noqa: E402  (the project's modules; _common put the repo on sys.path)
+import runtime  # noqa: E402
 
 # name -> (amp, channels_last, concat_forward)
 BASE_CONFIGS = {
@@ -75,8 +75,8 @@ def run_config(cfg, args, device):
     attr = torch.randint(0, args.n_attributes, (args.batch_size,), generator=gen).to(device)
 
     def step():
-        anchor, negative, positive = (asen.to_device(t, device, cfg['channels_last']) for t in images)
-        with asen.autocast(device, cfg['amp']):
+        anchor, negative, positive = (runtime.to_device(t, device, cfg['channels_last']) for t in images)
+        with runtime.autocast(device, cfg['amp']):
             sim_an, sim_ap = train_model(anchor, negative, positive, attr)
             loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
         optimizer.zero_grad(set_to_none=True)

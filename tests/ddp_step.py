@@ -15,6 +15,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import asen  # noqa: E402
+import runtime  # noqa: E402
 
 BATCH, N_ATTRIBUTES, SIZE = 4, 5, 32
 FLAGS = ['--backbone', 'resnet18', '--no-pretrained', '--dim_embed', '16', '--img-size', str(SIZE),
@@ -78,22 +79,23 @@ def outcome(tnet, loss):
 def distributed_step(frozen_bn, args):
     """This rank's step on its strided half (triplets rank, rank + 2, ...), as asen shards."""
     tnet = network(frozen_bn, args)
-    model = asen.distributed_model(tnet, torch.device('cpu'), args, asen.silent_logger())
+    model = runtime.distributed_model(tnet, torch.device('cpu'), args.sync_bn, runtime.silent_logger(),
+                                      args.batch_size)
     optimizer = optimizer_of(tnet, args)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     rows = slice(dist.get_rank(), None, dist.get_world_size())
     loss, _ = asen.train_one_epoch(model, loader(global_batch(), rows, BATCH), optimizer, scaler,
-                                   torch.device('cpu'), 1, args, asen.silent_logger())
-    loss, = asen.global_mean([loss], torch.device('cpu'))
+                                   torch.device('cpu'), 1, args, runtime.silent_logger())
+    loss, = runtime.global_mean([loss], torch.device('cpu'))
     return outcome(tnet, loss)
 
 
 def main(out_path):
     args = settings()
-    with asen.distributed_session(args):
-        assert asen.distributed() and dist.get_world_size() == 2
+    with runtime.distributed_session(args.no_cuda, args.sync_bn):
+        assert runtime.distributed() and dist.get_world_size() == 2
         results = {'train_bn': distributed_step(False, args), 'frozen_bn': distributed_step(True, args)}
-        if asen.is_main_process():
+        if runtime.is_main_process():
             torch.save(results, out_path)
 
 

@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-import asen
 import model as models
+import runtime
 import utils
 from conftest import ROOT, TINY
 
@@ -37,8 +37,8 @@ def test_amp_train_step_changes_the_weights_and_stays_finite(amp):
     optimizer = torch.optim.Adam(tnet.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler('cuda', enabled=amp == 'fp16')
     for _ in range(3):
-        anchor, negative, positive, attr = (asen.to_device(t, device, True) for t in batch())
-        with asen.autocast(device, amp):
+        anchor, negative, positive, attr = (runtime.to_device(t, device, True) for t in batch())
+        with runtime.autocast(device, amp):
             loss = models.triplet_loss(*(s.float() for s in tnet(anchor, negative, positive, attr)), 0.2)
         assert torch.isfinite(loss)
         optimizer.zero_grad()

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 import asen
+import runtime
 import ddp_step
 import model as models
 from conftest import ROOT, TINY
@@ -96,7 +97,7 @@ def test_ddp_step_with_frozen_batchnorm_equals_one_process_at_twice_the_batch(dd
     optimizer = ddp_step.optimizer_of(tnet, args)
     loss, _ = asen.train_one_epoch(tnet, ddp_step.loader(ddp_step.global_batch(), slice(None), 2 * ddp_step.BATCH),
                                    optimizer, torch.amp.GradScaler('cpu', enabled=False), torch.device('cpu'), 1,
-                                   args, asen.silent_logger())
+                                   args, runtime.silent_logger())
     want, got = ddp_step.outcome(tnet, loss), ddp_step_result['frozen_bn']
     assert_same_step(got, want)
     assert not torch.equal(got['weights']['embeddingnet.feature_fc.weight'],
@@ -144,4 +145,4 @@ def test_triplet_shards_partition_each_epochs_draw(trained_run):
 
 
 def test_nonfinite_loss_check_in_one_process():
-    assert asen.loss_is_finite(torch.tensor(0.5)) and not asen.loss_is_finite(torch.tensor(float('nan')))
+    assert runtime.loss_is_finite(torch.tensor(0.5)) and not runtime.loss_is_finite(torch.tensor(float('nan')))

@@ -1,0 +1,184 @@
+"""Device, precision and process-group plumbing shared by asen.py, pretrain.py, the benchmarks and
+the tests: nothing here knows about ASEN, its flags or its data.
+
+One `torch.device` is resolved once (`resolve_device`) and passed down; mixed precision has one
+code path (`autocast`); under torchrun (WORLD_SIZE > 1) `distributed_session` holds the process
+group and the helpers below reduce, broadcast and gather over it, while in a single process they
+do nothing.
+"""
+import logging
+import os
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from utils import UserError, setup_logger
+
+
+# ----------------------------------------------------------------------------- device and precision
+
+def resolve_device(no_cuda=False):
+    """CUDA (this process's GPU under torchrun) when available and not refused, else the CPU."""
+    if torch.cuda.is_available() and not no_cuda:
+        return torch.device('cuda', local_rank()) if distributed() else torch.device('cuda')
+    return torch.device('cpu')
+
+
+def autocast(device, amp):
+    """Autocast to bf16 or fp16 (`amp`), or a no-op context for 'off'."""
+    dtype = torch.float16 if amp == 'fp16' else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=amp != 'off')
+
+
+def to_device(tensor, device, channels_last):
+    """`tensor` on `device` (non-blocking from pinned memory); a 4-D one channels_last if asked."""
+    tensor = tensor.to(device, non_blocking=True)
+    return tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.dim() == 4 else tensor
+
+
+# ----------------------------------------------------------------------------- process group
+
+def distributed():
+    """True inside a torchrun process group (never in a single-process run)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_process():
+    """Rank 0, or the only process: the one that logs and writes."""
+    return not distributed() or dist.get_rank() == 0
+
+
+def rank_and_world():
+    """(this process's rank, number of processes): (0, 1) in a single-process run."""
+    return (dist.get_rank(), dist.get_world_size()) if distributed() else (0, 1)
+
+
+def local_rank():
+    return int(os.environ.get('LOCAL_RANK', '0'))
+
+
+def first_on_node():
+    """The process that prepares shared files on its node (all of them in a single-process run)."""
+    return not distributed() or local_rank() == 0
+
+
+@contextmanager
+def distributed_session(no_cuda=False, sync_bn=False):
+    """Under torchrun (WORLD_SIZE > 1): one process group (NCCL on GPUs, gloo on CPUs) for the
+    body, destroyed however the body ends. A single process runs the body without one."""
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1:
+        yield
+        return
+    if not dist.is_available():
+        raise UserError("WORLD_SIZE is set (torchrun) but this torch build has no torch.distributed")
+    use_cuda = torch.cuda.is_available() and not no_cuda
+    if use_cuda:
+        if local_rank() >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank()} but only {torch.cuda.device_count()} GPU(s); "
+                            f"give torchrun --nproc_per_node at most the number of GPUs")
+        torch.cuda.set_device(local_rank())
+    elif sync_bn:
+        raise UserError("--sync-bn needs GPUs (torch's SyncBatchNorm has no CPU kernel); drop it on CPUs")
+    dist.init_process_group('nccl' if use_cuda else 'gloo', timeout=timedelta(minutes=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def local_first(fn):
+    """fn() on each node's first process, then on the others (they find its files ready)."""
+    if not first_on_node():
+        dist.barrier()
+    result = fn()
+    if distributed() and first_on_node():
+        dist.barrier()
+    return result
+
+
+def silent_logger():
+    """The 'asen' logger with no output (ranks other than 0)."""
+    logger = setup_logger(None)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.addHandler(logging.NullHandler())
+    return logger
+
+
+class NullWriter:
+    """Stands in for the TensorBoard writer on ranks other than 0."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def add_image(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def distributed_model(tnet, device, sync_bn, logger, batch_size):
+    """`tnet` wrapped in DistributedDataParallel under torchrun (optionally with SyncBatchNorm,
+    converted in place so that checkpoints keep their layout); `tnet` itself otherwise."""
+    if not distributed():
+        return tnet
+    world = dist.get_world_size()
+    if sync_bn:
+        torch.nn.SyncBatchNorm.convert_sync_batchnorm(tnet)
+    logger.info(f'DistributedDataParallel: {world} processes ({dist.get_backend()}), {batch_size} '
+                f'triplets per process and step, {world * batch_size} per step in all')
+    return torch.nn.parallel.DistributedDataParallel(
+        tnet, device_ids=[device.index] if device.type == 'cuda' else None)
+
+
+# ----------------------------------------------------------------------------- collectives
+
+def loss_is_finite(loss):
+    """Whether the loss is finite, on every rank at once (so that all ranks stop together)."""
+    finite = torch.isfinite(loss.detach()).reshape(1).to(torch.int32)
+    if distributed():
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def global_mean(values, device):
+    """Mean of each of `values` over the ranks (every rank holds as many triplets)."""
+    if not distributed():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return (tensor / dist.get_world_size()).tolist()
+
+
+def broadcast_buffers(module):
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank: each rank's last
+    training forward updated its own, and evaluation must see the weights rank 0 saves."""
+    if distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def max_over_ranks(value, device):
+    """The largest of every rank's integer `value` (the value itself in a single process)."""
+    if not distributed():
+        return value
+    tensor = torch.tensor([value], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def shard_sizes(n, world):
+    """Sizes of `world` contiguous shards of n items, differing by at most one."""
+    return [n // world + (rank < n % world) for rank in range(world)]
+
+
+def gather_rows(local, sizes):
+    """Concatenate every rank's rows (rank r holds sizes[r]), padding to the largest for all_gather."""
+    padded = local.new_zeros((max(sizes), local.shape[1]))
+    padded[:len(local)] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
