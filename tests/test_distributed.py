@@ -91,7 +91,8 @@ def ddp_step_result(tmp_path_factory):
 
 def test_ddp_step_with_frozen_batchnorm_equals_one_process_at_twice_the_batch(ddp_step_result):
     """Frozen BatchNorm makes each triplet's loss independent of its batch mates: 2 ranks x 4
-    triplets must give the loss, gradients and Adam step of 1 process x 8 triplets."""
+    triplets must give the loss, gradients and SGD step (ddp_step.optimizer_of) of 1 process x 8
+    triplets."""
     args = ddp_step.settings()
     tnet = ddp_step.network(True, args)
     optimizer = ddp_step.optimizer_of(tnet, args)
@@ -107,7 +108,7 @@ def test_ddp_step_with_frozen_batchnorm_equals_one_process_at_twice_the_batch(dd
 def test_ddp_step_with_batchnorm_equals_the_mean_loss_of_the_two_halves(ddp_step_result):
     """Training-mode BatchNorm normalises each rank's half by that half's statistics (no
     SyncBatchNorm on CPUs), so the reference is one process computing the mean of the two halves'
-    losses, each half in its own forward pass: same loss, averaged gradients, same Adam step."""
+    losses, each half in its own forward pass: same loss, averaged gradients, same SGD step."""
     args = ddp_step.settings()
     tnet = ddp_step.network(False, args)
     tnet.train()
