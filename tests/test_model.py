@@ -28,13 +28,38 @@ def test_channels_follow_backbone():
     assert models.build_backbone('resnet50', pretrained=False).out_channels == 1024
 
 
-def test_attention_depends_on_attribute():
+def attention_shift(net):
+    """Attention mass (total variation, in [0, 1]) that moves between the spatial maps of one image
+    under attributes 0 and 1; float noise gives about 1e-7."""
+    images = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1)).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        maps = net.attention_maps(images, torch.tensor([0, 1]))             # (2, H, W)
+    return 0.5 * (maps[0] - maps[1]).abs().sum().item()
+
+
+@pytest.mark.parametrize('name', ['ASENet', 'ASENet_V2'])
+def test_spatial_attention_depends_on_attribute(name):
+    """ASA (Eq. 1-3) looks at different places for different attributes, even untrained: at least
+    0.1% of the attention mass moves (random init moves about 3%)."""
+    torch.manual_seed(0)
+    net = models.build_model(name, 4, 'resnet18', pretrained=False, dim_embed=16).eval()
+    assert attention_shift(net) > 1e-3
+
+
+def test_attribute_blind_spatial_attention_fails_the_check():
+    """The control: ASA made blind to the attribute (every attribute projects to the same vector)
+    keeps a non-uniform map and attribute-dependent embeddings (through ACA), but no mass moves."""
     torch.manual_seed(0)
     net = models.build_model('ASENet', 4, 'resnet18', pretrained=False, dim_embed=16).eval()
-    images = torch.randn(1, 3, 64, 64).repeat(2, 1, 1, 1)
     with torch.no_grad():
+        weight = net.asa.attr_proj.weight                                   # (hidden, n_attributes)
+        weight.copy_(weight[:, :1].expand_as(weight))
+        images = torch.randn(1, 3, 64, 64).repeat(2, 1, 1, 1)
         emb = net(images, torch.tensor([0, 1]))
-    assert not torch.allclose(emb[0], emb[1])
+        maps = net.attention_maps(images, torch.tensor([0, 1]))
+    assert not torch.allclose(emb[0], emb[1])                               # what the old check looked at
+    assert maps[0].max() - maps[0].min() > 1e-3                             # not the uniform map
+    assert attention_shift(net) < 1e-6
 
 
 @pytest.mark.parametrize('name', ['ASENet_noASA', 'ASENet_noACA'])
