@@ -36,16 +36,23 @@ DATASETS = ('FashionAI', 'DARN', 'DeepFashion', 'SynthFashion', 'Zappos50k')
 TRIPLET_DATASETS = ('Zappos50k',)
 
 # SynthFashion runs out of the box on a CPU in about 5 minutes: these replace the defaults of
-# flags not given. The fast paths (bf16 where the CPU has bf16 kernels, channels_last, one
-# concatenated forward) buy the triplets a from-scratch ResNet-18 needs in that time.
+# flags not given. The fast paths (bf16 where the device has bf16 kernels, channels_last, one
+# concatenated forward) buy the triplets a from-scratch ResNet-18 needs in that time; the attention
+# heatmaps of every epoch cost little at 64 px and show the demo learning where to look.
 SYNTH_PRESET = dict(backbone='resnet18', pretrained=False, img_size=64, epochs=6, num_triplets=5000,
-                    batch_size=32, log_interval=40, channels_last=True, concat_forward=True)
+                    batch_size=32, log_interval=40, channels_last=True, concat_forward=True, heatmap_every=1)
 
 
-def synth_preset():
-    bf16_ok = torch.cuda.is_available() or torch.backends.mkldnn.is_available() and \
-        torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return dict(SYNTH_PRESET, amp='bf16' if bf16_ok else 'off')
+def synth_preset(device):
+    """SYNTH_PRESET with the precision chosen for `device`, the one the run will use: bf16 where
+    it runs bf16 natively (runtime.bf16_supported), else fp32."""
+    return dict(SYNTH_PRESET, amp='bf16' if runtime.bf16_supported(device) else 'off')
+
+
+def describe_preset():
+    """The preset as --help prints it."""
+    values = ', '.join(f'{key}={value}' for key, value in SYNTH_PRESET.items())
+    return f'{values}, amp=bf16 where the device used (see --no-cuda) runs bf16 natively, else off'
 
 
 # Flags a checkpoint does not override when resuming (they describe this invocation).
@@ -67,11 +74,11 @@ class ArgumentParser(argparse.ArgumentParser):
 def get_args_parser():
     parser = ArgumentParser(
         description='Attribute-Specific Embedding Network (ASEN): train, or test with --test --resume.',
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=utils.HelpFormatter)
     data = parser.add_argument_group('data')
     data.add_argument('--dataset', default='FashionAI', choices=DATASETS,
                       help='dataset under --data_path; SynthFashion is generated on first use and '
-                           f'brings a CPU preset for flags not given: {synth_preset()}')
+                           f'brings a CPU preset for the flags not given: {describe_preset()}')
     data.add_argument('--data_path', '--data-path', default='data', help='folder holding the datasets')
     data.add_argument('--img_size', '--img-size', type=int, default=224,
                       help='Resize and CenterCrop size; the attention map size follows from it')
@@ -80,8 +87,8 @@ def get_args_parser():
     data.add_argument('--synth-images', '--synth_images', dest='synth_images', type=int, default=2000,
                       help='SynthFashion: training images to generate (valid and test get a quarter each)')
     data.add_argument('--skip-bad-images', dest='skip_bad_images', action='store_true',
-                      help='skip listed images that are missing or unreadable, and say how many '
-                           '(default: stop and name the first one)')
+                      help='skip listed images that are missing or unreadable, and say how many (without '
+                           'it: stop and name the first one)')
     data.add_argument('--workers', type=int, default=None,
                       help='DataLoader worker processes (default: 4 on CUDA, 0 on CPU, as the original)')
     data.add_argument('--cache-images', '--cache_images', dest='cache_images', action='store_true',
@@ -97,19 +104,20 @@ def get_args_parser():
                           'ConditionalSimNet (CSN, Veit et al. 2017); TripletNet, one embedding for all attributes')
     net.add_argument('--backbone', default='resnet50', choices=models.BACKBONES,
                      help='ResNet trunk, cut after layer3')
-    net.add_argument('--no-pretrained', dest='pretrained', action='store_false', default=True,
-                     help='random init instead of ImageNet weights (default: pretrained)')
+    net.add_argument('--pretrained', dest='pretrained', action='store_true', default=True,
+                     help='start the trunk from ImageNet weights (default, except in the SynthFashion preset)')
+    net.add_argument('--no-pretrained', dest='pretrained', action='store_false',
+                     help='random init instead of ImageNet weights')
     net.add_argument('--backbone-weights', dest='backbone_weights', default=None, metavar='FILE',
                      help='trunk weights from a local file instead of the ImageNet download: a torchvision '
-                          'ResNet state dict (e.g. resnet50-0676ba61.pth) or one written by pretrain.py '
-                          '(default: none)')
+                          'ResNet state dict (e.g. resnet50-0676ba61.pth) or one written by pretrain.py')
     net.add_argument('--dim_embed', '--dim-embed', type=int, default=1024, help='embedding size')
     net.add_argument('--csn-fixed-masks', dest='csn_fixed_masks', action='store_true',
-                     help='ConditionalSimNet: fixed disjoint 0/1 masks, not trained (default: learned masks '
-                          'initialised N(0.9, 0.7))')
+                     help='ConditionalSimNet: fixed disjoint 0/1 masks, not trained (without it: learned '
+                          'masks initialised N(0.9, 0.7))')
     net.add_argument('--csn-reg', dest='csn_reg', action='store_true',
                      help='ConditionalSimNet: add the CSN regularisers to the loss, 5e-3 x embedding L2 norm '
-                          '+ 5e-4 x mask L1 norm (default: off, as the ASEN authors\' CSN baseline)')
+                          '+ 5e-4 x mask L1 norm (without it: none, as the ASEN authors\' CSN baseline)')
 
     train = parser.add_argument_group('training')
     train.add_argument('--epochs', type=int, default=200, help='last epoch to train')
@@ -124,7 +132,7 @@ def get_args_parser():
     train.add_argument('--margin', type=float, default=0.2, help='triplet ranking margin')
     train.add_argument('--seed', type=int, default=1, help='seeds Python random, numpy and torch')
 
-    perf = parser.add_argument_group('performance (off by default: the original semantics)')
+    perf = parser.add_argument_group('performance (off unless given or preset: the original semantics)')
     perf.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
                       help='autocast precision; fp16 uses a GradScaler')
     perf.add_argument('--channels-last', dest='channels_last', action=argparse.BooleanOptionalAction,
@@ -140,12 +148,23 @@ def get_args_parser():
 
     run = parser.add_argument_group('run')
     run.add_argument('--name', default='ASEN', help='run folder runs/<name>/ for snapshots and logs')
-    run.add_argument('--resume', default=None, help='checkpoint to resume training from or to test')
+    run.add_argument('--resume', default=None, metavar='CHECKPOINT',
+                     help='checkpoint to resume training from or to test; every flag not given is taken from '
+                          'it, --name (so the run folder runs/<name>/ it writes to) and --data_path included')
     run.add_argument('--test', action='store_true', help='evaluate --resume on the test split and exit')
     run.add_argument('--no-cuda', '--no_cuda', dest='no_cuda', action='store_true',
                      help='use the CPU even when CUDA is available')
     run.add_argument('--log-interval', '--log_interval', dest='log_interval', type=int, default=400,
                      help='batches between training log lines')
+    run.add_argument('--heatmap-every', '--heatmap_every', dest='heatmap_every', type=int, default=0, metavar='N',
+                     help='draw the attention of a fixed set of valid images (runs/<name>/heatmaps/ and '
+                          'TensorBoard) every N epochs and after the last one; 0: never during training, as '
+                          'the original (--visualize draws them afterwards)')
+    run.add_argument('--visdom', action='store_true',
+                     help="accepted for the original's command lines: curves and attention go to TensorBoard "
+                          "instead (tensorboard --logdir runs)")
+    run.add_argument('--visdom_port', '--visdom-port', dest='visdom_port', type=int, default=8097,
+                     help="accepted for the original's command lines, unused")
 
     use = parser.add_argument_group('seeing and using a trained model (with --resume)')
     use.add_argument('--visualize', action='store_true',
@@ -181,7 +200,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.explicit = explicit_flags(parser, argv)
     if args.dataset == 'SynthFashion':
-        apply_defaults(args, synth_preset())
+        # the device run() will resolve from the same flag: the preset's precision must suit it
+        apply_defaults(args, synth_preset(runtime.resolve_device(args.no_cuda)))
     return args
 
 
@@ -363,8 +383,9 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
                               run_dir, is_best)
                 append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, lr=lr, **result))
                 log_epoch(writer, epoch, lr, result)
-                valid_heatmaps(tnet.embeddingnet, heatmap_images(valid_sets), split_files.attributes, run_dir,
-                               epoch, writer, device)
+                if heatmap_due(epoch, args.heatmap_every, args.epochs):
+                    valid_heatmaps(tnet.embeddingnet, heatmap_images(valid_sets), split_files.attributes, run_dir,
+                                   epoch, writer, device)
             logger.info(f'lr:{lr}')
     except KeyboardInterrupt:
         # the weights are mid-epoch: resuming this file repeats the interrupted epoch from them
@@ -418,6 +439,11 @@ def log_epoch(writer, epoch, lr, result):
     writer.add_scalar(f'valid/{total}', result[total], epoch)
     for name, value in result[per].items():
         writer.add_scalar(f'valid/{per}/{name}', value, epoch)
+
+
+def heatmap_due(epoch, every, last_epoch):
+    """--heatmap-every: epochs every, 2 x every, ... and the last one; never for 0."""
+    return every > 0 and (epoch % every == 0 or epoch == last_epoch)
 
 
 def valid_heatmaps(net, candidates, attributes, run_dir, epoch, writer, device):
@@ -655,7 +681,14 @@ def save_snapshot(state, run_dir, is_best):
     if is_best:
         best = os.path.join(run_dir, 'model_best.pth.tar')
         tmp = best + '.tmp'
-        shutil.copyfile(path, tmp)
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        try:
+            # a hard link, not a copy of the file (3 x the weights with Adam's moments): save_atomic
+            # replaces checkpoint.pth.tar by a new file, so the best one never changes under its name
+            os.link(path, tmp)
+        except OSError:                                     # a file system without hard links
+            shutil.copyfile(path, tmp)
         os.replace(tmp, best)
 
 
@@ -704,6 +737,7 @@ def run(args):
         raise UserError("--visualize and --retrieve run in one process; start them without torchrun")
     logger = utils.setup_logger(os.path.join(run_dir, 'train.log' if is_training(args) else 'test.log')) \
         if is_main_process() else runtime.silent_logger()
+    log_invocation(args, run_dir, checkpoint, logger)
     split_files = local_first(lambda: prepare_dataset(args))
     tnet = build_network(args, len(split_files.attributes), device, imagenet=checkpoint is None)
     logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
@@ -725,7 +759,22 @@ def run(args):
     return None
 
 
+def log_invocation(args, run_dir, checkpoint, logger):
+    """Say which run folder this run writes to (--resume may have set --name), and that the
+    original's --visdom is served by TensorBoard."""
+    origin = ' (--name from the --resume checkpoint)' if checkpoint is not None and 'name' not in args.explicit \
+        else ''
+    logger.info(f'writing to {run_dir}{os.sep}{origin}')
+    if args.visdom:
+        logger.info('--visdom: curves and attention go to TensorBoard here: tensorboard --logdir runs')
+
+
 def main(argv=None):
+    try:
+        runtime.check_torch_version()
+    except UserError as err:
+        print(f'error: {err}', file=sys.stderr)
+        return 2
     args = parse_args(argv)
     try:
         with runtime.distributed_session(args.no_cuda, args.sync_bn):

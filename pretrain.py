@@ -32,7 +32,7 @@ from utils import UserError
 
 def build_parser():
     parser = argparse.ArgumentParser(description='Pretrain the ResNet trunk on the training labels of a dataset.',
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=utils.HelpFormatter)
     parser.add_argument('--dataset', default='SynthFashion', help='dataset folder under --data_path')
     parser.add_argument('--data_path', '--data-path', default='data', help='folder holding the datasets')
     parser.add_argument('--synth-images', dest='synth_images', type=int, default=2000,
@@ -45,8 +45,8 @@ def build_parser():
     parser.add_argument('--lr', type=float, default=1e-3, help='Adam learning rate')
     parser.add_argument('--seed', type=int, default=1, help='seed of init, shuffling and flips')
     parser.add_argument('--workers', type=int, default=2, help='data loading processes')
-    parser.add_argument('--amp', default=asen.synth_preset()['amp'],
-                        choices=('off', 'bf16', 'fp16'), help='mixed precision')
+    parser.add_argument('--amp', default=None, choices=('off', 'bf16', 'fp16'),
+                        help='mixed precision (default: bf16 where the device used runs bf16 natively, else off)')
     parser.add_argument('--no-cuda', dest='no_cuda', action='store_true', help='stay on the CPU')
     return parser
 
@@ -131,6 +131,8 @@ def run(args):
     check_args(args)
     utils.seed_everything(args.seed)
     device = runtime.resolve_device(args.no_cuda)
+    if args.amp is None:
+        args.amp = 'bf16' if runtime.bf16_supported(device) else 'off'
     split_files = asen.prepare_dataset(args)
     n_attributes = len(split_files.attributes)
     filenames = split_files.filenames('train')
@@ -160,6 +162,7 @@ def run(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        runtime.check_torch_version()
         run(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

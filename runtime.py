@@ -8,6 +8,7 @@ do nothing.
 """
 import logging
 import os
+import re
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -17,6 +18,24 @@ import torch.distributed as dist
 from utils import UserError, setup_logger
 
 
+# ----------------------------------------------------------------------------- torch version
+
+# The oldest torch the code runs on: torch.amp.GradScaler(device) arrived in 2.3 and
+# torch.cuda.is_bf16_supported(including_emulation=...) in 2.4 (requirements.txt says the same).
+MIN_TORCH = (2, 4)
+
+
+def check_torch_version(version=None):
+    """One clear line (a UserError) when the installed torch is older than MIN_TORCH."""
+    version = version or torch.__version__
+    found = re.match(r'(\d+)\.(\d+)', version)
+    if found and tuple(int(part) for part in found.groups()) < MIN_TORCH:
+        need = '.'.join(map(str, MIN_TORCH))
+        raise UserError(f"torch {version} is too old: asen needs torch >= {need} (torch.amp.GradScaler(device), "
+                        f"torch.cuda.is_bf16_supported(including_emulation=...)); "
+                        f"pip install -r requirements.txt")
+
+
 # ----------------------------------------------------------------------------- device and precision
 
 def resolve_device(no_cuda=False):
@@ -24,6 +43,19 @@ def resolve_device(no_cuda=False):
     if torch.cuda.is_available() and not no_cuda:
         return torch.device('cuda', local_rank()) if distributed() else torch.device('cuda')
     return torch.device('cpu')
+
+
+def bf16_supported(device):
+    """Whether `device` runs bf16 natively: a CUDA GPU that torch.cuda.is_bf16_supported() accepts
+    without emulation (compute capability 8.0, Ampere, and later; emulated bf16 on older GPUs is
+    slower than fp32), or a CPU whose oneDNN has bf16 kernels (AVX512-BF16 or AMX)."""
+    if device.type == 'cuda':
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return cpu_has_bf16()
+
+
+def cpu_has_bf16():
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def autocast(device, amp):

@@ -4,6 +4,7 @@ The retrieval metric follows the authors' evaluation (Ma et al., AAAI 2020, Sec.
 attribute, its queries are ranked against its candidates by dot-product similarity, AP is taken
 over the full ranking and averaged over queries; MeanAP weights the attributes by query count.
 """
+import argparse
 import json
 import logging
 import os
@@ -212,3 +213,26 @@ def setup_logger(log_file=None):
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     return logger
+
+
+# ----------------------------------------------------------------------------- command lines
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse help that states each option's default once: ' (default: X)' is appended only where
+    the help does not already speak of its default and there is a value worth printing. Switches
+    (store_true/store_false) say in their help what they change, since a bare '(default: True)'
+    under `--no-pretrained` would read as if the flag were on; None and SUPPRESS print nothing;
+    a --flag/--no-flag pair prints on or off."""
+
+    def _get_help_string(self, action):
+        text = action.help or ''
+        if isinstance(action, argparse.BooleanOptionalAction):
+            # Python 3.9 and 3.10 append their own '(default: %(default)s)' here: say on/off instead
+            text = text.replace(' (default: %(default)s)', '')
+        if not action.option_strings or 'default' in text.lower():
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        if action.nargs == 0 or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return text + ' (default: %(default)s)'

@@ -29,6 +29,7 @@ import asen  # noqa: E402  (the project's module; _common put the repo on sys.pa
 import bench_train_step  # noqa: E402
 import datasets  # noqa: E402
 import runtime  # noqa: E402
+import utils  # noqa: E402
 
 # 'default' is the original semantics: the SynthFashion preset would otherwise turn the fast paths on.
 VARIANTS = {
@@ -96,7 +97,7 @@ def step_alone(settings, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=utils.HelpFormatter)
     parser.add_argument('--data_path', '--data-path', default=os.path.join(_common.REPO, 'data'),
                         help='folder holding SynthFashion/ (generated there on first use)')
     parser.add_argument('--num_triplets', '--num-triplets', type=int, default=None,

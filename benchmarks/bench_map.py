@@ -55,7 +55,7 @@ def make_data(n_queries, n_candidates, dim, n_classes, dtype, seed):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=utils.HelpFormatter)
     parser.add_argument('--queries', type=int, default=2000)
     parser.add_argument('--candidates', type=int, default=8000)
     parser.add_argument('--dim', type=int, default=1024)

@@ -18,6 +18,7 @@ import torch  # noqa: E402
 
 import model as models  # noqa: E402  (the project's modules; _common put the repo on sys.path)
 import runtime  # noqa: E402
+import utils  # noqa: E402
 
 # name -> (amp, channels_last, concat_forward)
 BASE_CONFIGS = {
@@ -98,7 +99,7 @@ def run_config(cfg, args, device):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=utils.HelpFormatter)
     parser.add_argument('--backbone', default='resnet50', choices=models.BACKBONES)
     parser.add_argument('--pretrained', action='store_true',
                         help='load ImageNet weights (default: random init; speed does not depend on it)')

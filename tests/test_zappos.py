@@ -43,7 +43,7 @@ TINY_ZAPPOS = ['--dataset', 'Zappos50k', '--backbone', 'resnet18', '--no-pretrai
 
 
 def test_train_then_test_through_main(zappos_dir, workdir, capsys):
-    assert asen.main(TINY_ZAPPOS) == 0
+    assert asen.main(TINY_ZAPPOS + ['--heatmap-every', '1']) == 0
     run = workdir / 'runs' / 'zap'
     log = (run / 'train.log').read_text()
     for cond in zappos.CONDITIONS:

@@ -1,0 +1,167 @@
+"""The command line tells the truth: --help states each default once, the SynthFashion preset
+yields to every explicit flag and picks its precision for the device used, a too-old torch is one
+line, the original's --visdom flags are accepted, and --heatmap-every decides which epochs draw."""
+import argparse
+import re
+import shutil
+
+import pytest
+import torch
+
+import asen
+import pretrain
+import runtime
+from conftest import TINY
+
+
+# ----------------------------------------------------------------------------- --help
+
+def help_entries(parser):
+    """{first option string: its help text, whitespace collapsed}, read from --help's output."""
+    entries, current = {}, None
+    for line in parser.format_help().splitlines():
+        option = re.match(r'\s{2}(-[-\w]+)', line)
+        if option:
+            current = option.group(1)
+            entries[current] = line
+        elif current and line.startswith('    '):
+            entries[current] += ' ' + line
+        else:
+            current = None                                  # a blank line or a group title
+    return {option: ' '.join(text.split()) for option, text in entries.items()}
+
+
+@pytest.mark.parametrize('parser', [asen.get_args_parser(), pretrain.build_parser()], ids=['asen', 'pretrain'])
+def test_help_states_each_default_at_most_once(parser):
+    entries = help_entries(parser)
+    options = [a for a in parser._actions if a.option_strings and a.help is not argparse.SUPPRESS]
+    assert set(entries) == {a.option_strings[0] for a in options}
+    for action in options:
+        text = entries[action.option_strings[0]]
+        assert text.lower().count('default') <= 1, text
+        if action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction):
+            assert '(default: True)' not in text and '(default: False)' not in text, text
+
+
+def test_help_says_what_the_defaults_are():
+    entries = help_entries(asen.get_args_parser())
+    assert entries['--epochs'].endswith('(default: 200)')
+    assert entries['--channels-last'].endswith('(default: off)')
+    assert 'default' not in entries['--no-pretrained'] and 'default' in entries['--pretrained']
+    assert entries['--visdom_port'].endswith('(default: 8097)')
+    assert entries['--heatmap-every'].endswith('(default: 0)')
+    assert '--name' in entries['--resume'] and '--data_path' in entries['--resume']
+
+
+# ----------------------------------------------------------------------------- the SynthFashion preset
+
+def another_value(parser, dest, value):
+    """(argv, value): command-line words that set `dest` to a value other than `value`."""
+    actions = [a for a in parser._actions if a.dest == dest]
+    assert actions, f'the preset sets {dest}, which no flag gives'
+    action = actions[0]
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [action.option_strings[1] if value else action.option_strings[0]], not value
+    if action.nargs == 0:                                   # store_true / store_false pairs
+        other = next(a for a in actions if a.const != value)
+        return [other.option_strings[0]], other.const
+    if action.choices:
+        other = next(choice for choice in action.choices if choice != value)
+        return [action.option_strings[0], str(other)], other
+    if action.type in (int, float):
+        return [action.option_strings[0], str(value + 1)], value + 1
+    raise AssertionError(f'no way to give --{dest} another value than {value!r}')
+
+
+def test_every_preset_value_yields_to_an_explicit_flag():
+    parser = asen.get_args_parser()
+    preset = asen.synth_preset(runtime.resolve_device())
+    plain = asen.parse_args(['--dataset', 'SynthFashion'])
+    assert {key: getattr(plain, key) for key in preset} == preset
+    for key, value in preset.items():
+        argv, other = another_value(parser, key, value)
+        args = asen.parse_args(['--dataset', 'SynthFashion', *argv])
+        assert other != value and getattr(args, key) == other, (key, argv)
+        assert all(getattr(args, k) == v for k, v in preset.items() if k != key), key   # only that one
+
+
+def test_pretrained_and_no_pretrained_share_one_setting():
+    assert asen.parse_args([]).pretrained is True
+    assert asen.parse_args(['--no-pretrained']).pretrained is False
+    assert asen.parse_args(['--dataset', 'SynthFashion']).pretrained is False
+    assert asen.parse_args(['--dataset', 'SynthFashion', '--pretrained']).pretrained is True
+
+
+def preset_amp(*flags):
+    return asen.parse_args(['--dataset', 'SynthFashion', *flags]).amp
+
+
+def test_preset_precision_on_the_cpu_follows_its_bf16_kernels(monkeypatch):
+    cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert preset_amp('--no-cuda') == ('bf16' if cpu_bf16 else 'off')
+    for has_bf16, amp in ((True, 'bf16'), (False, 'off')):
+        monkeypatch.setattr(runtime, 'cpu_has_bf16', lambda: has_bf16)
+        assert preset_amp('--no-cuda') == amp
+
+
+def test_preset_precision_on_cuda_asks_the_gpu_and_obeys_no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    for gpu_bf16, cpu_bf16 in ((True, False), (False, True)):
+        monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: gpu_bf16)
+        monkeypatch.setattr(runtime, 'cpu_has_bf16', lambda: cpu_bf16)
+        assert preset_amp() == ('bf16' if gpu_bf16 else 'off')                # the GPU's answer
+        assert preset_amp('--no-cuda') == ('bf16' if cpu_bf16 else 'off')     # the CPU's, with --no-cuda
+    assert preset_amp('--amp', 'fp16') == 'fp16'
+
+
+# ----------------------------------------------------------------------------- torch version
+
+def test_too_old_torch_is_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch, '__version__', '2.3.1+cu121')
+    assert asen.main(['--dataset', 'SynthFashion']) == 2
+    assert pretrain.main(['--out', 'never.pth']) == 2
+    for err in capsys.readouterr().err.splitlines():
+        assert err.startswith('error: torch 2.3.1+cu121 is too old') and 'torch >= 2.4' in err
+    for version in ('2.4.0', '2.4.0a0+git1234', '2.14.1', '3.0'):
+        runtime.check_torch_version(version)
+
+
+# ----------------------------------------------------------------------------- runs: --visdom, run folder, heatmaps
+
+def test_heatmap_due():
+    assert [e for e in range(1, 8) if asen.heatmap_due(e, 3, 7)] == [3, 6, 7]
+    assert [e for e in range(1, 4) if asen.heatmap_due(e, 1, 3)] == [1, 2, 3]
+    assert not any(asen.heatmap_due(e, 0, 5) for e in range(1, 6))
+
+
+@pytest.fixture()
+def synth_copy(trained_run, workdir):
+    """The tiny SynthFashion data in a fresh working directory (nothing to generate)."""
+    shutil.copytree(trained_run[0] / 'data', workdir / 'data')
+    return workdir
+
+
+def heatmap_files(run):
+    return sorted(p.name for p in (run / 'heatmaps').glob('valid_epoch*.png')) if (run / 'heatmaps').is_dir() else []
+
+
+def test_heatmap_every_decides_which_epochs_draw_and_visdom_is_accepted(synth_copy, monkeypatch, capsys):
+    monkeypatch.setattr(asen, 'train_one_epoch', lambda *args, **kwargs: (0.0, 0.0))   # evaluation only
+    assert asen.main(TINY + ['--epochs', '3', '--heatmap-every', '2', '--name', 'every2', '--visdom',
+                             '--visdom_port', '9000']) == 0
+    assert heatmap_files(synth_copy / 'runs' / 'every2') == ['valid_epoch002.png', 'valid_epoch003.png']
+    out = capsys.readouterr().out
+    assert out.count('--visdom: curves and attention go to TensorBoard here: tensorboard --logdir runs') == 1
+    assert 'writing to runs/every2/\n' in out
+    assert asen.main(TINY + ['--epochs', '1', '--heatmap-every', '0', '--name', 'every0']) == 0
+    assert heatmap_files(synth_copy / 'runs' / 'every0') == []                  # not even the last epoch
+    assert '--visdom' not in capsys.readouterr().out
+
+
+def test_the_log_names_the_run_folder_a_resume_writes_to(trained_run, monkeypatch, capsys):
+    root, run = trained_run
+    monkeypatch.chdir(root)
+    assert asen.main(['--test', '--resume', str(run / 'checkpoint.pth.tar'), '--visdom']) == 0
+    out = capsys.readouterr().out
+    assert 'writing to runs/shared/ (--name from the --resume checkpoint)' in out
+    assert '--visdom: curves and attention' in out
