@@ -146,6 +146,24 @@ def test_no_space_left_keeps_the_previous_snapshot(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ['checkpoint.pth.tar']
 
 
+@pytest.mark.parametrize('hard_links', [True, False])
+def test_best_snapshot_stays_when_later_checkpoints_replace_it(tmp_path, monkeypatch, hard_links):
+    """model_best.pth.tar is a hard link to the best checkpoint's file (a copy on a file system
+    without hard links); a later checkpoint is a new file, so the best one keeps its epoch."""
+    def no_hard_links(*args):
+        raise OSError(errno.EPERM, 'Operation not permitted')
+    if not hard_links:
+        monkeypatch.setattr(os, 'link', no_hard_links)
+    asen.save_snapshot({'epoch': 1}, str(tmp_path), is_best=True)
+    best, ckpt = tmp_path / 'model_best.pth.tar', tmp_path / 'checkpoint.pth.tar'
+    assert os.path.samefile(best, ckpt) == hard_links
+    asen.save_snapshot({'epoch': 2}, str(tmp_path), is_best=False)
+    assert load(best)['epoch'] == 1 and load(ckpt)['epoch'] == 2
+    asen.save_snapshot({'epoch': 3}, str(tmp_path), is_best=True)
+    assert load(best)['epoch'] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pth.tar', 'model_best.pth.tar']
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_snapshot(workdir, monkeypatch, capsys):
     assert asen.main(TINY + ['--epochs', '1', '--name', 'nan']) == 0
     monkeypatch.setattr(asen.models, 'triplet_loss', lambda *a: torch.tensor(float('nan')))
