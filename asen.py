@@ -161,10 +161,10 @@ def get_args_parser():
                           'TensorBoard) every N epochs and after the last one; 0: never during training, as '
                           'the original (--visualize draws them afterwards)')
     run.add_argument('--visdom', action='store_true',
-                     help="accepted for the original's command lines: curves and attention go to TensorBoard "
-                          "instead (tensorboard --logdir runs)")
-    run.add_argument('--visdom_port', '--visdom-port', dest='visdom_port', type=int, default=8097,
-                     help="accepted for the original's command lines, unused")
+                     help="the original's flag: its curves and per-epoch attention go to TensorBoard instead "
+                          "(tensorboard --logdir runs), the attention every epoch unless --heatmap-every is given")
+    run.add_argument('--visdom_port', '--visdom-port', dest='visdom_port', type=int, default=4655,
+                     help="accepted for the original's command lines, unused (default: 4655, the original's)")
 
     use = parser.add_argument_group('seeing and using a trained model (with --resume)')
     use.add_argument('--visualize', action='store_true',
@@ -723,6 +723,7 @@ def run(args):
     if checkpoint is not None:
         restore_args(args, checkpoint)
         adopt_original_checkpoint(args, checkpoint)
+    visdom_to_tensorboard(args)
     for flag in ('test', 'visualize', 'retrieve'):
         if getattr(args, flag) and checkpoint is None:
             raise UserError(f"--{flag} needs --resume CHECKPOINT (e.g. runs/<name>/model_best.pth.tar)")
@@ -759,6 +760,14 @@ def run(args):
     return None
 
 
+def visdom_to_tensorboard(args):
+    """The original's --visdom plotted the curves and, every epoch, the attention of a few valid
+    images; TensorBoard gets both here, so --visdom draws the heatmaps every epoch unless
+    --heatmap-every is given (after --resume, whose checkpoint may hold another value)."""
+    if args.visdom and 'heatmap_every' not in args.explicit:
+        args.heatmap_every = 1
+
+
 def log_invocation(args, run_dir, checkpoint, logger):
     """Say which run folder this run writes to (--resume may have set --name), and that the
     original's --visdom is served by TensorBoard."""
@@ -766,7 +775,8 @@ def log_invocation(args, run_dir, checkpoint, logger):
         else ''
     logger.info(f'writing to {run_dir}{os.sep}{origin}')
     if args.visdom:
-        logger.info('--visdom: curves and attention go to TensorBoard here: tensorboard --logdir runs')
+        what = 'curves and attention' if args.heatmap_every > 0 else 'curves'
+        logger.info(f'--visdom: {what} go to TensorBoard here: tensorboard --logdir runs')
 
 
 def main(argv=None):

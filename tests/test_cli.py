@@ -48,7 +48,7 @@ def test_help_says_what_the_defaults_are():
     assert entries['--epochs'].endswith('(default: 200)')
     assert entries['--channels-last'].endswith('(default: off)')
     assert 'default' not in entries['--no-pretrained'] and 'default' in entries['--pretrained']
-    assert entries['--visdom_port'].endswith('(default: 8097)')
+    assert entries['--visdom_port'].endswith("(default: 4655, the original's)")
     assert entries['--heatmap-every'].endswith('(default: 0)')
     assert '--name' in entries['--resume'] and '--data_path' in entries['--resume']
 
@@ -128,6 +128,15 @@ def test_too_old_torch_is_one_line(monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------- runs: --visdom, run folder, heatmaps
 
+def test_visdom_draws_the_attention_every_epoch_unless_told_otherwise():
+    """The original's --visdom plotted each epoch's attention; TensorBoard gets it here."""
+    for argv, every in (([], 0), (['--visdom'], 1), (['--visdom', '--heatmap-every', '3'], 3),
+                        (['--visdom', '--heatmap-every', '0'], 0)):
+        args = asen.parse_args(argv)
+        asen.visdom_to_tensorboard(args)
+        assert args.heatmap_every == every, argv
+
+
 def test_heatmap_due():
     assert [e for e in range(1, 8) if asen.heatmap_due(e, 3, 7)] == [3, 6, 7]
     assert [e for e in range(1, 4) if asen.heatmap_due(e, 1, 3)] == [1, 2, 3]
@@ -152,6 +161,7 @@ def test_heatmap_every_decides_which_epochs_draw_and_visdom_is_accepted(synth_co
     assert heatmap_files(synth_copy / 'runs' / 'every2') == ['valid_epoch002.png', 'valid_epoch003.png']
     out = capsys.readouterr().out
     assert out.count('--visdom: curves and attention go to TensorBoard here: tensorboard --logdir runs') == 1
+    assert '--visdom_port' not in out                                       # accepted, unused
     assert 'writing to runs/every2/\n' in out
     assert asen.main(TINY + ['--epochs', '1', '--heatmap-every', '0', '--name', 'every0']) == 0
     assert heatmap_files(synth_copy / 'runs' / 'every0') == []                  # not even the last epoch
