@@ -37,10 +37,9 @@ TRIPLET_DATASETS = ('Zappos50k',)
 
 # SynthFashion runs out of the box on a CPU in about 5 minutes: these replace the defaults of
 # flags not given. The fast paths (bf16 where the device has bf16 kernels, channels_last, one
-# concatenated forward) buy the triplets a from-scratch ResNet-18 needs in that time; the attention
-# heatmaps of every epoch cost little at 64 px and show the demo learning where to look.
+# concatenated forward) buy the triplets a from-scratch ResNet-18 needs in that time.
 SYNTH_PRESET = dict(backbone='resnet18', pretrained=False, img_size=64, epochs=6, num_triplets=5000,
-                    batch_size=32, log_interval=40, channels_last=True, concat_forward=True, heatmap_every=1)
+                    batch_size=32, log_interval=40, channels_last=True, concat_forward=True)
 
 
 def synth_preset(device):

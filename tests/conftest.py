@@ -26,7 +26,7 @@ def trained_run(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        assert asen.main(TINY + ['--epochs', '1', '--name', 'shared']) == 0
+        assert asen.main(TINY + ['--epochs', '1', '--name', 'shared', '--heatmap-every', '1']) == 0
     finally:
         os.chdir(cwd)
     return root, root / 'runs' / 'shared'
