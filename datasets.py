@@ -299,13 +299,24 @@ def image_problem(path):
         return 'missing'
     try:
         with Image.open(path) as img:
-            mode = img.mode
-            img.verify()
+            mode, image_format = img.mode, img.format
+            img.verify()                            # PNG: every chunk's CRC, so a cut PNG fails here
+        if image_format == 'JPEG' and not ends_like_jpeg(path):
+            with Image.open(path) as img:           # maybe cut short: decode it to be sure
+                img.load()
     except (OSError, SyntaxError, ValueError) as err:
         return f'unreadable: {err}'
     if mode in REFUSED_MODES:
         return f'mode {mode}: {REFUSED_MODES[mode]}'
     return None
+
+
+def ends_like_jpeg(path):
+    """Whether the file ends in JPEG's end-of-image marker FF D9 (a download cut short does not;
+    verify() does not look)."""
+    with open(path, 'rb') as f:
+        f.seek(max(os.path.getsize(path) - 64, 0))
+        return f.read().rstrip(b'\0\r\n ').endswith(b'\xff\xd9')
 
 
 def bad_image_ids(root, filenames, ids, listing, skip_bad):
