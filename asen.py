@@ -797,11 +797,11 @@ def run(args):
     run_dir = os.path.join('runs', args.name)
     with contextlib.ExitStack() as stack:
         make_run_dir(run_dir)
-        if is_main_process():
-            if is_training(args):
+        if is_training(args):
+            if is_main_process():
                 stack.enter_context(run_lock(run_dir))
-                check_not_overwriting(run_dir, args)
-            check_writable(run_dir)
+            check_not_overwriting(run_dir, args)
+        check_writable(run_dir)
         return run_in(run_dir, checkpoint, device, args)
 
 

@@ -253,6 +253,14 @@ def write_json(obj, path):
 
 # ----------------------------------------------------------------------------- logging
 
+class StrictFileHandler(logging.FileHandler):
+    """A log file whose write errors (a full disk) reach the caller, which reports them in one line,
+    instead of logging's 'Logging error' traceback on stderr for every record."""
+
+    def handleError(self, record):
+        raise                                       # the exception being handled in emit()
+
+
 def setup_logger(log_file=None):
     """Console logger in the original's format, also writing to `log_file` when given."""
     logger = logging.getLogger('asen')
@@ -265,7 +273,7 @@ def setup_logger(log_file=None):
     handlers = [logging.StreamHandler(sys.stdout)]
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(StrictFileHandler(log_file))
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
