@@ -273,6 +273,8 @@ def check_args(args, source=''):
 # ----------------------------------------------------------------------------- data
 
 def prepare_dataset(args):
+    if os.path.exists(args.data_path) and not os.path.isdir(args.data_path):
+        raise UserError(f"--data_path {args.data_path} is a file, not a folder; pass the folder holding the datasets")
     if args.dataset == 'Zappos50k':
         return zappos.ZapposFiles(args.data_path)
     if args.dataset == 'SynthFashion':

@@ -297,12 +297,14 @@ def image_problem(path):
     """None if `path` is an image load_image can use (judged from its header), else why not."""
     if not os.path.isfile(path):
         return 'missing'
+    if looks_like_whole_jpeg(path):
+        return None                                 # the common case, without PIL: every JPEG mode loads
     try:
         with Image.open(path) as img:
             mode, image_format = img.mode, img.format
             img.verify()                            # PNG: every chunk's CRC, so a cut PNG fails here
-        if image_format == 'JPEG' and not ends_like_jpeg(path):
-            with Image.open(path) as img:           # maybe cut short: decode it to be sure
+        if image_format == 'JPEG':                  # no end marker: maybe cut short; decode to be sure
+            with Image.open(path) as img:
                 img.load()
     except (OSError, SyntaxError, ValueError) as err:
         return f'unreadable: {err}'
@@ -311,12 +313,14 @@ def image_problem(path):
     return None
 
 
-def ends_like_jpeg(path):
-    """Whether the file ends in JPEG's end-of-image marker FF D9 (a download cut short does not;
-    verify() does not look)."""
+def looks_like_whole_jpeg(path):
+    """Starts with JPEG's start-of-image marker and ends in its end-of-image marker FF D9 (a download
+    cut short does not; PIL's verify() does not look)."""
     with open(path, 'rb') as f:
+        head = f.read(3)
         f.seek(max(os.path.getsize(path) - 64, 0))
-        return f.read().rstrip(b'\0\r\n ').endswith(b'\xff\xd9')
+        tail = f.read()
+    return head == b'\xff\xd8\xff' and tail.rstrip(b'\0\r\n ').endswith(b'\xff\xd9')
 
 
 def bad_image_ids(root, filenames, ids, listing, skip_bad):

@@ -352,6 +352,8 @@ CASES = [
     case('resume-empty', NEW + ['--resume', ''], ['--resume', 'empty']),
     case('retrieve-empty', TEST + ['--retrieve', ''], ['--retrieve', 'empty']),
     case('data-path-empty', NEW + ['--data_path', ''], ['--data-path', 'empty']),
+    case('data-path-is-a-file', NEW + ['--data_path', 'runs/shared/args.json'], ['--data_path', 'not a folder']),
+    case('name-too-long', NEW[:-1] + ['n' * 300], ['cannot create the run folder', 'too long']),
     case('topk-without-retrieve', TEST + ['--topk', '3'], ['--topk', '--retrieve']),
     case('attribute-without-retrieve', TEST + ['--attribute', 'colour'], ['--attribute', '--retrieve']),
     case('gallery-without-retrieve', TEST + ['--gallery', 'data'], ['--gallery', '--retrieve']),
