@@ -39,7 +39,7 @@ RETRIEVE = ['--resume', BEST, '--no-cuda', '--retrieve', 'data/SynthFashion/imag
 SYNTH = 'data/SynthFashion'
 LINK_ABOVE = 1 << 20       # files larger than this are hard-linked into a case, the rest copied
 # no_training skips optimizer.step(), so the scheduler's step warns; that is the stub's doing
-pytestmark = pytest.mark.filterwarnings('ignore:Detected call of `lr_scheduler.step()`:UserWarning')
+pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
 
 
 # ----------------------------------------------------------------------------- a case's world
@@ -307,8 +307,21 @@ def ctrl_c_while_loading(w):
 
 # ----------------------------------------------------------------------------- the table
 
-def case(name, argv, needles, setup=nothing, code=2, allow=()):
-    return pytest.param(argv, setup, needles, code, allow, id=name)
+def checkpoint_with_bad_margin(w):
+    """A snapshot whose saved settings hold --margin -5 (written by an older version)."""
+    state = torch.load(w.path(SHARED), weights_only=True)
+    state['args']['margin'] = -5.0
+    w.path('old').mkdir()
+    torch.save(state, w.path('old/c.pth.tar'))
+
+
+def nan_loss(w):
+    w.mp.setattr(asen.models, 'triplet_loss', lambda *args: torch.tensor(float('nan')))
+
+
+def case(name, argv, needles, setup=nothing, code=2, allow=(), absent=()):
+    """`needles` must be in the error line, `absent` must not; files named in `allow` may change."""
+    return pytest.param(argv, setup, needles, code, allow, absent, id=name)
 
 
 RANGE = 'must be'
@@ -368,6 +381,8 @@ CASES = [
          gallery_folder(['notes.txt'])),
     case('resume-missing-file', ['--resume', 'runs/shared/nope.pth.tar'], ['nope.pth.tar', 'no such file']),
     case('resume-a-folder', ['--test', '--resume', 'runs/shared'], ['runs/shared', 'no such file']),
+    case('resume-with-bad-saved-settings', ['--resume', 'old/c.pth.tar', '--epochs', '2'],
+         ['--margin -5', 'from --resume old/c.pth.tar'], checkpoint_with_bad_margin),
     case('resume-finished-run', ['--resume', SHARED, '--epochs', '1'], ['epoch 1', '--epochs', 'nothing to train']),
     # the run folder: never overwritten by accident, never written by two at once
     case('new-run-over-snapshots', NEW[:-1] + ['shared'], ['runs/shared', '--resume', '--overwrite']),
@@ -416,11 +431,14 @@ CASES = [
          disk_full_generating, code=1),
     case('ctrl-c-twice', NEW, ['interrupted twice', 'no snapshot'], ctrl_c_twice, code=130),
     case('ctrl-c-while-loading', NEW, ['interrupted'], ctrl_c_while_loading, code=130),
+    # a non-finite loss in a new run: no snapshot to speak of, and no --amp to blame
+    case('nan-loss-without-snapshot', NEW + ['--amp', 'off'], ['non-finite loss', 'no snapshot was written'],
+         nan_loss, absent=['--amp', 'is kept']),
 ]
 
 
-@pytest.mark.parametrize('argv, setup, needles, code, allow', CASES)
-def test_bad_input(world, capsys, argv, setup, needles, code, allow):
+@pytest.mark.parametrize('argv, setup, needles, code, allow, absent', CASES)
+def test_bad_input(world, capsys, argv, setup, needles, code, allow, absent):
     setup(world)
     before = snapshot_tree(world.root)
     try:
@@ -431,6 +449,7 @@ def test_bad_input(world, capsys, argv, setup, needles, code, allow):
     assert result == code, err
     assert_one_line_error(result, err, *needles)
     assert err.startswith('error: ')
+    assert not [word for word in absent if word in err], err
     assert_kept(before, snapshot_tree(world.root), allow)
     assert not temporary_files(world.root)
 
