@@ -233,6 +233,8 @@ def append_line(path, line):
 def load_checkpoint(path, flag='--resume', expected='runs/<name>/checkpoint.pth.tar or model_best.pth.tar'):
     """Load a checkpoint safely (weights_only=True: no code runs), with one-line errors naming `flag`
     (and, for a missing file, what `expected` it to be)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a folder; pass a checkpoint file ({expected})")
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file; check the path ({expected})")
     try:

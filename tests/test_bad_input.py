@@ -380,7 +380,7 @@ CASES = [
     case('gallery-without-images', RETRIEVE + ['--gallery', 'gallery'], ['--gallery', 'no images'],
          gallery_folder(['notes.txt'])),
     case('resume-missing-file', ['--resume', 'runs/shared/nope.pth.tar'], ['nope.pth.tar', 'no such file']),
-    case('resume-a-folder', ['--test', '--resume', 'runs/shared'], ['runs/shared', 'no such file']),
+    case('resume-a-folder', ['--test', '--resume', 'runs/shared'], ['runs/shared', 'is a folder']),
     case('resume-with-bad-saved-settings', ['--resume', 'old/c.pth.tar', '--epochs', '2'],
          ['--margin -5', 'from --resume old/c.pth.tar'], checkpoint_with_bad_margin),
     case('resume-finished-run', ['--resume', SHARED, '--epochs', '1'], ['epoch 1', '--epochs', 'nothing to train']),
