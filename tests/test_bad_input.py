@@ -1,4 +1,4 @@
-"""The bad-input table: what a careless user may type or leave on disk, one case a row (84).
+"""The bad-input table: what a careless user may type or leave on disk, one case a row.
 
 Each case runs on a private copy of the shared tiny data and trained run (conftest `trained_run`;
 large files hard-linked, small ones copied) and asserts: the exit code, exactly one line on stderr
