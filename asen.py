@@ -357,7 +357,18 @@ def attach_image_cache(dataset_list, split_files, split, args, logger):
 def synth_regions(split_files, split):
     """SynthFashion's attribute regions of `split` (n_images, n_attributes, boxes, 4), else None."""
     path = split_files.path(f'regions_{split}.txt')
-    return synthfashion.read_regions(path, len(split_files.attributes)) if os.path.isfile(path) else None
+    if not os.path.isfile(path):
+        return None
+    n_images = len(split_files.filenames(split))
+    try:
+        regions = synthfashion.read_regions(path, len(split_files.attributes))
+    except ValueError as err:
+        raise UserError(f"{path}: not a regions file ({' '.join(str(err).split())[:120]}); regenerate the "
+                        f"dataset (delete {split_files.root})") from err
+    if len(regions) != n_images:
+        raise UserError(f"{path}: {len(regions)} lines for {n_images} images in filenames_{split}.txt; "
+                        f"regenerate the dataset (delete {split_files.root})")
+    return regions
 
 
 def heatmap_images(sets):
@@ -607,13 +618,13 @@ def run_test(tnet, split_files, device, args, logger, run_dir):
     baseline, test_results.json and a markdown table."""
     net = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
     sets = evaluation_sets(split_files, 'test', args, logger)
+    regions = synth_regions(split_files, 'test')            # read before the evaluation: a bad file stops here
     result, embeddings = evaluate(net, sets, split_files.attributes, device, args, logger)
     random_key = f'Random {tables.score_keys(result)[1]}'
     result[random_key] = random_baseline(embeddings, sets, len(split_files.attributes), args.seed)
     logger.info(f"{random_key}: {result[random_key]:.4f}")
     result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume,
                   attributes=split_files.attributes)
-    regions = synth_regions(split_files, 'test')
     if regions is not None and tnet.embeddingnet.has_spatial_attention and is_main_process():
         result['attention_localisation'] = log_localisation(tnet.embeddingnet, sets, split_files, regions,
                                                             device, args, logger)

@@ -315,6 +315,10 @@ def checkpoint_with_bad_margin(w):
     torch.save(state, w.path('old/c.pth.tar'))
 
 
+def damaged_regions(w):
+    w.edit_line(f'{SYNTH}/regions_test.txt', 3, '1 2 3')
+
+
 def nan_loss(w):
     w.mp.setattr(asen.models, 'triplet_loss', lambda *args: torch.tensor(float('nan')))
 
@@ -411,6 +415,7 @@ CASES = [
          attribute_out_of_range),
     case('attribute-count-mismatch', TEST + ['--dataset', 'DARN'], ['attribute count', 'data/meta.json'],
          meta_elsewhere),
+    case('damaged-regions-file', TEST, ['regions_test.txt', 'regenerate'], damaged_regions),
     case('meta-json-not-json', NEW, ['meta.json', 'not valid JSON'], bad_meta_json),
     case('synth-folder-not-ours', NEW + ['--data_path', 'mine'], ['mine/SynthFashion', 'did not write'],
          foreign_synth_folder),
