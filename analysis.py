@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 import datasets
+import utils
 import visualize
 from utils import UserError
 
@@ -91,25 +92,42 @@ def embed_paths(net, paths, attr_index, transform, device, batch_size=64):
     return torch.cat(out)
 
 
+def file_identity(path):
+    """(path, size, mtime in ns): changes when the file is rewritten or replaced."""
+    stat = os.stat(path)
+    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+
+
 def cache_key(checkpoint_path, attribute, paths, img_size):
-    """Changes when the checkpoint file, the attribute, the gallery or the image size does."""
-    stat = os.stat(checkpoint_path)
+    """Changes when the checkpoint file, the attribute, the image size, the gallery's list or any
+    gallery image (its size or modification time) does."""
     digest = hashlib.sha1()
-    for part in (os.path.abspath(checkpoint_path), stat.st_size, stat.st_mtime_ns, attribute, img_size, *paths):
+    for part in (*file_identity(checkpoint_path), attribute, img_size, *map(file_identity, paths)):
         digest.update(str(part).encode() + b'\0')
     return digest.hexdigest()[:16]
+
+
+def load_cached(cache, n_rows):
+    """The embeddings (n_rows, D) in `cache`, or None when it is absent, damaged or of another size
+    (then the caller rebuilds it)."""
+    if not os.path.isfile(cache):
+        return None
+    try:
+        embeddings = torch.load(cache, map_location='cpu', weights_only=True)
+    except Exception:  # torch raises many types for a truncated or foreign file
+        return None
+    ok = torch.is_tensor(embeddings) and embeddings.dim() == 2 and len(embeddings) == n_rows
+    return embeddings if ok else None
 
 
 def gallery_embeddings(net, paths, attr_index, attribute, transform, img_size, device, checkpoint_path, cache_dir):
     """Gallery embeddings, cached per checkpoint and attribute under `cache_dir`."""
     cache = os.path.join(cache_dir, f'{attribute}-{cache_key(checkpoint_path, attribute, paths, img_size)}.pt')
-    if os.path.isfile(cache):
-        return torch.load(cache, weights_only=True), True
+    embeddings = load_cached(cache, len(paths))
+    if embeddings is not None:
+        return embeddings, True
     embeddings = embed_paths(net, paths, attr_index, transform, device)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f'{cache}.tmp-{os.getpid()}'
-    torch.save(embeddings, tmp)
-    os.replace(tmp, cache)
+    utils.save_atomic(embeddings, cache, 'retrieval cache')
     return embeddings, False
 
 

@@ -5,11 +5,14 @@
     python asen.py --dataset SynthFashion                                # offline CPU demo
 """
 import argparse
+import contextlib
 import copy
+import errno
 import json
+import math
 import os
-import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -56,7 +59,9 @@ def describe_preset():
 
 # Flags a checkpoint does not override when resuming (they describe this invocation).
 INVOCATION_FLAGS = {'resume', 'test', 'start_epoch', 'no_cuda', 'workers', 'skip_bad_images', 'visualize',
-                    'retrieve', 'attribute', 'topk', 'gallery', 'cache_images', 'sync_bn'}
+                    'retrieve', 'attribute', 'topk', 'gallery', 'cache_images', 'sync_bn', 'overwrite'}
+# The files of a run folder that a new training run would replace.
+SNAPSHOTS = ('checkpoint.pth.tar', 'model_best.pth.tar', 'interrupted.pth.tar')
 
 
 class Interrupted(UserError):
@@ -150,6 +155,9 @@ def get_args_parser():
     run.add_argument('--resume', default=None, metavar='CHECKPOINT',
                      help='checkpoint to resume training from or to test; every flag not given is taken from '
                           'it, --name (so the run folder runs/<name>/ it writes to) and --data_path included')
+    run.add_argument('--overwrite', action='store_true',
+                     help='let a new training run replace the snapshots and metrics.jsonl already in '
+                          'runs/<name>/ (default: refuse, so that a finished run is not lost)')
     run.add_argument('--test', action='store_true', help='evaluate --resume on the test split and exit')
     run.add_argument('--no-cuda', '--no_cuda', dest='no_cuda', action='store_true',
                      help='use the CPU even when CUDA is available')
@@ -211,20 +219,92 @@ def apply_defaults(args, values):
             setattr(args, key, value)
 
 
-def check_args(args):
-    utils.check_positive(args, ['synth_images', 'img_size', 'num_triplets', 'dim_embed', 'epochs', 'batch_size',
-                          'step_size', 'log_interval', 'lr'])
+def _whole(low, high=None):
+    """Test of an int flag: low <= value (<= high)."""
+    return lambda v: low <= v and (high is None or v <= high)
+
+
+def _finite(test):
+    """Test of a float flag: finite and `test`."""
+    return lambda v: math.isfinite(v) and test(v)
+
+
+def _folder_name(v):
+    return v not in ('', '.', '..') and '/' not in v and os.sep not in v and '\0' not in v
+
+
+# The trunk is cut after layer3 (stride 16): a 2x2 attention map needs 32 px.
+MIN_IMG_SIZE = 32
+# SynthFashion gives valid and test a quarter of --synth-images each, and needs at least 2 images
+# per attribute in each (synthfashion._merged_settings).
+MIN_SYNTH_IMAGES = 4 * 2 * len(synthfashion.ATTRIBUTES)
+
+# One row a flag: (dest, test of its value, the allowed range in words). Every value is checked
+# before anything is read or written; a flag left at None (not given, no default) is not checked.
+FLAG_RANGES = [
+    ('img_size', _whole(MIN_IMG_SIZE), f'a whole number >= {MIN_IMG_SIZE} (the trunk has stride 16: '
+                                       f'{MIN_IMG_SIZE} px give a 2x2 attention map)'),
+    ('num_triplets', _whole(1), 'a whole number >= 1'),
+    ('synth_images', _whole(MIN_SYNTH_IMAGES), f'a whole number >= {MIN_SYNTH_IMAGES} (valid and test get a '
+                                               f'quarter each, and need {MIN_SYNTH_IMAGES // 4} images)'),
+    ('workers', _whole(0), 'a whole number >= 0'),
+    ('dim_embed', _whole(1), 'a whole number >= 1'),
+    ('epochs', _whole(1), 'a whole number >= 1'),
+    ('start_epoch', _whole(1), 'a whole number >= 1'),
+    ('batch_size', _whole(1), 'a whole number >= 1'),
+    ('lr', _finite(lambda v: v > 0), 'a finite number > 0'),
+    ('step_size', _whole(1), 'a whole number >= 1'),
+    ('decay_rate', _finite(lambda v: 0 < v <= 1), 'a finite number in (0, 1]'),
+    ('margin', _finite(lambda v: v > 0), 'a finite number > 0'),
+    ('seed', _whole(0, 2**63 - 1), 'a whole number from 0 to 2**63-1'),
+    ('log_interval', _whole(1), 'a whole number >= 1'),
+    ('topk', _whole(1), 'a whole number >= 1'),
+    ('name', _folder_name, "one folder name (not empty, '.' or '..', no '/')"),
+    ('heatmap_every', _whole(0), 'a whole number >= 0 (0: never during training)'),
+    ('visdom_port', _whole(0, 65535), 'a port number from 0 to 65535'),
+]
+# Path flags that, when given, must not be empty (an unset shell variable would otherwise turn
+# `--resume $CKPT` into a new training run).
+PATH_FLAGS = ('data_path', 'resume', 'retrieve', 'attribute', 'gallery', 'backbone_weights', 'collect_out')
+# Flags that only --retrieve reads.
+RETRIEVE_FLAGS = ('attribute', 'gallery', 'topk')
+
+
+def flag_name(dest):
+    return '--' + dest.replace('_', '-')
+
+
+def check_args(args, source=''):
+    """One line for the first flag out of its range or combination that cannot work; `source` says
+    where the values came from when not from the command line."""
+    for dest, test, allowed in FLAG_RANGES:
+        value = getattr(args, dest, None)
+        if value is not None and not test(value):
+            raise UserError(f"{flag_name(dest)} {value!r}{source}: must be {allowed}")
+    for dest in PATH_FLAGS:
+        if getattr(args, dest, None) == '' and dest in args.explicit:
+            raise UserError(f"{flag_name(dest)} is empty; give a path or name (an unset shell variable?)")
+    if args.start_epoch > args.epochs:
+        raise UserError(f"--start_epoch {args.start_epoch}{source}: must be from 1 to --epochs ({args.epochs})")
+    unused = [dest for dest in RETRIEVE_FLAGS if dest in args.explicit and not args.retrieve]
+    if unused:
+        raise UserError(f"{flag_name(unused[0])} applies only with --retrieve IMAGE")
 
 
 # ----------------------------------------------------------------------------- data
 
 def prepare_dataset(args):
+    if os.path.exists(args.data_path) and not os.path.isdir(args.data_path):
+        raise UserError(f"--data_path {args.data_path} is a file, not a folder; pass the folder holding the datasets")
     if args.dataset == 'Zappos50k':
         return zappos.ZapposFiles(args.data_path)
     if args.dataset == 'SynthFashion':
         n_eval = max(args.synth_images // 4, 8)
-        synthfashion.ensure(os.path.join(args.data_path, 'SynthFashion'), n_train=args.synth_images,
-                            n_valid=n_eval, n_test=n_eval)
+        try:
+            synthfashion.ensure(os.path.join(args.data_path, 'SynthFashion'), n_train=args.synth_images,
+                                n_valid=n_eval, n_test=n_eval)
+        except synthfashion.NotOurFolder as err:
+            raise UserError(f"{err} (or pass another --data_path)") from err
     return datasets.SplitFiles(args.data_path, args.dataset)
 
 
@@ -298,7 +378,18 @@ def attach_image_cache(dataset_list, split_files, split, args, logger):
 def synth_regions(split_files, split):
     """SynthFashion's attribute regions of `split` (n_images, n_attributes, boxes, 4), else None."""
     path = split_files.path(f'regions_{split}.txt')
-    return synthfashion.read_regions(path, len(split_files.attributes)) if os.path.isfile(path) else None
+    if not os.path.isfile(path):
+        return None
+    n_images = len(split_files.filenames(split))
+    try:
+        regions = synthfashion.read_regions(path, len(split_files.attributes))
+    except ValueError as err:
+        raise UserError(f"{path}: not a regions file ({' '.join(str(err).split())[:120]}); regenerate the "
+                        f"dataset (delete {split_files.root})") from err
+    if len(regions) != n_images:
+        raise UserError(f"{path}: {len(regions)} lines for {n_images} images in filenames_{split}.txt; "
+                        f"regenerate the dataset (delete {split_files.root})")
+    return regions
 
 
 def heatmap_images(sets):
@@ -360,6 +451,8 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
     train_model = torch.compile(train_model) if args.compile else train_model
     eval_model = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
     if is_main_process():
+        if args.overwrite and not resumes_in(run_dir, args.resume):
+            clear_previous_run(run_dir)
         utils.write_json(saved_args(args), os.path.join(run_dir, 'args.json'))
     writer = SummaryWriter(run_dir) if is_main_process() else runtime.NullWriter()
     logger.info(f'Begin training on {args.dataset} dataset.')
@@ -390,8 +483,12 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
         # the weights are mid-epoch: resuming this file repeats the interrupted epoch from them
         path = os.path.join(run_dir, 'interrupted.pth.tar')
         if is_main_process():
-            utils.save_atomic(snapshot(epoch - 1, tnet, optimizer, scheduler, scaler, None, best_prec, args),
-                              path)
+            try:
+                utils.save_atomic(snapshot(epoch - 1, tnet, optimizer, scheduler, scaler, None, best_prec, args),
+                                  path)
+            except KeyboardInterrupt:
+                raise Interrupted(f'interrupted twice in epoch {epoch}: {path} was not written; '
+                                  f'{last_snapshot_note(run_dir)}') from None
         raise Interrupted(f'interrupted in epoch {epoch}; saved {path}; continue with --resume {path}')
     finally:
         writer.close()
@@ -413,8 +510,9 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger
             loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
             objective = loss + models.regularisation(tnet)
         if not runtime.loss_is_finite(objective):
-            raise UserError(f"non-finite loss at epoch {epoch}, batch {batch_idx}; the last good snapshot "
-                            f"in runs/{args.name}/ is kept; lower --lr or use --amp off")
+            hint = 'lower --lr' + (f' or use --amp off (not --amp {args.amp})' if args.amp != 'off' else '')
+            raise UserError(f"non-finite loss at epoch {epoch}, batch {batch_idx}; "
+                            f"{last_snapshot_note(os.path.join('runs', args.name))}; {hint}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(objective).backward()
         scaler.step(optimizer)
@@ -460,8 +558,8 @@ def saved_args(args):
 
 
 def append_metrics(run_dir, record):
-    with open(os.path.join(run_dir, 'metrics.jsonl'), 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    """One JSON line; a failed write is taken back, so the file never ends in half a line."""
+    utils.append_line(os.path.join(run_dir, 'metrics.jsonl'), json.dumps(record))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -547,13 +645,13 @@ def run_test(tnet, split_files, device, args, logger, run_dir):
     baseline, test_results.json and a markdown table."""
     net = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
     sets = evaluation_sets(split_files, 'test', args, logger)
+    regions = synth_regions(split_files, 'test')            # read before the evaluation: a bad file stops here
     result, embeddings = evaluate(net, sets, split_files.attributes, device, args, logger)
     random_key = f'Random {tables.score_keys(result)[1]}'
     result[random_key] = random_baseline(embeddings, sets, len(split_files.attributes), args.seed)
     logger.info(f"{random_key}: {result[random_key]:.4f}")
     result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume,
                   attributes=split_files.attributes)
-    regions = synth_regions(split_files, 'test')
     if regions is not None and tnet.embeddingnet.has_spatial_attention and is_main_process():
         result['attention_localisation'] = log_localisation(tnet.embeddingnet, sets, split_files, regions,
                                                             device, args, logger)
@@ -659,7 +757,8 @@ def weights_mismatch(tnet, state, path, dataset=None):
     here = tnet.embeddingnet.n_attributes
     in_file = models.attribute_count(state)
     if in_file is not None and in_file != here:
-        where = f"--dataset {dataset.dataset} has {here} ({dataset.path('meta.json')})" if dataset else \
+        source = getattr(dataset, 'meta_path', None)
+        where = f"--dataset {dataset.dataset} has {here}" + (f" ({source})" if source else '') if dataset else \
             f"this dataset has {here}"
         return (f"--resume {path}: attribute count {in_file} in the file but {where}; "
                 f"pass the --dataset it was trained on")
@@ -675,20 +774,31 @@ def snapshot(epoch, tnet, optimizer, scheduler, scaler, prec, best_prec, args):
 
 
 def save_snapshot(state, run_dir, is_best):
+    """checkpoint.pth.tar and, when best, model_best.pth.tar: each written whole or not at all."""
     path = os.path.join(run_dir, 'checkpoint.pth.tar')
     utils.save_atomic(state, path)
     if is_best:
         best = os.path.join(run_dir, 'model_best.pth.tar')
         tmp = best + '.tmp'
-        if os.path.lexists(tmp):
-            os.remove(tmp)
         try:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
             # a hard link, not a copy of the file (3 x the weights with Adam's moments): save_atomic
             # replaces checkpoint.pth.tar by a new file, so the best one never changes under its name
             os.link(path, tmp)
-        except OSError:                                     # a file system without hard links
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, best)
+            os.replace(tmp, best)
+        except OSError:                                     # no hard links here: an atomic, guarded copy
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            utils.copy_atomic(path, best)
+
+
+def last_snapshot_note(run_dir):
+    """What the user still has when a run stops early."""
+    kept = [name for name in SNAPSHOTS if os.path.isfile(os.path.join(run_dir, name))]
+    if not kept:
+        return 'no snapshot was written yet'
+    return f"the last good snapshot {os.path.join(run_dir, kept[0])} is kept"
 
 
 # ----------------------------------------------------------------------------- using a trained model
@@ -722,6 +832,7 @@ def run(args):
     if checkpoint is not None:
         restore_args(args, checkpoint)
         adopt_original_checkpoint(args, checkpoint)
+        check_args(args, source=f' (from --resume {args.resume})')
     visdom_to_tensorboard(args)
     for flag in ('test', 'visualize', 'retrieve'):
         if getattr(args, flag) and checkpoint is None:
@@ -729,12 +840,26 @@ def run(args):
     if args.retrieve and not args.attribute:
         raise UserError("--retrieve needs --attribute NAME (one of the dataset's ATTRIBUTES)")
     check_triplet_flags(args)
+    if checkpoint is not None and is_training(args) and 'start_epoch' not in args.explicit:
+        args.start_epoch = int(checkpoint.get('epoch') or 0) + 1
+        check_epochs_left(args)
+    if distributed() and (args.visualize or args.retrieve):
+        raise UserError("--visualize and --retrieve run in one process; start them without torchrun")
     device = runtime.resolve_device(args.no_cuda)
     utils.seed_everything(args.seed)
     run_dir = os.path.join('runs', args.name)
-    os.makedirs(run_dir, exist_ok=True)
-    if distributed() and (args.visualize or args.retrieve):
-        raise UserError("--visualize and --retrieve run in one process; start them without torchrun")
+    with contextlib.ExitStack() as stack:
+        make_run_dir(run_dir)
+        if is_training(args):
+            if is_main_process():
+                stack.enter_context(run_lock(run_dir))
+            check_not_overwriting(run_dir, args)
+        check_writable(run_dir)
+        return run_in(run_dir, checkpoint, device, args)
+
+
+def run_in(run_dir, checkpoint, device, args):
+    """The command, once the run folder is ready (and, for training, locked)."""
     logger = utils.setup_logger(os.path.join(run_dir, 'train.log' if is_training(args) else 'test.log')) \
         if is_main_process() else runtime.silent_logger()
     log_invocation(args, run_dir, checkpoint, logger)
@@ -746,8 +871,6 @@ def run(args):
         score = 'accuracy' if args.dataset in TRIPLET_DATASETS else 'mAP'
         logger.info(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint.get('epoch')} "
                     f"{score} on validation set {checkpoint.get('prec')})")
-        if is_training(args) and 'start_epoch' not in args.explicit:
-            args.start_epoch = int(checkpoint.get('epoch', 0)) + 1
     if args.retrieve:
         return run_retrieval(tnet, split_files, device, args, run_dir)
     if args.visualize:
@@ -778,6 +901,83 @@ def log_invocation(args, run_dir, checkpoint, logger):
         logger.info(f'--visdom: {what} go to TensorBoard here: tensorboard --logdir runs')
 
 
+def check_epochs_left(args):
+    if args.start_epoch > args.epochs:
+        raise UserError(f"--resume {args.resume} already finished epoch {args.start_epoch - 1} and --epochs is "
+                        f"{args.epochs}: nothing to train; pass a larger --epochs, or --test to evaluate it")
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+def make_run_dir(run_dir):
+    """Create runs/<name>/, or say in one line why it cannot be."""
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir} exists and is not a folder; move it away or choose another --name")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the run folder {run_dir}: {err.strerror or err}; "
+                        f"choose another --name or fix runs/") from err
+
+
+def check_writable(run_dir):
+    """Find a read-only run folder before any work, not when the first snapshot is due."""
+    try:
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write in the run folder {run_dir}: {err.strerror or err}; make it "
+                        f"writable or choose another --name") from err
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """An exclusive lock on runs/<name>/.lock while this process trains there. flock is released when
+    the process ends, however it ends, so a crashed run never leaves the folder locked."""
+    try:
+        import fcntl
+    except ImportError:                                 # no flock (Windows): no lock
+        yield
+        return
+    path = os.path.join(run_dir, '.lock')
+    try:
+        handle = open(path, 'a')
+    except OSError as err:
+        raise UserError(f"cannot write in the run folder {run_dir}: {err.strerror or err}; make it "
+                        f"writable or choose another --name") from err
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            raise UserError(f"{run_dir} is in use by another training process (it holds {path}); wait for "
+                            f"it to finish or choose another --name") from err
+        yield
+
+
+def check_not_overwriting(run_dir, args):
+    """A new run (not --resume of a snapshot in this folder) may not replace the snapshots of an
+    earlier one unless --overwrite says so."""
+    held = [name for name in SNAPSHOTS if os.path.exists(os.path.join(run_dir, name))]
+    if not held or args.overwrite or resumes_in(run_dir, args.resume):
+        return
+    raise UserError(f"{run_dir} already holds {', '.join(held)} of an earlier run; continue it with "
+                    f"--resume {os.path.join(run_dir, held[0])}, pass --overwrite to replace it, or choose "
+                    f"another --name")
+
+
+def resumes_in(run_dir, checkpoint_path):
+    return bool(checkpoint_path) and \
+        os.path.realpath(os.path.dirname(os.path.abspath(checkpoint_path))) == os.path.realpath(run_dir)
+
+
+def clear_previous_run(run_dir):
+    """--overwrite: the earlier run's snapshots and metrics go, so none is mistaken for this run's."""
+    for name in SNAPSHOTS + ('metrics.jsonl',):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+
+
 def main(argv=None):
     try:
         runtime.check_torch_version()
@@ -793,7 +993,31 @@ def main(argv=None):
         message = str(err).strip().splitlines()[-1] if str(err).strip() else 'failed'
         print(f"error: {message.removeprefix('utils.UserError: ')}", file=sys.stderr)
         return 130 if isinstance(err, Interrupted) else 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); the files saved before are kept", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError) as err:
+        line = environment_error(err)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
     return 0
+
+
+def environment_error(err):
+    """One line for a failure of the machine rather than of the code (disk full, no permission,
+    a file in the way), else None."""
+    if isinstance(err, OSError):
+        where = f" ({err.filename})" if err.filename else ''
+        hint = {errno.ENOSPC: 'free disk space', errno.EDQUOT: 'free disk space',
+                errno.EACCES: 'check the permissions', errno.EPERM: 'check the permissions',
+                errno.EROFS: 'use a writable folder'}.get(err.errno, 'check the path')
+        return f"{err.strerror or err}{where}; {hint}; files already saved are kept"
+    if utils.is_disk_full(err):
+        return f"no space left on device ({' '.join(str(err).split())[:200]}); free disk space; files " \
+               f"already saved are kept"
+    return None
 
 
 if __name__ == '__main__':

@@ -41,7 +41,14 @@ def read_lines(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: file not found")
     with open(path, 'rb') as f:
-        lines = [line.strip() for line in f.read().decode('utf-8').split('\n')]
+        data = f.read()
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError as err:
+        line = data.count(b'\n', 0, err.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save the file as "
+                        f"UTF-8") from err
+    lines = [line.strip() for line in text.split('\n')]
     while lines and not lines[-1]:
         lines.pop()
     return lines
@@ -51,7 +58,8 @@ def read_int_rows(path, pairs=False):
     """Rows of integers from a split file, as a list of (line number, [ints]).
 
     `pairs=False`: exactly `id attr value`. `pairs=True`: `id attr value [attr value ...]`.
-    Blank lines are skipped; anything else malformed is reported as file:line.
+    Blank lines are skipped (each row names its image id, so nothing shifts); anything else
+    malformed is reported as file:line.
     """
     rows = []
     for number, line in enumerate(read_lines(path), start=1):
@@ -69,6 +77,11 @@ def read_int_rows(path, pairs=False):
 
 def load_meta(data_path, dataset):
     """(ATTRIBUTES list, ATTRIBUTES_NUM list in that order) of `dataset`."""
+    return meta_entry(data_path, dataset)[:2]
+
+
+def meta_entry(data_path, dataset):
+    """(ATTRIBUTES, ATTRIBUTES_NUM in that order, the meta.json they came from) of `dataset`."""
     candidates = [os.path.join(data_path, dataset, 'meta.json'), os.path.join(data_path, 'meta.json')]
     for path in candidates:
         if not os.path.isfile(path):
@@ -87,7 +100,7 @@ def load_meta(data_path, dataset):
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{path}: entry {dataset!r} needs ATTRIBUTES and ATTRIBUTES_NUM for every "
                             f"attribute ({type(err).__name__}: {err})") from err
-        return names, counts
+        return names, counts, path
     raise UserError(f"no meta.json entry for dataset {dataset!r} in {' or '.join(candidates)}; "
                     f"unpack the authors' split archive into {data_path}/ (see README, 'Datasets')")
 
@@ -103,7 +116,7 @@ class SplitFiles:
             raise UserError(f"dataset folder {self.root} not found; prepare it as the README's "
                             f"'Datasets' section says or pass --data_path")
         self.dataset = dataset
-        self.attributes, self.values_per_attribute = load_meta(data_path, dataset)
+        self.attributes, self.values_per_attribute, self.meta_path = meta_entry(data_path, dataset)
         self._filenames = {}
 
     def path(self, name):
@@ -112,7 +125,13 @@ class SplitFiles:
     def filenames(self, split):
         """Image paths of a split, indexed by id."""
         if split not in self._filenames:
-            self._filenames[split] = read_lines(self.path(f'filenames_{split}.txt'))
+            file = self.path(f'filenames_{split}.txt')
+            names = read_lines(file)
+            if '' in names:
+                # a blank line would take an id and shift every later image's id by one
+                raise UserError(f"{file}:{names.index('') + 1}: blank line; each line is one image path and "
+                                f"its line number is the id; delete the line (or fill in its image)")
+            self._filenames[split] = names
         return self._filenames[split]
 
     def _check(self, file, number, image_id, attr, value, n_images):
@@ -121,7 +140,7 @@ class SplitFiles:
                             f"file ({n_images} lines)")
         if attr >= len(self.attributes):
             raise UserError(f"{file}:{number}: attribute {attr} out of range; {self.dataset} has "
-                            f"{len(self.attributes)} attributes in meta.json")
+                            f"{len(self.attributes)} attributes in {self.meta_path}")
         if value >= self.values_per_attribute[attr]:
             raise UserError(f"{file}:{number}: value {value} out of range for attribute "
                             f"{self.attributes[attr]!r}, which has "
@@ -238,40 +257,89 @@ def build_transform(img_size, train):
 
 
 def load_image(path):
-    """An RGB PIL image; a missing or unreadable file raises a UserError naming it."""
+    """An 8-bit RGB PIL image; a missing or unreadable file raises a UserError naming it."""
     try:
         with Image.open(path) as img:
-            return img.convert('RGB')
+            return to_rgb(img, path)
     except FileNotFoundError as err:
         raise UserError(f"image {path} is listed but missing; restore it or fix the filenames file") from err
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise UserError(f"image {path} cannot be read ({err}); replace it") from err
 
 
-def _readable(path):
+# 16-bit grey (PNG 'I;16', or 'I' as some decoders give it): values 0..65535.
+SIXTEEN_BIT_MODES = ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I')
+# Modes with no single 8-bit reading: refused by name.
+REFUSED_MODES = {'F': '32-bit floating-point pixels have no standard 8-bit scale'}
+
+
+def has_alpha(img):
+    return img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info
+
+
+def to_rgb(img, path):
+    """8-bit RGB of any PIL mode: 16-bit grey scaled by 255/65535 (convert('RGB') clips it to white),
+    transparency laid over white (convert('RGB') would show whatever colour the transparent
+    pixels hold, often black), the rest by PIL's convert. Refused modes raise a UserError."""
+    if img.mode in REFUSED_MODES:
+        raise UserError(f"image {path} has mode {img.mode}: {REFUSED_MODES[img.mode]}; save it as 8-bit RGB")
+    if img.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(img).astype(np.float64)                                  # (H, W) 0..65535
+        grey = np.clip(np.rint(grey * (255 / 65535)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert('RGB')
+    if has_alpha(img):
+        rgba = img.convert('RGBA')
+        return Image.alpha_composite(Image.new('RGBA', rgba.size, (255, 255, 255, 255)), rgba).convert('RGB')
+    return img.convert('RGB')
+
+
+def image_problem(path):
+    """None if `path` is an image load_image can use (judged from its header), else why not."""
+    if not os.path.isfile(path):
+        return 'missing'
+    if looks_like_whole_jpeg(path):
+        return None                                 # the common case, without PIL: every JPEG mode loads
     try:
         with Image.open(path) as img:
-            img.verify()
-        return True
-    except (OSError, SyntaxError, ValueError):
-        return False
+            mode, image_format = img.mode, img.format
+            img.verify()                            # PNG: every chunk's CRC, so a cut PNG fails here
+        if image_format == 'JPEG':                  # no end marker: maybe cut short; decode to be sure
+            with Image.open(path) as img:
+                img.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        return f'unreadable: {err}'
+    if mode in REFUSED_MODES:
+        return f'mode {mode}: {REFUSED_MODES[mode]}'
+    return None
+
+
+def looks_like_whole_jpeg(path):
+    """Starts with JPEG's start-of-image marker and ends in its end-of-image marker FF D9 (a download
+    cut short does not; PIL's verify() does not look)."""
+    with open(path, 'rb') as f:
+        head = f.read(3)
+        f.seek(max(os.path.getsize(path) - 64, 0))
+        tail = f.read()
+    return head == b'\xff\xd8\xff' and tail.rstrip(b'\0\r\n ').endswith(b'\xff\xd9')
 
 
 def bad_image_ids(root, filenames, ids, listing, skip_bad):
-    """Ids among `ids` whose image cannot be used, found before training starts.
+    """Ids among `ids` whose image cannot be used, found before training starts (each image's
+    header is read: a missing, undecodable or refused-mode image is found here, not mid-epoch).
 
-    Without `skip_bad` the first missing image is an error naming it; with it, missing and
-    unreadable images (checked with PIL's verify) are returned so the caller can drop them.
+    Without `skip_bad` the first bad image is an error naming it; with it, the bad images are
+    returned so the caller can drop them.
     """
-    bad = []
+    bad, first_problem = [], None
     for image_id in np.unique(ids):
-        path = os.path.join(root, filenames[image_id])
-        if not os.path.isfile(path) or (skip_bad and not _readable(path)):
+        problem = image_problem(os.path.join(root, filenames[image_id]))
+        if problem is not None:
             bad.append(image_id)
+            first_problem = first_problem or problem
     if bad and not skip_bad:
-        raise UserError(f"{len(bad)} image(s) listed in {listing} are missing under {root}, e.g. "
-                        f"{filenames[bad[0]]}; download the images as the README says, or pass "
-                        f"--skip-bad-images to leave them out")
+        raise UserError(f"{len(bad)} image(s) listed in {listing} are missing or unreadable under {root}, e.g. "
+                        f"{filenames[bad[0]]} ({first_problem}); restore or download the images as the "
+                        f"README says, or pass --skip-bad-images to leave them out")
     return np.asarray(bad, dtype=np.int64)
 
 
@@ -351,6 +419,10 @@ class RetrievalDataset(CachedImages, torch.utils.data.Dataset):
         bad = bad_image_ids(self.root, self.filenames, entries[:, 0], split_files.path(f'{role}_{split}.txt'), skip_bad)
         self.entries = entries[~np.isin(entries[:, 0], bad)]
         self.skipped = len(bad)
+        if not len(self.entries):
+            left = f' left once --skip-bad-images dropped {len(bad)} image(s)' if len(bad) else ''
+            raise UserError(f"{split_files.path(f'{role}_{split}.txt')}: no {role} entries{left}; the {split} "
+                            f"split needs queries and candidates ('id attr value' lines)")
         self.image_ids = np.unique(self.entries[:, 0])
         self.transform = transform
 

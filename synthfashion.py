@@ -47,6 +47,9 @@ On-disk layout (all paths relative to the dataset folder, FashionAI style):
   attributes; unused boxes are ``0 0 0 0``.
 * ``settings.json``: the generator settings, written last (a folder without
   it is incomplete).
+* ``.made-by-synthfashion``: the marker that lets a later call replace the
+  folder; a folder without it (or an older folder's settings.json) is never
+  deleted.
 
 Everything is derived from ``numpy.random.default_rng`` seeded with
 ``(seed, split, index)``, so the same settings give identical files.
@@ -553,25 +556,65 @@ def _meta():
     }}
 
 
-def generate(root, **settings):
-    """Write the dataset into folder ``root`` (replacing it) and return the settings.
+MARKER = ".made-by-synthfashion"
 
-    Builds in ``root + '.tmp-<pid>'`` and renames it into place when complete;
-    ``settings.json`` is written last. ``settings`` override DEFAULT_SETTINGS.
+
+class NotOurFolder(FileExistsError):
+    """The target exists and this module did not make it: it is never replaced."""
+
+
+def made_here(root):
+    """Whether folder ``root`` was written by ``generate``: it holds the marker, or (folders made
+    before the marker) a settings.json with exactly the generator's keys."""
+    if os.path.isfile(os.path.join(root, MARKER)):
+        return True
+    try:
+        with open(os.path.join(root, "settings.json")) as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and set(saved) == set(DEFAULT_SETTINGS)
+
+
+def check_replaceable(root):
+    """Raise NotOurFolder unless ``root`` is absent, an empty folder, or a folder made here."""
+    if not os.path.lexists(root):
+        return
+    if os.path.islink(root) or not os.path.isdir(root):
+        raise NotOurFolder(f"{root} exists and is not a SynthFashion folder made by this generator; "
+                           f"move it away or choose another location")
+    if os.listdir(root) and not made_here(root):
+        raise NotOurFolder(f"{root} holds files that this generator did not write (no {MARKER}); "
+                           f"it is not replaced: move it away or choose another location")
+
+
+def generate(root, **settings):
+    """Write the dataset into folder ``root`` (replacing it if made here) and return the settings.
+
+    Builds in ``root + '.tmp-<pid>'`` and renames it into place when complete
+    (removed if generation fails); ``settings.json`` is written last.
+    ``settings`` override DEFAULT_SETTINGS. A ``root`` this module did not
+    make raises NotOurFolder.
     """
     settings = _merged_settings(settings)
     root = os.path.normpath(os.fspath(root))
+    check_replaceable(root)
     tmp = f"{root}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    _write_json(os.path.join(tmp, "meta.json"), _meta())
-    for split in SPLITS:
-        paths, labels, regions = _write_split_images(tmp, split, settings)
-        _write_split_files(tmp, split, paths, labels, regions, settings["seed"])
-    _write_json(os.path.join(tmp, "settings.json"), settings)
-    if os.path.lexists(root):
-        shutil.rmtree(root)
-    os.replace(tmp, root)
+    try:
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, MARKER), "w") as handle:
+            handle.write("written by synthfashion.py; a later run with other settings may replace this folder\n")
+        _write_json(os.path.join(tmp, "meta.json"), _meta())
+        for split in SPLITS:
+            paths, labels, regions = _write_split_images(tmp, split, settings)
+            _write_split_files(tmp, split, paths, labels, regions, settings["seed"])
+        _write_json(os.path.join(tmp, "settings.json"), settings)
+        if os.path.lexists(root):
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return settings
 
 
@@ -583,9 +626,12 @@ def ensure(root, **overrides):
     settings = _merged_settings(overrides)
     settings_path = os.path.join(os.fspath(root), "settings.json")
     if os.path.isfile(settings_path):
-        with open(settings_path) as handle:
-            if json.load(handle) == settings:
-                return False
+        try:
+            with open(settings_path) as handle:
+                if json.load(handle) == settings:
+                    return False
+        except ValueError:          # a damaged settings.json: regenerate (if the folder is ours)
+            pass
     generate(root, **settings)
     return True
 
@@ -608,7 +654,10 @@ def main(argv=None):
             parser.add_argument("--" + key.replace("_", "-"), type=int, default=value)
     args = vars(parser.parse_args(argv))
     out_dir = args.pop("out_dir")
-    settings = generate(out_dir, **args)
+    try:
+        settings = generate(out_dir, **args)
+    except NotOurFolder as err:
+        parser.exit(2, f"error: {err}\n")
     n_images = sum(settings[f"n_{split}"] for split in SPLITS)
     print(f"wrote {n_images} SynthFashion images to {out_dir}")
 

@@ -5,10 +5,13 @@ attribute, its queries are ranked against its candidates by dot-product similari
 over the full ranking and averaged over queries; MeanAP weights the attributes by query count.
 """
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
 import random
+import shutil
 import sys
 import tempfile
 import warnings
@@ -149,31 +152,90 @@ def set_rng_state(state):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_atomic(obj, path):
-    """torch.save to a temporary file beside `path`, then rename: a kill never leaves half a file."""
+def is_disk_full(err):
+    """torch.save reports a full disk as a RuntimeError ('file write failed'), not an OSError."""
+    text = str(err)
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or \
+        isinstance(err, RuntimeError) and ('No space left' in text or 'write failed' in text or
+                                           'PytorchStreamWriter failed' in text)
+
+
+def _new_file_mode():
+    """The mode open() gives a new file under this process's umask (mkstemp makes them 0600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+NEW_FILE_MODE = _new_file_mode()    # read once, at import: os.umask cannot be read without setting it
+
+
+@contextlib.contextmanager
+def atomic_file(path, what):
+    """A binary file object for a temporary beside `path`, fsynced and renamed onto `path` at the end;
+    on any failure the temporary is removed, `path` is untouched, and a full disk or a refused write
+    is one UserError naming `what` and `path`."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.pth.tar')
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='-' + os.path.basename(path))
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, NEW_FILE_MODE)
         os.replace(tmp, path)
+        tmp = None
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not is_disk_full(err):
+            raise
+        raise UserError(f"cannot write {what} {path}: {describe_write_error(err)}; the previous file is "
+                        f"kept") from err
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def describe_write_error(err):
+    if is_disk_full(err):
+        return 'No space left on device; free disk space or choose another --name'
+    return f"{getattr(err, 'strerror', None) or err}; check the folder's permissions or choose another --name"
+
+
+def save_atomic(obj, path, what='checkpoint'):
+    """torch.save to a temporary file beside `path`, then rename: a kill never leaves half a file."""
+    with atomic_file(path, what) as f:
+        torch.save(obj, f)
+
+
+def copy_atomic(source, path):
+    """Copy `source` onto `path` as `save_atomic` writes (model_best.pth.tar from the checkpoint)."""
+    with atomic_file(path, 'checkpoint') as f, open(source, 'rb') as src:
+        shutil.copyfileobj(src, f, 1 << 20)
+
+
+def append_line(path, line):
+    """Append `line` and a newline; on failure the file is cut back to its old length."""
+    try:
+        with open(path, 'ab', buffering=0) as f:
+            size = f.seek(0, os.SEEK_END)
+            data = memoryview(line.encode('utf-8') + b'\n')
+            try:
+                while data:
+                    data = data[f.write(data):]
+            except OSError:
+                f.truncate(size)
+                raise
     except OSError as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"cannot write checkpoint {path}: {err.strerror or err}; free disk space "
-                        f"or choose another --name; the previous snapshot is kept") from err
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        raise UserError(f"cannot append to {path}: {describe_write_error(err)}") from err
 
 
 def load_checkpoint(path, flag='--resume', expected='runs/<name>/checkpoint.pth.tar or model_best.pth.tar'):
     """Load a checkpoint safely (weights_only=True: no code runs), with one-line errors naming `flag`
     (and, for a missing file, what `expected` it to be)."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a folder; pass a checkpoint file ({expected})")
     if not os.path.isfile(path):
         raise UserError(f"{flag} {path}: no such file; check the path ({expected})")
     try:
@@ -187,14 +249,20 @@ def load_checkpoint(path, flag='--resume', expected='runs/<name>/checkpoint.pth.
 
 
 def write_json(obj, path):
-    """Write JSON atomically."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    """Write JSON atomically (a UserError naming `path` when it cannot be written)."""
+    with atomic_file(path, 'file') as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True).encode('utf-8'))
 
 
 # ----------------------------------------------------------------------------- logging
+
+class StrictFileHandler(logging.FileHandler):
+    """A log file whose write errors (a full disk) reach the caller, which reports them in one line,
+    instead of logging's 'Logging error' traceback on stderr for every record."""
+
+    def handleError(self, record):
+        raise                                       # the exception being handled in emit()
+
 
 def setup_logger(log_file=None):
     """Console logger in the original's format, also writing to `log_file` when given."""
@@ -208,7 +276,7 @@ def setup_logger(log_file=None):
     handlers = [logging.StreamHandler(sys.stdout)]
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(StrictFileHandler(log_file))
     for handler in handlers:
         handler.setFormatter(formatter)
         logger.addHandler(handler)
