@@ -440,9 +440,8 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger
     non_finite = runtime.NonFiniteTracker(device)
     tnet.train()
     progress = tqdm(loader, desc=f'epoch {epoch}', disable=not sys.stderr.isatty(), leave=False)
-    for batch_idx, (anchor, negative, positive, attr) in enumerate(progress):
-        anchor, negative, positive = (to_device(t, device, args.channels_last) for t in (anchor, negative, positive))
-        attr = attr.to(device, non_blocking=True)
+    for batch_idx, batch in enumerate(progress):
+        anchor, negative, positive, attr = batch_to_device(batch, device, args)
         model = tnet if anchor.size(0) == args.batch_size else eager
         if model is not eager:
             torch.compiler.cudagraph_mark_step_begin()     # a new training step for CUDA graphs
@@ -457,6 +456,14 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger
                          losses, accs)
     stop_if_non_finite(non_finite, epoch, args)
     return losses.read()[1], accs.read()[1]
+
+
+def batch_to_device(batch, device, args):
+    """A loader batch (anchor, negative, positive, attr) on `device`, the images channels_last if
+    --channels-last (non-blocking copies from pinned memory)."""
+    anchor, negative, positive, attr = batch
+    anchor, negative, positive = (to_device(t, device, args.channels_last) for t in (anchor, negative, positive))
+    return anchor, negative, positive, attr.to(device, non_blocking=True)
 
 
 def training_step(model, anchor, negative, positive, attr, optimizer, scaler, device, args):

@@ -121,6 +121,8 @@ def main(argv=None):
                              'asen\'s defaults with --no-pretrained')
     parser.add_argument('--fast-workers', dest='fast_workers', type=int, default=None,
                         help='--workers of the fast and cached variants (default: as --workers)')
+    parser.add_argument('--extra', default='',
+                        help='more asen flags for every variant, one string (e.g. "--backbone resnet18")')
     parser.add_argument('--fast-extra', dest='fast_extra', default='',
                         help='more asen flags for the fast and cached variants, one string (e.g. "--compile")')
     parser.add_argument('--num_triplets', '--num-triplets', type=int, default=None,
@@ -151,6 +153,7 @@ def main(argv=None):
     base = ['--dataset', args.dataset, '--data_path', data_path, '--epochs', '1', *passthrough]
     if args.dataset == 'FashionAI':
         base.append('--no-pretrained')                # nothing to download; speed does not depend on it
+    base += shlex.split(args.extra)
     fast_flags = shlex.split(args.fast_extra)
     if args.fast_workers is not None:
         fast_flags += ['--workers', str(args.fast_workers)]
