@@ -7,14 +7,18 @@
 #   authors_data     2000/300/300 JPEGs of 512 px in the authors' FashionAI layout (in the
 #                    background while the tests run; outside $OUT, removed at exit)
 #   bench_train_step steps alone, ResNet-50, 224 px, 16 triplets: fp32 eager, bf16 + channels_last
-#                    + one concatenated forward, and the same with CUDA graphs (reduce-overhead)
+#                    + one concatenated forward
 #   bench_epoch      one epoch of 6000 triplets on that data, ResNet-50: asen's defaults (fp32,
 #                    three forwards, 4 workers, no cache) against the fast flags (bf16,
 #                    channels_last, concat-forward, 12 workers) without and with --cache-images;
 #                    training pass against the steps alone, train + validate times
-#   bench_breakdown  where the time goes, fast flags (then asen's defaults if time is left)
 #   bench_eval       validation metric at FashionAI's size on the CPU and the GPU
 #   project_recipe   projected wall time of 200 epochs of 100000 triplets, defaults against fast
+#   bench_breakdown_fast      where the time goes, fast flags
+#   bench_train_step_graphs   the fast steps alone with CUDA graphs (torch.compile reduce-overhead)
+#   bench_breakdown_defaults  where the time goes, asen's defaults
+#   gpu_summary      the goals' table from the JSON files (gpu_summary.log)
+# The stages run in this order of importance: when the budget runs out, the last ones are cut.
 # Environment: PYTHON (default python3); OUT (default ./gpu_check_out); BUDGET_S (default 470):
 # stages are cut to what is left of it. tensorboardX is installed from .whl/*.whl when missing.
 set -uo pipefail
@@ -64,23 +68,24 @@ stage() {  # stage NAME SECONDS CMD...: CMD under a timeout cut to the budget le
 
 if [ "$QUICK" -eq 1 ]; then     # tiny sizes: checks the stages run, not the speed
     DATA_ARGS=(--train 24 --eval 10 --jpeg-size 96)
-    STEP_ARGS=(--backbone resnet18 --img-size 64 --batch-size 2 --warmup 1 --steps 1
-               --configs "fp32 3-forward (original)" "bf16 channels_last concat")
+    STEP_ARGS=(--backbone resnet18 --img-size 64 --batch-size 2 --warmup 1 --steps 1)
+    EAGER=("fp32 3-forward (original)" "fp32 concat")
+    GRAPHS=()                   # compiling takes minutes on a small CPU
     EPOCH_ARGS=(--num_triplets 8 --img-size 64 --extra "--backbone resnet18 --dim_embed 16 --batch-size 4")
     BREAK_STEPS=(--steps 2 --warmup 1 --profile 1)
     BREAK_ASEN=(--backbone resnet18 --img-size 64 --dim_embed 16 --batch-size 4)
     EVAL_ARGS=(--queries 360 --candidates 1440 --dim 128 --repeats 1)
-    WORKERS=0; FAST_WORKERS=1
+    WORKERS=0; FAST_WORKERS=1; DATA_WORKERS=2
 else
     DATA_ARGS=(--train 2000 --eval 300 --jpeg-size 512)
-    STEP_ARGS=(--backbone resnet50 --img-size 224 --batch-size 16 --warmup 5 --steps 30
-               --configs "fp32 3-forward (original)" "bf16 channels_last concat"
-               "bf16 channels_last concat +reduce-overhead")
+    STEP_ARGS=(--backbone resnet50 --img-size 224 --batch-size 16 --warmup 5 --steps 30)
+    EAGER=("fp32 3-forward (original)" "bf16 channels_last concat")
+    GRAPHS=("bf16 channels_last concat +reduce-overhead")
     EPOCH_ARGS=(--num_triplets 6000 --img-size 224)
     BREAK_STEPS=(--steps 100 --warmup 10 --profile 10)
     BREAK_ASEN=()
     EVAL_ARGS=()
-    WORKERS=4; FAST_WORKERS=12
+    WORKERS=4; FAST_WORKERS=12; DATA_WORKERS=10     # 10 rendering processes leave cores to the tests
 fi
 FAST=(--amp bf16 --channels-last --concat-forward)
 
@@ -90,7 +95,7 @@ FAST=(--amp bf16 --channels-last --concat-forward)
 } | tee "$OUT_DIR/gpu.txt"
 
 # The data is written by the CPUs while the GPU runs the tests.
-"$PY" benchmarks/authors_data.py "$DATA" "${DATA_ARGS[@]}" >"$OUT_DIR/authors_data.log" 2>&1 &
+"$PY" benchmarks/authors_data.py "$DATA" "${DATA_ARGS[@]}" --workers "$DATA_WORKERS" >"$OUT_DIR/authors_data.log" 2>&1 &
 DATA_PID=$!
 
 stage tests_cuda 150 "$PY" -m pytest -q tests/test_cuda.py
@@ -102,7 +107,7 @@ cat "$OUT_DIR/authors_data.log"
 echo "== authors_data: rc=$DATA_RC (total $((SECONDS - START)) s)"
 [ "$DATA_RC" -eq 0 ] || STATUS=1
 
-stage bench_train_step 150 "$PY" benchmarks/bench_train_step.py "${STEP_ARGS[@]}"
+stage bench_train_step 60 "$PY" benchmarks/bench_train_step.py "${STEP_ARGS[@]}" --configs "${EAGER[@]}"
 
 stage bench_epoch 200 "$PY" benchmarks/bench_epoch.py --dataset FashionAI --data_path "$DATA" \
     "${EPOCH_ARGS[@]}" --workers "$WORKERS" --fast-workers "$FAST_WORKERS" --variants default fast cached
@@ -120,8 +125,14 @@ fi
 stage bench_breakdown_fast 90 "$PY" benchmarks/bench_breakdown.py "${BREAK_STEPS[@]}" -- --dataset FashionAI \
     --data_path "$DATA" --no-pretrained "${BREAK_ASEN[@]}" "${FAST[@]}" --workers "$FAST_WORKERS"
 
+if [ "${#GRAPHS[@]}" -gt 0 ]; then
+    stage bench_train_step_graphs 150 "$PY" benchmarks/bench_train_step.py "${STEP_ARGS[@]}" --configs "${GRAPHS[@]}"
+fi
+
 stage bench_breakdown_defaults 70 "$PY" benchmarks/bench_breakdown.py "${BREAK_STEPS[@]}" -- --dataset FashionAI \
     --data_path "$DATA" --no-pretrained "${BREAK_ASEN[@]}" --workers "$WORKERS"
 
+echo "== goals"
+"$PY" benchmarks/gpu_summary.py "$OUT_DIR" | tee "$OUT_DIR/gpu_summary.log"
 echo "gpu_check: status $STATUS in $((SECONDS - START)) s; logs and JSON in $OUT_DIR"
 exit "$STATUS"

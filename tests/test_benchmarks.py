@@ -92,3 +92,23 @@ def test_gpu_check_script_parses():
     proc = subprocess.run(['bash', '-n', os.path.join(ROOT, 'benchmarks', 'gpu_check.sh')], capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_goal_summary_reads_gpu_check_outputs(tmp_path, capsys):
+    import gpu_summary
+    steps = {'results': [{'name': 'fp32 3-forward (original)', 'images_per_s': 900.0},
+                         {'name': 'bf16 channels_last concat', 'images_per_s': 2400.0}]}
+    graphs = {'results': [{'name': 'bf16 channels_last concat +reduce-overhead', 'images_per_s': 3600.0}]}
+    epoch = epoch_json()
+    epoch['results'][1]['train_vs_steps_alone'] = 0.95
+    for name, obj in (('bench_train_step', steps), ('bench_train_step_graphs', graphs), ('bench_epoch', epoch)):
+        (tmp_path / f'{name}.json').write_text(json.dumps(obj))
+    assert gpu_summary.main([str(tmp_path)]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1].removeprefix('JSON: '))['rows']
+    by_goal = {r['goal']: r for r in rows}
+    assert by_goal['steps alone, fastest (bf16 channels_last concat +reduce-overhead)']['met'] is True
+    assert by_goal['steps alone, fastest against fp32 eager']['measured'] == '4.00x'
+    assert by_goal['training pass of the fast epoch against the steps alone']['met'] is True
+    # defaults 10 + 3 s against fast 5 + 1 s: 2.17x, below the 5x goal
+    assert by_goal['train + validate, defaults against fast']['measured'].endswith('= 2.17x')
+    assert by_goal['train + validate, defaults against fast']['met'] is False

@@ -177,7 +177,7 @@ def test_training_steps_do_not_sync_the_host():
     optimizer = runtime.adam(list(tnet.parameters()), 1e-4, CUDA)
     syncs_of_an_epoch(tnet, optimizer, 2, args)                      # cuDNN autotuning, allocator warm-up
     few, many = syncs_of_an_epoch(tnet, optimizer, 3, args), syncs_of_an_epoch(tnet, optimizer, 9, args)
-    assert few == many, (few, many)
+    assert 0 < few == many, (few, many)                              # 0 would mean no sync was seen at all
 
 
 def test_cuda_graph_step_does_not_recompile_for_the_last_partial_batch():
