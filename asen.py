@@ -142,10 +142,11 @@ def get_args_parser():
     perf.add_argument('--channels-last', dest='channels_last', action=argparse.BooleanOptionalAction,
                       default=False, help='channels_last memory format for the network and its inputs')
     perf.add_argument('--compile', action='store_true',
-                      help='torch.compile the network in --compile-mode. Measured on one H100 (ResNet-50, '
-                           '224 px, 16 triplets, bf16, channels_last, one forward) in mode default: 1489 img/s '
-                           'against 2403 eager, i.e. slower; see the README\'s Speed section for the other '
-                           'modes. A last partial batch runs eagerly (no recompilation)')
+                      help='torch.compile the network in --compile-mode. Measured on one H100 at commit 180f13d '
+                           '(ResNet-50, 224 px, 16 triplets, bf16, channels_last, one forward) in mode default: '
+                           '1489 img/s against 2403 eager, i.e. slower; the CUDA-graph modes are measured by '
+                           'benchmarks/gpu_check.sh (README, Speed). A last partial batch runs eagerly (no '
+                           'recompilation)')
     perf.add_argument('--compile-mode', '--compile_mode', dest='compile_mode', default='default',
                       choices=COMPILE_MODES,
                       help='torch.compile mode for --compile: reduce-overhead and max-autotune replay the '

@@ -19,8 +19,8 @@
 #   bench_breakdown_defaults  where the time goes, asen's defaults
 #   gpu_summary      the goals' table from the JSON files (gpu_summary.log)
 # The stages run in this order of importance: when the budget runs out, the last ones are cut.
-# Environment: PYTHON (default python3); OUT (default ./gpu_check_out); BUDGET_S (default 470):
-# stages are cut to what is left of it. tensorboardX is installed from .whl/*.whl when missing.
+# Environment: PYTHON (default python3); OUT (default ./gpu_check_out); BUDGET_S (default 470,
+# 1800 with --quick): stages are cut to what is left of it. tensorboardX is installed from .whl/*.whl when missing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-$PWD/gpu_check_out}"
@@ -28,7 +28,9 @@ mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python3}"
 QUICK=0
 [ "${1:-}" = "--quick" ] && QUICK=1
-BUDGET_S="${BUDGET_S:-470}"
+# --quick on a CPU: small sizes but slow steps, so three times the time per stage
+SCALE=$((QUICK ? 3 : 1))
+BUDGET_S="${BUDGET_S:-$((QUICK ? 1800 : 470))}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 DATA="$WORK/authors"
@@ -46,7 +48,7 @@ if ! "$PY" -c 'import tensorboardX' 2>/dev/null; then
 fi
 
 stage() {  # stage NAME SECONDS CMD...: CMD under a timeout cut to the budget left, logged to NAME.log
-    local name="$1" limit="$2"
+    local name="$1" limit=$(($2 * SCALE))
     shift 2
     local left=$((BUDGET_S - (SECONDS - START) - 5))
     [ "$left" -lt "$limit" ] && limit=$left
@@ -72,7 +74,7 @@ if [ "$QUICK" -eq 1 ]; then     # tiny sizes: checks the stages run, not the spe
     EAGER=("fp32 3-forward (original)" "fp32 concat")
     GRAPHS=()                   # compiling takes minutes on a small CPU
     EPOCH_ARGS=(--num_triplets 8 --img-size 64 --extra "--backbone resnet18 --dim_embed 16 --batch-size 4")
-    BREAK_STEPS=(--steps 2 --warmup 1 --profile 1)
+    BREAK_STEPS=(--steps 1 --warmup 0 --profile 1)
     BREAK_ASEN=(--backbone resnet18 --img-size 64 --dim_embed 16 --batch-size 4)
     EVAL_ARGS=(--queries 360 --candidates 1440 --dim 128 --repeats 1)
     WORKERS=0; FAST_WORKERS=1; DATA_WORKERS=2
@@ -88,6 +90,7 @@ else
     WORKERS=4; FAST_WORKERS=12; DATA_WORKERS=10     # 10 rendering processes leave cores to the tests
 fi
 FAST=(--amp bf16 --channels-last --concat-forward)
+[ "$QUICK" -eq 1 ] && FAST=(--channels-last --concat-forward)     # not every CPU has bf16 kernels
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
