@@ -56,7 +56,8 @@ def configure_backends(device, tf32=None):
 
 def fused_adam_supported(device):
     """Adam's fused kernel (one kernel for all parameters, same update rule) is used on CUDA;
-    on the CPU the default implementation stays (tests/test_model.py checks fused = unfused there)."""
+    on the CPU the default implementation stays (tests/test_training_step.py checks that fused and
+    unfused make the same update there)."""
     return device.type == 'cuda'
 
 
