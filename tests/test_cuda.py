@@ -200,7 +200,9 @@ def test_cuda_graph_step_does_not_recompile_for_the_last_partial_batch():
 
 
 def test_eval_batch_size_does_not_change_embeddings_on_cuda(full_fp32, trained_run):
-    """The valid split embedded 3 and 64 images at a time in fp32 agrees to atol 1e-5."""
+    """The valid split embedded 3 and 64 images at a time in fp32 (TF32 off) agrees to atol 1e-4:
+    with cudnn.benchmark, cuDNN may pick another algorithm (FFT, Winograd) for each batch size, and
+    their fp32 roundings differ more than the CPU's (1e-5 there)."""
     root, _ = trained_run
     embeddings = []
     for size in (3, 64):
@@ -211,4 +213,4 @@ def test_eval_batch_size_does_not_change_embeddings_on_cuda(full_fp32, trained_r
         net = asen.build_network(args, len(split_files.attributes), CUDA).embeddingnet
         queries, _ = asen.retrieval_sets(split_files, 'valid', args, logging.getLogger('test_cuda'))
         embeddings.append(asen.embed_split(net, queries, CUDA, args))
-    torch.testing.assert_close(embeddings[0], embeddings[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(embeddings[0], embeddings[1], rtol=0, atol=1e-4)
