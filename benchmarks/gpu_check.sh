@@ -97,8 +97,10 @@ FAST=(--amp bf16 --channels-last --concat-forward)
     "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())'
 } | tee "$OUT_DIR/gpu.txt"
 
-# The data is written by the CPUs while the GPU runs the tests.
-"$PY" benchmarks/authors_data.py "$DATA" "${DATA_ARGS[@]}" --workers "$DATA_WORKERS" >"$OUT_DIR/authors_data.log" 2>&1 &
+# The data is written by the CPUs while the GPU runs the tests. (Empty arrays are expanded as
+# ${A[@]+"${A[@]}"} below, which `set -u` accepts in every bash version.)
+timeout --kill-after=5 $((200 * SCALE)) "$PY" benchmarks/authors_data.py "$DATA" "${DATA_ARGS[@]}" \
+    --workers "$DATA_WORKERS" >"$OUT_DIR/authors_data.log" 2>&1 &
 DATA_PID=$!
 
 stage tests_cuda 150 "$PY" -m pytest -q tests/test_cuda.py
@@ -115,7 +117,7 @@ stage bench_train_step 60 "$PY" benchmarks/bench_train_step.py "${STEP_ARGS[@]}"
 stage bench_epoch 200 "$PY" benchmarks/bench_epoch.py --dataset FashionAI --data_path "$DATA" \
     "${EPOCH_ARGS[@]}" --workers "$WORKERS" --fast-workers "$FAST_WORKERS" --variants default fast cached
 
-stage bench_eval 60 "$PY" benchmarks/bench_eval.py "${EVAL_ARGS[@]}"
+stage bench_eval 60 "$PY" benchmarks/bench_eval.py ${EVAL_ARGS[@]+"${EVAL_ARGS[@]}"}
 
 if [ -s "$OUT_DIR/bench_epoch.json" ] && [ -s "$OUT_DIR/bench_eval.json" ]; then
     stage project_recipe 20 "$PY" benchmarks/project_recipe.py --epoch "$OUT_DIR/bench_epoch.json" \
@@ -126,14 +128,14 @@ else
 fi
 
 stage bench_breakdown_fast 90 "$PY" benchmarks/bench_breakdown.py "${BREAK_STEPS[@]}" -- --dataset FashionAI \
-    --data_path "$DATA" --no-pretrained "${BREAK_ASEN[@]}" "${FAST[@]}" --workers "$FAST_WORKERS"
+    --data_path "$DATA" --no-pretrained ${BREAK_ASEN[@]+"${BREAK_ASEN[@]}"} "${FAST[@]}" --workers "$FAST_WORKERS"
 
-if [ "${#GRAPHS[@]}" -gt 0 ]; then
+if [ -n "${GRAPHS[*]-}" ]; then
     stage bench_train_step_graphs 150 "$PY" benchmarks/bench_train_step.py "${STEP_ARGS[@]}" --configs "${GRAPHS[@]}"
 fi
 
 stage bench_breakdown_defaults 70 "$PY" benchmarks/bench_breakdown.py "${BREAK_STEPS[@]}" -- --dataset FashionAI \
-    --data_path "$DATA" --no-pretrained "${BREAK_ASEN[@]}" --workers "$WORKERS"
+    --data_path "$DATA" --no-pretrained ${BREAK_ASEN[@]+"${BREAK_ASEN[@]}"} --workers "$WORKERS"
 
 echo "== goals"
 "$PY" benchmarks/gpu_summary.py "$OUT_DIR" | tee "$OUT_DIR/gpu_summary.log"
