@@ -206,3 +206,48 @@ def test_embeddings_do_not_depend_on_the_eval_batch_size(trained_run):
         embeddings.append(asen.embed_split(net, queries, CPU, args))
     assert len(embeddings[0]) > 3
     torch.testing.assert_close(embeddings[0], embeddings[1], rtol=0, atol=1e-5)
+
+
+def test_compile_modes_for_training_and_evaluation(monkeypatch):
+    """CUDA-graph modes compile the training step as asked; evaluation (partial batches of several
+    sizes) gets the same mode without CUDA graphs; no --compile, no compiling."""
+    modes = []
+    monkeypatch.setattr(torch, 'compile', lambda module, mode: modes.append(mode) or module)
+    for mode, eval_mode in (('default', 'default'), ('reduce-overhead', 'default'),
+                            ('max-autotune', 'max-autotune-no-cudagraphs'),
+                            ('max-autotune-no-cudagraphs', 'max-autotune-no-cudagraphs')):
+        args = asen.parse_args(['--compile', '--compile-mode', mode])
+        asen.compiled(None, args)
+        asen.compiled(None, args, evaluation=True)
+        assert modes[-2:] == [mode, eval_mode]
+    assert asen.compiled('net', asen.parse_args([])) == 'net' and len(modes) == 8
+
+
+class CompiledStandIn(torch.nn.Module):
+    """Looks like torch.compile's module (`_orig_mod`) and counts the batches it is given."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod = module
+        self.sizes = []
+
+    @property
+    def embeddingnet(self):                                   # torch.compile's module forwards attributes
+        return self._orig_mod.embeddingnet
+
+    def forward(self, anchor, *rest):
+        self.sizes.append(len(anchor))
+        return self._orig_mod(anchor, *rest)
+
+
+def test_last_partial_batch_runs_eagerly_under_compile():
+    """A compiled step keeps one shape: the full batches go through it, the partial one through
+    the module it wraps, on the same weights."""
+    args = asen.parse_args(TINY + FAITHFUL + ['--batch-size', '4', '--log-interval', '100'])
+    tnet = tiny_tnet()
+    stand_in = CompiledStandIn(tnet)
+    optimizer = torch.optim.Adam(tnet.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    asen.train_one_epoch(stand_in, InMemoryLoader(batches(sizes=(4, 4, 2))), optimizer, scaler, CPU, 1, args,
+                         logging.getLogger('test_training_step'))
+    assert stand_in.sizes == [4, 4]
