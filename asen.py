@@ -37,6 +37,9 @@ from utils import UserError
 DATASETS = ('FashionAI', 'DARN', 'DeepFashion', 'SynthFashion', 'Zappos50k')
 # Datasets of (anchor, far, close) triplet lists, scored by triplet accuracy rather than mAP.
 TRIPLET_DATASETS = ('Zappos50k',)
+# torch.compile modes of --compile-mode; those that replay CUDA graphs need static shapes.
+COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune', 'max-autotune-no-cudagraphs')
+CUDA_GRAPH_MODES = ('reduce-overhead', 'max-autotune')
 
 # SynthFashion runs out of the box on a CPU in about 5 minutes: these replace the defaults of
 # flags not given. The fast paths (bf16 where the device has bf16 kernels, channels_last, one
@@ -130,6 +133,9 @@ def get_args_parser():
     train.add_argument('--batch-size', '--batch_size', dest='batch_size', type=int, default=16,
                        help='triplets per batch, per process: under torchrun with N processes a '
                             'step sees N x this many triplets')
+    train.add_argument('--eval-batch-size', '--eval_batch_size', dest='eval_batch_size', type=int, default=64,
+                       help='images per batch when embedding the evaluation splits (no gradients, so larger '
+                            'than training\'s; the embeddings do not depend on it beyond float rounding)')
     train.add_argument('--lr', type=float, default=1e-4, help='Adam learning rate')
     train.add_argument('--step_size', '--step-size', type=int, default=1, help='StepLR step, in epochs')
     train.add_argument('--decay_rate', '--decay-rate', type=float, default=0.985, help='StepLR gamma')
@@ -138,10 +144,26 @@ def get_args_parser():
 
     perf = parser.add_argument_group('performance (off unless given or preset: the original semantics)')
     perf.add_argument('--amp', default='off', choices=('off', 'bf16', 'fp16'),
-                      help='autocast precision; fp16 uses a GradScaler')
+                      help='autocast precision (default: off); fp16 uses a GradScaler. off is fp32, but on '
+                           'Ampere and later GPUs PyTorch runs fp32 convolutions in TF32 unless --no-tf32 is '
+                           'given (see --tf32): --amp off --no-tf32 is the authors\' full fp32')
+    perf.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=None,
+                      help='--tf32: fp32 convolutions and matmuls on CUDA in TF32 (10-bit mantissa, faster); '
+                           '--no-tf32: both in full fp32; neither (default): PyTorch\'s own setting is left '
+                           'as it is (TF32 convolutions, full fp32 matmuls); no effect on CPUs')
     perf.add_argument('--channels-last', dest='channels_last', action=argparse.BooleanOptionalAction,
                       default=False, help='channels_last memory format for the network and its inputs')
-    perf.add_argument('--compile', action='store_true', help='torch.compile the network')
+    perf.add_argument('--compile', action='store_true',
+                      help='torch.compile the network in --compile-mode. Measured on one H100 at commit 180f13d '
+                           '(ResNet-50, 224 px, 16 triplets, bf16, channels_last, one forward) in mode default: '
+                           '1489 img/s against 2403 eager, i.e. slower; the CUDA-graph modes are measured by '
+                           'benchmarks/gpu_check.sh (README, Speed). A last partial batch runs eagerly (no '
+                           'recompilation)')
+    perf.add_argument('--compile-mode', '--compile_mode', dest='compile_mode', default='default',
+                      choices=COMPILE_MODES,
+                      help='torch.compile mode for --compile: reduce-overhead and max-autotune replay the '
+                           'training step\'s forward and backward as CUDA graphs (static shapes; evaluation '
+                           'is compiled without them)')
     perf.add_argument('--concat-forward', dest='concat_forward', action=argparse.BooleanOptionalAction,
                       default=False,
                       help='one forward pass over anchor+negative+positive (changes BatchNorm batch '
@@ -260,6 +282,7 @@ FLAG_RANGES = [
     ('log_interval', _whole(1), 'a whole number >= 1'),
     ('topk', _whole(1), 'a whole number >= 1'),
     ('name', _folder_name, "one folder name (not empty, '.' or '..', no '/')"),
+    ('eval_batch_size', _whole(1), 'a whole number >= 1'),
     ('heatmap_every', _whole(0), 'a whole number >= 0 (0: never during training)'),
     ('visdom_port', _whole(0, 65535), 'a port number from 0 to 65535'),
 ]
@@ -352,11 +375,11 @@ def report_skipped(logger, what, count):
         logger.info(f'--skip-bad-images: left out {count} missing or unreadable image(s) of the {what}')
 
 
-def make_loader(dataset, args, device):
-    """Batches in dataset order. Workers are not persistent: each epoch's iterator must see the
-    triplets that `set_epoch` drew."""
+def make_loader(dataset, args, device, batch_size=None):
+    """Batches of `batch_size` (default --batch-size) in dataset order. Workers are not persistent:
+    each epoch's iterator must see the triplets that `set_epoch` drew."""
     workers = args.workers if args.workers is not None else (4 if device.type == 'cuda' else 0)
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size or args.batch_size, num_workers=workers,
                                        pin_memory=device.type == 'cuda')
 
 
@@ -426,12 +449,12 @@ def build_network(args, n_attributes, device, imagenet=True):
 # ----------------------------------------------------------------------------- training
 
 def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
-    optimizer = torch.optim.Adam([p for p in tnet.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = runtime.adam([p for p in tnet.parameters() if p.requires_grad], args.lr, device)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.decay_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     best_prec = 0.0
     if checkpoint is not None and 'optimizer' in checkpoint:
-        optimizer.load_state_dict(checkpoint['optimizer'])
+        runtime.load_optimizer_state(optimizer, checkpoint['optimizer'])
         scheduler.load_state_dict(checkpoint['scheduler'])
         scaler.load_state_dict(checkpoint['scaler'])
         best_prec = checkpoint.get('best_prec', 0.0)
@@ -448,8 +471,8 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
     valid_sets = evaluation_sets(split_files, 'valid', args, logger)
     train_loader = make_loader(train_set, args, device)
     train_model = runtime.distributed_model(tnet, device, args.sync_bn, logger, args.batch_size)
-    train_model = torch.compile(train_model) if args.compile else train_model
-    eval_model = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
+    train_model = compiled(train_model, args)
+    eval_model = compiled(tnet.embeddingnet, args, evaluation=True)
     if is_main_process():
         if args.overwrite and not resumes_in(run_dir, args.resume):
             clear_previous_run(run_dir)
@@ -482,6 +505,9 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
     except KeyboardInterrupt:
         # the weights are mid-epoch: resuming this file repeats the interrupted epoch from them
         path = os.path.join(run_dir, 'interrupted.pth.tar')
+        if not weights_are_finite(tnet):            # a non-finite step not yet checked (see train_one_epoch)
+            raise UserError(f"non-finite weights when interrupted in epoch {epoch}; not saved; the last good "
+                            f"snapshot in runs/{args.name}/ is kept; lower --lr or use --amp off")
         if is_main_process():
             try:
                 utils.save_atomic(snapshot(epoch - 1, tnet, optimizer, scheduler, scaler, None, best_prec, args),
@@ -497,37 +523,101 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
     return best_prec
 
 
+def weights_are_finite(tnet):
+    """Whether every parameter and buffer of `tnet` is finite (one host sync)."""
+    tensors = [t for t in (*tnet.parameters(), *tnet.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+def compiled(module, args, evaluation=False):
+    """`module` under torch.compile in --compile-mode when --compile is given, else `module`.
+    Evaluation runs batches of several sizes (the last of each split is partial): it is compiled
+    without CUDA graphs, which would record one graph per size."""
+    if not args.compile:
+        return module
+    mode = args.compile_mode
+    if evaluation and mode in CUDA_GRAPH_MODES:
+        mode = 'default' if mode == 'reduce-overhead' else 'max-autotune-no-cudagraphs'
+    return torch.compile(module, mode=mode)
+
+
 def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger, writer=None):
-    """One pass over the epoch's triplets; returns (mean loss, mean triplet accuracy)."""
-    losses, accs = utils.AverageMeter(), utils.AverageMeter()
+    """One pass over the epoch's triplets; returns (mean loss, mean triplet accuracy).
+
+    No host sync per step, so that the host queues the next step while the device runs this one:
+    the loss and accuracy accumulate on the device and the non-finite-loss flag is a device
+    tensor; all are read at each log interval and at the end of the epoch. A non-finite loss
+    therefore stops the run at the next such check, not at its own step: the steps in between
+    have updated the weights in memory (from non-finite gradients), but none of it is saved, as
+    the epoch's snapshot is written only after this function returns and the Ctrl-C snapshot
+    checks the weights first. Under torch.compile a last partial batch runs eagerly (`tnet`'s
+    uncompiled module, same weights): the compiled step keeps one static shape, so it neither
+    recompiles nor records a second CUDA graph.
+    """
+    eager = getattr(tnet, '_orig_mod', tnet)                # the module torch.compile wraps, if any
+    losses, accs = utils.DeviceMeter(device), utils.DeviceMeter(device)
+    non_finite = runtime.NonFiniteTracker(device)
     tnet.train()
     progress = tqdm(loader, desc=f'epoch {epoch}', disable=not sys.stderr.isatty(), leave=False)
-    for batch_idx, (anchor, negative, positive, attr) in enumerate(progress):
-        anchor, negative, positive = (to_device(t, device, args.channels_last) for t in (anchor, negative, positive))
-        attr = attr.to(device)
-        with autocast(device, args.amp):
-            sim_an, sim_ap = tnet(anchor, negative, positive, attr)
-            loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
-            objective = loss + models.regularisation(tnet)
-        if not runtime.loss_is_finite(objective):
-            hint = 'lower --lr' + (f' or use --amp off (not --amp {args.amp})' if args.amp != 'off' else '')
-            raise UserError(f"non-finite loss at epoch {epoch}, batch {batch_idx}; "
-                            f"{last_snapshot_note(os.path.join('runs', args.name))}; {hint}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(objective).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        losses.update(loss.item(), anchor.size(0))
-        accs.update(utils.triplet_accuracy(sim_an.detach(), sim_ap.detach()), anchor.size(0))
+    for batch_idx, batch in enumerate(progress):
+        anchor, negative, positive, attr = batch_to_device(batch, device, args)
+        model = tnet if anchor.size(0) == args.batch_size else eager
+        if model is not eager:
+            torch.compiler.cudagraph_mark_step_begin()     # a new training step for CUDA graphs
+        loss, objective, sim_an, sim_ap = training_step(model, anchor, negative, positive, attr,
+                                                        optimizer, scaler, device, args)
+        non_finite.update(objective, batch_idx)
+        losses.update(loss, anchor.size(0))
+        accs.update(utils.triplet_accuracy(sim_an, sim_ap), anchor.size(0))
         if batch_idx % args.log_interval == 0:
-            logger.info(f'Train Epoch: {epoch} [{batch_idx * anchor.size(0)}/{len(loader.dataset)}]\t'
-                        f'Loss: {losses.val:.4f} ({losses.avg:.4f}) \t'
-                        f'Acc: {100 * accs.val:.2f}% ({100 * accs.avg:.2f}%)')
-            if writer is not None:
-                step = (epoch - 1) * len(loader) + batch_idx
-                writer.add_scalar('train/loss', losses.val, step)
-                writer.add_scalar('train/triplet_accuracy', 100 * accs.val, step)
-    return losses.avg, accs.avg
+            stop_if_non_finite(non_finite, epoch, args)
+            log_training(logger, writer, epoch, batch_idx, anchor.size(0), len(loader), len(loader.dataset),
+                         losses, accs)
+    stop_if_non_finite(non_finite, epoch, args)
+    return losses.read()[1], accs.read()[1]
+
+
+def batch_to_device(batch, device, args):
+    """A loader batch (anchor, negative, positive, attr) on `device`, the images channels_last if
+    --channels-last (non-blocking copies from pinned memory)."""
+    anchor, negative, positive, attr = batch
+    anchor, negative, positive = (to_device(t, device, args.channels_last) for t in (anchor, negative, positive))
+    return anchor, negative, positive, attr.to(device, non_blocking=True)
+
+
+def training_step(model, anchor, negative, positive, attr, optimizer, scaler, device, args):
+    """Forward, triplet loss, backward and optimizer step of one batch on the device; returns
+    (loss, objective = loss + regularisers, sim_an, sim_ap) as device tensors, unread."""
+    with autocast(device, args.amp):
+        sim_an, sim_ap = model(anchor, negative, positive, attr)
+        loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
+        objective = loss + models.regularisation(model)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(objective).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), objective.detach(), sim_an.detach(), sim_ap.detach()
+
+
+def stop_if_non_finite(non_finite, epoch, args):
+    """The one-line error for the first non-finite loss seen so far (one host sync)."""
+    bad = non_finite.first_bad_batch()
+    if bad is not None:
+        hint = 'lower --lr' + (f' or use --amp off (not --amp {args.amp})' if args.amp != 'off' else '')
+        raise UserError(f"non-finite loss at epoch {epoch}, batch {bad}; "
+                        f"{last_snapshot_note(os.path.join('runs', args.name))}; {hint}")
+
+
+def log_training(logger, writer, epoch, batch_idx, batch_size, n_batches, n_triplets, losses, accs):
+    """The log line and TensorBoard scalars of a log interval (reads the device meters: one sync)."""
+    (loss, loss_avg), (acc, acc_avg) = losses.read(), accs.read()
+    logger.info(f'Train Epoch: {epoch} [{batch_idx * batch_size}/{n_triplets}]\t'
+                f'Loss: {loss:.4f} ({loss_avg:.4f}) \t'
+                f'Acc: {100 * acc:.2f}% ({100 * acc_avg:.2f}%)')
+    if writer is not None:
+        step = (epoch - 1) * n_batches + batch_idx
+        writer.add_scalar('train/loss', loss, step)
+        writer.add_scalar('train/triplet_accuracy', 100 * acc, step)
 
 
 def log_epoch(writer, epoch, lr, result):
@@ -584,12 +674,12 @@ def embed_split(net, dataset, device, args):
     """Embeddings of a RetrievalDataset in its order; under torchrun each rank embeds a contiguous
     shard and the shards are gathered, so every rank gets what one process would."""
     if not distributed():
-        return extract_embeddings(net, make_loader(dataset, args, device), device, args)
+        return extract_embeddings(net, make_loader(dataset, args, device, args.eval_batch_size), device, args)
     rank, world = runtime.rank_and_world()
     sizes = runtime.shard_sizes(len(dataset), world)
     start = sum(sizes[:rank])
     shard = datasets.IndexShard(dataset, start, start + sizes[rank])
-    local = extract_embeddings(net, make_loader(shard, args, device), device, args)
+    local = extract_embeddings(net, make_loader(shard, args, device, args.eval_batch_size), device, args)
     # a rank with an empty shard learns the embedding width (C for ASENet_V2) from the others
     width = runtime.max_over_ranks(0 if local is None else local.shape[1], device)
     if local is None:
@@ -643,7 +733,7 @@ def evaluate_triplets(net, eval_set, conditions, device, args, logger, epoch=Non
 def run_test(tnet, split_files, device, args, logger, run_dir):
     """--test: the test split's figures (mAP, or triplet accuracy on Zappos50k) beside the Random
     baseline, test_results.json and a markdown table."""
-    net = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
+    net = compiled(tnet.embeddingnet, args, evaluation=True)
     sets = evaluation_sets(split_files, 'test', args, logger)
     regions = synth_regions(split_files, 'test')            # read before the evaluation: a bad file stops here
     result, embeddings = evaluate(net, sets, split_files.attributes, device, args, logger)
@@ -846,6 +936,7 @@ def run(args):
     if distributed() and (args.visualize or args.retrieve):
         raise UserError("--visualize and --retrieve run in one process; start them without torchrun")
     device = runtime.resolve_device(args.no_cuda)
+    runtime.configure_backends(device, args.tf32)
     utils.seed_everything(args.seed)
     run_dir = os.path.join('runs', args.name)
     with contextlib.ExitStack() as stack:

@@ -70,6 +70,45 @@ def to_device(tensor, device, channels_last):
     return tensor.contiguous(memory_format=torch.channels_last) if channels_last and tensor.dim() == 4 else tensor
 
 
+def configure_backends(device, tf32=None):
+    """Backend switches of a run, set once after the device is resolved.
+
+    On CUDA, cuDNN benchmarks the convolution algorithms for each new input shape and keeps the
+    fastest (`cudnn.benchmark`, as the authors' code sets it). `tf32` None leaves PyTorch's own
+    TF32 setting alone (on Ampere and later GPUs: fp32 convolutions in TF32, fp32 matmuls in full
+    fp32); True or False sets both cuDNN convolutions and CUDA matmuls to TF32 or to full fp32.
+    TF32 keeps fp32's range with a 10-bit mantissa: about 1e-3 relative error per product.
+    """
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+    if tf32 is not None:
+        torch.backends.cudnn.allow_tf32 = bool(tf32)
+        torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+
+
+def fused_adam_supported(device):
+    """Adam's fused kernel (one kernel for all parameters, same update rule) is used on CUDA;
+    on the CPU the default implementation stays (tests/test_training_step.py checks that fused and
+    unfused make the same update there)."""
+    return device.type == 'cuda'
+
+
+def adam(params, lr, device):
+    """torch.optim.Adam, fused where `fused_adam_supported(device)`: the fused step also takes a
+    GradScaler's inf check on the device instead of a host sync each step."""
+    return torch.optim.Adam(params, lr=lr, fused=True) if fused_adam_supported(device) else \
+        torch.optim.Adam(params, lr=lr)
+
+
+def load_optimizer_state(optimizer, state):
+    """optimizer.load_state_dict(state), keeping this optimizer's implementation switches (fused,
+    foreach, capturable): a checkpoint saved on a GPU (fused) resumes on a CPU and the reverse,
+    with Adam's step counters moved where the implementation wants them."""
+    ours = {key: optimizer.param_groups[0].get(key) for key in ('fused', 'foreach', 'capturable')}
+    groups = [{**group, **ours} for group in state['param_groups']]
+    optimizer.load_state_dict({**state, 'param_groups': groups})
+
+
 # ----------------------------------------------------------------------------- process group
 
 def distributed():
@@ -168,12 +207,29 @@ def distributed_model(tnet, device, sync_bn, logger, batch_size):
 
 # ----------------------------------------------------------------------------- collectives
 
-def loss_is_finite(loss):
-    """Whether the loss is finite, on every rank at once (so that all ranks stop together)."""
-    finite = torch.isfinite(loss.detach()).reshape(1).to(torch.int32)
-    if distributed():
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+class NonFiniteTracker:
+    """Remembers, on the device, the first batch whose loss was not finite, without a host sync
+    per step: `update` queues a few tiny device ops; `first_bad_batch` reads the flag (one sync,
+    and under torchrun one all-reduce, so that every rank stops at the same check)."""
+
+    NONE = 2**62                                        # "no bad batch yet" (above any batch index)
+
+    def __init__(self, device):
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+
+    def update(self, loss, batch_idx):
+        """Record `batch_idx` if `loss` is not finite and no earlier batch was."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        # a Python scalar goes to the kernel as an argument: no host-to-device copy, no sync
+        self.first = torch.where(bad, self.first.clamp(max=batch_idx), self.first)
+
+    def first_bad_batch(self):
+        """The first non-finite batch of any rank, or None when all were finite."""
+        first = self.first.clone().reshape(1)
+        if distributed():
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = int(first.item())
+        return None if first == self.NONE else first
 
 
 def global_mean(values, device):

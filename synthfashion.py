@@ -60,6 +60,7 @@ import argparse
 import colorsys
 import json
 import math
+import multiprocessing
 import os
 import shutil
 
@@ -492,19 +493,28 @@ def _write_lines(path, lines):
         handle.writelines(line + "\n" for line in lines)
 
 
-def _write_split_images(folder, split, settings):
-    """Render and save all images of a split; return (paths, labels, regions)."""
+def _write_image(task):
+    """Render and save image ``index`` of a split; return its (path, labels, regions)."""
+    folder, split, index, settings = task
+    rng = _image_rng(settings["seed"], split, index)
+    image_labels = draw_labels(rng)
+    image, image_regions = render_image(rng, image_labels, settings["image_size"])
+    path = f"images/{split}/{index:06d}.jpg"
+    image.save(os.path.join(folder, path), quality=JPEG_QUALITY)
+    return path, image_labels, image_regions
+
+
+def _write_split_images(folder, split, settings, workers=1):
+    """Render and save all images of a split, in ``workers`` processes if above 1 (each image has
+    its own random generator, so the files do not depend on it); return (paths, labels, regions)."""
     os.makedirs(os.path.join(folder, "images", split))
-    paths, labels, regions = [], [], []
-    for index in range(settings[f"n_{split}"]):
-        rng = _image_rng(settings["seed"], split, index)
-        image_labels = draw_labels(rng)
-        image, image_regions = render_image(rng, image_labels, settings["image_size"])
-        path = f"images/{split}/{index:06d}.jpg"
-        image.save(os.path.join(folder, path), quality=JPEG_QUALITY)
-        paths.append(path)
-        labels.append(image_labels)
-        regions.append(image_regions)
+    tasks = [(folder, split, index, settings) for index in range(settings[f"n_{split}"])]
+    if workers > 1:
+        with multiprocessing.Pool(workers) as pool:
+            written = pool.map(_write_image, tasks, chunksize=16)
+    else:
+        written = [_write_image(task) for task in tasks]
+    paths, labels, regions = (list(column) for column in zip(*written))
     return paths, labels, regions
 
 
@@ -588,13 +598,14 @@ def check_replaceable(root):
                            f"it is not replaced: move it away or choose another location")
 
 
-def generate(root, **settings):
+def generate(root, workers=1, **settings):
     """Write the dataset into folder ``root`` (replacing it if made here) and return the settings.
 
     Builds in ``root + '.tmp-<pid>'`` and renames it into place when complete
     (removed if generation fails); ``settings.json`` is written last.
     ``settings`` override DEFAULT_SETTINGS. A ``root`` this module did not
-    make raises NotOurFolder.
+    make raises NotOurFolder. ``workers`` processes render the images (the files are the same
+    for any number).
     """
     settings = _merged_settings(settings)
     root = os.path.normpath(os.fspath(root))
@@ -607,7 +618,7 @@ def generate(root, **settings):
             handle.write("written by synthfashion.py; a later run with other settings may replace this folder\n")
         _write_json(os.path.join(tmp, "meta.json"), _meta())
         for split in SPLITS:
-            paths, labels, regions = _write_split_images(tmp, split, settings)
+            paths, labels, regions = _write_split_images(tmp, split, settings, workers)
             _write_split_files(tmp, split, paths, labels, regions, settings["seed"])
         _write_json(os.path.join(tmp, "settings.json"), settings)
         if os.path.lexists(root):

@@ -99,21 +99,30 @@ def mean_average_precision(cand_set, queries, c_gdtruth, q_gdtruth):
 
 
 def triplet_accuracy(sim_an, sim_ap):
-    """Share of triplets whose anchor is more similar to the positive than to the negative."""
-    return (sim_ap > sim_an).float().mean().item()
+    """Share of triplets whose anchor is more similar to the positive than to the negative, as a
+    0-dim float tensor on the inputs' device (reading it is the caller's host sync)."""
+    return (sim_ap > sim_an).float().mean()
 
 
-class AverageMeter:
-    """Running value and (weighted) average."""
+class DeviceMeter:
+    """Last value and weighted running average of a 0-dim tensor, kept on its device: `update`
+    queues two small device ops and never waits for the device; `read` waits once. The sums are
+    float64, as the Python floats of a per-step `.item()` loop."""
 
-    def __init__(self):
-        self.val = self.sum = self.count = self.avg = 0.0
+    def __init__(self, device):
+        self.last = torch.zeros((), dtype=torch.float64, device=device)
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
 
-    def update(self, val, n=1):
-        self.val = val
-        self.sum += val * n
+    def update(self, value, n=1):
+        self.last = value.detach().double()
+        self.sum = self.sum + self.last * n
         self.count += n
-        self.avg = self.sum / self.count
+
+    def read(self):
+        """(last value, average) as Python floats: one host sync."""
+        last, total = torch.stack([self.last, self.sum]).tolist()
+        return last, total / max(self.count, 1)
 
 
 # ----------------------------------------------------------------------------- seeding

@@ -9,7 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-import torch  # noqa: E402
+# torch is imported where it is used: project_recipe.py and gpu_summary.py only read JSON files.
 
 
 def cpu_model():
@@ -26,6 +26,7 @@ def cpu_model():
 
 def machine_info(device=None):
     """Dict describing where the benchmark ran."""
+    import torch
     info = {
         'cpu': cpu_model(),
         'cpu_count': os.cpu_count(),
@@ -51,6 +52,7 @@ def print_machine(info):
 
 
 def resolve_device(name):
+    import torch
     if name is None:
         name = 'cuda' if torch.cuda.is_available() else 'cpu'
     if name == 'cuda' and not torch.cuda.is_available():
@@ -59,6 +61,7 @@ def resolve_device(name):
 
 
 def sync(device):
+    import torch
     if device.type == 'cuda':
         torch.cuda.synchronize(device)
 

@@ -1,11 +1,15 @@
-"""Wall time of one SynthFashion epoch end to end through asen.main: default, fast and cached flags.
+"""Wall time of one epoch end to end through asen.main: default, fast and cached flags.
 
-Each run is `asen.main(['--dataset', 'SynthFashion', '--data_path', DATA, '--epochs', '1',
+Each run is `asen.main(['--dataset', DATASET, '--data_path', DATA, '--epochs', '1',
 '--name', NAME, *passthrough, *flags])` in a temporary working directory, so runs/<NAME>/ lands
-there; the timed call includes data loading, training, validation and checkpointing. The dataset is
+there; the timed call includes data loading, training, validation and checkpointing. DATASET is
+SynthFashion (with asen's CPU preset) or, with --dataset FashionAI, data in the authors' format
+such as benchmarks/authors_data.py writes (asen's own defaults then, with --no-pretrained). The dataset is
 generated (by asen's own code) before the timed runs if it is not there yet, and so is the image
 cache of the `cached` variant (`--cache-images`). Each run also reports the time of its training
-pass alone (asen.train_one_epoch, without validation and checkpointing); `--step-alone` adds the
+pass alone (asen.train_one_epoch, without validation and checkpointing), its validation
+(asen.evaluate: embedding the valid split and ranking) and its snapshot writing
+(asen.save_snapshot); `--step-alone` adds the
 time of as many training steps on tensors already in memory (bench_train_step's loop, the fast
 flags), the speed an epoch reaches when loading images costs nothing.
 
@@ -67,18 +71,31 @@ def prepare_cache(settings):
     return time.perf_counter() - start
 
 
-class EpochTimer:
-    """Wraps asen.train_one_epoch to record the seconds of each training pass."""
+class Timer:
+    """Wraps asen.<name> (train_one_epoch, evaluate, save_snapshot) to record the seconds of each
+    call, synchronising CUDA at its end so that queued device work is counted where it was queued."""
 
-    def __init__(self):
-        self.seconds, self.original = [], asen.train_one_epoch
+    def __init__(self, name, device):
+        self.name, self.device, self.seconds = name, device, []
+        self.original = getattr(asen, name)
+
+    def __enter__(self):
+        setattr(asen, self.name, self)
+        return self
+
+    def __exit__(self, *exc):
+        setattr(asen, self.name, self.original)
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
         try:
             return self.original(*args, **kwargs)
         finally:
+            _common.sync(self.device)
             self.seconds.append(time.perf_counter() - start)
+
+    def first(self):
+        return self.seconds[0] if self.seconds else None
 
 
 def step_alone(settings, device):
@@ -99,7 +116,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=utils.HelpFormatter)
     parser.add_argument('--data_path', '--data-path', default=os.path.join(_common.REPO, 'data'),
-                        help='folder holding SynthFashion/ (generated there on first use)')
+                        help='folder holding SynthFashion/ (generated there on first use) or FashionAI/')
+    parser.add_argument('--dataset', default='SynthFashion', choices=('SynthFashion', 'FashionAI'),
+                        help='FashionAI: authors\'-format data already in --data_path (benchmarks/authors_data.py), '
+                             'asen\'s defaults with --no-pretrained')
+    parser.add_argument('--fast-workers', dest='fast_workers', type=int, default=None,
+                        help='--workers of the fast and cached variants (default: as --workers)')
+    parser.add_argument('--extra', default='',
+                        help='more asen flags for every variant, one string (e.g. "--backbone resnet18")')
+    parser.add_argument('--fast-extra', dest='fast_extra', default='',
+                        help='more asen flags for the fast and cached variants, one string (e.g. "--compile")')
     parser.add_argument('--num_triplets', '--num-triplets', type=int, default=None,
                         help='passed through to asen (default: not passed, i.e. the SynthFashion preset)')
     parser.add_argument('--img_size', '--img-size', type=int, default=None, help='passed through to asen')
@@ -125,7 +151,13 @@ def main(argv=None):
         passthrough += ['--workers', str(args.workers)]
     if args.no_cuda:
         passthrough.append('--no-cuda')
-    base = ['--dataset', 'SynthFashion', '--data_path', data_path, '--epochs', '1', *passthrough]
+    base = ['--dataset', args.dataset, '--data_path', data_path, '--epochs', '1', *passthrough]
+    if args.dataset == 'FashionAI':
+        base.append('--no-pretrained')                # nothing to download; speed does not depend on it
+    base += shlex.split(args.extra)
+    fast_flags = shlex.split(args.fast_extra)
+    if args.fast_workers is not None:
+        fast_flags += ['--workers', str(args.fast_workers)]
 
     settings = asen.parse_args(base)              # what asen will use (preset + passthrough)
     settings.argv_base = base
@@ -135,8 +167,9 @@ def main(argv=None):
 
     # Generate the data (if needed) outside the timed runs, with asen's own code.
     start = time.perf_counter()
-    asen.prepare_dataset(settings)
+    split_files = asen.prepare_dataset(settings)
     prepare_s = time.perf_counter() - start
+    settings.valid_images = len(split_files.filenames('valid'))
     cache_s = prepare_cache(settings) if 'cached' in args.variants else None
     close_asen_logger()
     if device.type == 'cuda':
@@ -154,22 +187,22 @@ def main(argv=None):
     try:
         os.chdir(workdir)
         for name in args.variants:
-            argv_run = base + ['--name', f'bench-{name}'] + VARIANTS[name]
-            timer = asen.train_one_epoch = EpochTimer()
-            start = time.perf_counter()
-            try:
+            argv_run = base + ['--name', f'bench-{name}', '--overwrite'] + VARIANTS[name] + (fast_flags if name != 'default' else [])
+            with Timer('train_one_epoch', device) as train, Timer('evaluate', device) as valid, \
+                    Timer('save_snapshot', device) as save:
+                start = time.perf_counter()
                 rc = asen.main(argv_run)
-            finally:
-                asen.train_one_epoch = timer.original
-            seconds = time.perf_counter() - start
+                seconds = time.perf_counter() - start
             close_asen_logger()
-            train_s = timer.seconds[0] if timer.seconds else None
+            train_s = train.first()
             metrics = read_metrics(os.path.join(workdir, 'runs', f'bench-{name}', 'metrics.jsonl'))
             last = metrics[-1] if metrics else {}
             result = dict(name=name, argv=argv_run, rc=rc, seconds=seconds,
                           triplets_per_s=settings.num_triplets / seconds, train_s=train_s,
                           train_triplets_per_s=settings.num_triplets / train_s if train_s else None,
-                          valid_MeanAP=last.get('MeanAP'), train_loss=last.get('train_loss'))
+                          valid_MeanAP=last.get('MeanAP'), train_loss=last.get('train_loss'),
+                          valid_s=valid.first(), snapshot_s=save.first(), valid_images=settings.valid_images,
+                          train_vs_steps_alone=None)
             results.append(result)
     finally:
         os.chdir(cwd)
@@ -181,6 +214,10 @@ def main(argv=None):
     if args.step_alone:
         seconds, steps = step_alone(settings, device)
         alone = dict(seconds=seconds, steps=steps, triplets_per_s=steps * settings.batch_size / seconds)
+    if alone:
+        for r in results:
+            if r['train_s']:
+                r['train_vs_steps_alone'] = r['train_triplets_per_s'] / alone['triplets_per_s']
     first = next((r['seconds'] for r in results if r['rc'] == 0), None)
     for r in results:
         ok = r['rc'] == 0
@@ -189,26 +226,31 @@ def main(argv=None):
                      f"{first / r['seconds']:.2f}x" if ok and first else '',
                      f"{r['train_s']:.2f}" if r['train_s'] else 'n/a',
                      f"{r['train_triplets_per_s']:.1f}" if r['train_s'] else 'n/a',
+                     f"{100 * r['train_vs_steps_alone']:.0f}%" if r['train_vs_steps_alone'] else 'n/a',
+                     f"{r['valid_s']:.2f}" if r['valid_s'] else 'n/a',
                      f"{r['valid_MeanAP']:.2f}" if r['valid_MeanAP'] is not None else 'n/a'])
     if alone:
         rows.append(['training steps alone', 'in-memory tensors, fast flags', 'ok', '', '', '',
-                     f"{alone['seconds']:.2f}", f"{alone['triplets_per_s']:.1f}", ''])
-    print(f"One epoch of SynthFashion: {settings.backbone}, {settings.img_size} px, "
+                     f"{alone['seconds']:.2f}", f"{alone['triplets_per_s']:.1f}", '100%', '', ''])
+    print(f"One epoch of {args.dataset}: {settings.backbone}, {settings.img_size} px, "
           f"{settings.num_triplets} triplets, batch {settings.batch_size}, "
-          f"{settings.synth_images} training images, device {device}; data in {data_path} "
+          f"{len(split_files.filenames('train'))} training images, device {device}; data in {data_path} "
           f"(prepared in {prepare_s:.1f} s, not timed)")
     print(f"common flags: {shlex.join(base)}")
     print()
     print(markdown_table(['variant', 'extra flags', 'status', 'wall (s)', 'triplets/s', 'speed-up',
-                          'training pass (s)', 'training triplets/s', 'valid MeanAP (%)'], rows))
+                          'training pass (s)', 'training triplets/s', 'of steps alone', 'validation (s)',
+                          'valid MeanAP (%)'], rows))
     print()
     print('wall time covers the whole asen.main call: training epoch, validation, checkpoint; the '
-          'training pass is asen.train_one_epoch alone (data loading included).')
+          'training pass is asen.train_one_epoch alone (data loading included); validation is asen.evaluate '
+          f'({settings.valid_images} valid images embedded and ranked).')
     if cache_s is not None:
         print(f'image cache built (or found up to date) in {cache_s:.1f} s, not timed')
     print_json({'benchmark': 'bench_epoch', 'machine': info, 'data_path': data_path,
                 'prepare_s': prepare_s, 'cache_s': cache_s, 'step_alone': alone,
-                'settings': {'backbone': settings.backbone, 'img_size': settings.img_size,
+                'settings': {'dataset': args.dataset, 'backbone': settings.backbone, 'img_size': settings.img_size,
+                             'fast_flags': fast_flags, 'valid_images': settings.valid_images,
                              'num_triplets': settings.num_triplets, 'batch_size': settings.batch_size,
                              'synth_images': settings.synth_images, 'device': str(device)},
                 'results': results})

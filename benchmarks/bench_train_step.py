@@ -2,10 +2,14 @@
 
 Each configuration builds a fresh network (torch.manual_seed(0)), runs --warmup untimed steps and
 --steps timed ones through the project's code path (model.build_model, model.TripletNet,
-runtime.autocast, runtime.to_device, model.triplet_loss, a GradScaler as asen uses it).
+runtime.autocast, runtime.to_device, model.triplet_loss, runtime.adam (fused on CUDA), a
+GradScaler as asen uses it, runtime.configure_backends: cudnn.benchmark on CUDA). As in asen's
+training loop, no step waits for the device: the loss is read once, after the timed steps.
+Suffixes add torch.compile in a mode: ' +compile' (default), ' +reduce-overhead' and
+' +max-autotune' (both replay CUDA graphs).
 
     python benchmarks/bench_train_step.py                    # ResNet-50, 224 px, 16 triplets
-    python benchmarks/bench_train_step.py --compile          # also the torch.compile variants
+    python benchmarks/bench_train_step.py --compile          # also the torch.compile (default mode) variants
     python benchmarks/bench_train_step.py --configs "fp32 3-forward (original)" "bf16 channels_last concat"
 """
 import argparse
@@ -34,18 +38,21 @@ FP16_CONFIGS = {  # CUDA only, with a GradScaler
     'fp16 channels_last concat': ('fp16', True, True),
 }
 COMPILE_SUFFIX = ' +compile'
+# name suffix -> torch.compile mode
+COMPILE_MODES = {COMPILE_SUFFIX: 'default', ' +reduce-overhead': 'reduce-overhead', ' +max-autotune': 'max-autotune'}
 
 
 def all_config_names():
     names = list(BASE_CONFIGS) + list(FP16_CONFIGS)
-    return names + [n + COMPILE_SUFFIX for n in names]
+    return names + [n + suffix for suffix in COMPILE_MODES for n in names]
 
 
 def config_of(name):
-    compiled = name.endswith(COMPILE_SUFFIX)
-    base = name[:-len(COMPILE_SUFFIX)] if compiled else name
+    mode = next((m for suffix, m in COMPILE_MODES.items() if name.endswith(suffix)), None)
+    base = name[:name.rindex(' +')] if mode else name
     amp, channels_last, concat = {**BASE_CONFIGS, **FP16_CONFIGS}[base]
-    return dict(amp=amp, channels_last=channels_last, concat=concat, compile=compiled)
+    return dict(amp=amp, channels_last=channels_last, concat=concat, compile=mode is not None,
+                compile_mode=mode)
 
 
 def skip_reason(cfg, device):
@@ -65,9 +72,9 @@ def run_config(cfg, args, device):
     tnet = models.TripletNet(net, concat_forward=cfg['concat']).to(device)
     if cfg['channels_last']:
         tnet = tnet.to(memory_format=torch.channels_last)           # as asen.build_network
-    optimizer = torch.optim.Adam([p for p in tnet.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = runtime.adam([p for p in tnet.parameters() if p.requires_grad], args.lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg['amp'] == 'fp16')
-    train_model = torch.compile(tnet) if cfg['compile'] else tnet
+    train_model = torch.compile(tnet, mode=cfg['compile_mode']) if cfg['compile'] else tnet
     train_model.train()
 
     gen = torch.Generator().manual_seed(1)
@@ -77,6 +84,8 @@ def run_config(cfg, args, device):
 
     def step():
         anchor, negative, positive = (runtime.to_device(t, device, cfg['channels_last']) for t in images)
+        if cfg['compile']:
+            torch.compiler.cudagraph_mark_step_begin()              # as asen's train_one_epoch
         with runtime.autocast(device, cfg['amp']):
             sim_an, sim_ap = train_model(anchor, negative, positive, attr)
             loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
@@ -84,7 +93,7 @@ def run_config(cfg, args, device):
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        return loss.item()                                           # asen syncs here too
+        return loss.detach()                                         # read after the timed steps, as asen
 
     for _ in range(args.warmup):
         step()
@@ -94,7 +103,7 @@ def run_config(cfg, args, device):
         loss = step()
     _common.sync(device)
     seconds = time.perf_counter() - start
-    return seconds, loss
+    return seconds, loss.item()
 
 
 def main(argv=None):
@@ -114,7 +123,9 @@ def main(argv=None):
     parser.add_argument('--device', default=None, choices=('cpu', 'cuda'),
                         help='default: cuda if available')
     parser.add_argument('--compile', action='store_true',
-                        help='add a torch.compile twin of every config (slow to compile, esp. on CPU)')
+                        help='add a torch.compile (default mode) twin of every config (slow to compile, esp. on CPU)')
+    parser.add_argument('--tf32', action=argparse.BooleanOptionalAction, default=None,
+                        help='as asen --tf32/--no-tf32 (default: PyTorch\'s setting left as it is)')
     parser.add_argument('--configs', nargs='+', default=None, metavar='NAME',
                         help=f'run only these configs, in this order; names: {all_config_names()}')
     args = parser.parse_args(argv)
@@ -122,6 +133,7 @@ def main(argv=None):
         parser.error('--steps, --img-size and --batch-size must be positive, --warmup >= 0')
 
     device = _common.resolve_device(args.device)
+    runtime.configure_backends(device, args.tf32)
     info = _common.machine_info(device)
     _common.print_machine(info)
 
@@ -131,7 +143,7 @@ def main(argv=None):
             parser.error(f'unknown config(s) {unknown}; choose from {all_config_names()}')
         names = list(args.configs)
         if args.compile:
-            names += [n + COMPILE_SUFFIX for n in args.configs if not n.endswith(COMPILE_SUFFIX)
+            names += [n + COMPILE_SUFFIX for n in args.configs if not config_of(n)['compile']
                       and n + COMPILE_SUFFIX not in names]
     else:
         names = list(BASE_CONFIGS) + (list(FP16_CONFIGS) if device.type == 'cuda' else [])

@@ -146,4 +146,8 @@ def test_triplet_shards_partition_each_epochs_draw(trained_run):
 
 
 def test_nonfinite_loss_check_in_one_process():
-    assert runtime.loss_is_finite(torch.tensor(0.5)) and not runtime.loss_is_finite(torch.tensor(float('nan')))
+    tracker = runtime.NonFiniteTracker(torch.device('cpu'))
+    tracker.update(torch.tensor(0.5), 0)
+    assert tracker.first_bad_batch() is None
+    tracker.update(torch.tensor(float('nan')), 1)
+    assert tracker.first_bad_batch() == 1

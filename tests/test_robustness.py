@@ -166,10 +166,19 @@ def test_best_snapshot_stays_when_later_checkpoints_replace_it(tmp_path, monkeyp
 
 def test_non_finite_loss_stops_and_keeps_the_last_snapshot(workdir, monkeypatch, capsys):
     assert asen.main(TINY + ['--epochs', '1', '--name', 'nan']) == 0
-    monkeypatch.setattr(asen.models, 'triplet_loss', lambda *a: torch.tensor(float('nan')))
-    assert asen.main(['--resume', 'runs/nan/checkpoint.pth.tar', '--epochs', '2']) == 2
-    assert 'non-finite loss at epoch 2' in capsys.readouterr().err
+    real_loss, calls = asen.models.triplet_loss, []
+
+    def nan_from_the_second_batch(sim_an, sim_ap, margin):      # a diverged loss: NaN, with its graph
+        calls.append(1)
+        loss = real_loss(sim_an, sim_ap, margin)
+        return loss * float('nan') if len(calls) >= 2 else loss
+    monkeypatch.setattr(asen.models, 'triplet_loss', nan_from_the_second_batch)
+    # no log line after batch 0: the flag is read at the end of the epoch and still names batch 1
+    assert asen.main(['--resume', 'runs/nan/checkpoint.pth.tar', '--epochs', '2', '--log-interval', '100']) == 2
+    err = capsys.readouterr().err
+    assert 'non-finite loss at epoch 2, batch 1;' in err and len(err.strip().splitlines()) == 1
     assert load(workdir / 'runs/nan/checkpoint.pth.tar')['epoch'] == 1
+    assert not (workdir / 'runs/nan/interrupted.pth.tar').exists()
 
 
 def test_ctrl_c_saves_a_resumable_snapshot(workdir, monkeypatch, capsys):
@@ -181,6 +190,17 @@ def test_ctrl_c_saves_a_resumable_snapshot(workdir, monkeypatch, capsys):
     assert 'interrupted.pth.tar' in capsys.readouterr().err
     assert asen.main(['--resume', 'runs/ctrlc/interrupted.pth.tar', '--epochs', '1']) == 0
     assert load(workdir / 'runs/ctrlc/checkpoint.pth.tar')['epoch'] == 1
+
+
+def test_ctrl_c_after_an_unchecked_non_finite_step_saves_nothing(workdir, monkeypatch, capsys):
+    def diverge_then_interrupt(tnet, *args, **kwargs):          # weights gone NaN, flag not yet read
+        with torch.no_grad():
+            next(tnet.parameters()).fill_(float('nan'))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(asen, 'train_one_epoch', diverge_then_interrupt)
+    assert asen.main(TINY + ['--epochs', '1', '--name', 'nanc']) == 2
+    assert 'non-finite weights when interrupted in epoch 1; not saved' in capsys.readouterr().err
+    assert not (workdir / 'runs/nanc/interrupted.pth.tar').exists()
 
 
 def test_unknown_flags_values_are_one_line(tmp_path):

@@ -1,0 +1,253 @@
+"""The training step without host syncs, fused Adam, the backend switches and --eval-batch-size,
+each checked against the plain code it replaces."""
+import logging
+
+import pytest
+import torch
+
+import asen
+import model as models
+import runtime
+import utils
+from conftest import TINY
+
+FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward']
+CPU = torch.device('cpu')
+
+
+class InMemoryLoader:
+    """A list of batches that looks like a DataLoader to train_one_epoch."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.dataset = range(sum(len(b[3]) for b in batches))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def tiny_tnet():
+    torch.manual_seed(0)
+    return models.TripletNet(models.build_model('ASENet', 5, 'resnet18', False, 16))
+
+
+def batches(sizes=(4, 4, 4, 2), size=64):
+    """Random batches; the last one partial, as an epoch's last batch usually is."""
+    gen = torch.Generator().manual_seed(1)
+    return [(*[torch.randn(n, 3, size, size, generator=gen) for _ in range(3)],
+             torch.randint(0, 5, (n,), generator=gen)) for n in sizes]
+
+
+class Lines(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_device_accumulation_equals_a_per_step_item_loop():
+    """Loss and accuracy read at the log interval and returned at the epoch's end equal those of
+    the former loop, which read loss.item() and the accuracy every step (to 1e-12: both sum the
+    same float32 values in float64)."""
+    args = asen.parse_args(TINY + FAITHFUL + ['--batch-size', '4', '--log-interval', '2'])
+    data = batches()
+
+    tnet = tiny_tnet()
+    optimizer = torch.optim.Adam(tnet.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    losses, accs, n = [], [], []
+    tnet.train()
+    for anchor, negative, positive, attr in data:                # the plain loop, a sync per step
+        sim_an, sim_ap = tnet(anchor, negative, positive, attr)
+        loss = models.triplet_loss(sim_an, sim_ap, args.margin)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        accs.append((sim_ap > sim_an).float().mean().item())
+        n.append(len(attr))
+    want_loss = sum(v * k for v, k in zip(losses, n)) / sum(n)
+    want_acc = sum(v * k for v, k in zip(accs, n)) / sum(n)
+    want_params = [p.detach().clone() for p in tnet.parameters()]
+
+    tnet = tiny_tnet()
+    optimizer = torch.optim.Adam(tnet.parameters(), lr=1e-3)
+    logger = logging.getLogger('test_training_step')
+    logger.setLevel(logging.INFO)
+    handler = Lines()
+    logger.addHandler(handler)
+    try:
+        got_loss, got_acc = asen.train_one_epoch(tnet, InMemoryLoader(data), optimizer, scaler, CPU, 1, args,
+                                                 logger)
+    finally:
+        logger.removeHandler(handler)
+    assert got_loss == pytest.approx(want_loss, rel=1e-12, abs=1e-12)
+    assert got_acc == pytest.approx(want_acc, rel=1e-12, abs=1e-12)
+    for got, want in zip(tnet.parameters(), want_params):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # log lines at batches 0 and 2: the batch's values and the running averages so far
+    run_loss = (losses[0] * 4 + losses[1] * 4 + losses[2] * 4) / 12
+    run_acc = (accs[0] * 4 + accs[1] * 4 + accs[2] * 4) / 12
+    assert handler.lines == [
+        f'Train Epoch: 1 [0/14]\tLoss: {losses[0]:.4f} ({losses[0]:.4f}) \t'
+        f'Acc: {100 * accs[0]:.2f}% ({100 * accs[0]:.2f}%)',
+        f'Train Epoch: 1 [8/14]\tLoss: {losses[2]:.4f} ({run_loss:.4f}) \t'
+        f'Acc: {100 * accs[2]:.2f}% ({100 * run_acc:.2f}%)']
+
+
+def test_device_meter_reads_what_it_summed():
+    meter = utils.DeviceMeter(CPU)
+    for value, n in ((0.5, 4), (0.25, 2)):
+        meter.update(torch.tensor(value), n)
+    assert meter.read() == (0.25, pytest.approx((0.5 * 4 + 0.25 * 2) / 6, abs=1e-15))
+
+
+def test_non_finite_tracker_keeps_the_first_bad_batch():
+    tracker = runtime.NonFiniteTracker(CPU)
+    tracker.update(torch.tensor(0.3), 0)
+    assert tracker.first_bad_batch() is None
+    for batch, value in ((1, 0.2), (2, float('inf')), (3, float('nan')), (4, 0.1)):
+        tracker.update(torch.tensor(value), batch)
+    assert tracker.first_bad_batch() == 2
+
+
+@pytest.mark.skipif(not hasattr(torch, '_fused_adam_'), reason='no fused Adam in this torch')
+def test_fused_adam_on_cpu_gives_the_same_weights():
+    """Fused Adam (asen's choice on CUDA) makes the same update as the default implementation
+    (asen's choice on CPUs): the parameters of a ResNet-18 ASENet given the same gradients for 5
+    steps at lr 1e-3 agree to atol 1e-6, a thousandth of one step (float32 operations in another
+    order; 6e-8 seen with torch 2.14 on CPU). Fed its own gradients, each run would drift further apart, as any rounding
+    difference does through later forward passes."""
+    tnet = tiny_tnet()
+    gen = torch.Generator().manual_seed(2)
+    grads = [[torch.randn(p.shape, generator=gen) * 10.0 ** -k for p in tnet.parameters()] for k in range(5)]
+    weights = []
+    for fused in (False, True):
+        params = [p.detach().clone().requires_grad_() for p in tnet.parameters()]
+        optimizer = torch.optim.Adam(params, lr=1e-3, fused=fused)
+        for step_grads in grads:
+            for param, grad in zip(params, step_grads):
+                param.grad = grad.clone()
+            optimizer.step()
+        weights.append(params)
+    for unfused, fused in zip(*weights):
+        torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-6)
+    assert not runtime.fused_adam_supported(CPU) and runtime.fused_adam_supported(torch.device('cuda'))
+
+
+@pytest.mark.skipif(not hasattr(torch, '_fused_adam_'), reason='no fused Adam in this torch')
+def test_optimizer_state_crosses_between_fused_and_unfused():
+    """A checkpoint of a GPU run (fused Adam) resumes with the CPU's default Adam and the reverse:
+    the loaded optimizer keeps its own implementation switches and steps."""
+    for saved_fused, fused in ((True, False), (False, True)):
+        param = torch.nn.Parameter(torch.ones(3))
+        source = torch.optim.Adam([param], lr=0.1, fused=saved_fused)
+        param.grad = torch.ones(3)
+        source.step()
+        target_param = torch.nn.Parameter(torch.ones(3))
+        target = torch.optim.Adam([target_param], lr=0.1, fused=fused)
+        runtime.load_optimizer_state(target, source.state_dict())
+        assert target.param_groups[0]['fused'] is fused
+        assert float(target.state[target_param]['step']) == 1.0
+        target_param.grad = torch.ones(3)
+        target.step()
+        assert float(target.state[target_param]['step']) == 2.0
+
+
+@pytest.fixture()
+def backends():
+    """Restores the switches configure_backends touches."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+             torch.backends.cuda.matmul.allow_tf32)
+    yield
+    (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+     torch.backends.cuda.matmul.allow_tf32) = saved
+
+
+def test_tf32_flags_set_the_backends_as_stated(backends):
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    runtime.configure_backends(CPU, None)                       # neither flag: PyTorch's setting stays
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, False)
+    runtime.configure_backends(CPU, True)
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    runtime.configure_backends(CPU, False)
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (False, False)
+    torch.backends.cudnn.benchmark = False
+    runtime.configure_backends(CPU, None)
+    assert torch.backends.cudnn.benchmark is False              # cuDNN autotuning is a CUDA matter
+    runtime.configure_backends(torch.device('cuda'), None)      # sets a flag only; needs no GPU
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_tf32_flag_parses_to_three_states():
+    assert asen.parse_args([]).tf32 is None
+    assert asen.parse_args(['--tf32']).tf32 is True
+    assert asen.parse_args(['--no-tf32']).tf32 is False
+
+
+def test_embeddings_do_not_depend_on_the_eval_batch_size(trained_run):
+    """Evaluation-mode BatchNorm uses running statistics, so a batch's size changes only the float
+    rounding of the convolutions: the valid split embedded 3 and 64 images at a time agrees to
+    atol 1e-5 (unit-length fp32 embeddings)."""
+    root, _ = trained_run
+    base = TINY + ['--data_path', str(root / 'data')] + FAITHFUL
+    embeddings = []
+    for size in (3, 64):
+        args = asen.parse_args(base + ['--eval-batch-size', str(size)])
+        split_files = asen.prepare_dataset(args)
+        torch.manual_seed(0)
+        net = asen.build_network(args, len(split_files.attributes), CPU).embeddingnet
+        queries, _ = asen.retrieval_sets(split_files, 'valid', args, logging.getLogger('test'))
+        embeddings.append(asen.embed_split(net, queries, CPU, args))
+    assert len(embeddings[0]) > 3
+    torch.testing.assert_close(embeddings[0], embeddings[1], rtol=0, atol=1e-5)
+
+
+def test_compile_modes_for_training_and_evaluation(monkeypatch):
+    """CUDA-graph modes compile the training step as asked; evaluation (partial batches of several
+    sizes) gets the same mode without CUDA graphs; no --compile, no compiling."""
+    modes = []
+    monkeypatch.setattr(torch, 'compile', lambda module, mode: modes.append(mode) or module)
+    for mode, eval_mode in (('default', 'default'), ('reduce-overhead', 'default'),
+                            ('max-autotune', 'max-autotune-no-cudagraphs'),
+                            ('max-autotune-no-cudagraphs', 'max-autotune-no-cudagraphs')):
+        args = asen.parse_args(['--compile', '--compile-mode', mode])
+        asen.compiled(None, args)
+        asen.compiled(None, args, evaluation=True)
+        assert modes[-2:] == [mode, eval_mode]
+    assert asen.compiled('net', asen.parse_args([])) == 'net' and len(modes) == 8
+
+
+class CompiledStandIn(torch.nn.Module):
+    """Looks like torch.compile's module (`_orig_mod`) and counts the batches it is given."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod = module
+        self.sizes = []
+
+    @property
+    def embeddingnet(self):                                   # torch.compile's module forwards attributes
+        return self._orig_mod.embeddingnet
+
+    def forward(self, anchor, *rest):
+        self.sizes.append(len(anchor))
+        return self._orig_mod(anchor, *rest)
+
+
+def test_last_partial_batch_runs_eagerly_under_compile():
+    """A compiled step keeps one shape: the full batches go through it, the partial one through
+    the module it wraps, on the same weights."""
+    args = asen.parse_args(TINY + FAITHFUL + ['--batch-size', '4', '--log-interval', '100'])
+    tnet = tiny_tnet()
+    stand_in = CompiledStandIn(tnet)
+    optimizer = torch.optim.Adam(tnet.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    asen.train_one_epoch(stand_in, InMemoryLoader(batches(sizes=(4, 4, 2))), optimizer, scaler, CPU, 1, args,
+                         logging.getLogger('test_training_step'))
+    assert stand_in.sizes == [4, 4]
