@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import analysis
 import datasets
+import gpuinput
 import imagecache
 import model as models
 import runtime
@@ -28,7 +29,7 @@ import visualize
 import utils
 import tables
 import zappos
-from runtime import autocast, distributed, is_main_process, local_first, to_device
+from runtime import autocast, distributed, is_main_process, local_first
 from utils import UserError
 
 DATASETS = ('FashionAI', 'DARN', 'DeepFashion', 'SynthFashion', 'Zappos50k')
@@ -253,12 +254,13 @@ def report_skipped(logger, what, count):
         logger.info(f'--skip-bad-images: left out {count} missing or unreadable image(s) of the {what}')
 
 
-def make_loader(dataset, args, device):
-    """Batches in dataset order. Workers are not persistent: each epoch's iterator must see the
-    triplets that `set_epoch` drew."""
+def make_loader(dataset, args, device, persistent=False):
+    """Batches in dataset order, on `device` and ready for the network (gpuinput.DeviceLoader:
+    uint8 from the workers, flip and normalisation on the device, the same floats and flips as the
+    original's transform). `persistent` keeps the workers across passes; each pass still gets the
+    triplets that `set_epoch` drew, since the loader hands them to the workers batch by batch."""
     workers = args.workers if args.workers is not None else (4 if device.type == 'cuda' else 0)
-    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
-                                       pin_memory=device.type == 'cuda')
+    return gpuinput.DeviceLoader(dataset, args.batch_size, device, workers, args.channels_last, persistent)
 
 
 def cache_workers(args):
@@ -336,7 +338,7 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
             raise UserError(f"--num_triplets {args.num_triplets} is below the {world} processes")
         train_set.shard(rank, world)
     valid_sets = evaluation_sets(split_files, 'valid', args, logger)
-    train_loader = make_loader(train_set, args, device)
+    train_loader = make_loader(train_set, args, device, persistent=True)
     train_model = runtime.distributed_model(tnet, device, args.sync_bn, logger, args.batch_size)
     train_model = torch.compile(train_model) if args.compile else train_model
     eval_model = torch.compile(tnet.embeddingnet) if args.compile else tnet.embeddingnet
@@ -381,13 +383,13 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
 
 
 def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger, writer=None):
-    """One pass over the epoch's triplets; returns (mean loss, mean triplet accuracy)."""
+    """One pass over the epoch's triplets; returns (mean loss, mean triplet accuracy). `loader`
+    yields (anchor, negative, positive, attribute) already on `device`, the images normalised,
+    flipped and channels_last when asked (make_loader)."""
     losses, accs = utils.AverageMeter(), utils.AverageMeter()
     tnet.train()
     progress = tqdm(loader, desc=f'epoch {epoch}', disable=not sys.stderr.isatty(), leave=False)
     for batch_idx, (anchor, negative, positive, attr) in enumerate(progress):
-        anchor, negative, positive = (to_device(t, device, args.channels_last) for t in (anchor, negative, positive))
-        attr = attr.to(device)
         with autocast(device, args.amp):
             sim_an, sim_ap = tnet(anchor, negative, positive, attr)
             loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
@@ -476,16 +478,17 @@ def embed_split(net, dataset, device, args):
 
 @torch.inference_mode()
 def extract_embeddings(net, loader, device, args):
-    """Embeddings (N, D) float32 of a RetrievalDataset in its order, each under its attribute."""
+    """Embeddings (N, D) float32 of a RetrievalDataset in its order, each under its attribute.
+    `loader` (make_loader) yields (images, attribute, value, index) already on `device`."""
     net.eval()
     out = None
     progress = tqdm(loader, desc='features', disable=not sys.stderr.isatty(), leave=False)
     for images, attr, _, index in progress:
         with autocast(device, args.amp):
-            emb = net(to_device(images, device, args.channels_last), attr.to(device))
+            emb = net(images, attr)
         if out is None:
             out = torch.empty(len(loader.dataset), emb.shape[1], device=device)
-        out[index.to(device)] = emb.float()
+        out[index] = emb.float()
     return out
 
 
