@@ -40,29 +40,55 @@ from datasets import IMAGENET_MEAN, IMAGENET_STD
 # ----------------------------------------------------------------------------- device side
 
 @lru_cache(maxsize=None)
-def _constants(device, dtype):
-    """(255, mean (3, 1, 1), std (3, 1, 1)) as tensors on `device`, made once per device: a fresh
-    CUDA tensor per batch would be a blocking host-to-device copy. 255 is a tensor because CUDA
-    divides by a CPU scalar as a multiplication by its reciprocal (BinaryDivTrueKernel.cu), which
-    can differ from ToTensor's true division in the last bit."""
-    scale = torch.tensor(255, dtype=dtype, device=device)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=device).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=dtype, device=device).view(-1, 1, 1)
-    return scale, mean, std
+def _constants(device, dtype, width=None):
+    """(255, mean, std) as tensors on `device`, made once per device: a fresh CUDA tensor per batch
+    would be a blocking host-to-device copy. mean and std are (3, 1, 1) for NCHW tensors, or with
+    `width` W (1, 1, W, 3) rows of the channels' values interleaved, for NHWC tensors (a broadcast
+    along a contiguous row of the image is much faster on the CPU than one of period 3). 255 is a
+    tensor because CUDA divides by a CPU scalar as a multiplication by its reciprocal
+    (BinaryDivTrueKernel.cu), which can differ from ToTensor's true division in the last bit."""
+    with torch.inference_mode(False):        # ordinary tensors even when first made under inference mode
+        scale = torch.tensor(255, dtype=dtype, device=device)
+        mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=device)
+        std = torch.tensor(IMAGENET_STD, dtype=dtype, device=device)
+        if width is None:
+            return scale, mean.view(3, 1, 1), std.view(3, 1, 1)
+        return scale, mean.repeat(width).view(1, 1, width, 3), std.repeat(width).view(1, 1, width, 3)
+
+
+def mirror(pixels, flips):
+    """(N, 3, S, S) with the images whose `flips` (N,) bool is set mirrored left-right (a new tensor).
+    `flips` may live on the CPU whatever the device of `pixels` (the workers draw them there)."""
+    if pixels.device.type == 'cpu':
+        # image by image: several times faster on the CPU than a torch.where over the batch
+        out = pixels.clone()
+        for i in torch.nonzero(flips).flatten().tolist():
+            out[i] = pixels[i].flip(-1)
+        return out
+    flips = flips.to(pixels.device, non_blocking=True)
+    return torch.where(flips.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
 
 
 def normalise(pixels, flips=None, channels_last=False):
-    """(N, 3, S, S) uint8 -> (N, 3, S, S) float (the default dtype) on the same device: images
+    """(N, 3, S, S) uint8 -> (N, 3, S, S) float (the default dtype) on the same device: the images
     whose `flips` (N,) bool is set mirrored left-right, then exactly ToTensor's `.to(float).div(255)`
-    and Normalize's `.sub_(mean).div_(std)`; channels_last memory format when asked, else contiguous."""
-    # the layout is set on the uint8 pixels (a quarter of the bytes); the float ops keep it
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    pixels = pixels.contiguous(memory_format=layout)
+    and Normalize's `.sub_(mean).div_(std)`, elementwise in that order; channels_last memory format
+    when asked, else contiguous. The float ops run in the output's layout (NHWC for channels_last),
+    so no float tensor is transposed."""
+    dtype = torch.get_default_dtype()
+    if not channels_last:
+        pixels = pixels.contiguous()
+        if flips is not None:
+            pixels = mirror(pixels, flips)
+        scale, mean, std = _constants(pixels.device, dtype)
+        return pixels.to(dtype).div_(scale).sub_(mean).div_(std)
+    pixels = pixels.contiguous(memory_format=torch.channels_last)     # workers' batches already are
     if flips is not None:
-        pixels = torch.where(flips.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
-    scale, mean, std = _constants(pixels.device, torch.get_default_dtype())
-    images = pixels.to(torch.get_default_dtype()).div_(scale).sub_(mean).div_(std)
-    return images.contiguous(memory_format=layout)          # a no-op unless an op changed the layout
+        pixels = mirror(pixels, flips)
+    nhwc = pixels.permute(0, 2, 3, 1)                                    # (N, S, S, 3)
+    scale, mean, std = _constants(pixels.device, dtype, nhwc.shape[2])
+    images = nhwc.to(dtype).div_(scale).sub_(mean).div_(std).permute(0, 3, 1, 2)
+    return images.contiguous(memory_format=torch.channels_last)        # a no-op unless mirror changed it
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -131,6 +157,7 @@ class DeviceLoader:
     def __init__(self, dataset, batch_size, device, workers=0, channels_last=False, persistent=False):
         self.dataset, self.device, self.channels_last = dataset, torch.device(device), channels_last
         self.tasks = _BatchTasks(dataset, batch_size)
+        self.side_stream = None                   # made on the first CUDA pass, kept for the next ones
         # a private generator: the pass's base seed is drawn by __iter__ from the global one instead
         self.loader = torch.utils.data.DataLoader(
             _BatchFetcher(dataset), batch_size=None, sampler=self.tasks, num_workers=workers,
@@ -150,9 +177,7 @@ class DeviceLoader:
         """A worker's batch on the device: the images normalised, the labels moved."""
         pixels, flips, *labels = batch
         triplets = pixels.dim() == 5                                  # (3, B, 3, S, S)
-        pixels = pixels.to(self.device, non_blocking=True)
-        if flips is not None:
-            flips = flips.to(self.device, non_blocking=True)
+        pixels = pixels.to(self.device, non_blocking=True)     # the flips stay where they are: see mirror
         labels = [label.to(self.device, non_blocking=True) for label in labels]
         if triplets:
             images = normalise(pixels.flatten(0, 1), None if flips is None else flips.flatten(),
@@ -163,7 +188,9 @@ class DeviceLoader:
     def _prefetched(self):
         """timm's prefetch loop: batch k + 1 is copied and normalised on a side stream before batch
         k is handed out; the main stream waits for it before the caller's step k + 1."""
-        main, side = torch.cuda.current_stream(self.device), torch.cuda.Stream(self.device)
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(self.device)
+        main, side = torch.cuda.current_stream(self.device), self.side_stream
         side.wait_stream(main)                    # nothing of the side stream's runs before what is queued
         pending = None
         for batch in self.loader:
