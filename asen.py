@@ -84,7 +84,8 @@ def get_args_parser():
                       help='skip listed images that are missing or unreadable, and say how many '
                            '(default: stop and name the first one)')
     data.add_argument('--workers', type=int, default=None,
-                      help='DataLoader worker processes (default: 4 on CUDA, 0 on CPU, as the original)')
+                      help='DataLoader worker processes; they decode and resize, the device normalises, and '
+                           'the training ones persist across epochs (default: 4 on CUDA, 0 on CPU, as the original)')
     data.add_argument('--cache-images', '--cache_images', dest='cache_images', action='store_true',
                       help='decode and resize each split\'s images once into a uint8 memory-mapped file '
                            'data/<Dataset>/cache/<split>_<img-size>.u8 (N x S x S x 3 bytes), rebuilt '
