@@ -18,16 +18,17 @@ Triplet batches hold their pixels as (3, B, 3, S, S): anchors, negatives, positi
 
 Exactness (tests/test_gpuinput.py): `normalise` performs ToTensor + Normalize's float operations
 in the same order on the same values, so its output equals the transform's bit for bit, and the
-flips are the same random draws as today's, for any number of workers, persistent or not:
+flips are the same random draws as the transform path's (a plain DataLoader over the datasets'
+items, build_transform), for any number of workers, persistent or not:
 
-- today every pass of a DataLoader draws one int64 "base seed" from the global torch generator when
+- there every pass of a DataLoader draws one int64 "base seed" from the global torch generator when
   its iterator is created; each of its W workers then runs `torch.manual_seed(base seed + worker
   id)`, batch k goes to worker k % W, and each image's RandomHorizontalFlip draws `torch.rand(1)`
   in the process that loads it (in the main process when W = 0).
 - `DeviceLoader` draws that same int64 from the global generator at the start of each pass and
   sends it along with every batch; a worker that sees a new pass re-seeds torch with base seed +
   worker id before its first batch of the pass. The DataLoader itself gets a private generator,
-  so it moves the global one no further than today's did. The workers can therefore persist
+  so it moves the global one no further than a plain DataLoader does. The workers can therefore persist
   across epochs (`persistent=True`), and a resumed run draws the flips an uninterrupted one does.
 """
 from functools import lru_cache

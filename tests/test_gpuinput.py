@@ -1,8 +1,8 @@
 """The input pipeline (gpuinput.py) against the transform path it replaces: the same floats, the
 same flips, the same global RNG state after each pass, for any number of workers, persistent or
 not, cached or not; each epoch's triplets reach persistent workers; a seeded step gives the same
-weights. The reference is today's loader: a DataLoader over the datasets' items (build_transform,
-or CachedImages.load with --cache-images)."""
+weights. The reference is the transform path gpuinput replaces: a DataLoader over the datasets'
+items (build_transform, or CachedImages.load with --cache-images)."""
 import numpy as np
 import pytest
 import torch
@@ -39,7 +39,7 @@ def triplet_set(split_files, cached, num_triplets=10):
 
 
 def reference_passes(dataset, workers, epochs=(None,), seed=5):
-    """Today's loader: a fresh-worker DataLoader over the items; (batches per pass, RNG state after)."""
+    """The transform path: a fresh-worker DataLoader over the items; (batches per pass, RNG state after)."""
     torch.manual_seed(seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=workers)
     passes = []
@@ -179,7 +179,7 @@ def test_persistent_workers_get_each_epochs_triplets_and_resume_alike(split_file
 
 
 def test_seeded_training_step_gives_the_same_weights(split_files):
-    """train_one_epoch on today's loader and on the new one, from the same seed: equal weights."""
+    """train_one_epoch on the transform path's loader and on the new one, from the same seed: equal weights."""
     args = asen.parse_args(['--backbone', 'resnet18', '--no-pretrained', '--dim_embed', '16', '--img-size',
                             str(SIZE), '--amp', 'off', '--batch-size', str(BATCH), '--workers', '0',
                             '--log-interval', '100'])
