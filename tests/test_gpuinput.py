@@ -197,3 +197,57 @@ def test_seeded_training_step_gives_the_same_weights(split_files):
     assert isinstance(asen.make_loader(dataset, args, torch.device('cpu')), gpuinput.DeviceLoader)
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
+
+
+class FakeStream:
+    """Records the stream calls of DeviceLoader._prefetched (CUDA-only code, run here on the CPU)."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append((self.name, 'waits for', other.name))
+
+
+def test_prefetch_loop_orders_its_streams(split_files, monkeypatch):
+    """The side-stream loop on fake streams: the same batches as the plain path; each batch is
+    prepared on the side stream, then the main stream waits for the side one and every tensor is
+    recorded on the main stream before the batch is handed out, one batch behind the loader."""
+    import contextlib
+    log = []
+    main, side = FakeStream('main', log), FakeStream('side', log)
+    current = [main]
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        log.append(('enter', stream.name))
+        current[0] = stream
+        yield
+        current[0] = main
+
+    def record_stream(tensor, stream):
+        log.append(('record', stream.name, tensor.data_ptr()))
+
+    monkeypatch.setattr(torch.cuda, 'Stream', lambda device=None: side)
+    monkeypatch.setattr(torch.cuda, 'current_stream', lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, 'stream', on_stream)
+    monkeypatch.setattr(torch.Tensor, 'record_stream', record_stream)
+    dataset = triplet_set(split_files, cached=True)
+    want, want_state = device_passes(dataset, 0)
+    torch.manual_seed(5)
+    loader = gpuinput.DeviceLoader(dataset, BATCH, 'cpu', 0)
+    loader.tasks.begin_pass(torch.empty((), dtype=torch.int64).random_().item())   # what __iter__ draws
+    got = []
+    for batch in loader._prefetched():
+        recorded = {entry[2] for entry in log if entry[0] == 'record' and entry[1] == 'main'}
+        assert all(t.data_ptr() in recorded for t in batch)
+        got.append(batch)
+        log.append(('yielded',))
+    assert_same_passes([got], want)
+    assert torch.equal(torch.get_rng_state(), want_state)
+    assert log[0] == ('side', 'waits for', 'main')
+    events = [e[:2] if e[0] != 'record' else ('record',) for e in log[1:]]
+    n = len(got)
+    steps = [('enter', 'side'), ('main', 'waits for'), ('record',), ('record',), ('record',), ('record',)]
+    expected = steps + [e for _ in range(n - 1) for e in [('enter', 'side'), ('yielded',)] + steps[1:]] + [('yielded',)]
+    assert events == expected
