@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import analysis
 import datasets
+import gpuinput
 import imagecache
 import model as models
 import runtime
@@ -97,7 +98,8 @@ def get_args_parser():
                       help='skip listed images that are missing or unreadable, and say how many (without '
                            'it: stop and name the first one)')
     data.add_argument('--workers', type=int, default=None,
-                      help='DataLoader worker processes (default: 4 on CUDA, 0 on CPU, as the original)')
+                      help='DataLoader worker processes; they decode and resize, the device normalises, and '
+                           'the training ones persist across epochs (default: 4 on CUDA, 0 on CPU, as the original)')
     data.add_argument('--cache-images', '--cache_images', dest='cache_images', action='store_true',
                       help='decode and resize each split\'s images once into a uint8 memory-mapped file '
                            'data/<Dataset>/cache/<split>_<img-size>.u8 (N x S x S x 3 bytes), rebuilt '
@@ -375,12 +377,15 @@ def report_skipped(logger, what, count):
         logger.info(f'--skip-bad-images: left out {count} missing or unreadable image(s) of the {what}')
 
 
-def make_loader(dataset, args, device, batch_size=None):
-    """Batches of `batch_size` (default --batch-size) in dataset order. Workers are not persistent:
-    each epoch's iterator must see the triplets that `set_epoch` drew."""
+def make_loader(dataset, args, device, persistent=False, batch_size=None):
+    """Batches of `batch_size` (default --batch-size) in dataset order, on `device` and ready for
+    the network (gpuinput.DeviceLoader: uint8 from the workers, flip and normalisation on the
+    device, the same floats and flips as the original's transform). `persistent` keeps the workers
+    across passes; each pass still gets the triplets that `set_epoch` drew, since the loader hands
+    them to the workers batch by batch."""
     workers = args.workers if args.workers is not None else (4 if device.type == 'cuda' else 0)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size or args.batch_size, num_workers=workers,
-                                       pin_memory=device.type == 'cuda')
+    return gpuinput.DeviceLoader(dataset, batch_size or args.batch_size, device, workers, args.channels_last,
+                                 persistent)
 
 
 def cache_workers(args):
@@ -469,7 +474,7 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
             raise UserError(f"--num_triplets {args.num_triplets} is below the {world} processes")
         train_set.shard(rank, world)
     valid_sets = evaluation_sets(split_files, 'valid', args, logger)
-    train_loader = make_loader(train_set, args, device)
+    train_loader = make_loader(train_set, args, device, persistent=True)
     train_model = runtime.distributed_model(tnet, device, args.sync_bn, logger, args.batch_size)
     train_model = compiled(train_model, args)
     eval_model = compiled(tnet.embeddingnet, args, evaluation=True)
@@ -542,7 +547,9 @@ def compiled(module, args, evaluation=False):
 
 
 def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger, writer=None):
-    """One pass over the epoch's triplets; returns (mean loss, mean triplet accuracy).
+    """One pass over the epoch's triplets; returns (mean loss, mean triplet accuracy). `loader`
+    yields (anchor, negative, positive, attribute) already on `device`, the images normalised,
+    flipped and channels_last when asked (make_loader); batch_to_device is then a no-op.
 
     No host sync per step, so that the host queues the next step while the device runs this one:
     the loss and accuracy accumulate on the device and the non-finite-loss flag is a device
@@ -674,12 +681,14 @@ def embed_split(net, dataset, device, args):
     """Embeddings of a RetrievalDataset in its order; under torchrun each rank embeds a contiguous
     shard and the shards are gathered, so every rank gets what one process would."""
     if not distributed():
-        return extract_embeddings(net, make_loader(dataset, args, device, args.eval_batch_size), device, args)
+        loader = make_loader(dataset, args, device, batch_size=args.eval_batch_size)
+        return extract_embeddings(net, loader, device, args)
     rank, world = runtime.rank_and_world()
     sizes = runtime.shard_sizes(len(dataset), world)
     start = sum(sizes[:rank])
     shard = datasets.IndexShard(dataset, start, start + sizes[rank])
-    local = extract_embeddings(net, make_loader(shard, args, device, args.eval_batch_size), device, args)
+    loader = make_loader(shard, args, device, batch_size=args.eval_batch_size)
+    local = extract_embeddings(net, loader, device, args)
     # a rank with an empty shard learns the embedding width (C for ASENet_V2) from the others
     width = runtime.max_over_ranks(0 if local is None else local.shape[1], device)
     if local is None:
@@ -689,16 +698,17 @@ def embed_split(net, dataset, device, args):
 
 @torch.inference_mode()
 def extract_embeddings(net, loader, device, args):
-    """Embeddings (N, D) float32 of a RetrievalDataset in its order, each under its attribute."""
+    """Embeddings (N, D) float32 of a RetrievalDataset in its order, each under its attribute.
+    `loader` (make_loader) yields (images, attribute, value, index) already on `device`."""
     net.eval()
     out = None
     progress = tqdm(loader, desc='features', disable=not sys.stderr.isatty(), leave=False)
     for images, attr, _, index in progress:
         with autocast(device, args.amp):
-            emb = net(to_device(images, device, args.channels_last), attr.to(device))
+            emb = net(images, attr)
         if out is None:
             out = torch.empty(len(loader.dataset), emb.shape[1], device=device)
-        out[index.to(device)] = emb.float()
+        out[index] = emb.float()
     return out
 
 

@@ -343,14 +343,33 @@ def bad_image_ids(root, filenames, ids, listing, skip_bad):
     return np.asarray(bad, dtype=np.int64)
 
 
+def draw_flips(n, p):
+    """(n,) bool: one `torch.rand(1) < p` per image from the current torch generator, in order, as
+    n calls of torchvision's RandomHorizontalFlip(p) draw them. None, and no draw, when p is 0."""
+    if not p:
+        return None
+    return torch.tensor([bool(torch.rand(1) < p) for _ in range(n)], dtype=torch.bool)
+
+
+def nchw(pixels):
+    """(N, S, S, 3) uint8 ndarray -> (N, 3, S, S) uint8 tensor sharing its memory: channels_last
+    strides, no copy here; gpuinput.normalise sets the layout on the device."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
+
+
 class CachedImages:
     """Mixin: read an image through `self.cache` (an imagecache.ImageCache) when one is attached.
 
-    Cached pixels are Resize + CenterCrop already applied; the flip draws `torch.rand(1)` as
-    RandomHorizontalFlip does, so a cached and an uncached dataset give the same tensors under
-    the same torch seed.
+    Two ways out. `load(id)`, the item path: the transformed image, a float tensor; cached pixels
+    are Resize + CenterCrop already applied and the flip draws `torch.rand(1)` as
+    RandomHorizontalFlip does, so a cached and an uncached dataset give the same tensors under the
+    same torch seed. `load_batch(keys)`, the batch path of gpuinput.DeviceLoader: the Resize +
+    CenterCrop pixels as uint8 (`uint8_pixels`) with the flips drawn as the item path draws them,
+    image by image in order (`draw_flips`); the device flips and normalises them
+    (gpuinput.normalise), to the same floats.
     """
     cache = None
+    _geometry = None
 
     def attach_cache(self, cache):
         """Serve images from `cache` (None detaches); its size must be the transform's."""
@@ -367,6 +386,31 @@ class CachedImages:
         if self.flip_p and torch.rand(1) < self.flip_p:
             pixels = pixels[:, ::-1]
         return to_normalized_tensor(pixels)
+
+    def flip_probability(self):
+        return transform_settings(self.transform)[1]
+
+    def uint8_pixels(self, image_ids):
+        """(M, 3, S, S) uint8 Resize + CenterCrop pixels of `image_ids` (no random draw). The cached
+        images are one gather from the memmap; the others are decoded and resized here."""
+        size = transform_settings(self.transform)[0]
+        rows = self.cache.rows(image_ids) if self.cache is not None else np.full(len(image_ids), -1)
+        if self.cache is not None and (rows >= 0).all():
+            return nchw(self.cache.array()[rows])
+        pixels = np.empty((len(image_ids), size, size, 3), dtype=np.uint8)
+        cached = rows >= 0
+        if cached.any():
+            pixels[cached] = self.cache.array()[rows[cached]]
+        if self._geometry is None:
+            self._geometry = build_geometry(size)
+        for i in np.flatnonzero(~cached):
+            path = os.path.join(self.root, self.filenames[image_ids[i]])
+            pixels[i] = np.asarray(self._geometry(load_image(path)), dtype=np.uint8)
+        return nchw(pixels)
+
+    def batch_keys(self):
+        """What one loader pass iterates (gpuinput.DeviceLoader): the item indices."""
+        return np.arange(len(self))
 
 
 class TripletDataset(CachedImages, torch.utils.data.Dataset):
@@ -408,6 +452,22 @@ class TripletDataset(CachedImages, torch.utils.data.Dataset):
         anchor, negative, positive, attr = self.triplets[index]
         return self.load(anchor), self.load(negative), self.load(positive), int(attr)
 
+    def batch_keys(self):
+        """What one loader pass iterates: this epoch's triplet rows (T, 4), read when the pass
+        starts, in the main process (so persistent workers get each epoch's triplets)."""
+        return self.triplets
+
+    def load_batch(self, rows):
+        """Triplet rows (B, 4) -> (pixels (3, B, 3, S, S) uint8: anchors, negatives, positives;
+        flips (3, B) bool; attributes (B,) int64). The flips are drawn triplet by triplet, anchor,
+        negative, positive, as `__getitem__` draws them."""
+        rows = np.asarray(rows)
+        flips = draw_flips(3 * len(rows), self.flip_probability())       # a0 n0 p0 a1 n1 p1 ...
+        if flips is not None:
+            flips = flips.view(len(rows), 3).t().contiguous()            # (3, B) like the pixels
+        pixels = self.uint8_pixels(rows[:, :3].T.reshape(-1))            # a0 a1 ... n0 n1 ... p0 p1 ...
+        return pixels.unflatten(0, (3, len(rows))), flips, torch.from_numpy(rows[:, 3].copy())
+
 
 class RetrievalDataset(CachedImages, torch.utils.data.Dataset):
     """The query or candidate images of a valid/test split: (image, attribute, value, index)."""
@@ -436,6 +496,15 @@ class RetrievalDataset(CachedImages, torch.utils.data.Dataset):
         image_id, attr, value = self.entries[index]
         return self.load(image_id), int(attr), int(value), index
 
+    def load_batch(self, indices):
+        """Indices (B,) -> (pixels (B, 3, S, S) uint8, flips (B,) bool or None without a random
+        flip, attributes, values, indices)."""
+        indices = np.asarray(indices)
+        flips = draw_flips(len(indices), self.flip_probability())
+        pixels = self.uint8_pixels(self.entries[indices, 0])
+        attr, value = (torch.from_numpy(self.entries[indices, k].copy()) for k in (1, 2))
+        return pixels, flips, attr, value, torch.from_numpy(indices.copy())
+
 
 class IndexShard(torch.utils.data.Dataset):
     """Items start..stop-1 of a RetrievalDataset, their index shifted to count from 0."""
@@ -449,6 +518,13 @@ class IndexShard(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image, attr, value, full_index = self.dataset[self.start + index]
         return image, attr, value, full_index - self.start
+
+    def batch_keys(self):
+        return np.arange(len(self))
+
+    def load_batch(self, indices):
+        pixels, flips, attr, value, full_index = self.dataset.load_batch(np.asarray(indices) + self.start)
+        return pixels, flips, attr, value, full_index - self.start
 
 
 # ----------------------------------------------------------------------------- FashionAI split builder

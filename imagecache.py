@@ -49,6 +49,14 @@ class ImageCache:
             self._pid = os.getpid()
         return self._array
 
+    def rows(self, image_ids):
+        """Row of each of `image_ids` in `array()`, -1 for an image not cached."""
+        image_ids = np.asarray(image_ids, dtype=np.int64)
+        rows = np.full(len(image_ids), -1, dtype=np.int64)
+        known = image_ids < len(self.row_of)
+        rows[known] = self.row_of[image_ids[known]]
+        return rows
+
     def pixels(self, image_id):
         """Cached pixels of `image_id` (a read-only view), or None when it is not cached."""
         if image_id >= len(self.row_of) or self.row_of[image_id] < 0:

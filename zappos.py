@@ -142,11 +142,12 @@ class ZapposTripletDataset(datasets.TripletDataset):
 
 # ----------------------------------------------------------------------------- evaluation
 
-class TripletEvalSet(torch.utils.data.Dataset):
+class TripletEvalSet(datasets.CachedImages, torch.utils.data.Dataset):
     """The distinct (image, condition) pairs of a val/test split, and its triplets as pair rows.
 
     Items are (image, condition, 0, index), the shape of `datasets.RetrievalDataset` items, so
-    the entry point embeds each pair once with the same code. `entries` (P, 2) holds the pairs
+    the entry point embeds each pair once with the same code (and `load_batch` the batches of
+    `datasets.RetrievalDataset.load_batch`). `entries` (P, 2) holds the pairs
     (image id, condition); `rows` (T, 3) the pair index of each triplet's anchor, far and close;
     `conditions` (T,) each triplet's condition.
     """
@@ -171,6 +172,14 @@ class TripletEvalSet(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return self.transform(datasets.load_image(self.image_path(index))), int(self.entries[index, 1]), 0, index
+
+    def load_batch(self, indices):
+        """Indices (B,) -> (pixels (B, 3, S, S) uint8, flips or None, conditions, zeros, indices)."""
+        indices = np.asarray(indices)
+        flips = datasets.draw_flips(len(indices), self.flip_probability())
+        pixels = self.uint8_pixels(self.entries[indices, 0])
+        condition = torch.from_numpy(self.entries[indices, 1].copy())
+        return pixels, flips, condition, torch.zeros_like(condition), torch.from_numpy(indices.copy())
 
 
 def triplet_correct(embeddings, rows):

@@ -247,3 +247,46 @@ def test_eval_batch_size_does_not_change_embeddings_on_cuda(full_fp32, trained_r
         queries, _ = asen.retrieval_sets(split_files, 'valid', args, logging.getLogger('test_cuda'))
         embeddings.append(asen.embed_split(net, queries, CUDA, args))
     torch.testing.assert_close(embeddings[0], embeddings[1], rtol=0, atol=1e-4)
+
+
+def test_normalise_on_the_gpu_equals_the_transform():
+    """Flip, float, /255 and ImageNet normalisation on the GPU: ToTensor + Normalize's floats bit
+    for bit (255 divides as a tensor: CUDA turns division by a CPU scalar into a multiplication)."""
+    import datasets
+    import gpuinput
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (8, 40, 40, 3), dtype=torch.uint8, generator=gen)       # N H W C
+    flips = torch.rand(8, generator=gen) < 0.5
+    want = torch.stack([datasets.to_normalized_tensor(p[:, ::-1] if f else p)
+                        for p, f in zip(pixels.numpy(), flips.tolist())])
+    for channels_last in (False, True):
+        got = gpuinput.normalise(pixels.permute(0, 3, 1, 2).cuda(), flips.cuda(), channels_last)
+        assert got.is_cuda and torch.equal(got.cpu(), want)
+        assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+@pytest.mark.parametrize('cached', [False, True])
+def test_device_loader_on_cuda_equals_the_cpu_path(tmp_path, cached):
+    """Pinned memory, side stream, persistent workers: two epochs of batches equal the CPU path's
+    (itself equal to the transform's, tests/test_gpuinput.py). The main stream sleeps before it
+    copies each batch, so a missing wait_stream or record_stream would show as wrong pixels."""
+    import gpuinput
+    from test_gpuinput import BATCH, assert_same_passes, device_passes, tiny_split, triplet_set
+    dataset = triplet_set(tiny_split(tmp_path / 'data'), cached, num_triplets=22)
+    want, want_state = device_passes(dataset, 2, epochs=(1, 2), channels_last=True)
+    torch.manual_seed(5)
+    loader = gpuinput.DeviceLoader(dataset, BATCH, torch.device('cuda'), workers=2, channels_last=True,
+                                   persistent=True)
+    got = []
+    for epoch in (1, 2):
+        dataset.set_epoch(epoch)
+        kept = []
+        for batch in loader:
+            assert all(t.is_cuda for t in batch)
+            assert all(t.is_contiguous(memory_format=torch.channels_last) for t in batch[:3])
+            torch.cuda._sleep(20_000_000)
+            kept.append([t.clone() for t in batch])
+        got.append(kept)
+    torch.cuda.synchronize()
+    assert_same_passes([[[t.cpu() for t in b] for b in p] for p in got], want)
+    assert torch.equal(torch.get_rng_state(), want_state)

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 import asen
@@ -61,13 +60,14 @@ def test_missing_dataset_is_a_one_line_error(workdir):
 
 
 def test_workers_see_each_epochs_triplets(trained_run):
-    """With DataLoader workers, the batches of epoch 2 are epoch 2's triplets, not a stale copy."""
+    """With persistent DataLoader workers (as run_training makes them), the batches of epoch 2 are
+    epoch 2's triplets, not a stale copy."""
     import datasets
     root, _ = trained_run
     split = datasets.SplitFiles(str(root / 'data'), 'SynthFashion')
     train_set = datasets.TripletDataset(split, 16, datasets.build_transform(32, train=True), seed=1)
     args = asen.parse_args(['--batch-size', '8', '--workers', '1'])
-    loader = asen.make_loader(train_set, args, torch.device('cpu'))
+    loader = asen.make_loader(train_set, args, torch.device('cpu'), persistent=True)
     for epoch in (1, 2):
         train_set.set_epoch(epoch)
         seen = torch.cat([attr for *_, attr in loader])

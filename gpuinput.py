@@ -1,0 +1,209 @@
+"""The input pipeline: uint8 batches from the workers, float work on the device.
+
+In the way timm's prefetching loader works (timm/data/loader.py), the DataLoader workers only
+decode, Resize(S) + CenterCrop(S) (or slice the `--cache-images` memmap) and draw the flips; the
+device does the rest:
+
+  worker (CPU)                                     device (GPU, or the CPU itself)
+  ----------------------------------------------   ---------------------------------------------
+  pixels (N, 3, S, S) uint8, one batch at a time   copy from pinned memory on a side CUDA stream,
+  flips (N,) bool, drawn as RandomHorizontalFlip   while the current step runs on the main one;
+  labels (int64)                                   flip, float, /255, ImageNet normalisation,
+                                                   channels_last when asked (`normalise`)
+
+A dataset served this way offers `batch_keys()` (what one pass iterates, read in the main
+process when the pass starts: an epoch's triplet rows, or the item indices) and
+`load_batch(keys)` -> `(pixels uint8, flips bool or None, *labels)`; see datasets.CachedImages.
+Triplet batches hold their pixels as (3, B, 3, S, S): anchors, negatives, positives.
+
+Exactness (tests/test_gpuinput.py): `normalise` performs ToTensor + Normalize's float operations
+in the same order on the same values, so its output equals the transform's bit for bit, and the
+flips are the same random draws as the transform path's (a plain DataLoader over the datasets'
+items, build_transform), for any number of workers, persistent or not:
+
+- there every pass of a DataLoader draws one int64 "base seed" from the global torch generator when
+  its iterator is created; each of its W workers then runs `torch.manual_seed(base seed + worker
+  id)`, batch k goes to worker k % W, and each image's RandomHorizontalFlip draws `torch.rand(1)`
+  in the process that loads it (in the main process when W = 0).
+- `DeviceLoader` draws that same int64 from the global generator at the start of each pass and
+  sends it along with every batch; a worker that sees a new pass re-seeds torch with base seed +
+  worker id before its first batch of the pass. The DataLoader itself gets a private generator,
+  so it moves the global one no further than a plain DataLoader does. The workers can therefore persist
+  across epochs (`persistent=True`), and a resumed run draws the flips an uninterrupted one does.
+"""
+from functools import lru_cache
+
+import torch
+
+from datasets import IMAGENET_MEAN, IMAGENET_STD
+
+
+# ----------------------------------------------------------------------------- device side
+
+@lru_cache(maxsize=None)
+def _constants(device, dtype, width=None):
+    """(255, mean, std) as tensors on `device`, made once per device: a fresh CUDA tensor per batch
+    would be a blocking host-to-device copy. mean and std are (3, 1, 1) for NCHW tensors, or with
+    `width` W (1, 1, W, 3) rows of the channels' values interleaved, for NHWC tensors (a broadcast
+    along a contiguous row of the image is much faster on the CPU than one of period 3). 255 is a
+    tensor because CUDA divides by a CPU scalar as a multiplication by its reciprocal
+    (BinaryDivTrueKernel.cu), which can differ from ToTensor's true division in the last bit."""
+    with torch.inference_mode(False):        # ordinary tensors even when first made under inference mode
+        scale = torch.tensor(255, dtype=dtype, device=device)
+        mean = torch.tensor(IMAGENET_MEAN, dtype=dtype, device=device)
+        std = torch.tensor(IMAGENET_STD, dtype=dtype, device=device)
+        if width is None:
+            return scale, mean.view(3, 1, 1), std.view(3, 1, 1)
+        return scale, mean.repeat(width).view(1, 1, width, 3), std.repeat(width).view(1, 1, width, 3)
+
+
+def mirror(pixels, flips):
+    """(N, 3, S, S) with the images whose `flips` (N,) bool is set mirrored left-right (a new tensor).
+    `flips` may live on the CPU whatever the device of `pixels` (the workers draw them there)."""
+    if pixels.device.type == 'cpu':
+        # image by image: several times faster on the CPU than a torch.where over the batch
+        out = pixels.clone()
+        for i in torch.nonzero(flips).flatten().tolist():
+            out[i] = pixels[i].flip(-1)
+        return out
+    flips = flips.to(pixels.device, non_blocking=True)
+    return torch.where(flips.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
+
+
+def normalise(pixels, flips=None, channels_last=False):
+    """(N, 3, S, S) uint8 -> (N, 3, S, S) float (the default dtype) on the same device: the images
+    whose `flips` (N,) bool is set mirrored left-right, then exactly ToTensor's `.to(float).div(255)`
+    and Normalize's `.sub_(mean).div_(std)`, elementwise in that order; channels_last memory format
+    when asked, else contiguous. The float ops run in the output's layout (NHWC for channels_last),
+    so no float tensor is transposed."""
+    dtype = torch.get_default_dtype()
+    if not channels_last:
+        pixels = pixels.contiguous()
+        if flips is not None:
+            pixels = mirror(pixels, flips)
+        scale, mean, std = _constants(pixels.device, dtype)
+        return pixels.to(dtype).div_(scale).sub_(mean).div_(std)
+    pixels = pixels.contiguous(memory_format=torch.channels_last)     # workers' batches already are
+    if flips is not None:
+        pixels = mirror(pixels, flips)
+    nhwc = pixels.permute(0, 2, 3, 1)                                    # (N, S, S, 3)
+    scale, mean, std = _constants(pixels.device, dtype, nhwc.shape[2])
+    images = nhwc.to(dtype).div_(scale).sub_(mean).div_(std).permute(0, 3, 1, 2)
+    return images.contiguous(memory_format=torch.channels_last)        # a no-op unless mirror changed it
+
+
+# ----------------------------------------------------------------------------- worker side
+
+class _Task:
+    """One batch to load: the pass it belongs to, the pass's base seed, and its keys."""
+
+    def __init__(self, pass_number, base_seed, keys):
+        self.pass_number, self.base_seed, self.keys = pass_number, base_seed, keys
+
+
+class _BatchTasks(torch.utils.data.Sampler):
+    """Yields one `_Task` per batch: consecutive slices of `dataset.batch_keys()`, read when the
+    pass starts (in the main process, so persistent workers see each epoch's triplets)."""
+
+    def __init__(self, dataset, batch_size):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.pass_number, self.base_seed = 0, None
+
+    def begin_pass(self, base_seed):
+        self.pass_number += 1
+        self.base_seed = base_seed
+
+    def __len__(self):
+        return -(-len(self.dataset) // self.batch_size)
+
+    def __iter__(self):
+        keys = self.dataset.batch_keys()
+        for start in range(0, len(keys), self.batch_size):
+            yield _Task(self.pass_number, self.base_seed, keys[start:start + self.batch_size])
+
+
+class _BatchFetcher(torch.utils.data.Dataset):
+    """What the DataLoader indexes with a `_Task`: one whole batch from `dataset.load_batch`."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.pass_number = None         # the last pass this copy (one per worker) has seen
+
+    def __getitem__(self, task):
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and task.pass_number != self.pass_number:
+            # what a fresh DataLoader worker does before its first item (torch.utils.data._utils.worker)
+            torch.manual_seed(task.base_seed + worker.id)
+            self.pass_number = task.pass_number
+        return self.dataset.load_batch(task.keys)
+
+
+def _as_is(batch):
+    """The batch as `load_batch` made it (no collation: it is one already)."""
+    return batch
+
+
+# ----------------------------------------------------------------------------- the loader
+
+class DeviceLoader:
+    """Batches of a dataset on `device`, ready for the network; see the module docstring.
+
+    Yields `(images, *labels)`, or for triplet datasets `(anchor, negative, positive, *labels)`,
+    every tensor on `device`, images float, normalised, flipped and channels_last when asked.
+    On CUDA the workers' batches arrive in pinned memory and the next batch is copied and
+    normalised on a side stream while the caller works on the current one. `len()` is the
+    number of batches; `.dataset` the dataset.
+    """
+
+    def __init__(self, dataset, batch_size, device, workers=0, channels_last=False, persistent=False):
+        self.dataset, self.device, self.channels_last = dataset, torch.device(device), channels_last
+        self.tasks = _BatchTasks(dataset, batch_size)
+        self.side_stream = None                   # made on the first CUDA pass, kept for the next ones
+        # a private generator: the pass's base seed is drawn by __iter__ from the global one instead
+        self.loader = torch.utils.data.DataLoader(
+            _BatchFetcher(dataset), batch_size=None, sampler=self.tasks, num_workers=workers,
+            collate_fn=_as_is, pin_memory=self.device.type == 'cuda', generator=torch.Generator(),
+            persistent_workers=persistent and workers > 0)
+
+    def __len__(self):
+        return len(self.tasks)
+
+    def __iter__(self):
+        self.tasks.begin_pass(torch.empty((), dtype=torch.int64).random_().item())
+        if self.device.type == 'cuda':
+            return self._prefetched()
+        return (self._ready(batch) for batch in self.loader)
+
+    def _ready(self, batch):
+        """A worker's batch on the device: the images normalised, the labels moved."""
+        pixels, flips, *labels = batch
+        triplets = pixels.dim() == 5                                  # (3, B, 3, S, S)
+        pixels = pixels.to(self.device, non_blocking=True)     # the flips stay where they are: see mirror
+        labels = [label.to(self.device, non_blocking=True) for label in labels]
+        if triplets:
+            images = normalise(pixels.flatten(0, 1), None if flips is None else flips.flatten(),
+                               self.channels_last)
+            return (*images.unflatten(0, pixels.shape[:2]).unbind(0), *labels)
+        return (normalise(pixels, flips, self.channels_last), *labels)
+
+    def _prefetched(self):
+        """timm's prefetch loop: batch k + 1 is copied and normalised on a side stream before batch
+        k is handed out; the main stream waits for it before the caller's step k + 1."""
+        if self.side_stream is None:
+            self.side_stream = torch.cuda.Stream(self.device)
+        main, side = torch.cuda.current_stream(self.device), self.side_stream
+        side.wait_stream(main)                    # nothing of the side stream's runs before what is queued
+        pending = None
+        for batch in self.loader:
+            with torch.cuda.stream(side):
+                ready = self._ready(batch)
+            if pending is not None:
+                yield pending
+            main.wait_stream(side)
+            for tensor in ready:
+                # made on the side stream, used on the main one: the caching allocator must not
+                # hand their memory back to the side stream before the main stream is done with them
+                tensor.record_stream(main)
+            pending = ready
+        if pending is not None:
+            yield pending

@@ -1,0 +1,253 @@
+"""The input pipeline (gpuinput.py) against the transform path it replaces: the same floats, the
+same flips, the same global RNG state after each pass, for any number of workers, persistent or
+not, cached or not; each epoch's triplets reach persistent workers; a seeded step gives the same
+weights. The reference is the transform path gpuinput replaces: a DataLoader over the datasets'
+items (build_transform, or CachedImages.load with --cache-images)."""
+import numpy as np
+import pytest
+import torch
+
+import asen
+import datasets
+import gpuinput
+import imagecache
+import synthfashion
+import zappos
+
+SIZE, BATCH = 32, 4
+
+
+def tiny_split(root):
+    """A tiny SynthFashion folder under `root`."""
+    synthfashion.ensure(str(root / 'SynthFashion'), n_train=16, n_valid=12, n_test=12)
+    return datasets.SplitFiles(str(root), 'SynthFashion')
+
+
+@pytest.fixture(scope='module')
+def split_files(tmp_path_factory):
+    return tiny_split(tmp_path_factory.mktemp('gpuinput') / 'data')
+
+
+def with_cache(dataset, split_files, split):
+    dataset.attach_cache(imagecache.ensure(split_files, split, dataset.image_ids, SIZE, log=lambda *_: None))
+    return dataset
+
+
+def triplet_set(split_files, cached, num_triplets=10):
+    ds = datasets.TripletDataset(split_files, num_triplets, datasets.build_transform(SIZE, train=True), seed=1)
+    return with_cache(ds, split_files, 'train') if cached else ds
+
+
+def reference_passes(dataset, workers, epochs=(None,), seed=5):
+    """The transform path: a fresh-worker DataLoader over the items; (batches per pass, RNG state after)."""
+    torch.manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=workers)
+    passes = []
+    for epoch in epochs:
+        if epoch is not None:
+            dataset.set_epoch(epoch)
+        passes.append(list(loader))
+    return passes, torch.get_rng_state()
+
+
+def device_passes(dataset, workers, epochs=(None,), seed=5, persistent=True, channels_last=False):
+    torch.manual_seed(seed)
+    loader = gpuinput.DeviceLoader(dataset, BATCH, 'cpu', workers, channels_last, persistent=persistent)
+    passes = []
+    for epoch in epochs:
+        if epoch is not None:
+            dataset.set_epoch(epoch)
+        passes.append(list(loader))
+    return passes, torch.get_rng_state()
+
+
+def assert_same_passes(got, want):
+    assert len(got) == len(want)
+    for got_pass, want_pass in zip(got, want):
+        assert len(got_pass) == len(want_pass) > 0
+        for got_batch, want_batch in zip(got_pass, want_pass):
+            assert len(got_batch) == len(want_batch)
+            for g, w in zip(got_batch, want_batch):
+                assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+def test_normalise_equals_to_tensor_and_normalize():
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (6, 7, 9, 3), dtype=torch.uint8, generator=gen)   # N H W C
+    flips = torch.tensor([True, False, True, True, False, False])
+    want = torch.stack([datasets.to_normalized_tensor(p[:, ::-1] if f else p) for p, f in
+                        zip(pixels.numpy(), flips.tolist())])
+    for channels_last in (False, True):
+        got = gpuinput.normalise(pixels.permute(0, 3, 1, 2), flips, channels_last)
+        assert torch.equal(got, want)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert got.is_contiguous(memory_format=layout)
+    assert torch.equal(gpuinput.normalise(pixels.permute(0, 3, 1, 2)),
+                       torch.stack([datasets.to_normalized_tensor(p) for p in pixels.numpy()]))
+
+
+def test_draw_flips_draws_as_random_horizontal_flip():
+    flip = datasets.build_transform(SIZE, train=True).transforms[2]
+    torch.manual_seed(3)
+    got = datasets.draw_flips(40, 0.5)
+    torch.manual_seed(3)
+    probe = torch.arange(2).view(1, 1, 2)                  # flipped iff RandomHorizontalFlip flips it
+    want = [bool(flip(probe)[0, 0, 0] == 1) for _ in range(40)]
+    assert got.tolist() == want and 0 < sum(want) < 40
+    state = torch.get_rng_state()
+    assert datasets.draw_flips(5, 0.0) is None and torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize('cached', [False, True])
+@pytest.mark.parametrize('workers', [0, 2])
+def test_training_batches_equal_the_transform_path(split_files, cached, workers):
+    """Two epochs: the same images, flips and attributes, batch for batch, and the same global RNG
+    state afterwards; the new loader's workers persist, the reference's are fresh each epoch."""
+    dataset = triplet_set(split_files, cached)
+    want, want_state = reference_passes(dataset, workers, epochs=(1, 2))
+    got, got_state = device_passes(dataset, workers, epochs=(1, 2))
+    assert_same_passes(got, want)
+    assert torch.equal(got_state, want_state)
+    torch.manual_seed(5)
+    flips = dataset.load_batch(dataset.triplets)[1]
+    assert flips.any() and not flips.all()                 # both outcomes occur in these batches
+
+
+@pytest.mark.parametrize('cached', [False, True])
+@pytest.mark.parametrize('workers', [0, 2])
+def test_retrieval_batches_equal_the_transform_path(split_files, cached, workers):
+    transform = datasets.build_transform(SIZE, train=False)
+    queries = datasets.RetrievalDataset(split_files, 'valid', 'query', transform)
+    candidates = datasets.RetrievalDataset(split_files, 'valid', 'candidate', transform)
+    if cached:
+        cache = imagecache.ensure(split_files, 'valid', np.concatenate([queries.image_ids, candidates.image_ids]),
+                                  SIZE, log=lambda *_: None)
+        queries.attach_cache(cache)
+    shard = datasets.IndexShard(queries, 2, len(queries) - 1)
+    for dataset in (queries, shard):
+        want, want_state = reference_passes(dataset, workers)
+        got, got_state = device_passes(dataset, workers, persistent=False)
+        assert_same_passes(got, want)
+        assert torch.equal(got_state, want_state)
+
+
+def test_partly_cached_batch_decodes_the_rest(split_files):
+    """An image the cache lacks (unreadable when it was built) is decoded in the same batch."""
+    transform = datasets.build_transform(SIZE, train=False)
+    plain = datasets.RetrievalDataset(split_files, 'test', 'candidate', transform)
+    cache = imagecache.ensure(split_files, 'test', plain.image_ids, SIZE, log=lambda *_: None)
+    missing = plain.entries[1, 0]
+    partial = datasets.RetrievalDataset(split_files, 'test', 'candidate', transform)
+    partial.attach_cache(imagecache.ImageCache(cache.path, plain.image_ids, SIZE, uncached=[missing]))
+    assert partial.cache.pixels(missing) is None and partial.cache.pixels(plain.entries[0, 0]) is not None
+    indices = np.arange(min(6, len(plain)))
+    assert torch.equal(partial.uint8_pixels(plain.entries[indices, 0]), plain.uint8_pixels(plain.entries[indices, 0]))
+
+
+def test_triplet_eval_set_batches_equal_its_items(tmp_path):
+    from test_zappos import build_zappos
+    folder = build_zappos(tmp_path)
+    files = zappos.ZapposFiles(str(folder.parent))
+    eval_set = zappos.TripletEvalSet(files, 'val', datasets.build_transform(SIZE, train=False))
+    want, _ = reference_passes(eval_set, 0)
+    got, _ = device_passes(eval_set, 0)
+    assert_same_passes(got, want)
+
+
+def test_persistent_workers_get_each_epochs_triplets_and_resume_alike(split_files):
+    """Epoch e's batches hold set_epoch(e)'s triplets; a run resumed at epoch 2 (fresh workers,
+    the RNG state restored) loads exactly what the uninterrupted run's persistent workers load."""
+    dataset = triplet_set(split_files, cached=True, num_triplets=12)
+    torch.manual_seed(5)
+    loader = gpuinput.DeviceLoader(dataset, BATCH, 'cpu', workers=2, persistent=True)
+    seen, triplets, states = [], [], []
+    for epoch in (1, 2, 3):
+        dataset.set_epoch(epoch)
+        triplets.append(dataset.triplets.copy())
+        states.append(torch.get_rng_state())
+        seen.append(list(loader))
+        assert torch.equal(torch.cat([b[3] for b in seen[-1]]), torch.from_numpy(triplets[-1][:, 3]))
+    assert not np.array_equal(triplets[0], triplets[1])
+    assert not all(torch.equal(a, b) for a, b in zip(seen[0][0][:3], seen[1][0][:3]))
+
+    resumed = triplet_set(split_files, cached=True, num_triplets=12)
+    torch.set_rng_state(states[1])
+    again = gpuinput.DeviceLoader(resumed, BATCH, 'cpu', workers=2, persistent=True)
+    for epoch in (2, 3):
+        resumed.set_epoch(epoch)
+        assert_same_passes([list(again)], [seen[epoch - 1]])
+
+
+def test_seeded_training_step_gives_the_same_weights(split_files):
+    """train_one_epoch on the transform path's loader and on the new one, from the same seed: equal weights."""
+    args = asen.parse_args(['--backbone', 'resnet18', '--no-pretrained', '--dim_embed', '16', '--img-size',
+                            str(SIZE), '--amp', 'off', '--batch-size', str(BATCH), '--workers', '0',
+                            '--log-interval', '100'])
+    dataset = triplet_set(split_files, cached=False, num_triplets=BATCH)          # one step: keep it cheap
+    weights = []
+    for new in (False, True):
+        torch.manual_seed(0)
+        tnet = asen.build_network(args, len(split_files.attributes), torch.device('cpu'))
+        optimizer = torch.optim.Adam([p for p in tnet.parameters() if p.requires_grad], lr=args.lr)
+        loader = asen.make_loader(dataset, args, torch.device('cpu')) if new else \
+            torch.utils.data.DataLoader(dataset, batch_size=BATCH)
+        asen.train_one_epoch(tnet, loader, optimizer, torch.amp.GradScaler('cpu', enabled=False),
+                             torch.device('cpu'), 1, args, asen.runtime.silent_logger())
+        weights.append(tnet.state_dict())
+    assert isinstance(asen.make_loader(dataset, args, torch.device('cpu')), gpuinput.DeviceLoader)
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
+class FakeStream:
+    """Records the stream calls of DeviceLoader._prefetched (CUDA-only code, run here on the CPU)."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append((self.name, 'waits for', other.name))
+
+
+def test_prefetch_loop_orders_its_streams(split_files, monkeypatch):
+    """The side-stream loop on fake streams: the same batches as the plain path; each batch is
+    prepared on the side stream, then the main stream waits for the side one and every tensor is
+    recorded on the main stream before the batch is handed out, one batch behind the loader."""
+    import contextlib
+    log = []
+    main, side = FakeStream('main', log), FakeStream('side', log)
+    current = [main]
+
+    @contextlib.contextmanager
+    def on_stream(stream):
+        log.append(('enter', stream.name))
+        current[0] = stream
+        yield
+        current[0] = main
+
+    def record_stream(tensor, stream):
+        log.append(('record', stream.name, tensor.data_ptr()))
+
+    monkeypatch.setattr(torch.cuda, 'Stream', lambda device=None: side)
+    monkeypatch.setattr(torch.cuda, 'current_stream', lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, 'stream', on_stream)
+    monkeypatch.setattr(torch.Tensor, 'record_stream', record_stream)
+    dataset = triplet_set(split_files, cached=True)
+    want, want_state = device_passes(dataset, 0)
+    torch.manual_seed(5)
+    loader = gpuinput.DeviceLoader(dataset, BATCH, 'cpu', 0)
+    loader.tasks.begin_pass(torch.empty((), dtype=torch.int64).random_().item())   # what __iter__ draws
+    got = []
+    for batch in loader._prefetched():
+        recorded = {entry[2] for entry in log if entry[0] == 'record' and entry[1] == 'main'}
+        assert all(t.data_ptr() in recorded for t in batch)
+        got.append(batch)
+        log.append(('yielded',))
+    assert_same_passes([got], want)
+    assert torch.equal(torch.get_rng_state(), want_state)
+    assert log[0] == ('side', 'waits for', 'main')
+    events = [e[:2] if e[0] != 'record' else ('record',) for e in log[1:]]
+    n = len(got)
+    steps = [('enter', 'side'), ('main', 'waits for'), ('record',), ('record',), ('record',), ('record',)]
+    expected = steps + [e for _ in range(n - 1) for e in [('enter', 'side'), ('yielded',)] + steps[1:]] + [('yielded',)]
+    assert events == expected
