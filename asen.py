@@ -19,6 +19,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 import analysis
+import asenpp
 import datasets
 import imagecache
 import model as models
@@ -94,7 +95,8 @@ def get_args_parser():
                      help='network: ASENet and its ablations (_noASA, _noACA); ASENet_V2, the authors\' later '
                           'variant (embedding size = trunk channels, e.g. 1024 for resnet50: --dim_embed is '
                           'ignored); ASENet_V2_fc, V2 with a final Linear to --dim_embed (their earlier V2 code); '
-                          'ConditionalSimNet (CSN, Veit et al. 2017); TripletNet, one embedding for all attributes')
+                          'ConditionalSimNet (CSN, Veit et al. 2017); TripletNet, one embedding for all attributes; '
+                          'ASENpp, ASEN++ (TIP 2021): global and local branches, trained in two --stage runs')
     net.add_argument('--backbone', default='resnet50', choices=models.BACKBONES,
                      help='ResNet trunk, cut after layer3')
     net.add_argument('--no-pretrained', dest='pretrained', action='store_false', default=True,
@@ -110,6 +112,27 @@ def get_args_parser():
     net.add_argument('--csn-reg', dest='csn_reg', action='store_true',
                      help='ConditionalSimNet: add the CSN regularisers to the loss, 5e-3 x embedding L2 norm '
                           '+ 5e-4 x mask L1 norm (default: off, as the ASEN authors\' CSN baseline)')
+    net.add_argument('--stage', type=int, choices=(1, 2), default=None,
+                     help='ASENpp: 1 trains the global branch alone (defaults --epochs 50 --step_size 3 '
+                          '--decay_rate 0.9); 2 starts from a stage-1 --resume and trains both branches '
+                          '(defaults --epochs 20 --step_size 1 --decay_rate 0.9) (default: 1, or the '
+                          'checkpoint\'s stage)')
+    net.add_argument('--local-backbone', '--local_backbone', dest='local_backbone', default='resnet34',
+                     choices=models.BACKBONES, help='ASENpp: the local branch\'s ResNet trunk, cut after layer3')
+    net.add_argument('--local-size', '--local_size', dest='local_size', type=int, default=None,
+                     help='ASENpp: side of the local branch\'s input crop (default: half of --img-size, '
+                          '112 at 224)')
+    net.add_argument('--threshold', type=float, default=0.1,
+                     help='ASENpp: the local crop keeps the box of the attention above this fraction of '
+                          'its min-max range, in (0, 1)')
+    net.add_argument('--beta', type=float, default=0.6,
+                     help='ASENpp stage 2: weight of the global branch in the test embedding '
+                          '[sqrt(beta) global; sqrt(1 - beta) local]')
+    net.add_argument('--local-crop', '--local_crop', dest='local_crop', choices=('original', 'view'),
+                     default='original',
+                     help='ASENpp stage 2: crop the local input from the original image (the authors\') '
+                          'or from the --img-size view (a shortcut that loses detail; works with '
+                          '--cache-images)')
 
     train = parser.add_argument_group('training')
     train.add_argument('--epochs', type=int, default=200, help='last epoch to train')
@@ -122,6 +145,13 @@ def get_args_parser():
     train.add_argument('--step_size', '--step-size', type=int, default=1, help='StepLR step, in epochs')
     train.add_argument('--decay_rate', '--decay-rate', type=float, default=0.985, help='StepLR gamma')
     train.add_argument('--margin', type=float, default=0.2, help='triplet ranking margin')
+    train.add_argument('--lr-global', '--lr_global', dest='lr_global', type=float, default=1e-5,
+                       help='ASENpp stage 2: learning rate of the global branch and the attribute '
+                            'embedding (--lr is the local branch\'s)')
+    train.add_argument('--local-weight', '--local_weight', dest='local_weight', type=float, default=0.1,
+                       help='ASENpp stage 2: weight of the local branch\'s triplet loss')
+    train.add_argument('--align-weight', '--align_weight', dest='align_weight', type=float, default=0.1,
+                       help='ASENpp stage 2: weight of the global-local alignment loss')
     train.add_argument('--seed', type=int, default=1, help='seeds Python random, numpy and torch')
 
     perf = parser.add_argument_group('performance (off by default: the original semantics)')
@@ -180,9 +210,14 @@ def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     args.explicit = explicit_flags(parser, argv)
-    if args.dataset == 'SynthFashion':
-        apply_defaults(args, synth_preset())
+    asenpp.apply_stage_defaults(args, dataset_preset(args))
+    apply_defaults(args, dataset_preset(args))
     return args
+
+
+def dataset_preset(args):
+    """The defaults --dataset brings for flags not given (SynthFashion's CPU preset), else none."""
+    return synth_preset() if args.dataset == 'SynthFashion' else {}
 
 
 def apply_defaults(args, values):
@@ -211,6 +246,8 @@ def prepare_dataset(args):
 
 def training_set(split_files, args):
     """The training triplets of the dataset: attribute labels or, on Zappos50k, the CSN lists."""
+    if args.model == 'ASENpp':
+        return asenpp.training_set(split_files, args)
     transform = datasets.build_transform(args.img_size, train=True)
     if args.dataset in TRIPLET_DATASETS:
         return zappos.ZapposTripletDataset(split_files, args.num_triplets, transform, args.seed, args.skip_bad_images)
@@ -231,8 +268,9 @@ def evaluation_sets(split_files, split, args, logger):
 def retrieval_sets(split_files, split, args, logger):
     """(queries, candidates) RetrievalDatasets of `split`, validated once."""
     transform = datasets.build_transform(args.img_size, train=False)
-    queries = datasets.RetrievalDataset(split_files, split, 'query', transform, args.skip_bad_images)
-    candidates = datasets.RetrievalDataset(split_files, split, 'candidate', transform, args.skip_bad_images)
+    dataset_class = asenpp.RetrievalDataset if asenpp.uses_originals(args) else datasets.RetrievalDataset
+    queries = dataset_class(split_files, split, 'query', transform, args.skip_bad_images)
+    candidates = dataset_class(split_files, split, 'candidate', transform, args.skip_bad_images)
     report_skipped(logger, f'{split} split', queries.skipped + candidates.skipped)
     if args.cache_images:
         attach_image_cache([queries, candidates], split_files, split, args, logger)
@@ -258,7 +296,8 @@ def make_loader(dataset, args, device):
     triplets that `set_epoch` drew."""
     workers = args.workers if args.workers is not None else (4 if device.type == 'cuda' else 0)
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
-                                       pin_memory=device.type == 'cuda')
+                                       pin_memory=device.type == 'cuda',
+                                       collate_fn=getattr(dataset, 'collate_fn', None))
 
 
 def cache_workers(args):
@@ -289,24 +328,26 @@ def heatmap_images(sets):
 
 # ----------------------------------------------------------------------------- model
 
-def model_options(args):
-    """Constructor options of --model from its own flags; a flag of another model is an error."""
+def model_options(args, local_imagenet=True):
+    """Constructor options of --model from its own flags; a flag of another model is an error.
+    `local_imagenet`: ASENpp's stage-2 local trunk starts from ImageNet weights (if --pretrained)."""
     csn = {'csn_fixed_masks': 'fixed_masks', 'csn_reg': 'regularise'}
     given = [flag for flag in csn if getattr(args, flag, False)]
     if args.model != 'ConditionalSimNet':
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} applies only to --model ConditionalSimNet")
-        return {}
+        return asenpp.model_options(args, local_imagenet) if args.model == 'ASENpp' else {}
     return {option: bool(getattr(args, flag, False)) for flag, option in csn.items()}
 
 
-def build_network(args, n_attributes, device, imagenet=True):
+def build_network(args, n_attributes, device, imagenet=True, local_imagenet=False):
     """The triplet-wrapped --model; `imagenet=False` skips the ImageNet and --backbone-weights
-    weights (a checkpoint replaces them, so nothing is downloaded or read)."""
+    weights (a checkpoint replaces them, so nothing is downloaded or read); `local_imagenet`: ASENpp's
+    local trunk gets them all the same (stage 2 starting from a stage-1 checkpoint)."""
     weights_file = getattr(args, 'backbone_weights', None) if imagenet else None
     net = models.build_model(args.model, n_attributes, args.backbone,
                              args.pretrained and imagenet and weights_file is None, args.dim_embed,
-                             backbone_weights=weights_file, **model_options(args))
+                             backbone_weights=weights_file, **model_options(args, imagenet or local_imagenet))
     tnet = models.TripletNet(net, concat_forward=args.concat_forward).to(device)
     if args.channels_last:
         tnet = tnet.to(memory_format=torch.channels_last)
@@ -316,7 +357,7 @@ def build_network(args, n_attributes, device, imagenet=True):
 # ----------------------------------------------------------------------------- training
 
 def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
-    optimizer = torch.optim.Adam([p for p in tnet.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = torch.optim.Adam(models.param_groups(tnet, getattr(args, 'lr_global', None)), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.decay_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     best_prec = 0.0
@@ -385,11 +426,12 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger
     losses, accs = utils.AverageMeter(), utils.AverageMeter()
     tnet.train()
     progress = tqdm(loader, desc=f'epoch {epoch}', disable=not sys.stderr.isatty(), leave=False)
-    for batch_idx, (anchor, negative, positive, attr) in enumerate(progress):
+    for batch_idx, (anchor, negative, positive, attr, *originals) in enumerate(progress):
         anchor, negative, positive = (to_device(t, device, args.channels_last) for t in (anchor, negative, positive))
         attr = attr.to(device)
+        originals = [o.to(device) for o in originals] or None                 # ASENpp stage 2 only
         with autocast(device, args.amp):
-            sim_an, sim_ap = tnet(anchor, negative, positive, attr)
+            sim_an, sim_ap = tnet(anchor, negative, positive, attr, originals=originals)
             loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
             objective = loss + models.regularisation(tnet)
         if not runtime.loss_is_finite(objective):
@@ -480,9 +522,10 @@ def extract_embeddings(net, loader, device, args):
     net.eval()
     out = None
     progress = tqdm(loader, desc='features', disable=not sys.stderr.isatty(), leave=False)
-    for images, attr, _, index in progress:
+    for images, attr, _, index, *originals in progress:
+        extra = {'originals': originals[0].to(device)} if originals else {}   # ASENpp stage 2 only
         with autocast(device, args.amp):
-            emb = net(to_device(images, device, args.channels_last), attr.to(device))
+            emb = net(to_device(images, device, args.channels_last), attr.to(device), **extra)
         if out is None:
             out = torch.empty(len(loader.dataset), emb.shape[1], device=device)
         out[index.to(device)] = emb.float()
@@ -593,10 +636,15 @@ def restore_args(args, checkpoint):
 
 
 def adopt_original_checkpoint(args, checkpoint):
-    """A file saved by the authors' code ({'epoch', 'state_dict', 'prec'}, their module names):
-    rename its weights to ours in place, and take --model, --backbone and --dim_embed from them
-    unless given. Returns what was inferred (None for other files). It has no 'args', so
-    --dataset is this command line's."""
+    """A file saved by the authors' code ({'epoch', 'state_dict', 'prec'}, their module names; ASEN++'s
+    main.py writes {'epoch', 'model', 'mAP'}): rename its weights to ours in place, and take --model,
+    --backbone and --dim_embed (ASEN++: also --local-backbone, --stage) from them unless given.
+    Returns what was inferred (None for other files). It has no 'args', so --dataset is this
+    command line's."""
+    if isinstance(checkpoint, dict) and 'state_dict' not in checkpoint and 'args' not in checkpoint \
+            and isinstance(checkpoint.get('model'), dict):
+        checkpoint['state_dict'] = checkpoint.pop('model')
+        checkpoint.setdefault('prec', checkpoint.get('mAP'))
     state = checkpoint.get('state_dict') if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or 'args' in checkpoint:
         return None
@@ -607,8 +655,8 @@ def adopt_original_checkpoint(args, checkpoint):
     if converted is None:
         return None
     info, checkpoint['state_dict'] = converted
-    for key in ('model', 'backbone', 'dim_embed'):
-        if key not in args.explicit and info[key] is not None:
+    for key in ('model', 'backbone', 'dim_embed', 'local_backbone', 'stage'):
+        if key not in args.explicit and info.get(key) is not None:
             setattr(args, key, info[key])
     return info
 
@@ -687,9 +735,12 @@ def run(args):
         return tables.collect(args.collect, args.collect_out, args.collect_by)
     check_args(args)
     checkpoint = utils.load_checkpoint(args.resume) if args.resume else None
+    original_info = None
     if checkpoint is not None:
         restore_args(args, checkpoint)
-        adopt_original_checkpoint(args, checkpoint)
+        original_info = adopt_original_checkpoint(args, checkpoint)
+    # ASENpp: its flags checked; True when stage 2 starts from a stage-1 checkpoint's weights alone
+    starts_stage2 = asenpp.prepare(args, checkpoint, original_info, dataset_preset(args), is_training(args))
     for flag in ('test', 'visualize', 'retrieve'):
         if getattr(args, flag) and checkpoint is None:
             raise UserError(f"--{flag} needs --resume CHECKPOINT (e.g. runs/<name>/model_best.pth.tar)")
@@ -705,8 +756,13 @@ def run(args):
     logger = utils.setup_logger(os.path.join(run_dir, 'train.log' if is_training(args) else 'test.log')) \
         if is_main_process() else runtime.silent_logger()
     split_files = local_first(lambda: prepare_dataset(args))
-    tnet = build_network(args, len(split_files.attributes), device, imagenet=checkpoint is None)
+    tnet = build_network(args, len(split_files.attributes), device, imagenet=checkpoint is None,
+                         local_imagenet=starts_stage2)
     logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
+    if starts_stage2:
+        asenpp.load_stage1_weights(tnet, checkpoint, args.resume)
+        logger.info(f"=> stage 2 starts from the stage-1 weights of '{args.resume}'")
+        checkpoint = None                     # its optimizer, epoch and RNG belong to stage 1
     if checkpoint is not None:
         load_weights(tnet, checkpoint, args.resume, split_files)
         score = 'accuracy' if args.dataset in TRIPLET_DATASETS else 'mAP'

@@ -576,6 +576,15 @@ def build_model(name, n_attributes, backbone='resnet50', pretrained=True, dim_em
     return net
 
 
+def param_groups(tnet, lr_global=None):
+    """The optimiser's parameter groups: ASENpp's own (stage 2: the global branch at `lr_global`),
+    else one group of every trainable parameter."""
+    net = getattr(tnet, 'module', tnet).embeddingnet
+    if hasattr(net, 'param_groups'):
+        return net.param_groups(lr_global)
+    return [p for p in tnet.parameters() if p.requires_grad]
+
+
 def regularisation(tnet):
     """Extra training loss of the wrapped embedding network (CSN's regularisers), else 0."""
     tnet = getattr(tnet, 'module', tnet)                   # inside DistributedDataParallel
@@ -621,6 +630,8 @@ def convert_original_state_dict(state):
     """
     if state and all(k.startswith('module.') for k in state):
         state = {k[len('module.'):]: v for k, v in state.items()}
+    if any(k.startswith('choices.') for k in state):
+        return convert_original_asenpp(state)
     inner = {k[len('embeddingnet.'):]: v for k, v in state.items() if k.startswith('embeddingnet.')}
     if any(k.startswith('backbonenet.') for k in inner):
         if 'attr_embedding.weight' in inner:
@@ -655,6 +666,43 @@ def convert_original_state_dict(state):
     info = dict(model=model, backbone=infer_backbone(trunk_keys),
                 n_attributes=None if n_attributes is None else int(n_attributes),
                 dim_embed=None if dim_embed is None else int(dim_embed))
+    return info, converted
+
+
+def convert_original_asenpp(state):
+    """The authors' ASEN++ state dict (Maryeon/asenpp, model.py, ASEN: choices.global.{attrnet,
+    basenet, attnnet}.* and, after stage 2, choices.local.* whose attrnet is the same embedding) in
+    our names; returns (info, converted state) as convert_original_state_dict does, with the
+    local trunk and the stage in info."""
+    converted, trunk_keys, embeddings = {}, {'global': [], 'local': []}, {}
+    for key, value in state.items():
+        parts = key.split('.', 3)
+        if len(parts) < 4 or parts[0] != 'choices' or parts[1] not in trunk_keys:
+            converted[key] = value                                  # kept, so loading names it
+            continue
+        _, level, module, rest = parts
+        names = ASENpp.ORIGINAL_NAMES if level == 'global' else ASENpp.ORIGINAL_LOCAL_NAMES
+        if module == 'attrnet':
+            embeddings[level] = value
+            rest = rest.split('.', 1)[1] if rest.startswith('attr_embedding.') else rest
+            if level == 'local':                                    # the shared embedding, saved twice
+                continue
+        elif module == 'basenet':
+            if rest.startswith(ORIGINAL_UNUSED_BACKBONE):
+                continue
+            trunk_keys[level].append(rest)
+        converted[f'embeddingnet.{names.get(module, module)}.{rest}'] = value
+    if 'global' in embeddings and 'local' in embeddings and not torch.equal(embeddings['global'], embeddings['local']):
+        raise UserError("the global and local attribute embeddings differ; the authors' ASEN++ shares one")
+    if not trunk_keys['global']:
+        raise UserError("original ASEN++ layout (choices.*) without the global trunk choices.global.basenet.*")
+    embedding = embeddings.get('global')
+    fc = state.get('choices.global.attnnet.feature_fc.weight')
+    info = dict(model='ASENpp', backbone=infer_backbone(trunk_keys['global']),
+                local_backbone=infer_backbone(trunk_keys['local']) if trunk_keys['local'] else None,
+                stage=2 if trunk_keys['local'] else 1,
+                n_attributes=None if embedding is None else int(embedding.shape[0]),
+                dim_embed=None if fc is None else int(fc.shape[0]))
     return info, converted
 
 
