@@ -569,7 +569,7 @@ def run_test(tnet, split_files, device, args, logger, run_dir):
     random_key = f'Random {tables.score_keys(result)[1]}'
     result[random_key] = random_baseline(embeddings, sets, len(split_files.attributes), args.seed)
     logger.info(f"{random_key}: {result[random_key]:.4f}")
-    result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume,
+    result.update(split='test', model=asenpp.result_label(args), dataset=args.dataset, checkpoint=args.resume,
                   attributes=split_files.attributes)
     regions = synth_regions(split_files, 'test')
     if regions is not None and tnet.embeddingnet.has_spatial_attention and is_main_process():

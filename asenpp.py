@@ -117,6 +117,12 @@ def check_values(args):
             raise UserError(f"{flag(dest)} {value}: must be positive")
 
 
+def result_label(args):
+    """The model's name in test_results.json and the tables: ASENpp's stage-1 (global-only) runs
+    are a row of their own, ASENpp-global."""
+    return 'ASENpp-global' if args.model == 'ASENpp' and args.stage == 1 else args.model
+
+
 def local_size(args):
     """The local branch's input size: --local-size, else half the global view (112 at 224)."""
     return args.local_size if args.local_size is not None else max(args.img_size // 2, 1)

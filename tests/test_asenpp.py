@@ -150,6 +150,8 @@ def test_both_stages_train_and_test(trained_run, workdir):
     assert asen.main(['--test', '--resume', 'runs/pp_s2/model_best.pth.tar']) == 0
     result = json.loads((workdir / 'runs/pp_s2/test_results.json').read_text())
     assert result['model'] == 'ASENpp' and len(result['mAP']) == 5 and 0 < result['MeanAP'] <= 100
+    assert asen.main(['--test', '--resume', 'runs/pp/model_best.pth.tar']) == 0
+    assert json.loads((workdir / 'runs/pp/test_results.json').read_text())['model'] == 'ASENpp-global'
 
 
 def test_authors_checkpoint_gives_their_map(trained_run, workdir):
