@@ -176,6 +176,9 @@ def test_authors_checkpoint_gives_their_map(trained_run, workdir):
     (q_emb, q_entries), (c_emb, c_entries) = embedded
     _, mean = asen.retrieval_map(q_emb, q_entries, c_emb, c_entries, len(split.attributes))
     assert result['MeanAP'] == pytest.approx(100 * mean, abs=1e-6)
-    # and the stage-1 layout (global branch only) loads as stage 1
-    info, _ = models.convert_original_state_dict(theirs.build(5, local=False).state_dict())
+    # and the stage-1 layout (global branch only) loads as stage 1, and as the start of a stage 2
+    info, state = models.convert_original_state_dict(theirs.build(5, local=False).state_dict())
     assert (info['model'], info['stage'], info['local_backbone'], info['n_attributes']) == ('ASENpp', 1, None, 5)
+    tnet = models.TripletNet(tiny_asenpp())
+    asenpp.load_stage1_weights(tnet, {'state_dict': state}, 'theirs_s1.pth.tar')
+    assert torch.equal(tnet.embeddingnet.attr_embedding.weight, state['embeddingnet.attr_embedding.weight'])
