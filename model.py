@@ -6,6 +6,9 @@ AAAI 2020 (arXiv 2002.02814). An image is mapped to one embedding per attribute:
 it where the attribute lives; attribute-aware channel attention (ACA, Sec. 3.3) reweights the
 pooled channels; a linear layer and L2 normalisation give the embedding. Sizes (C, H, W, number
 of attributes) all come from the input and the constructor; nothing assumes 224 px or 14 x 14.
+
+Also here: the authors' ASENet_V2, the CSN and triplet-network baselines, and ASEN++ (ASENpp: Dong
+et al., IEEE TIP 2021, a global and a local branch; its crop is crop.py, its CLI side asenpp.py).
 """
 import os
 import urllib.error
