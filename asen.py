@@ -22,6 +22,7 @@ from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 import analysis
+import asenpp
 import datasets
 import gpuinput
 import imagecache
@@ -110,7 +111,8 @@ def get_args_parser():
                      help='network: ASENet and its ablations (_noASA, _noACA); ASENet_V2, the authors\' later '
                           'variant (embedding size = trunk channels, e.g. 1024 for resnet50: --dim_embed is '
                           'ignored); ASENet_V2_fc, V2 with a final Linear to --dim_embed (their earlier V2 code); '
-                          'ConditionalSimNet (CSN, Veit et al. 2017); TripletNet, one embedding for all attributes')
+                          'ConditionalSimNet (CSN, Veit et al. 2017); TripletNet, one embedding for all attributes; '
+                          'ASENpp, ASEN++ (TIP 2021): global and local branches, trained in two --stage runs')
     net.add_argument('--backbone', default='resnet50', choices=models.BACKBONES,
                      help='ResNet trunk, cut after layer3')
     net.add_argument('--pretrained', dest='pretrained', action='store_true', default=True,
@@ -127,6 +129,27 @@ def get_args_parser():
     net.add_argument('--csn-reg', dest='csn_reg', action='store_true',
                      help='ConditionalSimNet: add the CSN regularisers to the loss, 5e-3 x embedding L2 norm '
                           '+ 5e-4 x mask L1 norm (without it: none, as the ASEN authors\' CSN baseline)')
+    net.add_argument('--stage', type=int, choices=(1, 2), default=None,
+                     help='ASENpp: 1 trains the global branch alone (defaults --epochs 50 --step_size 3 '
+                          '--decay_rate 0.9); 2 starts from a stage-1 --resume and trains both branches '
+                          '(defaults --epochs 20 --step_size 1 --decay_rate 0.9) (default: 1, or the '
+                          'checkpoint\'s stage)')
+    net.add_argument('--local-backbone', '--local_backbone', dest='local_backbone', default='resnet34',
+                     choices=models.BACKBONES, help='ASENpp: the local branch\'s ResNet trunk, cut after layer3')
+    net.add_argument('--local-size', '--local_size', dest='local_size', type=int, default=None,
+                     help='ASENpp: side of the local branch\'s input crop (default: half of --img-size, '
+                          '112 at 224)')
+    net.add_argument('--threshold', type=float, default=0.1,
+                     help='ASENpp: the local crop keeps the box of the attention above this fraction of '
+                          'its min-max range, in (0, 1)')
+    net.add_argument('--beta', type=float, default=0.6,
+                     help='ASENpp stage 2: weight of the global branch in the test embedding '
+                          '[sqrt(beta) global; sqrt(1 - beta) local]')
+    net.add_argument('--local-crop', '--local_crop', dest='local_crop', choices=('original', 'view'),
+                     default='original',
+                     help='ASENpp stage 2: crop the local input from the original image (the authors\') '
+                          'or from the --img-size view (a shortcut that loses detail; works with '
+                          '--cache-images)')
 
     train = parser.add_argument_group('training')
     train.add_argument('--epochs', type=int, default=200, help='last epoch to train')
@@ -142,6 +165,13 @@ def get_args_parser():
     train.add_argument('--step_size', '--step-size', type=int, default=1, help='StepLR step, in epochs')
     train.add_argument('--decay_rate', '--decay-rate', type=float, default=0.985, help='StepLR gamma')
     train.add_argument('--margin', type=float, default=0.2, help='triplet ranking margin')
+    train.add_argument('--lr-global', '--lr_global', dest='lr_global', type=float, default=1e-5,
+                       help='ASENpp stage 2: learning rate of the global branch and the attribute '
+                            'embedding (--lr is the local branch\'s)')
+    train.add_argument('--local-weight', '--local_weight', dest='local_weight', type=float, default=0.1,
+                       help='ASENpp stage 2: weight of the local branch\'s triplet loss')
+    train.add_argument('--align-weight', '--align_weight', dest='align_weight', type=float, default=0.1,
+                       help='ASENpp stage 2: weight of the global-local alignment loss')
     train.add_argument('--seed', type=int, default=1, help='seeds Python random, numpy and torch')
 
     perf = parser.add_argument_group('performance (off unless given or preset: the original semantics)')
@@ -230,10 +260,14 @@ def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     args.explicit = explicit_flags(parser, argv)
-    if args.dataset == 'SynthFashion':
-        # the device run() will resolve from the same flag: the preset's precision must suit it
-        apply_defaults(args, synth_preset(runtime.resolve_device(args.no_cuda)))
+    asenpp.apply_stage_defaults(args, dataset_preset(args))
+    apply_defaults(args, dataset_preset(args))
     return args
+
+
+def dataset_preset(args):
+    """The defaults --dataset brings for flags not given (SynthFashion's CPU preset), else none."""
+    return synth_preset() if args.dataset == 'SynthFashion' else {}
 
 
 def apply_defaults(args, values):
@@ -335,6 +369,8 @@ def prepare_dataset(args):
 
 def training_set(split_files, args):
     """The training triplets of the dataset: attribute labels or, on Zappos50k, the CSN lists."""
+    if args.model == 'ASENpp':
+        return asenpp.training_set(split_files, args)
     transform = datasets.build_transform(args.img_size, train=True)
     if args.dataset in TRIPLET_DATASETS:
         return zappos.ZapposTripletDataset(split_files, args.num_triplets, transform, args.seed, args.skip_bad_images)
@@ -355,8 +391,9 @@ def evaluation_sets(split_files, split, args, logger):
 def retrieval_sets(split_files, split, args, logger):
     """(queries, candidates) RetrievalDatasets of `split`, validated once."""
     transform = datasets.build_transform(args.img_size, train=False)
-    queries = datasets.RetrievalDataset(split_files, split, 'query', transform, args.skip_bad_images)
-    candidates = datasets.RetrievalDataset(split_files, split, 'candidate', transform, args.skip_bad_images)
+    dataset_class = asenpp.RetrievalDataset if asenpp.uses_originals(args) else datasets.RetrievalDataset
+    queries = dataset_class(split_files, split, 'query', transform, args.skip_bad_images)
+    candidates = dataset_class(split_files, split, 'candidate', transform, args.skip_bad_images)
     report_skipped(logger, f'{split} split', queries.skipped + candidates.skipped)
     if args.cache_images:
         attach_image_cache([queries, candidates], split_files, split, args, logger)
@@ -384,6 +421,11 @@ def make_loader(dataset, args, device, persistent=False, batch_size=None):
     across passes; each pass still gets the triplets that `set_epoch` drew, since the loader hands
     them to the workers batch by batch."""
     workers = args.workers if args.workers is not None else (4 if device.type == 'cuda' else 0)
+    if getattr(getattr(dataset, 'dataset', dataset), 'originals', False):
+        # ASENpp stage 2: the decoded originals (of many sizes) travel beside the views, through
+        # the item path and the dataset's collate_fn; batch_to_device moves them
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size or args.batch_size, num_workers=workers,
+                                           pin_memory=device.type == 'cuda', collate_fn=dataset.collate_fn)
     return gpuinput.DeviceLoader(dataset, batch_size or args.batch_size, device, workers, args.channels_last,
                                  persistent)
 
@@ -427,24 +469,26 @@ def heatmap_images(sets):
 
 # ----------------------------------------------------------------------------- model
 
-def model_options(args):
-    """Constructor options of --model from its own flags; a flag of another model is an error."""
+def model_options(args, local_imagenet=True):
+    """Constructor options of --model from its own flags; a flag of another model is an error.
+    `local_imagenet`: ASENpp's stage-2 local trunk starts from ImageNet weights (if --pretrained)."""
     csn = {'csn_fixed_masks': 'fixed_masks', 'csn_reg': 'regularise'}
     given = [flag for flag in csn if getattr(args, flag, False)]
     if args.model != 'ConditionalSimNet':
         if given:
             raise UserError(f"--{given[0].replace('_', '-')} applies only to --model ConditionalSimNet")
-        return {}
+        return asenpp.model_options(args, local_imagenet) if args.model == 'ASENpp' else {}
     return {option: bool(getattr(args, flag, False)) for flag, option in csn.items()}
 
 
-def build_network(args, n_attributes, device, imagenet=True):
+def build_network(args, n_attributes, device, imagenet=True, local_imagenet=False):
     """The triplet-wrapped --model; `imagenet=False` skips the ImageNet and --backbone-weights
-    weights (a checkpoint replaces them, so nothing is downloaded or read)."""
+    weights (a checkpoint replaces them, so nothing is downloaded or read); `local_imagenet`: ASENpp's
+    local trunk gets them all the same (stage 2 starting from a stage-1 checkpoint)."""
     weights_file = getattr(args, 'backbone_weights', None) if imagenet else None
     net = models.build_model(args.model, n_attributes, args.backbone,
                              args.pretrained and imagenet and weights_file is None, args.dim_embed,
-                             backbone_weights=weights_file, **model_options(args))
+                             backbone_weights=weights_file, **model_options(args, imagenet or local_imagenet))
     tnet = models.TripletNet(net, concat_forward=args.concat_forward).to(device)
     if args.channels_last:
         tnet = tnet.to(memory_format=torch.channels_last)
@@ -454,7 +498,7 @@ def build_network(args, n_attributes, device, imagenet=True):
 # ----------------------------------------------------------------------------- training
 
 def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
-    optimizer = runtime.adam([p for p in tnet.parameters() if p.requires_grad], args.lr, device)
+    optimizer = runtime.adam(models.param_groups(tnet, getattr(args, 'lr_global', None)), args.lr, device)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.decay_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
     best_prec = 0.0
@@ -567,11 +611,11 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger
     tnet.train()
     progress = tqdm(loader, desc=f'epoch {epoch}', disable=not sys.stderr.isatty(), leave=False)
     for batch_idx, batch in enumerate(progress):
-        anchor, negative, positive, attr = batch_to_device(batch, device, args)
+        anchor, negative, positive, attr, originals = batch_to_device(batch, device, args)
         model = tnet if anchor.size(0) == args.batch_size else eager
         if model is not eager:
             torch.compiler.cudagraph_mark_step_begin()     # a new training step for CUDA graphs
-        loss, objective, sim_an, sim_ap = training_step(model, anchor, negative, positive, attr,
+        loss, objective, sim_an, sim_ap = training_step(model, anchor, negative, positive, attr, originals,
                                                         optimizer, scaler, device, args)
         non_finite.update(objective, batch_idx)
         losses.update(loss, anchor.size(0))
@@ -585,18 +629,22 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, args, logger
 
 
 def batch_to_device(batch, device, args):
-    """A loader batch (anchor, negative, positive, attr) on `device`, the images channels_last if
-    --channels-last (non-blocking copies from pinned memory)."""
-    anchor, negative, positive, attr = batch
+    """A loader batch (anchor, negative, positive, attr[, originals x 3]) on `device`, the images
+    channels_last if --channels-last (non-blocking copies from pinned memory; a no-op for the
+    DeviceLoader's batches, already there); returns the four and the originals (None but for
+    ASENpp stage 2)."""
+    anchor, negative, positive, attr, *originals = batch
     anchor, negative, positive = (to_device(t, device, args.channels_last) for t in (anchor, negative, positive))
-    return anchor, negative, positive, attr.to(device, non_blocking=True)
+    originals = [o.to(device) for o in originals] or None
+    return anchor, negative, positive, attr.to(device, non_blocking=True), originals
 
 
-def training_step(model, anchor, negative, positive, attr, optimizer, scaler, device, args):
+def training_step(model, anchor, negative, positive, attr, originals, optimizer, scaler, device, args):
     """Forward, triplet loss, backward and optimizer step of one batch on the device; returns
-    (loss, objective = loss + regularisers, sim_an, sim_ap) as device tensors, unread."""
+    (loss, objective = loss + regularisers, sim_an, sim_ap) as device tensors, unread.
+    `originals` (ASENpp stage 2, else None) are the images the local branch crops from."""
     with autocast(device, args.amp):
-        sim_an, sim_ap = model(anchor, negative, positive, attr)
+        sim_an, sim_ap = model(anchor, negative, positive, attr, originals=originals)
         loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
         objective = loss + models.regularisation(model)
     optimizer.zero_grad(set_to_none=True)
@@ -703,12 +751,13 @@ def extract_embeddings(net, loader, device, args):
     net.eval()
     out = None
     progress = tqdm(loader, desc='features', disable=not sys.stderr.isatty(), leave=False)
-    for images, attr, _, index in progress:
+    for images, attr, _, index, *originals in progress:
+        extra = {'originals': originals[0].to(device)} if originals else {}   # ASENpp stage 2 only
         with autocast(device, args.amp):
-            emb = net(images, attr)
+            emb = net(to_device(images, device, args.channels_last), attr.to(device), **extra)
         if out is None:
             out = torch.empty(len(loader.dataset), emb.shape[1], device=device)
-        out[index] = emb.float()
+        out[index.to(device)] = emb.float()
     return out
 
 
@@ -750,7 +799,7 @@ def run_test(tnet, split_files, device, args, logger, run_dir):
     random_key = f'Random {tables.score_keys(result)[1]}'
     result[random_key] = random_baseline(embeddings, sets, len(split_files.attributes), args.seed)
     logger.info(f"{random_key}: {result[random_key]:.4f}")
-    result.update(split='test', model=args.model, dataset=args.dataset, checkpoint=args.resume,
+    result.update(split='test', model=asenpp.result_label(args), dataset=args.dataset, checkpoint=args.resume,
                   attributes=split_files.attributes)
     if regions is not None and tnet.embeddingnet.has_spatial_attention and is_main_process():
         result['attention_localisation'] = log_localisation(tnet.embeddingnet, sets, split_files, regions,
@@ -816,10 +865,15 @@ def restore_args(args, checkpoint):
 
 
 def adopt_original_checkpoint(args, checkpoint):
-    """A file saved by the authors' code ({'epoch', 'state_dict', 'prec'}, their module names):
-    rename its weights to ours in place, and take --model, --backbone and --dim_embed from them
-    unless given. Returns what was inferred (None for other files). It has no 'args', so
-    --dataset is this command line's."""
+    """A file saved by the authors' code ({'epoch', 'state_dict', 'prec'}, their module names; ASEN++'s
+    main.py writes {'epoch', 'model', 'mAP'}): rename its weights to ours in place, and take --model,
+    --backbone and --dim_embed (ASEN++: also --local-backbone, --stage) from them unless given.
+    Returns what was inferred (None for other files). It has no 'args', so --dataset is this
+    command line's."""
+    if isinstance(checkpoint, dict) and 'state_dict' not in checkpoint and 'args' not in checkpoint \
+            and isinstance(checkpoint.get('model'), dict):
+        checkpoint['state_dict'] = checkpoint.pop('model')
+        checkpoint.setdefault('prec', checkpoint.get('mAP'))
     state = checkpoint.get('state_dict') if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or 'args' in checkpoint:
         return None
@@ -830,8 +884,8 @@ def adopt_original_checkpoint(args, checkpoint):
     if converted is None:
         return None
     info, checkpoint['state_dict'] = converted
-    for key in ('model', 'backbone', 'dim_embed'):
-        if key not in args.explicit and info[key] is not None:
+    for key in ('model', 'backbone', 'dim_embed', 'local_backbone', 'stage'):
+        if key not in args.explicit and info.get(key) is not None:
             setattr(args, key, info[key])
     return info
 
@@ -929,18 +983,21 @@ def run(args):
         return tables.collect(args.collect, args.collect_out, args.collect_by)
     check_args(args)
     checkpoint = utils.load_checkpoint(args.resume) if args.resume else None
+    original_info = None
     if checkpoint is not None:
         restore_args(args, checkpoint)
-        adopt_original_checkpoint(args, checkpoint)
+        original_info = adopt_original_checkpoint(args, checkpoint)
         check_args(args, source=f' (from --resume {args.resume})')
     visdom_to_tensorboard(args)
+    # ASENpp: its flags checked; True when stage 2 starts from a stage-1 checkpoint's weights alone
+    starts_stage2 = asenpp.prepare(args, checkpoint, original_info, dataset_preset(args), is_training(args))
     for flag in ('test', 'visualize', 'retrieve'):
         if getattr(args, flag) and checkpoint is None:
             raise UserError(f"--{flag} needs --resume CHECKPOINT (e.g. runs/<name>/model_best.pth.tar)")
     if args.retrieve and not args.attribute:
         raise UserError("--retrieve needs --attribute NAME (one of the dataset's ATTRIBUTES)")
     check_triplet_flags(args)
-    if checkpoint is not None and is_training(args) and 'start_epoch' not in args.explicit:
+    if checkpoint is not None and is_training(args) and not starts_stage2 and 'start_epoch' not in args.explicit:
         args.start_epoch = int(checkpoint.get('epoch') or 0) + 1
         check_epochs_left(args)
     if distributed() and (args.visualize or args.retrieve):
@@ -956,17 +1013,23 @@ def run(args):
                 stack.enter_context(run_lock(run_dir))
             check_not_overwriting(run_dir, args)
         check_writable(run_dir)
-        return run_in(run_dir, checkpoint, device, args)
+        return run_in(run_dir, checkpoint, device, args, starts_stage2)
 
 
-def run_in(run_dir, checkpoint, device, args):
-    """The command, once the run folder is ready (and, for training, locked)."""
+def run_in(run_dir, checkpoint, device, args, starts_stage2=False):
+    """The command, once the run folder is ready (and, for training, locked); `starts_stage2`:
+    ASENpp stage 2 takes only the weights of the stage-1 `checkpoint`."""
     logger = utils.setup_logger(os.path.join(run_dir, 'train.log' if is_training(args) else 'test.log')) \
         if is_main_process() else runtime.silent_logger()
     log_invocation(args, run_dir, checkpoint, logger)
     split_files = local_first(lambda: prepare_dataset(args))
-    tnet = build_network(args, len(split_files.attributes), device, imagenet=checkpoint is None)
+    tnet = build_network(args, len(split_files.attributes), device, imagenet=checkpoint is None,
+                         local_imagenet=starts_stage2)
     logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
+    if starts_stage2:
+        asenpp.load_stage1_weights(tnet, checkpoint, args.resume)
+        logger.info(f"=> stage 2 starts from the stage-1 weights of '{args.resume}'")
+        checkpoint = None                     # its optimizer, epoch and RNG belong to stage 1
     if checkpoint is not None:
         load_weights(tnet, checkpoint, args.resume, split_files)
         score = 'accuracy' if args.dataset in TRIPLET_DATASETS else 'mAP'

@@ -515,9 +515,13 @@ class IndexShard(torch.utils.data.Dataset):
     def __len__(self):
         return self.stop - self.start
 
+    @property
+    def collate_fn(self):
+        return getattr(self.dataset, 'collate_fn', None)
+
     def __getitem__(self, index):
-        image, attr, value, full_index = self.dataset[self.start + index]
-        return image, attr, value, full_index - self.start
+        image, attr, value, full_index, *extra = self.dataset[self.start + index]   # extra: ASENpp's original
+        return (image, attr, value, full_index - self.start, *extra)
 
     def batch_keys(self):
         return np.arange(len(self))

@@ -6,6 +6,9 @@ AAAI 2020 (arXiv 2002.02814). An image is mapped to one embedding per attribute:
 it where the attribute lives; attribute-aware channel attention (ACA, Sec. 3.3) reweights the
 pooled channels; a linear layer and L2 normalisation give the embedding. Sizes (C, H, W, number
 of attributes) all come from the input and the constructor; nothing assumes 224 px or 14 x 14.
+
+Also here: the authors' ASENet_V2, the CSN and triplet-network baselines, and ASEN++ (ASENpp: Dong
+et al., IEEE TIP 2021, a global and a local branch; its crop is crop.py, its CLI side asenpp.py).
 """
 import os
 import urllib.error
@@ -16,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import crop
 import utils
 from utils import UserError
 
@@ -261,6 +265,152 @@ class ASENetV2(nn.Module):
         return l2norm(embedding) if norm else embedding
 
 
+class AttentionEmbedding(nn.Module):
+    """One ASEN++ branch after its trunk (Dong et al., TIP 2021, Sec. III-B; the authors'
+    AttnEmbedding in Maryeon/asenpp, modules/model/model.py, whose submodule names these are).
+
+    Spatial attention (ASA): s = sum_channels(tanh(conv(I)) * tanh(attr_transform1(e))) / sqrt(common),
+    alpha = softmax of s over the H*W positions, pooled x = sum_positions alpha * I.
+    Channel attention (ACA): m = sigmoid(fc2(ReLU(fc1([x; ReLU(attr_transform2(e))])))), fc1 to C / 2.
+    Output feature_fc(x * m): no BatchNorm in the attention and no normalisation (unlike ASENet_V2).
+    """
+
+    def __init__(self, channels, attr_dim=512, common=512, reduction=2, dim_embed=1024):
+        super().__init__()
+        self.common = common
+        self.attr_transform1 = nn.Linear(attr_dim, common)                 # ASA attribute branch
+        self.conv = nn.Conv2d(channels, common, kernel_size=1)             # ASA image branch
+        self.attr_transform2 = nn.Linear(attr_dim, attr_dim)               # ACA attribute branch
+        self.fc1 = nn.Linear(channels + attr_dim, channels // reduction)
+        self.fc2 = nn.Linear(channels // reduction, channels)
+        self.feature_fc = nn.Linear(channels, dim_embed)
+
+    def attention(self, feature_map, attr_emb):
+        """(N, C, H, W), (N, attr_dim) -> attention weights (N, 1, H, W) summing to 1 over H*W."""
+        n, _, h, w = feature_map.shape
+        img = torch.tanh(self.conv(feature_map))                                    # (N, common, H, W)
+        attr = torch.tanh(self.attr_transform1(attr_emb))[:, :, None, None]         # (N, common, 1, 1)
+        scores = (img * attr).sum(dim=1, keepdim=True) / self.common ** 0.5        # (N, 1, H, W)
+        return F.softmax(scores.reshape(n, 1, h * w), dim=2).reshape(n, 1, h, w)
+
+    def forward(self, feature_map, attr_emb):
+        """-> (N, dim_embed) un-normalised embeddings and the (N, H, W) spatial attention."""
+        alpha = self.attention(feature_map, attr_emb)
+        pooled = (feature_map * alpha).sum(dim=(2, 3))                              # (N, C)
+        q = F.relu(self.attr_transform2(attr_emb))                                  # (N, attr_dim)
+        mask = torch.sigmoid(self.fc2(F.relu(self.fc1(torch.cat([pooled, q], dim=1)))))  # (N, C)
+        return self.feature_fc(pooled * mask), alpha[:, 0]
+
+
+class ASENpp(nn.Module):
+    """ASEN++ (Dong et al., TIP 2021): a global and a local attribute-specific branch.
+
+    Global branch: the trunk (ResNet-50 to layer3 at 224 px in the paper) and an AttentionEmbedding
+    with common size 512. Local branch (stage 2 only, `local_backbone` given): a second trunk
+    (ResNet-34 to layer3) on a square crop of the image around the global attention (crop.py),
+    resized to `local_size` (112), and an AttentionEmbedding with common size 256. One attribute
+    embedding (nn.Embedding, 512) serves both branches.
+
+    Embedding: stage 1, l2norm(global); stage 2, [sqrt(beta) l2norm(global); sqrt(1 - beta)
+    l2norm(local)] (unit norm, beta 0.6). In training mode with a local branch the forward pass
+    returns l2norm(global), whose triplet loss is the main term, and keeps both branches' outputs;
+    `regularisation()` then gives the stage-2 terms local_weight x local triplet loss + align_weight
+    x alignment (sum over anchor, negative, positive of the batch mean of max(0, 1 - cos(global,
+    local))), the authors' trainer.py.
+
+    `originals` (crop.SourceImages) are the full-resolution images the authors crop from; without
+    them the crop is taken from the input view (the shortcut, e.g. for --visualize).
+    """
+
+    has_spatial_attention = True
+    ORIGINAL_NAMES = {'attrnet': 'attr_embedding', 'basenet': 'backbone', 'attnnet': 'global_attn'}
+    ORIGINAL_LOCAL_NAMES = {'attrnet': 'attr_embedding', 'basenet': 'local_backbone', 'attnnet': 'local_attn'}
+
+    def __init__(self, backbone, n_attributes, dim_embed=1024, local_backbone=None, attr_dim=512,
+                 global_common=512, local_common=256, reduction=2, view_size=224, local_size=112,
+                 threshold=0.1, beta=0.6, margin=0.2, local_weight=0.1, align_weight=0.1):
+        super().__init__()
+        self.n_attributes = n_attributes
+        self.backbone = backbone
+        self.attr_embedding = nn.Embedding(n_attributes, attr_dim)
+        self.global_attn = AttentionEmbedding(backbone.out_channels, attr_dim, global_common, reduction, dim_embed)
+        self.local_backbone = local_backbone
+        self.local_attn = None if local_backbone is None else \
+            AttentionEmbedding(local_backbone.out_channels, attr_dim, local_common, reduction, dim_embed)
+        self.view_size, self.local_size, self.threshold, self.beta = view_size, local_size, threshold, beta
+        self.margin, self.local_weight, self.align_weight = margin, local_weight, align_weight
+        self._outputs = []                                   # (global, local) per training pass
+
+    @property
+    def stage(self):
+        return 1 if self.local_backbone is None else 2
+
+    def global_branch(self, images, attr_emb):
+        """-> (N, D) un-normalised global embeddings, (N, h, w) attention."""
+        return self.global_attn(self.backbone(images), attr_emb)
+
+    def local_branch(self, images, attention, attr_emb, originals=None):
+        """(N, D) un-normalised local embeddings of the crops around `attention`."""
+        crops = crop.attention_crops(attention, self.view_size, self.threshold, self.local_size,
+                                     views=images, sources=originals).to(images.dtype)
+        if images.is_contiguous(memory_format=torch.channels_last):
+            crops = crops.contiguous(memory_format=torch.channels_last)
+        return self.local_attn(self.local_backbone(crops), attr_emb)[0]
+
+    def attention_maps(self, images, attribute):
+        """The global branch's spatial attention (N, h, w)."""
+        return self.global_branch(images, self.attr_embedding(attribute))[1]
+
+    def forward(self, images, attribute, norm=True, originals=None):
+        """(N, 3, G, G) views and (N,) attributes -> (N, D) embeddings (2D in stage 2, eval mode).
+        `norm` applies to the global embedding (the stage-2 embedding is normalised by construction)."""
+        attr_emb = self.attr_embedding(attribute)                                  # (N, attr_dim)
+        glob, attention = self.global_branch(images, attr_emb)                     # (N, D), (N, h, w)
+        if self.local_backbone is None:
+            return l2norm(glob) if norm else glob
+        local = self.local_branch(images, attention, attr_emb, originals)          # (N, D)
+        if self.training and torch.is_grad_enabled():
+            self._outputs.append((glob, local))
+            return l2norm(glob) if norm else glob
+        return torch.cat([self.beta ** 0.5 * l2norm(glob.float()),
+                          (1 - self.beta) ** 0.5 * l2norm(local.float())], dim=1)  # (N, 2D)
+
+    def regularisation(self):
+        """Stage 2's local triplet and alignment terms of the passes since the last call (0 if none).
+        The passes hold anchor, negative, positive in that order (TripletNet, either mode)."""
+        if not self._outputs:
+            return 0.0
+        glob = torch.cat([g for g, _ in self._outputs]).float()
+        local = torch.cat([loc for _, loc in self._outputs]).float()
+        self._outputs = []
+        g_a, g_n, g_p = glob.chunk(3)
+        l_a, l_n, l_p = local.chunk(3)
+        cos = partial(F.cosine_similarity, dim=1)
+        local_triplet = triplet_loss(cos(l_a, l_n), cos(l_a, l_p), self.margin)
+        align = sum((1 - cos(g, loc)).clamp(min=0).mean() for g, loc in ((g_a, l_a), (g_n, l_n), (g_p, l_p)))
+        return self.local_weight * local_triplet + self.align_weight * align
+
+    def param_groups(self, lr_global):
+        """Adam parameter groups: stage 1 all at the base rate; stage 2 the local branch at the base
+        rate and the global branch with the shared attribute embedding at `lr_global` (the
+        authors' BASE_LR_SLOW)."""
+        if self.local_backbone is None:
+            return [{'params': [p for p in self.parameters() if p.requires_grad]}]
+        local = list(self.local_backbone.parameters()) + list(self.local_attn.parameters())
+        slow = list(self.backbone.parameters()) + list(self.global_attn.parameters()) + \
+            list(self.attr_embedding.parameters())
+        return [{'params': [p for p in local if p.requires_grad]},
+                {'params': [p for p in slow if p.requires_grad], 'lr': lr_global}]
+
+
+def build_asenpp(backbone, n_attributes, dim_embed=1024, stage=1, local_backbone='resnet34',
+                 local_pretrained=True, **options):
+    """ASENpp on the global `backbone` trunk; in stage 2 with a fresh `local_backbone` trunk
+    (ImageNet weights if `local_pretrained`, as the authors' stage 2 starts it)."""
+    local = build_backbone(local_backbone, local_pretrained) if stage == 2 else None
+    return ASENpp(backbone, n_attributes, dim_embed, local_backbone=local, **options)
+
+
 def disjoint_masks(n_attributes, dim_embed):
     """(n_attributes, dim_embed) 0/1 masks: attribute i owns dims [i*L, (i+1)*L), L = dim_embed // n.
 
@@ -378,15 +528,21 @@ class TripletNet(nn.Module):
         self.embeddingnet = embeddingnet
         self.concat_forward = concat_forward
 
-    def forward(self, anchor, negative, positive, attribute):
+    def forward(self, anchor, negative, positive, attribute, originals=None):
+        """`originals`: None, or the (anchor, negative, positive) crop.SourceImages that ASENpp's
+        stage 2 crops from."""
+        def extra(source):
+            return {} if source is None else {'originals': source}
         if self.concat_forward:
             images = torch.cat([anchor, negative, positive])                 # (3N, 3, S, S)
-            emb = self.embeddingnet(images, attribute.repeat(3))             # (3N, D)
+            source = None if originals is None else crop.SourceImages.cat(originals)
+            emb = self.embeddingnet(images, attribute.repeat(3), **extra(source))  # (3N, D)
             emb_a, emb_n, emb_p = emb.chunk(3)                               # 3 x (N, D)
         else:
-            emb_a = self.embeddingnet(anchor, attribute)
-            emb_n = self.embeddingnet(negative, attribute)
-            emb_p = self.embeddingnet(positive, attribute)
+            source_a, source_n, source_p = originals if originals is not None else (None, None, None)
+            emb_a = self.embeddingnet(anchor, attribute, **extra(source_a))
+            emb_n = self.embeddingnet(negative, attribute, **extra(source_n))
+            emb_p = self.embeddingnet(positive, attribute, **extra(source_p))
         emb_a, emb_n, emb_p = emb_a.float(), emb_n.float(), emb_p.float()     # fp32 similarities under autocast
         return (emb_a * emb_n).sum(dim=1), (emb_a * emb_p).sum(dim=1)        # (N,), (N,)
 
@@ -406,6 +562,7 @@ MODELS = {
     'ASENet_V2_fc': partial(ASENetV2, feature_fc=True),
     'ConditionalSimNet': ConditionalSimNet,
     'TripletNet': GlobalEmbeddingNet,
+    'ASENpp': build_asenpp,
 }
 
 
@@ -420,6 +577,15 @@ def build_model(name, n_attributes, backbone='resnet50', pretrained=True, dim_em
     net = MODELS[name](trunk, n_attributes, dim_embed, **options)
     net.model_name = name
     return net
+
+
+def param_groups(tnet, lr_global=None):
+    """The optimiser's parameter groups: ASENpp's own (stage 2: the global branch at `lr_global`),
+    else one group of every trainable parameter."""
+    net = getattr(tnet, 'module', tnet).embeddingnet
+    if hasattr(net, 'param_groups'):
+        return net.param_groups(lr_global)
+    return [p for p in tnet.parameters() if p.requires_grad]
 
 
 def regularisation(tnet):
@@ -467,6 +633,8 @@ def convert_original_state_dict(state):
     """
     if state and all(k.startswith('module.') for k in state):
         state = {k[len('module.'):]: v for k, v in state.items()}
+    if any(k.startswith('choices.') for k in state):
+        return convert_original_asenpp(state)
     inner = {k[len('embeddingnet.'):]: v for k, v in state.items() if k.startswith('embeddingnet.')}
     if any(k.startswith('backbonenet.') for k in inner):
         if 'attr_embedding.weight' in inner:
@@ -501,6 +669,43 @@ def convert_original_state_dict(state):
     info = dict(model=model, backbone=infer_backbone(trunk_keys),
                 n_attributes=None if n_attributes is None else int(n_attributes),
                 dim_embed=None if dim_embed is None else int(dim_embed))
+    return info, converted
+
+
+def convert_original_asenpp(state):
+    """The authors' ASEN++ state dict (Maryeon/asenpp, model.py, ASEN: choices.global.{attrnet,
+    basenet, attnnet}.* and, after stage 2, choices.local.* whose attrnet is the same embedding) in
+    our names; returns (info, converted state) as convert_original_state_dict does, with the
+    local trunk and the stage in info."""
+    converted, trunk_keys, embeddings = {}, {'global': [], 'local': []}, {}
+    for key, value in state.items():
+        parts = key.split('.', 3)
+        if len(parts) < 4 or parts[0] != 'choices' or parts[1] not in trunk_keys:
+            converted[key] = value                                  # kept, so loading names it
+            continue
+        _, level, module, rest = parts
+        names = ASENpp.ORIGINAL_NAMES if level == 'global' else ASENpp.ORIGINAL_LOCAL_NAMES
+        if module == 'attrnet':
+            embeddings[level] = value
+            rest = rest.split('.', 1)[1] if rest.startswith('attr_embedding.') else rest
+            if level == 'local':                                    # the shared embedding, saved twice
+                continue
+        elif module == 'basenet':
+            if rest.startswith(ORIGINAL_UNUSED_BACKBONE):
+                continue
+            trunk_keys[level].append(rest)
+        converted[f'embeddingnet.{names.get(module, module)}.{rest}'] = value
+    if 'global' in embeddings and 'local' in embeddings and not torch.equal(embeddings['global'], embeddings['local']):
+        raise UserError("the global and local attribute embeddings differ; the authors' ASEN++ shares one")
+    if not trunk_keys['global']:
+        raise UserError("original ASEN++ layout (choices.*) without the global trunk choices.global.basenet.*")
+    embedding = embeddings.get('global')
+    fc = state.get('choices.global.attnnet.feature_fc.weight')
+    info = dict(model='ASENpp', backbone=infer_backbone(trunk_keys['global']),
+                local_backbone=infer_backbone(trunk_keys['local']) if trunk_keys['local'] else None,
+                stage=2 if trunk_keys['local'] else 1,
+                n_attributes=None if embedding is None else int(embedding.shape[0]),
+                dim_embed=None if fc is None else int(fc.shape[0]))
     return info, converted
 
 

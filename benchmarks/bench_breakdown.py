@@ -98,13 +98,13 @@ def phases_pass(setup, loader, epoch):
         t0 = clock()
         batch = next(batches)
         t1 = clock()
-        anchor, negative, positive, attr = asen.batch_to_device(batch, device, args)
+        anchor, negative, positive, attr, originals = asen.batch_to_device(batch, device, args)
         setup.sync()
         t2 = clock()
         if model is not getattr(model, '_orig_mod', model):
             torch.compiler.cudagraph_mark_step_begin()
         with runtime.autocast(device, args.amp):
-            sim_an, sim_ap = model(anchor, negative, positive, attr)
+            sim_an, sim_ap = model(anchor, negative, positive, attr, originals=originals)
             loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
             objective = loss + models.regularisation(model)
         setup.sync()
@@ -133,7 +133,7 @@ def steps_alone(setup, steps, per_step_reads):
     `per_step_reads`, each step also reads its loss and accuracy (`.item()`), as asen did before."""
     args, device = setup.args, setup.device
     batch = next(iter(setup.loader(1, 0)))
-    anchor, negative, positive, attr = asen.batch_to_device(batch, device, args)
+    anchor, negative, positive, attr, originals = asen.batch_to_device(batch, device, args)
     compiled = setup.train_model is not getattr(setup.train_model, '_orig_mod', setup.train_model)
     setup.train_model.train()
     setup.sync()
@@ -141,7 +141,7 @@ def steps_alone(setup, steps, per_step_reads):
     for _ in range(steps):
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        loss, _, sim_an, sim_ap = asen.training_step(setup.train_model, anchor, negative, positive, attr,
+        loss, _, sim_an, sim_ap = asen.training_step(setup.train_model, anchor, negative, positive, attr, originals,
                                                      setup.optimizer, setup.scaler, device, args)
         if per_step_reads:
             loss.item()

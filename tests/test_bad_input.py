@@ -272,14 +272,16 @@ def no_training(w):
 
 
 def disk_full_on(target, error):
-    """torch.save (the checkpoint) or the copy to model_best fails as a full disk does."""
+    """torch.save (the checkpoint) or the copy to model_best (where hard links fail) fails as a full
+    disk does."""
     def setup(w):
         def fail(*args, **kwargs):
             raise error
         no_training(w)
         if target == 'save':
             w.mp.setattr(torch, 'save', fail)
-        else:
+        else:                       # a file system without hard links, so model_best is a copy
+            w.mp.setattr(os, 'link', lambda *args: (_ for _ in ()).throw(OSError(errno.EPERM, 'no links')))
             w.mp.setattr(utils.shutil, 'copyfileobj', fail)
     return setup
 

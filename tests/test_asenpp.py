@@ -1,0 +1,184 @@
+"""ASEN++ (--model ASENpp): sampling, stage defaults, losses, bad input, both stages end to end,
+and the authors' checkpoints."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import asen
+import asenpp
+import datasets
+import model as models
+import original_asenpp as theirs
+from conftest import TINY
+
+# TINY at 32 px with one batch of triplets, small trunks for both branches and no bf16 (slow on
+# CPUs without bf16 kernels; test_bf16_channels_last_step covers it)
+PP = TINY + ['--model', 'ASENpp', '--local-backbone', 'resnet18', '--amp', 'off', '--epochs', '1',
+             '--img-size', '32', '--num_triplets', '8']
+
+
+def tiny_asenpp(stage=2, **options):
+    torch.manual_seed(0)
+    return models.build_model('ASENpp', 5, 'resnet18', pretrained=False, dim_embed=16, stage=stage,
+                              local_backbone='resnet18', local_pretrained=False, view_size=32, local_size=32,
+                              **options)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_value_pair_sampler():
+    # attribute 0: value 0 has 40 images, values 1 and 2 two each, value 3 one (never a positive)
+    ids = np.arange(45)
+    values = np.array([0] * 40 + [1, 1, 2, 2, 3])
+    sampler = asenpp.ValuePairSampler([(ids, values), (ids[:4], np.array([0, 0, 1, 1]))])
+    out = sampler.sample(6000, np.random.default_rng(0))
+    value_of = dict(zip(ids.tolist(), values.tolist()))
+    attr0 = out[out[:, 3] == 0]
+    assert 0.45 < len(attr0) / len(out) < 0.55                                # attribute uniform
+    assert (attr0[:, 0] != attr0[:, 2]).all()                                 # distinct anchor, positive
+    first = np.array([value_of[i] for i in attr0[:, 0]])
+    assert (first == np.array([value_of[i] for i in attr0[:, 2]])).all()
+    second = np.array([value_of[i] for i in attr0[:, 1]])
+    assert (first != second).all() and 3 not in first
+    # the first value uniform over 0, 1, 2; the second uniform over the three others, whatever
+    # their image counts (ASEN's sampler would pick value 0's 40 images about 40/45 of the time)
+    assert np.allclose(np.bincount(first, minlength=4)[:3] / len(first), 1 / 3, atol=0.03)
+    for v in range(3):
+        counts = np.bincount(second[first == v], minlength=4)
+        others = [u for u in range(4) if u != v]
+        assert np.allclose(counts[others] / counts.sum(), 1 / 3, atol=0.05), (v, counts)
+
+
+# ----------------------------------------------------------------------------- stages and flags
+
+def test_stage_defaults_and_explicit_flags():
+    args = asen.parse_args(['--model', 'ASENpp'])
+    assert (args.epochs, args.step_size, args.decay_rate, args.lr, args.batch_size) == (50, 3, 0.9, 1e-4, 16)
+    args = asen.parse_args(['--model', 'ASENpp', '--stage', '2', '--epochs', '7'])
+    assert (args.epochs, args.step_size, args.decay_rate, args.lr_global) == (7, 1, 0.9, 1e-5)
+    args = asen.parse_args(['--model', 'ASENpp', '--dataset', 'SynthFashion'])
+    assert (args.epochs, args.step_size) == (asen.SYNTH_PRESET['epochs'], 3)     # the CPU preset wins
+    assert asen.parse_args([]).epochs == 200                                     # other models untouched
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--model', 'ASENpp', '--stage', '2'], '--stage 2 starts from a stage-1 checkpoint: add --resume'),
+    (['--model', 'ASENet', '--stage', '1'], '--stage applies only to --model ASENpp'),
+    (['--threshold', '0.5'], '--threshold applies only to --model ASENpp'),
+    (['--model', 'ASENpp', '--threshold', '1.5'], '--threshold 1.5: must lie strictly between 0 and 1'),
+    (['--model', 'ASENpp', '--threshold', '0'], '--threshold 0.0: must lie strictly between 0 and 1'),
+    (['--model', 'ASENpp', '--beta', '2'], '--beta 2.0: must lie between 0 and 1'),
+])
+def test_bad_flags_are_one_line(argv, message, workdir, capsys):
+    assert asen.main(TINY + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and message in err
+
+
+def test_resume_of_another_model_is_one_line(trained_run, workdir, capsys):
+    best = str(trained_run[1] / 'model_best.pth.tar')                           # an ASENet run
+    assert asen.main(TINY + ['--model', 'ASENpp', '--stage', '2', '--resume', best]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and 'a ASENet checkpoint, not ASENpp' in err
+    assert asen.main(['--stage', '2', '--resume', best]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and 'a ASENet checkpoint; --stage needs an ASENpp one' in err
+
+
+# ----------------------------------------------------------------------------- the network
+
+def test_stage2_losses_are_the_authors():
+    net = tiny_asenpp(margin=0.2, local_weight=0.1, align_weight=0.1)
+    tnet = models.TripletNet(net).train()
+    images = [torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    attr = torch.tensor([0, 3, 1])
+    sim_an, sim_ap = tnet(*images, attr)
+    (g_a, l_a), (g_n, l_n), (g_p, l_p) = net._outputs
+    extra = models.regularisation(tnet)
+    assert net._outputs == []
+    local = torch.clamp(F.cosine_similarity(l_a, l_n) - F.cosine_similarity(l_a, l_p) + 0.2, min=0).mean()
+    align = sum(torch.clamp(1 - F.cosine_similarity(g, loc), min=0).mean()
+                for g, loc in ((g_a, l_a), (g_n, l_n), (g_p, l_p)))
+    assert torch.allclose(extra, 0.1 * local + 0.1 * align)
+    assert torch.allclose(sim_an, F.cosine_similarity(g_a, g_n), atol=1e-6)    # the global triplet
+    net.eval()
+    with torch.no_grad():
+        emb = net(images[0], attr)
+        g, att = net.global_branch(images[0], net.attr_embedding(attr))
+    assert emb.shape == (3, 32) and torch.allclose(emb.norm(dim=1), torch.ones(3))
+    assert torch.allclose(emb[:, :16], 0.6 ** 0.5 * F.normalize(g), atol=1e-6)
+
+
+def test_param_groups_split_the_branches():
+    net = tiny_asenpp()
+    local, slow = net.param_groups(1e-5)
+    assert slow['lr'] == 1e-5 and 'lr' not in local
+    ids = [id(p) for g in (local, slow) for p in g['params']]
+    assert sorted(ids) == sorted(id(p) for p in net.parameters())
+    assert {id(net.attr_embedding.weight), id(net.backbone.conv1.weight)} <= {id(p) for p in slow['params']}
+    assert len(tiny_asenpp(stage=1).param_groups(1e-5)) == 1
+
+
+def test_bf16_channels_last_step():
+    net = tiny_asenpp().to(memory_format=torch.channels_last)
+    tnet = models.TripletNet(net, concat_forward=True).train()
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        sim_an, sim_ap = tnet(x, x.flip(3), x.flip(2), torch.tensor([0, 1]))
+        loss = models.triplet_loss(sim_an, sim_ap, 0.2) + models.regularisation(tnet)
+    loss.backward()
+    assert torch.isfinite(loss) and net.local_attn.fc1.weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- end to end
+
+def test_both_stages_train_and_test(trained_run, workdir):
+    data = ['--data_path', str(trained_run[0] / 'data')]           # the shared tiny SynthFashion
+    assert asen.main(PP + data + ['--name', 'pp']) == 0
+    s1 = torch.load(workdir / 'runs/pp/model_best.pth.tar', weights_only=True)
+    assert s1['args']['stage'] == 1 and s1['args']['step_size'] == 3
+    assert not any('local' in k for k in s1['state_dict'])
+    assert asen.main(['--stage', '2', '--resume', 'runs/pp/model_best.pth.tar', '--epochs', '1']) == 0
+    s2 = torch.load(workdir / 'runs/pp_s2/checkpoint.pth.tar', weights_only=True)
+    assert s2['epoch'] == 1 and s2['args']['stage'] == 2 and s2['args']['step_size'] == 1
+    assert any(k.startswith('embeddingnet.local_attn.') for k in s2['state_dict'])
+    lrs = [g['lr'] for g in s2['optimizer']['param_groups']]
+    assert lrs == pytest.approx([1e-4 * 0.9, 1e-5 * 0.9])                        # one StepLR step
+    assert asen.main(['--test', '--resume', 'runs/pp_s2/model_best.pth.tar']) == 0
+    result = json.loads((workdir / 'runs/pp_s2/test_results.json').read_text())
+    assert result['model'] == 'ASENpp' and len(result['mAP']) == 5 and 0 < result['MeanAP'] <= 100
+    assert asen.main(['--test', '--resume', 'runs/pp/model_best.pth.tar']) == 0
+    assert json.loads((workdir / 'runs/pp/test_results.json').read_text())['model'] == 'ASENpp-global'
+
+
+def test_authors_checkpoint_gives_their_map(trained_run, workdir):
+    """Their stage-2 network, saved as their main.py does, tested through asen.py: the same MeanAP
+    as their evaluation (global view, per-image PIL crop, [sqrt(.6) g; sqrt(.4) l]) computes."""
+    net = theirs.build(5, seed=2)
+    theirs.save(net, workdir / 'theirs.pth.tar')
+    data_path = str(trained_run[0] / 'data')                       # the shared tiny SynthFashion
+    data = ['--dataset', 'SynthFashion', '--synth-images', '48', '--img-size', '64', '--amp', 'off',
+            '--data_path', data_path]
+    assert asen.main(['--test', '--resume', 'theirs.pth.tar', '--name', 'orig'] + data) == 0
+    result = json.loads((workdir / 'runs/orig/test_results.json').read_text())
+    assert result['model'] == 'ASENpp'
+
+    split = datasets.SplitFiles(data_path, 'SynthFashion')
+    embedded = []
+    for role in ('query', 'candidate'):
+        dataset = datasets.RetrievalDataset(split, 'test', role, None)
+        images = [datasets.load_image(dataset.image_path(i)) for i in range(len(dataset))]
+        attrs = torch.from_numpy(dataset.entries[:, 1]).long()
+        embedded.append((theirs.embed(net, images, attrs, 64, 32, 0.1), dataset.entries))
+    (q_emb, q_entries), (c_emb, c_entries) = embedded
+    _, mean = asen.retrieval_map(q_emb, q_entries, c_emb, c_entries, len(split.attributes))
+    assert result['MeanAP'] == pytest.approx(100 * mean, abs=1e-6)
+    # and the stage-1 layout (global branch only) loads as stage 1, and as the start of a stage 2
+    info, state = models.convert_original_state_dict(theirs.build(5, local=False).state_dict())
+    assert (info['model'], info['stage'], info['local_backbone'], info['n_attributes']) == ('ASENpp', 1, None, 5)
+    tnet = models.TripletNet(tiny_asenpp())
+    asenpp.load_stage1_weights(tnet, {'state_dict': state}, 'theirs_s1.pth.tar')
+    assert torch.equal(tnet.embeddingnet.attr_embedding.weight, state['embeddingnet.attr_embedding.weight'])

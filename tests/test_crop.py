@@ -1,0 +1,93 @@
+"""ASEN++'s attention-guided crop (crop.py) against the authors' per-image LocalTransform
+(re-written in original_asenpp.py with numpy and PIL)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import crop
+import original_asenpp as theirs
+
+G, OUT = 32, 16
+
+
+def batch_of(images):
+    return crop.SourceImages.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1) for i in images])
+
+
+def ours(maps, images, threshold=0.1):
+    return crop.attention_crops(torch.as_tensor(maps), G, threshold, OUT, sources=batch_of(images))
+
+
+@pytest.mark.parametrize('threshold', [0.1, 0.4])
+def test_random_maps_on_images_of_many_shapes(threshold):
+    rng = np.random.default_rng(0)
+    shapes = [(40, 40), (30, 50), (50, 30), (33, 71), (96, 41), (32, 32), (17, 20), (64, 64)]
+    images = [theirs.random_image(rng, w, h) for w, h in shapes]
+    maps = np.exp(30 * rng.random((len(images), 4, 4))).astype(np.float32)   # peaked: boxes vary
+    sides = crop.attention_boxes(torch.from_numpy(maps), G, threshold)[:, 2]
+    assert (sides < G).sum() >= 4
+    got = ours(maps, images, threshold)
+    for i, (img, m) in enumerate(zip(images, maps)):
+        expected = theirs.local_transform(img, m, G, OUT, threshold)
+        assert torch.equal(got[i], expected), (i, (got[i] - expected).abs().max())
+
+
+def test_box_at_the_border_and_one_pixel_past_it():
+    rng = np.random.default_rng(1)
+    images = [theirs.random_image(rng, 48, 40), theirs.random_image(rng, 40, 40), theirs.random_image(rng, 40, 56)]
+    maps = np.zeros((3, G, G), dtype=np.float32)       # at the view's size: the mask is exact
+    maps[0, :5, :3] = 1                                 # top-left corner
+    maps[1, 10:13, G - 1] = 1                           # 1 x 3 box on the right edge: the authors'
+    maps[2, G - 1, 4:7] = 1                             # square ends one pixel past the view
+    boxes = crop.attention_boxes(torch.from_numpy(maps), G, 0.1)
+    assert boxes.tolist() == [[0, 0, 5], [G - 2, 10, 3], [4, G - 2, 3]]
+    got = ours(maps, images)
+    for i, (img, m) in enumerate(zip(images, maps)):
+        expected = theirs.local_transform(img, m, G, OUT, 0.1)
+        assert torch.equal(got[i], expected), i
+
+
+def test_constant_map_crops_the_whole_view():
+    rng = np.random.default_rng(2)
+    images = [theirs.random_image(rng, 50, 30), theirs.random_image(rng, 30, 30)]
+    maps = np.full((2, 4, 4), 1 / 16, dtype=np.float32)
+    assert crop.attention_boxes(torch.from_numpy(maps), G, 0.1).tolist() == [[0, 0, G]] * 2
+    got = ours(maps, images)
+    for i, img in enumerate(images):      # the authors' code fails here (0/0); ours: the centre square
+        expected = theirs.crop_resize(img, theirs.view_box_to_original(img, 0, 0, G, G), OUT)
+        assert torch.equal(got[i], expected)
+
+
+def test_boxes_match_a_plain_loop():
+    rng = np.random.default_rng(3)
+    maps = np.exp(16 * rng.random((20, 5, 3))).astype(np.float32)
+    sizes = torch.tensor([[int(rng.integers(10, 90)), int(rng.integers(10, 90))] for _ in range(20)])
+    boxes = crop.view_to_source(crop.attention_boxes(torch.from_numpy(maps), G, 0.2), sizes, G)
+    for m, (h, w), box in zip(maps, sizes.tolist(), boxes.tolist()):
+        x0, y0, x1, y1 = theirs.local_box(Image.new('RGB', (w, h)), m, G, 0.2)
+        assert box == [x0, y0, max(x1 - x0, 1)]
+
+
+def test_resize_weights_are_pils():
+    """The float weights resample a crop as PIL's bilinear resize does, up to its uint8 rounding."""
+    rng = np.random.default_rng(4)
+    img = theirs.random_image(rng, 45, 45)
+    for start, side, out in ((3, 37, 16), (0, 45, 45), (10, 7, 16), (2, 20, 20)):
+        w = crop.pil_bilinear_weights(torch.tensor([start]), torch.tensor([side]), out, 45)[0]
+        pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).double()
+        resized = w @ pixels @ w.T
+        expected = np.asarray(img.crop((start, start, start + side, start + side)).resize((out, out), Image.BILINEAR))
+        assert np.abs(resized.permute(1, 2, 0).numpy() - expected).max() <= 1.0
+
+
+def test_view_crop_is_the_same_box_from_the_view():
+    """The shortcut: a square image of the view's size gives the same pixels either way (up to PIL's
+    uint8 rounding)."""
+    rng = np.random.default_rng(5)
+    images = [theirs.random_image(rng, G, G) for _ in range(3)]
+    maps = torch.from_numpy(rng.random((3, 4, 4)).astype(np.float32) ** 4)
+    views = torch.stack([theirs.global_transform(G)(i) for i in images])
+    from_view = crop.attention_crops(maps, G, 0.1, OUT, views=views)
+    from_original = crop.attention_crops(maps, G, 0.1, OUT, sources=batch_of(images))
+    assert (from_view - from_original).abs().max() <= 1.01 / 255 / 0.224
