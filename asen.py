@@ -130,10 +130,10 @@ def get_args_parser():
                      help='ConditionalSimNet: add the CSN regularisers to the loss, 5e-3 x embedding L2 norm '
                           '+ 5e-4 x mask L1 norm (without it: none, as the ASEN authors\' CSN baseline)')
     net.add_argument('--stage', type=int, choices=(1, 2), default=None,
-                     help='ASENpp: 1 trains the global branch alone (defaults --epochs 50 --step_size 3 '
+                     help='ASENpp: 1 trains the global branch alone (and brings --epochs 50 --step_size 3 '
                           '--decay_rate 0.9); 2 starts from a stage-1 --resume and trains both branches '
-                          '(defaults --epochs 20 --step_size 1 --decay_rate 0.9) (default: 1, or the '
-                          'checkpoint\'s stage)')
+                          '(and brings --epochs 20 --step_size 1 --decay_rate 0.9); flags given win '
+                          '(default: 1, or the checkpoint\'s stage)')
     net.add_argument('--local-backbone', '--local_backbone', dest='local_backbone', default='resnet34',
                      choices=models.BACKBONES, help='ASENpp: the local branch\'s ResNet trunk, cut after layer3')
     net.add_argument('--local-size', '--local_size', dest='local_size', type=int, default=None,
@@ -266,8 +266,9 @@ def parse_args(argv=None):
 
 
 def dataset_preset(args):
-    """The defaults --dataset brings for flags not given (SynthFashion's CPU preset), else none."""
-    return synth_preset() if args.dataset == 'SynthFashion' else {}
+    """The defaults --dataset brings for flags not given (SynthFashion's CPU preset, its precision
+    chosen for the device that --no-cuda leaves), else none."""
+    return synth_preset(runtime.resolve_device(args.no_cuda)) if args.dataset == 'SynthFashion' else {}
 
 
 def apply_defaults(args, values):

@@ -327,7 +327,9 @@ def damaged_regions(w):
 
 
 def nan_loss(w):
-    w.mp.setattr(asen.models, 'triplet_loss', lambda *args: torch.tensor(float('nan')))
+    """A diverged loss: NaN, with its graph (the step runs backward before the deferred check)."""
+    triplet_loss = asen.models.triplet_loss
+    w.mp.setattr(asen.models, 'triplet_loss', lambda *args: triplet_loss(*args) * float('nan'))
 
 
 def case(name, argv, needles, setup=nothing, code=2, allow=(), absent=()):

@@ -22,7 +22,7 @@ def test_authors_data_is_read_by_asen_as_fashionai(tmp_path):
     assert authors_data.write(str(tmp_path), n_train=12, n_eval=10, jpeg_size=80, workers=2)
     folder = tmp_path / 'FashionAI'
     assert sorted(os.listdir(folder)) == sorted(
-        ['images', 'label_train.txt'] + [f'filenames_{s}.txt' for s in ('train', 'valid', 'test')] +
+        ['images', 'label_train.txt', synthfashion.MARKER] + [f'filenames_{s}.txt' for s in ('train', 'valid', 'test')] +
         [f'{role}_{s}.txt' for role in ('query', 'candidate') for s in ('valid', 'test')])
     meta = json.loads((tmp_path / 'meta.json').read_text())
     assert meta == {'FashionAI': {'ATTRIBUTES': synthfashion.ATTRIBUTES,

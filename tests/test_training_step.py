@@ -235,9 +235,9 @@ class CompiledStandIn(torch.nn.Module):
     def embeddingnet(self):                                   # torch.compile's module forwards attributes
         return self._orig_mod.embeddingnet
 
-    def forward(self, anchor, *rest):
+    def forward(self, anchor, *rest, **options):
         self.sizes.append(len(anchor))
-        return self._orig_mod(anchor, *rest)
+        return self._orig_mod(anchor, *rest, **options)
 
 
 def test_last_partial_batch_runs_eagerly_under_compile():
