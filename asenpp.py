@@ -191,11 +191,7 @@ class ValuePairSampler:
             second = values[other]
             for value in np.unique(first):
                 sel = rows[first == value]
-                ids = groups[int(value)]
-                anchor = rng.integers(0, len(ids), len(sel))
-                positive = rng.integers(0, len(ids) - 1, len(sel))
-                positive += positive >= anchor                                # distinct from the anchor
-                out[sel, 0], out[sel, 2] = ids[anchor], ids[positive]
+                out[sel, 0], out[sel, 2] = datasets.distinct_pairs(groups[int(value)], len(sel), rng)
             for value in np.unique(second):
                 sel = rows[second == value]
                 ids = groups[int(value)]

@@ -207,15 +207,18 @@ class TripletSampler:
             all_ids, all_values = self.entries[attr]
             for value in np.unique(chosen):
                 sel = rows[chosen == value]
-                same = self.groups[attr][int(value)]
-                anchor = rng.integers(0, len(same), len(sel))
-                positive = rng.integers(0, len(same) - 1, len(sel))
-                positive += positive >= anchor                      # distinct from the anchor
+                out[sel, 0], out[sel, 2] = distinct_pairs(self.groups[attr][int(value)], len(sel), rng)
                 others = all_ids[all_values != value]
-                out[sel, 0] = same[anchor]
                 out[sel, 1] = others[rng.integers(0, len(others), len(sel))]
-                out[sel, 2] = same[positive]
         return out
+
+
+def distinct_pairs(ids, n, rng):
+    """n (anchor, positive) pairs of two distinct entries of `ids` (at least two), uniformly."""
+    anchor = rng.integers(0, len(ids), n)
+    positive = rng.integers(0, len(ids) - 1, n)
+    positive += positive >= anchor                                  # skip the anchor itself
+    return ids[anchor], ids[positive]
 
 
 # ----------------------------------------------------------------------------- images
