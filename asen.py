@@ -556,8 +556,8 @@ def run_training(tnet, split_files, device, args, logger, run_dir, checkpoint):
         # the weights are mid-epoch: resuming this file repeats the interrupted epoch from them
         path = os.path.join(run_dir, 'interrupted.pth.tar')
         if not weights_are_finite(tnet):            # a non-finite step not yet checked (see train_one_epoch)
-            raise UserError(f"non-finite weights when interrupted in epoch {epoch}; not saved; the last good "
-                            f"snapshot in runs/{args.name}/ is kept; lower --lr or use --amp off")
+            raise UserError(f"non-finite weights when interrupted in epoch {epoch}; not saved; "
+                            f"{last_snapshot_note(run_dir)}; lower --lr or use --amp off")
         if is_main_process():
             try:
                 utils.save_atomic(snapshot(epoch - 1, tnet, optimizer, scheduler, scaler, None, best_prec, args),
