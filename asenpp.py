@@ -177,9 +177,7 @@ class ValuePairSampler:
 
     def sample(self, num_triplets, rng):
         """(num, 4) int64 array of (anchor id, negative id, positive id, attribute)."""
-        out = np.empty((num_triplets, 4), dtype=np.int64)
-        attrs = self.usable_attributes[rng.integers(0, len(self.usable_attributes), num_triplets)]
-        out[:, 3] = attrs
+        out, attrs = datasets.attribute_draws(self.usable_attributes, num_triplets, rng)
         for attr in np.unique(attrs):
             rows = np.flatnonzero(attrs == attr)
             groups = self.by_value[attr]

@@ -197,9 +197,7 @@ class TripletSampler:
 
     def sample(self, num_triplets, rng):
         """(num, 4) int64 array of (anchor id, negative id, positive id, attribute)."""
-        out = np.empty((num_triplets, 4), dtype=np.int64)
-        attrs = self.usable_attributes[rng.integers(0, len(self.usable_attributes), num_triplets)]
-        out[:, 3] = attrs
+        out, attrs = attribute_draws(self.usable_attributes, num_triplets, rng)
         for attr in np.unique(attrs):
             rows = np.flatnonzero(attrs == attr)
             values = np.asarray(sorted(self.groups[attr]))
@@ -211,6 +209,14 @@ class TripletSampler:
                 others = all_ids[all_values != value]
                 out[sel, 1] = others[rng.integers(0, len(others), len(sel))]
         return out
+
+
+def attribute_draws(usable_attributes, num_triplets, rng):
+    """(out, attrs): a (num, 4) int64 triplet array whose last column holds attributes drawn
+    uniformly from `usable_attributes`, and that column."""
+    out = np.empty((num_triplets, 4), dtype=np.int64)
+    out[:, 3] = usable_attributes[rng.integers(0, len(usable_attributes), num_triplets)]
+    return out, out[:, 3]
 
 
 def distinct_pairs(ids, n, rng):

@@ -41,18 +41,17 @@ def triplet_set(split_files, cached, num_triplets=10):
 def reference_passes(dataset, workers, epochs=(None,), seed=5):
     """The transform path: a fresh-worker DataLoader over the items; (batches per pass, RNG state after)."""
     torch.manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=workers)
-    passes = []
-    for epoch in epochs:
-        if epoch is not None:
-            dataset.set_epoch(epoch)
-        passes.append(list(loader))
-    return passes, torch.get_rng_state()
+    return passes_of(torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=workers), dataset, epochs)
 
 
 def device_passes(dataset, workers, epochs=(None,), seed=5, persistent=True, channels_last=False):
     torch.manual_seed(seed)
-    loader = gpuinput.DeviceLoader(dataset, BATCH, 'cpu', workers, channels_last, persistent=persistent)
+    return passes_of(gpuinput.DeviceLoader(dataset, BATCH, 'cpu', workers, channels_last, persistent=persistent),
+                     dataset, epochs)
+
+
+def passes_of(loader, dataset, epochs):
+    """(batches of each epoch's pass, torch RNG state after them); epoch None keeps the triplets."""
     passes = []
     for epoch in epochs:
         if epoch is not None:
