@@ -112,3 +112,50 @@ def test_goal_summary_reads_gpu_check_outputs(tmp_path, capsys):
     # defaults 10 + 3 s against fast 5 + 1 s: 2.17x, below the 5x goal
     assert by_goal['train + validate, defaults against fast']['measured'].endswith('= 2.17x')
     assert by_goal['train + validate, defaults against fast']['met'] is False
+
+
+def test_original_recipe_draws_triplets_as_the_authors(tmp_path):
+    """Anchor and positive: two different images of the drawn value; negative: another value."""
+    import numpy as np
+    import original_recipe
+    rng = np.random.default_rng(0)
+    meta = {'ATTRIBUTES': ['a', 'b', 'c'], 'ATTRIBUTES_NUM': {'a': 2, 'b': 3, 'c': 4}}
+    names = [f'images/{i}.jpg' for i in range(40)]
+    value_of, lines = {}, []
+    for i, name in enumerate(names):   # every image labelled for two of the three attributes
+        attrs = sorted(rng.choice(3, size=2, replace=False))
+        fields = [i]
+        for attr in attrs:
+            value = i % meta['ATTRIBUTES_NUM'][meta['ATTRIBUTES'][attr]]
+            value_of[name, attr] = value
+            fields += [attr, value]
+        lines.append(' '.join(map(str, fields)))
+    (tmp_path / 'filenames_train.txt').write_text('\n'.join(names) + '\n')
+    (tmp_path / 'label_train.txt').write_text('\n'.join(lines) + '\n')
+    original_recipe.random.seed(0)
+    triplets = original_recipe.TripletDraws(str(tmp_path), meta).draw(300)
+    for anchor, negative, positive, attr in triplets:
+        assert anchor != positive
+        assert value_of[anchor, attr] == value_of[positive, attr] != value_of[negative, attr]
+    assert {t[3] for t in triplets} == {0, 1, 2}
+    (tmp_path / 'label_train.txt').write_text('0 0 0\n1 0 1\n2 0 1\n3 0 1\n')   # a = 0: one image
+    with pytest.raises(SystemExit, match='a = 0'):
+        original_recipe.TripletDraws(str(tmp_path), meta)
+
+
+def test_original_recipe_average_precision_is_the_projects():
+    import numpy as np
+    import original_recipe
+    import utils
+    rng = np.random.default_rng(0)
+    queries, candidates = rng.normal(size=(7, 5)), rng.normal(size=(30, 5))
+    q_values, c_values = rng.integers(0, 3, 7), rng.integers(0, 3, 30)
+    scores = queries @ candidates.T
+    loop = np.mean([original_recipe.average_precision(c_values[np.argsort(-scores[q])] == q_values[q])
+                    for q in range(7)])
+    assert abs(loop - utils.mean_average_precision(candidates, queries, c_values, q_values)) < 1e-6
+
+
+def test_small_run_alternates_the_order_of_its_variants():
+    import bench_small_run
+    assert bench_small_run.run_order(['a', 'b'], 3) == ['a', 'b', 'b', 'a', 'a', 'b']

@@ -1,0 +1,104 @@
+"""A small run from start to exit: asen.py with its defaults against the authors' recipe
+(original_recipe.py), the fixed cost of a run that the per-step benchmarks do not see.
+
+Both train one epoch of --num_triplets (64) triplets on authors'-format data (authors_data.py:
+--train 48 training images, --eval 40 valid and test images each, 512 px JPEGs), ResNet-50 at
+224 px, fp32, random init, batch 16, then validate and write their checkpoints. Each run is a
+fresh `python` process in its own empty working directory, timed from launch to exit (imports,
+data checks, training, validation, snapshots, logging), and the variants alternate in the order
+A B B A ... so that a slow drift of the machine falls on both. `imports` times `python -c "import
+torch, torchvision"`, the floor that both pay.
+
+    python benchmarks/bench_small_run.py [--repeats 4] [--data_path DIR] [--asen-extra "--heatmap-every 1"]
+"""
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from _common import REPO, markdown_table, print_json
+
+sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
+import authors_data  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument('--data_path', default=os.path.join(tempfile.gettempdir(), 'asen-small-run'),
+                        help="authors'-format data folder, written if missing")
+    parser.add_argument('--train', type=int, default=48, help='training images')
+    parser.add_argument('--eval', type=int, default=40, help='valid and test images each')
+    parser.add_argument('--jpeg-size', type=int, default=512, help='side of the JPEGs, px')
+    parser.add_argument('--num_triplets', type=int, default=64, help='triplets of the one epoch')
+    parser.add_argument('--repeats', type=int, default=4, help='runs of each variant')
+    parser.add_argument('--asen-extra', default='', help='more asen.py flags, one string')
+    parser.add_argument('--variants', nargs='+', default=['asen', 'original', 'imports'],
+                        choices=['asen', 'original', 'imports'])
+    return parser.parse_args(argv)
+
+
+def commands(args):
+    data = os.path.abspath(args.data_path)
+    common = ['--data_path', data, '--dataset', 'FashionAI', '--epochs', '1',
+              '--num_triplets', str(args.num_triplets), '--name', 'small']
+    return {
+        'asen': [sys.executable, os.path.join(REPO, 'asen.py'), *common, '--no-pretrained',
+                 *shlex.split(args.asen_extra)],
+        'original': [sys.executable, os.path.join(REPO, 'benchmarks', 'original_recipe.py'), *common],
+        'imports': [sys.executable, '-c', 'import torch, torchvision'],
+    }
+
+
+def timed_run(command):
+    """Seconds from launch to exit of `command` in a fresh empty working directory."""
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f'error: {shlex.join(command)} exited {done.returncode}:\n{done.stderr[-2000:]}')
+    return seconds
+
+
+def run_order(variants, repeats):
+    """A B B A A B ...: each repeat reverses the previous order."""
+    order = []
+    for r in range(repeats):
+        order += variants if r % 2 == 0 else variants[::-1]
+    return order
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch  # noqa: F401  (for the machine line only)
+    from _common import machine_info, print_machine
+    print_machine(machine_info('cpu'))
+    written = authors_data.write(args.data_path, args.train, args.eval, args.jpeg_size, workers=os.cpu_count() or 1)
+    print(f"data: {args.data_path} ({'written' if written else 'kept'}: {args.train} training, "
+          f"{args.eval} valid and {args.eval} test JPEGs of {args.jpeg_size} px)")
+    cmds = commands(args)
+    for name in args.variants:
+        print(f'{name}: {shlex.join(cmds[name])}')
+    times = {name: [] for name in args.variants}
+    for name in run_order(args.variants, args.repeats):
+        times[name].append(timed_run(cmds[name]))
+        print(f'  {name}: {times[name][-1]:.2f} s', flush=True)
+    rows = [[name, f'{statistics.median(t):.2f}', f'{min(t):.2f}', f'{max(t):.2f}', ' '.join(f'{s:.1f}' for s in t)]
+            for name, t in times.items()]
+    print()
+    print(markdown_table(['variant', 'median s', 'min s', 'max s', 'runs'], rows))
+    result = {'times': times, 'medians': {name: statistics.median(t) for name, t in times.items()}}
+    if 'asen' in times and 'original' in times:
+        gap = result['medians']['asen'] - result['medians']['original']
+        result['asen_minus_original_s'] = gap
+        print(f"\nasen minus original (medians): {gap:+.2f} s")
+    print_json(result)
+
+
+if __name__ == '__main__':
+    main()
