@@ -7,11 +7,15 @@ Both train one epoch of --num_triplets (64) triplets on authors'-format data (au
 fresh `python` process in its own empty working directory, timed from launch to exit (imports,
 data checks, training, validation, snapshots, logging), and the variants alternate in the order
 A B B A ... so that a slow drift of the machine falls on both. `imports` times `python -c "import
-torch, torchvision"`, the floor that both pay.
+torch, torchvision"`, the floor that both pay. The training scripts' runs are also split by their
+log lines into start-up (launch to "Begin training"), train+validate (to the learning-rate line
+written after the checkpoint) and exit: the middle phase is the same ResNet-50 work in both and
+carries most of the run-to-run noise, the other two are each script's own fixed cost.
 
     python benchmarks/bench_small_run.py [--repeats 4] [--data_path DIR] [--asen-extra "--heatmap-every 1"]
 """
 import argparse
+import datetime
 import os
 import shlex
 import statistics
@@ -24,6 +28,8 @@ from _common import REPO, markdown_table, print_json
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import authors_data  # noqa: E402
+
+PHASES = ('start-up', 'train+validate', 'exit')
 
 
 def parse_args(argv=None):
@@ -54,15 +60,32 @@ def commands(args):
     }
 
 
+def log_time(output, marker):
+    """Wall-clock time (s since the epoch) of the first log line holding `marker`; both scripts
+    start their log lines with logging's 'YYYY-mm-dd HH:MM:SS,mmm'."""
+    for line in output.splitlines():
+        if marker in line:
+            stamp = datetime.datetime.strptime(line[:23], '%Y-%m-%d %H:%M:%S,%f')
+            return stamp.timestamp()
+    return None
+
+
 def timed_run(command):
-    """Seconds from launch to exit of `command` in a fresh empty working directory."""
+    """{'total': seconds from launch to exit of `command` in a fresh empty working directory, and
+    for the training scripts its phases from their log lines: 'start-up' (launch to "Begin
+    training", imports and data checks included), 'train+validate' (to the learning-rate line
+    after the checkpoint) and 'exit' (from there to the end of the process)}."""
     with tempfile.TemporaryDirectory() as workdir:
-        start = time.perf_counter()
-        done = subprocess.run(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        seconds = time.perf_counter() - start
+        launch, start = time.time(), time.perf_counter()
+        done = subprocess.run(command, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seconds, end = time.perf_counter() - start, time.time()
     if done.returncode != 0:
-        sys.exit(f'error: {shlex.join(command)} exited {done.returncode}:\n{done.stderr[-2000:]}')
-    return seconds
+        sys.exit(f'error: {shlex.join(command)} exited {done.returncode}:\n{done.stdout[-2000:]}')
+    phases = {'total': seconds}
+    begin, after = log_time(done.stdout, 'Begin training'), log_time(done.stdout, 'lr:')
+    if begin is not None and after is not None:
+        phases.update({'start-up': begin - launch, 'train+validate': after - begin, 'exit': end - after})
+    return phases
 
 
 def run_order(variants, repeats):
@@ -75,7 +98,6 @@ def run_order(variants, repeats):
 
 def main(argv=None):
     args = parse_args(argv)
-    import torch  # noqa: F401  (for the machine line only)
     from _common import machine_info, print_machine
     print_machine(machine_info('cpu'))
     written = authors_data.write(args.data_path, args.train, args.eval, args.jpeg_size, workers=os.cpu_count() or 1)
@@ -84,15 +106,22 @@ def main(argv=None):
     cmds = commands(args)
     for name in args.variants:
         print(f'{name}: {shlex.join(cmds[name])}')
-    times = {name: [] for name in args.variants}
+    runs = {name: [] for name in args.variants}
     for name in run_order(args.variants, args.repeats):
-        times[name].append(timed_run(cmds[name]))
-        print(f'  {name}: {times[name][-1]:.2f} s', flush=True)
+        runs[name].append(timed_run(cmds[name]))
+        print(f'  {name}: ' + ', '.join(f'{k} {v:.2f} s' for k, v in runs[name][-1].items()), flush=True)
+    times = {name: [r['total'] for r in rs] for name, rs in runs.items()}
     rows = [[name, f'{statistics.median(t):.2f}', f'{min(t):.2f}', f'{max(t):.2f}', ' '.join(f'{s:.1f}' for s in t)]
             for name, t in times.items()]
     print()
     print(markdown_table(['variant', 'median s', 'min s', 'max s', 'runs'], rows))
-    result = {'times': times, 'medians': {name: statistics.median(t) for name, t in times.items()}}
+    phases = {name: {phase: statistics.median(r[phase] for r in rs) for phase in PHASES}
+              for name, rs in runs.items() if all(phase in r for r in rs for phase in PHASES)}
+    if phases:
+        print('\nmedian seconds by phase (from the log lines):\n')
+        print(markdown_table(['variant', *PHASES], [[n, *(f'{p[ph]:.2f}' for ph in PHASES)] for n, p in phases.items()]))
+    result = {'runs': runs, 'times': times, 'phase_medians': phases,
+              'medians': {name: statistics.median(t) for name, t in times.items()}}
     if 'asen' in times and 'original' in times:
         gap = result['medians']['asen'] - result['medians']['original']
         result['asen_minus_original_s'] = gap

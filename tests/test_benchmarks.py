@@ -159,3 +159,14 @@ def test_original_recipe_average_precision_is_the_projects():
 def test_small_run_alternates_the_order_of_its_variants():
     import bench_small_run
     assert bench_small_run.run_order(['a', 'b'], 3) == ['a', 'b', 'b', 'a', 'a', 'b']
+
+
+def test_small_run_reads_the_phases_from_both_log_formats():
+    import datetime
+    import bench_small_run
+    asen_log = 'x\n2026-11-27 22:11:52,548 - asen - INFO - Begin training on FashionAI dataset.\n'
+    original_log = '2026-11-27 22:11:52,548 - Begin training on FashionAI dataset.\n'
+    expected = datetime.datetime(2026, 11, 27, 22, 11, 52, 548000).timestamp()
+    for log in (asen_log, original_log):
+        assert bench_small_run.log_time(log, 'Begin training') == expected
+    assert bench_small_run.log_time(asen_log, 'lr:') is None
