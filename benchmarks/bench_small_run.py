@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from _common import REPO, markdown_table, print_json
+from _common import REPO, machine_info, markdown_table, print_json, print_machine
 
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))
 import authors_data  # noqa: E402
@@ -98,7 +98,6 @@ def run_order(variants, repeats):
 
 def main(argv=None):
     args = parse_args(argv)
-    from _common import machine_info, print_machine
     print_machine(machine_info('cpu'))
     written = authors_data.write(args.data_path, args.train, args.eval, args.jpeg_size, workers=os.cpu_count() or 1)
     print(f"data: {args.data_path} ({'written' if written else 'kept'}: {args.train} training, "
