@@ -110,7 +110,8 @@ def main(argv=None):
         runs[name].append(timed_run(cmds[name]))
         print(f'  {name}: ' + ', '.join(f'{k} {v:.2f} s' for k, v in runs[name][-1].items()), flush=True)
     times = {name: [r['total'] for r in rs] for name, rs in runs.items()}
-    rows = [[name, f'{statistics.median(t):.2f}', f'{min(t):.2f}', f'{max(t):.2f}', ' '.join(f'{s:.1f}' for s in t)]
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    rows = [[name, f'{medians[name]:.2f}', f'{min(t):.2f}', f'{max(t):.2f}', ' '.join(f'{s:.1f}' for s in t)]
             for name, t in times.items()]
     print()
     print(markdown_table(['variant', 'median s', 'min s', 'max s', 'runs'], rows))
@@ -119,10 +120,9 @@ def main(argv=None):
     if phases:
         print('\nmedian seconds by phase (from the log lines):\n')
         print(markdown_table(['variant', *PHASES], [[n, *(f'{p[ph]:.2f}' for ph in PHASES)] for n, p in phases.items()]))
-    result = {'runs': runs, 'times': times, 'phase_medians': phases,
-              'medians': {name: statistics.median(t) for name, t in times.items()}}
+    result = {'runs': runs, 'times': times, 'phase_medians': phases, 'medians': medians}
     if 'asen' in times and 'original' in times:
-        gap = result['medians']['asen'] - result['medians']['original']
+        gap = medians['asen'] - medians['original']
         result['asen_minus_original_s'] = gap
         print(f"\nasen minus original (medians): {gap:+.2f} s")
     print_json(result)

@@ -36,6 +36,7 @@ from torchvision import transforms
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests'))
 import original_networks  # noqa: E402  (the authors' networks, re-written for the checkpoint tests)
+import bench_map  # noqa: E402  (reference_map: the authors' per-query argsort mAP)
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -135,15 +136,6 @@ class QueryOrCandidateImages(torch.utils.data.Dataset):
         return self.transform(open_rgb(os.path.join(self.folder, self.names[image]))), attr, value
 
 
-def average_precision(sorted_relevance):
-    hits, total = 0, 0.0
-    for rank, relevant in enumerate(sorted_relevance, 1):
-        if relevant:
-            hits += 1
-            total += hits / rank
-    return total / hits if hits else 0.0
-
-
 def embed_by_attribute(loader, enet, n_attributes):
     features = [[] for _ in range(n_attributes)]
     values = [[] for _ in range(n_attributes)]
@@ -162,11 +154,8 @@ def validate(candidates, queries, enet, attributes, epoch, logger):
     query, query_values = embed_by_attribute(queries, enet, len(attributes))
     weighted, n_queries = 0.0, 0
     for a, name in enumerate(attributes):
-        scores = query[a] @ cand[a].T
-        aps = [average_precision(cand_values[a][np.argsort(-scores[q])] == query_values[a][q])
-               for q in range(scores.shape[0])]
-        m_ap = sum(aps) / len(aps)
-        weighted, n_queries = weighted + m_ap * len(aps), n_queries + len(aps)
+        m_ap = bench_map.reference_map(cand[a], query[a], cand_values[a], query_values[a])
+        weighted, n_queries = weighted + m_ap * len(query[a]), n_queries + len(query[a])
         logger.info(f'{name} mAP: {100 * m_ap:.4f}')
     mean_ap = weighted / n_queries
     logger.info(f'Epoch {epoch} MeanAP: {100 * mean_ap:.4f}')
