@@ -21,19 +21,19 @@ from PIL import Image
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-import analysis
-import asenpp
+from lib import analysis
+from lib import asenpp
 import datasets
-import gpuinput
-import imagecache
+from lib import gpuinput
+from lib import imagecache
 import model as models
-import runtime
+from lib import runtime
 import synthfashion
-import visualize
+from lib import visualize
 import utils
-import tables
-import zappos
-from runtime import autocast, distributed, is_main_process, local_first, to_device
+from lib import tables
+from lib import zappos
+from lib.runtime import autocast, distributed, is_main_process, local_first, to_device
 from utils import UserError
 
 DATASETS = ('FashionAI', 'DARN', 'DeepFashion', 'SynthFashion', 'Zappos50k')

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-import crop
+from lib import crop
 import utils
 from utils import UserError
 

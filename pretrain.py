@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import asen
 import datasets
 import model as models
-import runtime
+from lib import runtime
 import utils
 from utils import UserError
 

@@ -38,7 +38,7 @@ import torch  # noqa: E402
 
 import asen  # noqa: E402
 import model as models  # noqa: E402
-import runtime  # noqa: E402
+from lib import runtime  # noqa: E402
 import utils  # noqa: E402
 
 

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import asen  # noqa: E402  (the project's module; _common put the repo on sys.path)
 import bench_train_step  # noqa: E402
 import datasets  # noqa: E402
-import runtime  # noqa: E402
+from lib import runtime  # noqa: E402
 import utils  # noqa: E402
 
 # 'default' is the original semantics: the SynthFashion preset would otherwise turn the fast paths on.

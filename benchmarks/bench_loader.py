@@ -20,7 +20,7 @@ from _common import markdown_table, print_json
 import torch  # noqa: E402
 
 import asen  # noqa: E402
-import runtime  # noqa: E402
+from lib import runtime  # noqa: E402
 
 
 def transform_pass(dataset, args, device):

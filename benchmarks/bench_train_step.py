@@ -21,7 +21,7 @@ from _common import markdown_table, print_json
 import torch  # noqa: E402
 
 import model as models  # noqa: E402  (the project's modules; _common put the repo on sys.path)
-import runtime  # noqa: E402
+from lib import runtime  # noqa: E402
 import utils  # noqa: E402
 
 # name -> (amp, channels_last, concat_forward)

@@ -15,7 +15,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import asen  # noqa: E402
-import runtime  # noqa: E402
+from lib import runtime  # noqa: E402
 
 BATCH, N_ATTRIBUTES, SIZE = 4, 5, 32
 FLAGS = ['--backbone', 'resnet18', '--no-pretrained', '--dim_embed', '16', '--img-size', str(SIZE),

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import asen
-import asenpp
+from lib import asenpp
 import datasets
 import model as models
 import original_asenpp as theirs

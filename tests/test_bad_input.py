@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-import analysis
+from lib import analysis
 import asen
 import datasets
 import synthfashion

@@ -10,7 +10,7 @@ import torch
 
 import asen
 import pretrain
-import runtime
+from lib import runtime
 from conftest import TINY
 
 

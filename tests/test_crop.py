@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-import crop
+from lib import crop
 import original_asenpp as theirs
 
 G, OUT = 32, 16

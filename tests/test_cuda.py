@@ -17,7 +17,7 @@ import torch
 
 import asen
 import model as models
-import runtime
+from lib import runtime
 import utils
 from conftest import ROOT, TINY
 
@@ -253,7 +253,7 @@ def test_normalise_on_the_gpu_equals_the_transform():
     """Flip, float, /255 and ImageNet normalisation on the GPU: ToTensor + Normalize's floats bit
     for bit (255 divides as a tensor: CUDA turns division by a CPU scalar into a multiplication)."""
     import datasets
-    import gpuinput
+    from lib import gpuinput
     gen = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (8, 40, 40, 3), dtype=torch.uint8, generator=gen)       # N H W C
     flips = torch.rand(8, generator=gen) < 0.5
@@ -270,7 +270,7 @@ def test_device_loader_on_cuda_equals_the_cpu_path(tmp_path, cached):
     """Pinned memory, side stream, persistent workers: two epochs of batches equal the CPU path's
     (itself equal to the transform's, tests/test_gpuinput.py). The main stream sleeps before it
     copies each batch, so a missing wait_stream or record_stream would show as wrong pixels."""
-    import gpuinput
+    from lib import gpuinput
     from test_gpuinput import BATCH, assert_same_passes, device_passes, tiny_split, triplet_set
     dataset = triplet_set(tiny_split(tmp_path / 'data'), cached, num_triplets=22)
     want, want_state = device_passes(dataset, 2, epochs=(1, 2), channels_last=True)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 import asen
-import runtime
+from lib import runtime
 import ddp_step
 import model as models
 from conftest import ROOT, TINY

@@ -9,10 +9,10 @@ import torch
 
 import asen
 import datasets
-import gpuinput
-import imagecache
+from lib import gpuinput
+from lib import imagecache
 import synthfashion
-import zappos
+from lib import zappos
 
 SIZE, BATCH = 32, 4
 

@@ -7,7 +7,7 @@ import torch
 
 import asen
 import datasets
-import imagecache
+from lib import imagecache
 import synthfashion
 from conftest import TINY
 from utils import UserError

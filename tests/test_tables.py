@@ -4,7 +4,7 @@ import json
 import pytest
 
 import asen
-import tables
+from lib import tables
 from utils import UserError
 
 ATTRS = ['skirt_length', 'sleeve_length', 'coat_length']

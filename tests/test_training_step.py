@@ -7,7 +7,7 @@ import torch
 
 import asen
 import model as models
-import runtime
+from lib import runtime
 import utils
 from conftest import TINY
 

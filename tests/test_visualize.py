@@ -5,7 +5,7 @@ from PIL import Image
 
 import datasets
 import model as models
-import visualize
+from lib import visualize
 
 
 def brute_force_share(attention, view_boxes, img_size):

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import asen
-import zappos
+from lib import zappos
 from utils import UserError
 
 N_IMAGES = 12

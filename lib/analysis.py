@@ -7,7 +7,7 @@ import torch
 
 import datasets
 import utils
-import visualize
+from lib import visualize
 from utils import UserError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp')

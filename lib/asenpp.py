@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 import datasets
-from crop import SourceImages
+from lib.crop import SourceImages
 from utils import UserError
 
 # Each stage's settings in the authors' configs, for the flags not given (lr 1e-4, batch 16,
