@@ -13,6 +13,7 @@ et al., IEEE TIP 2021, a global and a local branch; its crop is crop.py, its CLI
 import os
 import urllib.error
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -103,7 +104,7 @@ def load_trunk_weights(trunk, path, backbone):
         raise UserError(f"--backbone-weights {path}: not a state dict")
     trunk_modules = dict(trunk.named_children())                       # conv1 ... layer3
     state = {k: v for k, v in state.items() if k.split('.')[0] in trunk_modules}
-    mismatch = state_dict_mismatch(trunk.state_dict(), state)
+    mismatch = utils.state_dict_mismatch(trunk.state_dict(), state)
     if mismatch:
         raise UserError(f"--backbone-weights {path}: does not fit a {backbone} trunk ({mismatch}); "
                         f"pass the --backbone it was made for")
@@ -312,11 +313,8 @@ class ASENpp(nn.Module):
     embedding (nn.Embedding, 512) serves both branches.
 
     Embedding: stage 1, l2norm(global); stage 2, [sqrt(beta) l2norm(global); sqrt(1 - beta)
-    l2norm(local)] (unit norm, beta 0.6). In training mode with a local branch the forward pass
-    returns l2norm(global), whose triplet loss is the main term, and keeps both branches' outputs;
-    `regularisation()` then gives the stage-2 terms local_weight x local triplet loss + align_weight
-    x alignment (sum over anchor, negative, positive of the batch mean of max(0, 1 - cos(global,
-    local))), the authors' trainer.py.
+    l2norm(local)] (unit norm, beta 0.6). Training (`train_outputs`) ranks with l2norm(global) and
+    hands both branches' embeddings to the loss, whose stage-2 terms are `asenpp_local_terms`.
 
     `originals` (crop.SourceImages) are the full-resolution images the authors crop from; without
     them the crop is taken from the input view (the shortcut, e.g. for --visualize).
@@ -328,7 +326,7 @@ class ASENpp(nn.Module):
 
     def __init__(self, backbone, n_attributes, dim_embed=1024, local_backbone=None, attr_dim=512,
                  global_common=512, local_common=256, reduction=2, view_size=224, local_size=112,
-                 threshold=0.1, beta=0.6, margin=0.2, local_weight=0.1, align_weight=0.1):
+                 threshold=0.1, beta=0.6):
         super().__init__()
         self.n_attributes = n_attributes
         self.backbone = backbone
@@ -338,8 +336,6 @@ class ASENpp(nn.Module):
         self.local_attn = None if local_backbone is None else \
             AttentionEmbedding(local_backbone.out_channels, attr_dim, local_common, reduction, dim_embed)
         self.view_size, self.local_size, self.threshold, self.beta = view_size, local_size, threshold, beta
-        self.margin, self.local_weight, self.align_weight = margin, local_weight, align_weight
-        self._outputs = []                                   # (global, local) per training pass
 
     @property
     def stage(self):
@@ -362,33 +358,25 @@ class ASENpp(nn.Module):
         return self.global_branch(images, self.attr_embedding(attribute))[1]
 
     def forward(self, images, attribute, norm=True, originals=None):
-        """(N, 3, G, G) views and (N,) attributes -> (N, D) embeddings (2D in stage 2, eval mode).
+        """(N, 3, G, G) views and (N,) attributes -> (N, D) embeddings, (N, 2D) in stage 2.
         `norm` applies to the global embedding (the stage-2 embedding is normalised by construction)."""
         attr_emb = self.attr_embedding(attribute)                                  # (N, attr_dim)
         glob, attention = self.global_branch(images, attr_emb)                     # (N, D), (N, h, w)
         if self.local_backbone is None:
             return l2norm(glob) if norm else glob
         local = self.local_branch(images, attention, attr_emb, originals)          # (N, D)
-        if self.training and torch.is_grad_enabled():
-            self._outputs.append((glob, local))
-            return l2norm(glob) if norm else glob
         return torch.cat([self.beta ** 0.5 * l2norm(glob.float()),
                           (1 - self.beta) ** 0.5 * l2norm(local.float())], dim=1)  # (N, 2D)
 
-    def regularisation(self):
-        """Stage 2's local triplet and alignment terms of the passes since the last call (0 if none).
-        The passes hold anchor, negative, positive in that order (TripletNet, either mode)."""
-        if not self._outputs:
-            return 0.0
-        glob = torch.cat([g for g, _ in self._outputs]).float()
-        local = torch.cat([loc for _, loc in self._outputs]).float()
-        self._outputs = []
-        g_a, g_n, g_p = glob.chunk(3)
-        l_a, l_n, l_p = local.chunk(3)
-        cos = partial(F.cosine_similarity, dim=1)
-        local_triplet = triplet_loss(cos(l_a, l_n), cos(l_a, l_p), self.margin)
-        align = sum((1 - cos(g, loc)).clamp(min=0).mean() for g, loc in ((g_a, l_a), (g_n, l_n), (g_p, l_p)))
-        return self.local_weight * local_triplet + self.align_weight * align
+    def train_outputs(self, images, attribute, originals=None):
+        """Training: (l2norm(global) (N, D), the triplet loss's embedding; {'global', 'local'}
+        un-normalised (N, D) each, for asenpp_local_terms, in stage 2 only)."""
+        attr_emb = self.attr_embedding(attribute)
+        glob, attention = self.global_branch(images, attr_emb)
+        if self.local_backbone is None:
+            return l2norm(glob), {}
+        local = self.local_branch(images, attention, attr_emb, originals)
+        return l2norm(glob), {'global': glob, 'local': local}
 
     def param_groups(self, lr_global):
         """Adam parameter groups: stage 1 all at the base rate; stage 2 the local branch at the base
@@ -435,18 +423,14 @@ class ConditionalSimNet(nn.Module):
     Learned masks start from N(0.9, 0.7); `fixed_masks=True` uses disjoint 0/1 masks that are not
     trained (requires_grad False; the ReLU leaves them unchanged).
 
-    `regularise=True` records, in training mode, the CSN regularisers of every forward pass
-    (andreasveit/conditional-similarity-networks, csn.py and main.py): the L2 (Frobenius) norm of
-    the un-normalised, un-masked embeddings divided by sqrt(batch), and the L1 norm of the
-    (ReLU-ed) masks of the batch divided by the batch size. `regularisation()` returns
-    embed_reg * mean_passes(embed term) + mask_reg * mean_passes(mask term) and forgets them.
+    `train_outputs` also returns the un-masked embeddings and the masks of the batch, from which
+    the loss takes CSN's regularisers (`csn_regularisers`) when --csn-reg asks for them.
     """
 
     ORIGINAL_NAMES = {'embeddingnet': 'backbone', 'embed_fc': 'embed_fc', 'masks': 'masks'}
     has_spatial_attention = False
 
-    def __init__(self, backbone, n_attributes, dim_embed=1024, fixed_masks=False, regularise=False,
-                 embed_reg=5e-3, mask_reg=5e-4, mask_mean=0.9, mask_std=0.7):
+    def __init__(self, backbone, n_attributes, dim_embed=1024, fixed_masks=False, mask_mean=0.9, mask_std=0.7):
         super().__init__()
         self.backbone = backbone
         self.n_attributes = n_attributes
@@ -459,9 +443,6 @@ class ConditionalSimNet(nn.Module):
             self.masks.weight.requires_grad_(False)
         else:
             nn.init.normal_(self.masks.weight, mean=mask_mean, std=mask_std)
-        self.regularise = regularise
-        self.embed_reg, self.mask_reg = embed_reg, mask_reg
-        self._terms = []                                                   # (embed term, mask term) per pass
 
     def attention_maps(self, images, attribute):
         """Uniform (N, H, W) maps: CSN pools the whole feature map."""
@@ -469,25 +450,22 @@ class ConditionalSimNet(nn.Module):
 
     def forward(self, images, attribute, norm=True):
         """(N, 3, S, S) images and (N,) attribute indices -> (N, dim_embed) embeddings."""
+        masked, _ = self._masked(images, attribute)
+        return l2norm(masked) if norm else masked
+
+    def train_outputs(self, images, attribute):
+        """Training: (l2norm(masked) (N, dim_embed); {'unmasked': (N, dim_embed), 'mask':
+        (N, dim_embed)}, what the CSN regularisers read)."""
+        masked, parts = self._masked(images, attribute)
+        return l2norm(masked), parts
+
+    def _masked(self, images, attribute):
         feature_map = self.backbone(images)                                # (N, C, H, W)
         embedded = self.embed_fc(feature_map.mean(dim=(2, 3)))             # (N, dim_embed)
         mask = self.masks(attribute)                                       # (N, dim_embed)
         if not self.fixed_masks:
             mask = F.relu(mask)
-        if self.regularise and self.training and torch.is_grad_enabled():
-            n = embedded.shape[0]
-            self._terms.append((embedded.float().norm(2) / n ** 0.5, mask.float().norm(1) / n))
-        masked = embedded * mask
-        return l2norm(masked) if norm else masked
-
-    def regularisation(self):
-        """Weighted CSN regularisers of the forward passes since the last call (0 when none)."""
-        if not self._terms:
-            return 0.0
-        embed = torch.stack([e for e, _ in self._terms]).mean()
-        mask = torch.stack([m for _, m in self._terms]).mean()
-        self._terms = []
-        return self.embed_reg * embed + self.mask_reg * mask
+        return embedded * mask, {'unmasked': embedded, 'mask': mask}
 
 
 class GlobalEmbeddingNet(nn.Module):
@@ -515,8 +493,15 @@ class GlobalEmbeddingNet(nn.Module):
         return l2norm(embedding) if norm else embedding
 
 
-class TripletNet(nn.Module):
-    """Wraps an embedding network; returns the similarities (anchor-negative, anchor-positive).
+class TripletOutput(NamedTuple):
+    """What the training loss reads of a batch of triplets."""
+    sim_an: torch.Tensor        # (N,) anchor-negative similarities, float32
+    sim_ap: torch.Tensor        # (N,) anchor-positive similarities, float32
+    extras: tuple               # the embedding network's extra outputs (dicts), one per forward pass
+
+
+class TripletWrapper(nn.Module):
+    """Wraps an embedding network for training on (anchor, negative, positive) triplets.
 
     `concat_forward=True` embeds the three images in one forward pass. That is faster but
     changes BatchNorm batch statistics in training mode (3N images instead of three batches of N),
@@ -528,29 +513,63 @@ class TripletNet(nn.Module):
         self.embeddingnet = embeddingnet
         self.concat_forward = concat_forward
 
+    def _embed(self, images, attribute, originals):
+        """(embeddings, extras) of one forward pass; extras are {} for networks with none."""
+        net = self.embeddingnet
+        extra = {} if originals is None else {'originals': originals}
+        if hasattr(net, 'train_outputs'):
+            return net.train_outputs(images, attribute, **extra)
+        return net(images, attribute, **extra), {}
+
     def forward(self, anchor, negative, positive, attribute, originals=None):
-        """`originals`: None, or the (anchor, negative, positive) crop.SourceImages that ASENpp's
-        stage 2 crops from."""
-        def extra(source):
-            return {} if source is None else {'originals': source}
+        """Images (N, 3, S, S) x 3 and (N,) attributes -> TripletOutput. `originals`: None, or the
+        (anchor, negative, positive) crop.SourceImages that ASENpp's stage 2 crops from."""
         if self.concat_forward:
             images = torch.cat([anchor, negative, positive])                 # (3N, 3, S, S)
             source = None if originals is None else crop.SourceImages.cat(originals)
-            emb = self.embeddingnet(images, attribute.repeat(3), **extra(source))  # (3N, D)
+            emb, extras = self._embed(images, attribute.repeat(3), source)   # (3N, D)
             emb_a, emb_n, emb_p = emb.chunk(3)                               # 3 x (N, D)
+            passes = (extras,)
         else:
             source_a, source_n, source_p = originals if originals is not None else (None, None, None)
-            emb_a = self.embeddingnet(anchor, attribute, **extra(source_a))
-            emb_n = self.embeddingnet(negative, attribute, **extra(source_n))
-            emb_p = self.embeddingnet(positive, attribute, **extra(source_p))
+            emb_a, extras_a = self._embed(anchor, attribute, source_a)
+            emb_n, extras_n = self._embed(negative, attribute, source_n)
+            emb_p, extras_p = self._embed(positive, attribute, source_p)
+            passes = (extras_a, extras_n, extras_p)
         emb_a, emb_n, emb_p = emb_a.float(), emb_n.float(), emb_p.float()     # fp32 similarities under autocast
-        return (emb_a * emb_n).sum(dim=1), (emb_a * emb_p).sum(dim=1)        # (N,), (N,)
+        return TripletOutput((emb_a * emb_n).sum(dim=1), (emb_a * emb_p).sum(dim=1), passes)
 
+
+# ----------------------------------------------------------------------------- losses
 
 def triplet_loss(sim_an, sim_ap, margin):
-    """MarginRankingLoss with target -1: mean of max(0, s_an - s_ap + margin)."""
+    """The ranking loss (Eq. 6): MarginRankingLoss with target -1, mean of max(0, s_an - s_ap + margin)."""
     target = torch.full_like(sim_an, -1.0)
     return F.margin_ranking_loss(sim_an, sim_ap, target, margin=margin)
+
+
+def asenpp_local_terms(passes, margin):
+    """ASEN++ stage 2's extra terms (Dong et al., TIP 2021, Sec. III-D; Maryeon/asenpp trainer.py) from
+    the passes' {'global', 'local'} embeddings, which hold anchor, negative, positive in that order:
+    (the local branch's triplet loss on cosine similarities, the alignment: the sum over anchor,
+    negative and positive of the batch mean of max(0, 1 - cos(global, local)))."""
+    glob = torch.cat([p['global'] for p in passes]).float()                  # (3N, D)
+    local = torch.cat([p['local'] for p in passes]).float()                  # (3N, D)
+    g_a, g_n, g_p = glob.chunk(3)
+    l_a, l_n, l_p = local.chunk(3)
+    cos = partial(F.cosine_similarity, dim=1)
+    local_triplet = triplet_loss(cos(l_a, l_n), cos(l_a, l_p), margin)
+    align = sum((1 - cos(g, loc)).clamp(min=0).mean() for g, loc in ((g_a, l_a), (g_n, l_n), (g_p, l_p)))
+    return local_triplet, align
+
+
+def csn_regularisers(passes):
+    """CSN's regularisers (andreasveit/conditional-similarity-networks, main.py), each the mean over
+    the forward passes: (the L2 norm of the un-masked embeddings / sqrt(batch), the L1 norm of the
+    masks / batch)."""
+    embed = torch.stack([p['unmasked'].float().norm(2) / p['unmasked'].shape[0] ** 0.5 for p in passes])
+    mask = torch.stack([p['mask'].float().norm(1) / p['mask'].shape[0] for p in passes])
+    return embed.mean(), mask.mean()
 
 
 # --model name -> builder(backbone trunk, n_attributes, dim_embed, **options) -> embedding network
@@ -569,8 +588,8 @@ MODELS = {
 def build_model(name, n_attributes, backbone='resnet50', pretrained=True, dim_embed=1024,
                 backbone_weights=None, **options):
     """The embedding network called `name` (a key of MODELS) on a fresh backbone (trunk weights
-    from the file `backbone_weights` if given); `options` go to its constructor (e.g. fixed_masks,
-    regularise for ConditionalSimNet)."""
+    from the file `backbone_weights` if given); `options` go to its constructor (e.g. fixed_masks
+    for ConditionalSimNet)."""
     if name not in MODELS:
         raise UserError(f"--model {name}: unknown; choose one of {', '.join(MODELS)}")
     trunk = build_backbone(backbone, pretrained, backbone_weights)
@@ -582,158 +601,7 @@ def build_model(name, n_attributes, backbone='resnet50', pretrained=True, dim_em
 def param_groups(tnet, lr_global=None):
     """The optimiser's parameter groups: ASENpp's own (stage 2: the global branch at `lr_global`),
     else one group of every trainable parameter."""
-    net = getattr(tnet, 'module', tnet).embeddingnet
+    net = tnet.embeddingnet
     if hasattr(net, 'param_groups'):
         return net.param_groups(lr_global)
     return [p for p in tnet.parameters() if p.requires_grad]
-
-
-def regularisation(tnet):
-    """Extra training loss of the wrapped embedding network (CSN's regularisers), else 0."""
-    tnet = getattr(tnet, 'module', tnet)                   # inside DistributedDataParallel
-    reg = getattr(tnet.embeddingnet, 'regularisation', None)
-    return reg() if reg is not None else 0.0
-
-
-# ----------------------------------------------------------------------------- the authors' checkpoints
-
-# Keys of the original backbone that our trunk (cut after layer3) does not have: the authors'
-# ResNet keeps an unused ImageNet `fc`, and a whole torchvision ResNet (as in CSN) has `layer4`.
-ORIGINAL_UNUSED_BACKBONE = ('fc.', 'layer4.')
-
-
-def _layer_blocks(keys, prefix):
-    return {int(k[len(prefix):].split('.')[0]) for k in keys if k.startswith(prefix)}
-
-
-def infer_backbone(trunk_keys):
-    """BACKBONES name of a ResNet state dict's keys (without prefix), from its layer3 blocks."""
-    blocks = len(_layer_blocks(trunk_keys, 'layer3.'))
-    bottleneck = any(k.startswith('layer3.0.conv3.') for k in trunk_keys)
-    name = {(False, 2): 'resnet18', (False, 6): 'resnet34', (True, 6): 'resnet50'}.get((bottleneck, blocks))
-    if name is None:
-        kind = 'bottleneck' if bottleneck else 'basic'
-        raise UserError(f"a ResNet with {blocks} {kind} blocks in layer3 is none of {', '.join(BACKBONES)}")
-    return name
-
-
-def convert_original_state_dict(state):
-    """A state dict saved by the authors' code (their triplet wrapper) in our names, or None.
-
-    Original layouts (Maryeon/asen, model.py; their backbone is resnet.py's ResNet, which stops
-    after layer3 but keeps an ImageNet `fc`):
-      ASENet:     embeddingnet.backbonenet.*, embeddingnet.{mask_fc1,mask_fc2,conv1,conv2,fc1,fc2,feature_fc}.*
-      ASENet_V2:  embeddingnet.backbonenet.*, embeddingnet.{attr_embedding,attr_transform1,attr_transform2,
-                  conv1,img_bn1,fc1,fc2}.* (+ feature_fc in their earlier V2 code)
-      CSN:        embeddingnet.embeddingnet.*, embeddingnet.{embed_fc,masks}.*
-    A leading `module.` (nn.DataParallel) is removed. Backbone keys under fc./layer4. are dropped;
-    every other key is renamed or, when unknown, kept so that loading names it.
-    Returns ({'model', 'backbone', 'n_attributes', 'dim_embed'}, converted state) or None when the
-    keys are not in an original layout (e.g. our own checkpoints).
-    """
-    if state and all(k.startswith('module.') for k in state):
-        state = {k[len('module.'):]: v for k, v in state.items()}
-    if any(k.startswith('choices.') for k in state):
-        return convert_original_asenpp(state)
-    inner = {k[len('embeddingnet.'):]: v for k, v in state.items() if k.startswith('embeddingnet.')}
-    if any(k.startswith('backbonenet.') for k in inner):
-        if 'attr_embedding.weight' in inner:
-            model = 'ASENet_V2_fc' if 'feature_fc.weight' in inner else 'ASENet_V2'
-            names, n_attributes = ASENetV2.ORIGINAL_NAMES, inner['attr_embedding.weight'].shape[0]
-        elif 'mask_fc1.weight' in inner:
-            model, names, n_attributes = 'ASENet', ASENet.ORIGINAL_NAMES, inner['mask_fc1.weight'].shape[1]
-        else:
-            heads = sorted({k.split('.')[0] for k in inner} - {'backbonenet'})
-            raise UserError(f"original-code layout (embeddingnet.backbonenet.*) but its layers "
-                            f"{', '.join(heads) or '(none)'} are neither ASENet's (mask_fc1, ...) nor "
-                            f"ASENet_V2's (attr_embedding, ...)")
-        dim_embed = inner['feature_fc.weight'].shape[0] if 'feature_fc.weight' in inner else None
-    elif any(k.startswith('embeddingnet.') for k in inner):
-        model, names = 'ConditionalSimNet', ConditionalSimNet.ORIGINAL_NAMES
-        n_attributes = inner['masks.weight'].shape[0] if 'masks.weight' in inner else None
-        dim_embed = inner['embed_fc.weight'].shape[0] if 'embed_fc.weight' in inner else None
-    else:
-        return None
-    trunk_name = next(orig for orig, ours in names.items() if ours == 'backbone')
-    converted, trunk_keys = {}, []
-    for key, value in inner.items():
-        head, _, rest = key.partition('.')
-        if head == trunk_name:
-            if rest.startswith(ORIGINAL_UNUSED_BACKBONE):
-                continue
-            trunk_keys.append(rest)
-        converted['embeddingnet.' + (names.get(head, head) + '.' + rest if rest else key)] = value
-    for key, value in state.items():          # keys outside embeddingnet.: kept, so loading names them
-        if not key.startswith('embeddingnet.'):
-            converted[key] = value
-    info = dict(model=model, backbone=infer_backbone(trunk_keys),
-                n_attributes=None if n_attributes is None else int(n_attributes),
-                dim_embed=None if dim_embed is None else int(dim_embed))
-    return info, converted
-
-
-def convert_original_asenpp(state):
-    """The authors' ASEN++ state dict (Maryeon/asenpp, model.py, ASEN: choices.global.{attrnet,
-    basenet, attnnet}.* and, after stage 2, choices.local.* whose attrnet is the same embedding) in
-    our names; returns (info, converted state) as convert_original_state_dict does, with the
-    local trunk and the stage in info."""
-    converted, trunk_keys, embeddings = {}, {'global': [], 'local': []}, {}
-    for key, value in state.items():
-        parts = key.split('.', 3)
-        if len(parts) < 4 or parts[0] != 'choices' or parts[1] not in trunk_keys:
-            converted[key] = value                                  # kept, so loading names it
-            continue
-        _, level, module, rest = parts
-        names = ASENpp.ORIGINAL_NAMES if level == 'global' else ASENpp.ORIGINAL_LOCAL_NAMES
-        if module == 'attrnet':
-            embeddings[level] = value
-            rest = rest.split('.', 1)[1] if rest.startswith('attr_embedding.') else rest
-            if level == 'local':                                    # the shared embedding, saved twice
-                continue
-        elif module == 'basenet':
-            if rest.startswith(ORIGINAL_UNUSED_BACKBONE):
-                continue
-            trunk_keys[level].append(rest)
-        converted[f'embeddingnet.{names.get(module, module)}.{rest}'] = value
-    if 'global' in embeddings and 'local' in embeddings and not torch.equal(embeddings['global'], embeddings['local']):
-        raise UserError("the global and local attribute embeddings differ; the authors' ASEN++ shares one")
-    if not trunk_keys['global']:
-        raise UserError("original ASEN++ layout (choices.*) without the global trunk choices.global.basenet.*")
-    embedding = embeddings.get('global')
-    fc = state.get('choices.global.attnnet.feature_fc.weight')
-    info = dict(model='ASENpp', backbone=infer_backbone(trunk_keys['global']),
-                local_backbone=infer_backbone(trunk_keys['local']) if trunk_keys['local'] else None,
-                stage=2 if trunk_keys['local'] else 1,
-                n_attributes=None if embedding is None else int(embedding.shape[0]),
-                dim_embed=None if fc is None else int(fc.shape[0]))
-    return info, converted
-
-
-def attribute_count(state):
-    """Number of attributes of an embedding network's state dict in our names (None if unknown)."""
-    for key, dim in (('embeddingnet.asa.attr_proj.weight', 1), ('embeddingnet.aca.attr_proj.weight', 1),
-                     ('embeddingnet.attr_embedding.weight', 0), ('embeddingnet.masks.weight', 0)):
-        if key in state and hasattr(state[key], 'shape'):
-            return int(state[key].shape[dim])
-    return None
-
-
-def state_dict_mismatch(expected, given, limit=4):
-    """One line naming how the state dict `given` differs from `expected` (a module's state dict):
-    missing keys, unexpected keys, shape differences; '' when they fit."""
-    def names(keys):
-        keys = sorted(keys)
-        more = f' (+{len(keys) - limit} more)' if len(keys) > limit else ''
-        return ', '.join(keys[:limit]) + more
-    missing, unexpected = set(expected) - set(given), set(given) - set(expected)
-    shapes = [f"{k} {tuple(given[k].shape)} in the file vs {tuple(expected[k].shape)} here"
-              for k in sorted(set(expected) & set(given))
-              if hasattr(given[k], 'shape') and tuple(given[k].shape) != tuple(expected[k].shape)]
-    parts = []
-    if missing:
-        parts.append(f'missing keys: {names(missing)}')
-    if unexpected:
-        parts.append(f'unexpected keys: {names(unexpected)}')
-    if shapes:
-        parts.append('shapes differ: ' + '; '.join(shapes[:limit]) + (f' (+{len(shapes) - limit} more)' if len(shapes) > limit else ''))
-    return '; '.join(parts)

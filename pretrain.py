@@ -22,12 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import asen
 import datasets
-import model as models
+import model
 from lib import runtime
 import utils
 from utils import UserError
+from lib import inputs
 
 
 def build_parser():
@@ -38,7 +38,7 @@ def build_parser():
     parser.add_argument('--synth-images', dest='synth_images', type=int, default=2000,
                         help='SynthFashion: training images to generate (as asen.py)')
     parser.add_argument('--out', required=True, help='file to write (a state dict for --backbone-weights)')
-    parser.add_argument('--backbone', default='resnet18', choices=models.BACKBONES, help='ResNet trunk')
+    parser.add_argument('--backbone', default='resnet18', choices=model.BACKBONES, help='ResNet trunk')
     parser.add_argument('--img-size', '--img_size', dest='img_size', type=int, default=64, help='input size S')
     parser.add_argument('--epochs', type=int, default=6, help='passes over the labelled training images')
     parser.add_argument('--batch-size', dest='batch_size', type=int, default=32, help='images per step')
@@ -131,9 +131,8 @@ def run(args):
     check_args(args)
     utils.seed_everything(args.seed)
     device = runtime.resolve_device(args.no_cuda)
-    if args.amp is None:
-        args.amp = 'bf16' if runtime.bf16_supported(device) else 'off'
-    split_files = asen.prepare_dataset(args)
+    amp = args.amp or ('bf16' if runtime.bf16_supported(device) else 'off')
+    split_files = inputs.prepare_dataset(args)
     n_attributes = len(split_files.attributes)
     filenames = split_files.filenames('train')
     labels = label_matrix(split_files.train_labels(), len(filenames), n_attributes)
@@ -142,13 +141,13 @@ def run(args):
     loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                                          generator=torch.Generator().manual_seed(args.seed),
                                          persistent_workers=args.workers > 0)
-    net = AttributeClassifier(models.build_backbone(args.backbone, pretrained=False), values).to(device)
+    net = AttributeClassifier(model.build_backbone(args.backbone, pretrained=False), values).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     print(f"pretraining a {args.backbone} trunk on {len(data)} {args.dataset} training images, "
           f"{n_attributes} attributes, {args.epochs} epochs at {args.img_size} px")
     for epoch in range(1, args.epochs + 1):
         start = time.time()
-        loss, accuracy = train_one_epoch(net, loader, optimizer, device, args.amp)
+        loss, accuracy = train_one_epoch(net, loader, optimizer, device, amp)
         per_attr = ', '.join(f'{name} {acc:.1f}%' for name, acc in zip(split_files.attributes, accuracy))
         print(f"epoch {epoch}: loss {loss:.4f}, train accuracy {per_attr} ({time.time() - start:.0f} s)")
     state = {k: v.cpu() for k, v in net.trunk.state_dict().items()}

@@ -257,6 +257,27 @@ def load_checkpoint(path, flag='--resume', expected='runs/<name>/checkpoint.pth.
                         f"so that a downloaded file cannot run code") from err
 
 
+def state_dict_mismatch(expected, given, limit=4):
+    """One line naming how the state dict `given` differs from `expected` (a module's state dict):
+    missing keys, unexpected keys, shape differences; '' when they fit."""
+    def names(keys):
+        keys = sorted(keys)
+        more = f' (+{len(keys) - limit} more)' if len(keys) > limit else ''
+        return ', '.join(keys[:limit]) + more
+    missing, unexpected = set(expected) - set(given), set(given) - set(expected)
+    shapes = [f"{k} {tuple(given[k].shape)} in the file vs {tuple(expected[k].shape)} here"
+              for k in sorted(set(expected) & set(given))
+              if hasattr(given[k], 'shape') and tuple(given[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f'missing keys: {names(missing)}')
+    if unexpected:
+        parts.append(f'unexpected keys: {names(unexpected)}')
+    if shapes:
+        parts.append('shapes differ: ' + '; '.join(shapes[:limit]) + (f' (+{len(shapes) - limit} more)' if len(shapes) > limit else ''))
+    return '; '.join(parts)
+
+
 def write_json(obj, path):
     """Write JSON atomically (a UserError naming `path` when it cannot be written)."""
     with atomic_file(path, 'file') as f:

@@ -2,22 +2,23 @@
 validation and snapshot writing, through asen's own code.
 
 Everything after `--` is an asen command line (dataset, data path, model and speed flags); the
-benchmark builds what asen.run_training builds from it (asen.build_network, runtime.adam,
-asen.compiled, asen.training_set, asen.make_loader, the image cache with --cache-images) and times:
+benchmark builds what commands.train builds from it (commands.build_network, runtime.adam,
+engine.compiled, inputs.training_set, inputs.make_loader, the image cache with --cache-images) and
+times:
 
-1. the real training pass: asen.train_one_epoch over --steps batches, as asen runs it;
+1. the real training pass: engine.train_one_epoch over --steps batches, as asen runs it;
 2. the same number of steps again, with the device synchronised after each part of the step, so
    that each part's time is its own: waiting for the loader, the host-to-device copy
-   (asen.batch_to_device), forward and loss, backward, optimizer step, and asen.log_training at
+   (engine.batch_to_device), forward and objective, backward, optimizer step, and engine.log_training at
    the log interval. The sum exceeds the real pass by whatever the real pass overlaps;
-3. the steps alone on one batch already on the device (asen.training_step), with no host sync
+3. the steps alone on one batch already on the device (engine.training_step), with no host sync
    and with the per-step reads of loss and accuracy that asen made before (`.item()`): the
    difference is the cost of those host syncs;
-4. validation as asen.evaluate runs it: embedding the valid queries and candidates
-   (asen.embed_split, --eval-batch-size) and ranking them (asen.retrieval_map);
-5. writing a snapshot (asen.snapshot, asen.save_snapshot) to a temporary folder.
+4. validation as engine.evaluate runs it: embedding the valid queries and candidates
+   (engine.embed_split, --eval-batch-size) and ranking them (evaluation.retrieval_map);
+5. writing a snapshot (checkpoints.snapshot, checkpoints.save_snapshot) to a temporary folder.
 
---profile N adds torch.profiler's table of the top operators over N steps of asen.train_one_epoch
+--profile N adds torch.profiler's table of the top operators over N steps of engine.train_one_epoch
 (by device time on CUDA, by CPU time on the CPU). --warmup steps run first, untimed (cuDNN
 autotuning, torch.compile). Works on the CPU at small sizes and on CUDA.
 
@@ -36,77 +37,71 @@ from _common import markdown_table, print_json
 
 import torch  # noqa: E402
 
-import asen  # noqa: E402
-import model as models  # noqa: E402
 from lib import runtime  # noqa: E402
 import utils  # noqa: E402
+from lib import checkpoints, commands, config, engine, evaluation, inputs  # noqa: E402
 
 
 class Setup:
-    """What asen.run_training builds for training, from an asen command line."""
+    """What commands.train builds for training, from an asen command line."""
 
     def __init__(self, asen_argv):
-        self.args = args = asen.parse_args(asen_argv)
-        asen.check_args(args)
+        self.asen_argv = list(asen_argv)
+        self.args = args = config.from_flags(asen_argv)
         self.device = runtime.resolve_device(args.no_cuda)
         runtime.configure_backends(self.device, args.tf32)
         utils.seed_everything(args.seed)
         self.logger = logging.getLogger('bench_breakdown')
-        self.split_files = asen.prepare_dataset(args)
-        self.tnet = asen.build_network(args, len(self.split_files.attributes), self.device)
+        self.split_files = inputs.prepare_dataset(args)
+        self.tnet = commands.build_network(args, len(self.split_files.attributes), self.device)
         self.optimizer = runtime.adam([p for p in self.tnet.parameters() if p.requires_grad], args.lr, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == 'fp16')
-        self.train_model = asen.compiled(self.tnet, args)
+        self.train_model = engine.compiled(self.tnet, commands.compile_mode(args))
 
     def loader(self, steps, epoch):
         """A loader of `steps` full batches of epoch `epoch`'s triplets."""
-        args = self.args
-        saved = args.num_triplets
-        args.num_triplets = steps * args.batch_size
-        try:
-            train_set = asen.training_set(self.split_files, args)
-        finally:
-            args.num_triplets = saved
+        args = config.from_flags(self.asen_argv + ['--num_triplets', str(steps * self.args.batch_size)])
+        train_set = inputs.training_set(self.split_files, args)
         if args.cache_images:
-            asen.attach_image_cache([train_set], self.split_files, 'train', args, self.logger)
+            inputs.attach_image_cache([train_set], self.split_files, 'train', args, self.logger)
         train_set.set_epoch(epoch)
-        return asen.make_loader(train_set, args, self.device)
+        return inputs.make_loader(train_set, args.batch_size, self.device, args.workers, args.channels_last)
 
     def sync(self):
         _common.sync(self.device)
 
 
 def real_pass(setup, loader, epoch):
-    """Seconds of asen.train_one_epoch over `loader`."""
+    """Seconds of engine.train_one_epoch over `loader`."""
     setup.sync()
     start = time.perf_counter()
-    asen.train_one_epoch(setup.train_model, loader, setup.optimizer, setup.scaler, setup.device, epoch,
-                         setup.args, setup.logger)
+    engine.train_one_epoch(setup.train_model, loader, setup.optimizer, setup.scaler, setup.device, epoch,
+                           logger=setup.logger, **commands.train_settings(setup.args))
     setup.sync()
     return time.perf_counter() - start
 
 
 def phases_pass(setup, loader, epoch):
     """Seconds per part of the step, the device synchronised after each part."""
-    args, device, model = setup.args, setup.device, setup.train_model
+    args, device, net = setup.args, setup.device, setup.train_model
+    weights = engine.LossWeights.of(args)
     parts = dict.fromkeys(('data', 'copy', 'forward', 'backward', 'optimizer', 'logging'), 0.0)
     losses, accs = utils.DeviceMeter(device), utils.DeviceMeter(device)
-    model.train()
+    net.train()
     clock = time.perf_counter
     batches = iter(loader)
     for batch_idx in range(len(loader)):
         t0 = clock()
         batch = next(batches)
         t1 = clock()
-        anchor, negative, positive, attr, originals = asen.batch_to_device(batch, device, args)
+        anchor, negative, positive, attr, originals = engine.batch_to_device(batch, device, args.channels_last)
         setup.sync()
         t2 = clock()
-        if model is not getattr(model, '_orig_mod', model):
+        if net is not getattr(net, '_orig_mod', net):
             torch.compiler.cudagraph_mark_step_begin()
         with runtime.autocast(device, args.amp):
-            sim_an, sim_ap = model(anchor, negative, positive, attr, originals=originals)
-            loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
-            objective = loss + models.regularisation(model)
+            out = net(anchor, negative, positive, attr, originals=originals)
+            loss, objective = engine.objective(out, weights)
         setup.sync()
         t3 = clock()
         setup.optimizer.zero_grad(set_to_none=True)
@@ -116,11 +111,11 @@ def phases_pass(setup, loader, epoch):
         setup.scaler.step(setup.optimizer)
         setup.scaler.update()
         losses.update(loss.detach(), anchor.size(0))
-        accs.update(utils.triplet_accuracy(sim_an.detach(), sim_ap.detach()), anchor.size(0))
+        accs.update(utils.triplet_accuracy(out.sim_an.detach(), out.sim_ap.detach()), anchor.size(0))
         setup.sync()
         t5 = clock()
         if batch_idx % args.log_interval == 0:
-            asen.log_training(setup.logger, None, epoch, batch_idx, anchor.size(0), len(loader),
+            engine.log_training(setup.logger, None, epoch, batch_idx, anchor.size(0), len(loader),
                               len(loader.dataset), losses, accs)
         t6 = clock()
         for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
@@ -129,11 +124,11 @@ def phases_pass(setup, loader, epoch):
 
 
 def steps_alone(setup, steps, per_step_reads):
-    """Seconds of `steps` asen.training_step calls on one batch already on the device; with
+    """Seconds of `steps` engine.training_step calls on one batch already on the device; with
     `per_step_reads`, each step also reads its loss and accuracy (`.item()`), as asen did before."""
     args, device = setup.args, setup.device
-    batch = next(iter(setup.loader(1, 0)))
-    anchor, negative, positive, attr, originals = asen.batch_to_device(batch, device, args)
+    batch = engine.batch_to_device(next(iter(setup.loader(1, 0))), device, args.channels_last)
+    weights = engine.LossWeights.of(args)
     compiled = setup.train_model is not getattr(setup.train_model, '_orig_mod', setup.train_model)
     setup.train_model.train()
     setup.sync()
@@ -141,8 +136,8 @@ def steps_alone(setup, steps, per_step_reads):
     for _ in range(steps):
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        loss, _, sim_an, sim_ap = asen.training_step(setup.train_model, anchor, negative, positive, attr, originals,
-                                                     setup.optimizer, setup.scaler, device, args)
+        loss, _, sim_an, sim_ap = engine.training_step(setup.train_model, batch, setup.optimizer, setup.scaler,
+                                                       args.amp, weights)
         if per_step_reads:
             loss.item()
             utils.triplet_accuracy(sim_an, sim_ap).item()
@@ -151,18 +146,18 @@ def steps_alone(setup, steps, per_step_reads):
 
 
 def validation(setup):
-    """(embedding seconds, ranking seconds, images embedded) of the valid split, as asen.evaluate."""
+    """(embedding seconds, ranking seconds, images embedded) of the valid split, as engine.evaluate."""
     args, device = setup.args, setup.device
-    queries, candidates = asen.evaluation_sets(setup.split_files, 'valid', args, setup.logger)
-    net = asen.compiled(setup.tnet.embeddingnet, args, evaluation=True)
+    queries, candidates = inputs.evaluation_of(setup.split_files, 'valid', args, setup.logger).datasets
+    net = engine.compiled(setup.tnet.embeddingnet, commands.compile_mode(args), evaluation_only=True)
     setup.sync()
     start = time.perf_counter()
-    query_emb = asen.embed_split(net, queries, device, args)
-    cand_emb = asen.embed_split(net, candidates, device, args)
+    query_emb = engine.embed_split(net, queries, device, **commands.eval_settings(args))
+    cand_emb = engine.embed_split(net, candidates, device, **commands.eval_settings(args))
     setup.sync()
     embed_s = time.perf_counter() - start
     start = time.perf_counter()
-    asen.retrieval_map(query_emb, queries.entries, cand_emb, candidates.entries, len(setup.split_files.attributes))
+    evaluation.retrieval_map(query_emb, queries.entries, cand_emb, candidates.entries, len(setup.split_files.attributes))
     setup.sync()
     return embed_s, time.perf_counter() - start, len(queries) + len(candidates)
 
@@ -172,13 +167,13 @@ def snapshot_seconds(setup):
     scheduler = torch.optim.lr_scheduler.StepLR(setup.optimizer, step_size=1)
     with tempfile.TemporaryDirectory(prefix='bench_breakdown-') as folder:
         start = time.perf_counter()
-        asen.save_snapshot(asen.snapshot(1, setup.tnet, setup.optimizer, scheduler, setup.scaler, 0.5, 0.5,
+        checkpoints.save_snapshot(checkpoints.snapshot(1, setup.tnet, setup.optimizer, scheduler, setup.scaler, 0.5, 0.5,
                                          setup.args), folder, True)
         return time.perf_counter() - start
 
 
 def profile_table(setup, steps, rows=12):
-    """torch.profiler's top operators over `steps` steps of asen.train_one_epoch."""
+    """torch.profiler's top operators over `steps` steps of engine.train_one_epoch."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if setup.device.type == 'cuda':
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -231,7 +226,7 @@ def main(argv=None):
             row('optimizer step (+ device-side meters)', parts['optimizer']),
             row('logging (log interval)', parts['logging']),
             row('sum of the parts, synchronised after each', phase_sum),
-            row('**real training pass** (asen.train_one_epoch)', real_s),
+            row('**real training pass** (engine.train_one_epoch)', real_s),
             row('steps alone, no host sync (asen.training_step)', alone_s),
             row('host syncs of per-step .item() reads (difference)', sync_s),
             row(f'validation: embedding {n_valid} images', embed_s, per_step=False, share=False),

@@ -7,9 +7,9 @@ SynthFashion (with asen's CPU preset) or, with --dataset FashionAI, data in the 
 such as benchmarks/authors_data.py writes (asen's own defaults then, with --no-pretrained). The dataset is
 generated (by asen's own code) before the timed runs if it is not there yet, and so is the image
 cache of the `cached` variant (`--cache-images`). Each run also reports the time of its training
-pass alone (asen.train_one_epoch, without validation and checkpointing), its validation
-(asen.evaluate: embedding the valid split and ranking) and its snapshot writing
-(asen.save_snapshot); `--step-alone` adds the
+pass alone (engine.train_one_epoch, without validation and checkpointing), its validation
+(commands.evaluate: embedding the valid split and ranking) and its snapshot writing
+(checkpoints.save_snapshot); `--step-alone` adds the
 time of as many training steps on tensors already in memory (bench_train_step's loop, the fast
 flags), the speed an epoch reaches when loading images costs nothing.
 
@@ -34,6 +34,7 @@ import bench_train_step  # noqa: E402
 import datasets  # noqa: E402
 from lib import runtime  # noqa: E402
 import utils  # noqa: E402
+from lib import checkpoints, commands, config, engine, inputs  # noqa: E402
 
 # 'default' is the original semantics: the SynthFashion preset would otherwise turn the fast paths on.
 VARIANTS = {
@@ -61,30 +62,31 @@ def close_asen_logger():
 def prepare_cache(settings):
     """Build the train and valid image caches (untimed) as asen would; returns seconds."""
     start = time.perf_counter()
-    cached = asen.parse_args(settings.argv_base + ['--cache-images'])
-    split_files = asen.prepare_dataset(cached)
+    cached = config.from_flags(settings.argv_base + ['--cache-images'])
+    split_files = inputs.prepare_dataset(cached)
     logger = logging.getLogger('bench_epoch')
     train_set = datasets.TripletDataset(split_files, cached.num_triplets,
                                         datasets.build_transform(cached.img_size, train=True), cached.seed)
-    asen.attach_image_cache([train_set], split_files, 'train', cached, logger)
-    asen.retrieval_sets(split_files, 'valid', cached, logger)
+    inputs.attach_image_cache([train_set], split_files, 'train', cached, logger)
+    inputs.evaluation_of(split_files, 'valid', cached, logger).datasets
     return time.perf_counter() - start
 
 
 class Timer:
-    """Wraps asen.<name> (train_one_epoch, evaluate, save_snapshot) to record the seconds of each
-    call, synchronising CUDA at its end so that queued device work is counted where it was queued."""
+    """Wraps module.<name> (engine.train_one_epoch, commands.evaluate, checkpoints.save_snapshot) to
+    record the seconds of each call, synchronising CUDA at its end so that queued device work is
+    counted where it was queued."""
 
-    def __init__(self, name, device):
-        self.name, self.device, self.seconds = name, device, []
-        self.original = getattr(asen, name)
+    def __init__(self, module, name, device):
+        self.module, self.name, self.device, self.seconds = module, name, device, []
+        self.original = getattr(module, name)
 
     def __enter__(self):
-        setattr(asen, self.name, self)
+        setattr(self.module, self.name, self)
         return self
 
     def __exit__(self, *exc):
-        setattr(asen, self.name, self.original)
+        setattr(self.module, self.name, self.original)
 
     def __call__(self, *args, **kwargs):
         start = time.perf_counter()
@@ -159,7 +161,7 @@ def main(argv=None):
     if args.fast_workers is not None:
         fast_flags += ['--workers', str(args.fast_workers)]
 
-    settings = asen.parse_args(base)              # what asen will use (preset + passthrough)
+    settings = config.from_flags(base)              # what asen will use (preset + passthrough)
     settings.argv_base = base
     device = runtime.resolve_device(settings.no_cuda)
     info = _common.machine_info(device)
@@ -167,7 +169,7 @@ def main(argv=None):
 
     # Generate the data (if needed) outside the timed runs, with asen's own code.
     start = time.perf_counter()
-    split_files = asen.prepare_dataset(settings)
+    split_files = inputs.prepare_dataset(settings)
     prepare_s = time.perf_counter() - start
     settings.valid_images = len(split_files.filenames('valid'))
     cache_s = prepare_cache(settings) if 'cached' in args.variants else None
@@ -188,8 +190,8 @@ def main(argv=None):
         os.chdir(workdir)
         for name in args.variants:
             argv_run = base + ['--name', f'bench-{name}', '--overwrite'] + VARIANTS[name] + (fast_flags if name != 'default' else [])
-            with Timer('train_one_epoch', device) as train, Timer('evaluate', device) as valid, \
-                    Timer('save_snapshot', device) as save:
+            with Timer(engine, 'train_one_epoch', device) as train, Timer(commands, 'evaluate', device) as valid, \
+                    Timer(checkpoints, 'save_snapshot', device) as save:
                 start = time.perf_counter()
                 rc = asen.main(argv_run)
                 seconds = time.perf_counter() - start
@@ -243,7 +245,7 @@ def main(argv=None):
                           'valid MeanAP (%)'], rows))
     print()
     print('wall time covers the whole asen.main call: training epoch, validation, checkpoint; the '
-          'training pass is asen.train_one_epoch alone (data loading included); validation is asen.evaluate '
+          'training pass is engine.train_one_epoch alone (data loading included); validation is commands.evaluate '
           f'({settings.valid_images} valid images embedded and ranked).')
     if cache_s is not None:
         print(f'image cache built (or found up to date) in {cache_s:.1f} s, not timed')

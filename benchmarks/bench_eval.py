@@ -1,12 +1,12 @@
 """Seconds of the validation metric at FashionAI's size, from synthetic embeddings, on the CPU and the GPU.
 
-asen.retrieval_map (what asen.evaluate runs after embedding the split: per attribute, its queries
+evaluation.retrieval_map (what engine.evaluate runs after embedding the split: per attribute, its queries
 ranked against its candidates, AP over the full ranking, MeanAP weighted by query count) on
 random unit-length embeddings with the sizes of FashionAI's valid split: by default 3600 queries
 and 14400 candidates over 8 attributes with FashionAI's value counts (the authors' meta.json),
 1024 dims, spread evenly over the attributes. Each embedding is its value's centre plus noise,
 so the MeanAP is about 30%, neither 0 nor 100%. The embeddings are already on the device, as
-asen.evaluate leaves them; best of --repeats runs, after one untimed run on CUDA (kernels, allocator).
+engine.evaluate leaves them; best of --repeats runs, after one untimed run on CUDA (kernels, allocator).
 
     python benchmarks/bench_eval.py                      # cpu, then cuda when available
     python benchmarks/bench_eval.py --queries 400 --candidates 1600 --devices cpu
@@ -20,9 +20,9 @@ from _common import markdown_table, print_json
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import asen  # noqa: E402
 import datasets  # noqa: E402
 import model as models  # noqa: E402
+from lib import evaluation  # noqa: E402
 
 
 def fashionai_like(n_queries, n_candidates, dim, seed=0):
@@ -47,17 +47,17 @@ def fashionai_like(n_queries, n_candidates, dim, seed=0):
 
 
 def time_map(data, device, repeats):
-    """(best seconds, MeanAP) of asen.retrieval_map with the embeddings on `device`."""
+    """(best seconds, MeanAP) of evaluation.retrieval_map with the embeddings on `device`."""
     q_emb, q_entries, c_emb, c_entries = data
     q_emb, c_emb = q_emb.to(device), c_emb.to(device)
     n_attributes = len(datasets.FASHIONAI_ATTRIBUTES)
     if device.type == 'cuda':
-        asen.retrieval_map(q_emb, q_entries, c_emb, c_entries, n_attributes)
+        evaluation.retrieval_map(q_emb, q_entries, c_emb, c_entries, n_attributes)
     best, mean = float('inf'), None
     for _ in range(repeats):
         _common.sync(device)
         start = time.perf_counter()
-        _, mean = asen.retrieval_map(q_emb, q_entries, c_emb, c_entries, n_attributes)
+        _, mean = evaluation.retrieval_map(q_emb, q_entries, c_emb, c_entries, n_attributes)
         _common.sync(device)
         best = min(best, time.perf_counter() - start)
     return best, mean
@@ -87,7 +87,7 @@ def main(argv=None):
         results.append(dict(device=name, seconds=seconds, MeanAP=100 * mean))
         rows.append([name, f'{seconds:.3f}', f'{100 * mean:.4f}'])
     print(f"Validation metric at FashionAI's size: {args.queries} queries x {args.candidates} candidates over "
-          f"{len(datasets.FASHIONAI_ATTRIBUTES)} attributes, {args.dim} dims (asen.retrieval_map, "
+          f"{len(datasets.FASHIONAI_ATTRIBUTES)} attributes, {args.dim} dims (evaluation.retrieval_map, "
           f"best of {args.repeats})")
     print()
     print(markdown_table(['device', 'seconds', 'MeanAP (%)'], rows))

@@ -2,7 +2,7 @@
 
 `transform`: a DataLoader over the TripletDataset's items (decode or memmap, Resize + CenterCrop,
 flip, ToTensor, Normalize per image in the workers), then runtime.to_device per tensor: the
-pipeline before gpuinput.py. `device`: gpuinput.DeviceLoader as asen.make_loader builds it (uint8
+pipeline before gpuinput.py. `device`: gpuinput.DeviceLoader as inputs.make_loader builds it (uint8
 batches, flip and normalisation on the device; on CUDA pinned memory and a side stream; persistent
 workers). Both give the same tensors (tests/test_gpuinput.py). Each pass loads --num_triplets
 triplets (3 images each) of a SynthFashion folder, with and without --cache-images; the figure is
@@ -19,8 +19,8 @@ from _common import markdown_table, print_json
 
 import torch  # noqa: E402
 
-import asen  # noqa: E402
 from lib import runtime  # noqa: E402
+from lib import config, inputs  # noqa: E402
 
 
 def transform_pass(dataset, args, device):
@@ -73,13 +73,14 @@ def main(argv=None):
             flags = ['--dataset', 'SynthFashion', '--data_path', args.data_path, '--synth-images',
                      str(args.synth_images), '--img-size', str(size), '--num_triplets', str(args.num_triplets),
                      '--batch-size', str(args.batch_size), '--workers', str(args.workers)]
-            settings = asen.parse_args(flags + (['--cache-images'] if cached else []) +
+            settings = config.from_flags(flags + (['--cache-images'] if cached else []) +
                                        (['--channels-last'] if args.channels_last else ['--no-channels-last']))
-            split_files = asen.prepare_dataset(settings)
-            dataset = asen.training_set(split_files, settings)
+            split_files = inputs.prepare_dataset(settings)
+            dataset = inputs.training_set(split_files, settings)
             if cached:
-                asen.attach_image_cache([dataset], split_files, 'train', settings, logger)
-            loader = asen.make_loader(dataset, settings, device, persistent=True)
+                inputs.attach_image_cache([dataset], split_files, 'train', settings, logger)
+            loader = inputs.make_loader(dataset, settings.batch_size, device, settings.workers, settings.channels_last,
+                                        persistent=True)
             old = timed_best(lambda: transform_pass(dataset, settings, device), args.repeats, device)
             new = timed_best(lambda: device_pass(loader), args.repeats, device)
             images = 3 * len(dataset)

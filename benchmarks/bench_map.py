@@ -83,7 +83,7 @@ def main(argv=None):
         ref_value, t = timed(lambda: reference_map(cand, query, c_lab, q_lab), torch.device('cpu'))
         ref_time = min(ref_time, t)
 
-    # Vectorised: inputs already on the device (as the embeddings are in asen.evaluate).
+    # Vectorised: inputs already on the device (as the embeddings are in engine.evaluate).
     cand_t, query_t = torch.from_numpy(cand).to(device), torch.from_numpy(query).to(device)
     c_lab_t, q_lab_t = torch.from_numpy(c_lab).to(device), torch.from_numpy(q_lab).to(device)
     call = lambda: utils.mean_average_precision(cand_t, query_t, c_lab_t, q_lab_t)  # noqa: E731

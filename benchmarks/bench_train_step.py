@@ -1,9 +1,9 @@
 """Images/s of one full ASEN training step (forward, triplet loss, backward, Adam) on synthetic data.
 
 Each configuration builds a fresh network (torch.manual_seed(0)), runs --warmup untimed steps and
---steps timed ones through the project's code path (model.build_model, model.TripletNet,
-runtime.autocast, runtime.to_device, model.triplet_loss, runtime.adam (fused on CUDA), a
-GradScaler as asen uses it, runtime.configure_backends: cudnn.benchmark on CUDA). As in asen's
+--steps timed ones through the project's code: model.build_model, model.TripletWrapper,
+runtime.adam (fused on CUDA), a GradScaler as asen uses it, runtime.configure_backends
+(cudnn.benchmark on CUDA), and the training step itself, engine.training_step. As in asen's
 training loop, no step waits for the device: the loss is read once, after the timed steps.
 Suffixes add torch.compile in a mode: ' +compile' (default), ' +reduce-overhead' and
 ' +max-autotune' (both replay CUDA graphs).
@@ -21,7 +21,7 @@ from _common import markdown_table, print_json
 import torch  # noqa: E402
 
 import model as models  # noqa: E402  (the project's modules; _common put the repo on sys.path)
-from lib import runtime  # noqa: E402
+from lib import engine, runtime  # noqa: E402
 import utils  # noqa: E402
 
 # name -> (amp, channels_last, concat_forward)
@@ -69,9 +69,9 @@ def run_config(cfg, args, device):
     """Seconds of args.steps timed training steps (after args.warmup untimed ones)."""
     torch.manual_seed(0)
     net = models.build_model('ASENet', args.n_attributes, args.backbone, args.pretrained, args.dim_embed)
-    tnet = models.TripletNet(net, concat_forward=cfg['concat']).to(device)
+    tnet = models.TripletWrapper(net, concat_forward=cfg['concat']).to(device)
     if cfg['channels_last']:
-        tnet = tnet.to(memory_format=torch.channels_last)           # as asen.build_network
+        tnet = tnet.to(memory_format=torch.channels_last)           # as commands.build_network
     optimizer = runtime.adam([p for p in tnet.parameters() if p.requires_grad], args.lr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg['amp'] == 'fp16')
     train_model = torch.compile(tnet, mode=cfg['compile_mode']) if cfg['compile'] else tnet
@@ -82,18 +82,14 @@ def run_config(cfg, args, device):
     images = [torch.randn(shape, generator=gen).to(device) for _ in range(3)]
     attr = torch.randint(0, args.n_attributes, (args.batch_size,), generator=gen).to(device)
 
+    weights = engine.LossWeights(args.margin)
+
     def step():
-        anchor, negative, positive = (runtime.to_device(t, device, cfg['channels_last']) for t in images)
+        batch = engine.batch_to_device((*images, attr), device, cfg['channels_last'])
         if cfg['compile']:
-            torch.compiler.cudagraph_mark_step_begin()              # as asen's train_one_epoch
-        with runtime.autocast(device, cfg['amp']):
-            sim_an, sim_ap = train_model(anchor, negative, positive, attr)
-            loss = models.triplet_loss(sim_an.float(), sim_ap.float(), args.margin)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        return loss.detach()                                         # read after the timed steps, as asen
+            torch.compiler.cudagraph_mark_step_begin()              # as engine.train_one_epoch
+        loss, *_ = engine.training_step(train_model, batch, optimizer, scaler, cfg['amp'], weights)
+        return loss                                                  # read after the timed steps, as asen
 
     for _ in range(args.warmup):
         step()

@@ -7,7 +7,7 @@ Rows (each from the file named; a missing file leaves its rows out):
   img/s and against fp32 eager (goals: at least 3500 img/s and 4x);
 - the training pass of the fast and cached epochs against the steps alone of the same
   bench_epoch.json run (goal: at least 90%);
-- train plus validate (asen.train_one_epoch + asen.evaluate seconds) of the defaults against the
+- train plus validate (engine.train_one_epoch + commands.evaluate seconds) of the defaults against the
   fast and cached runs (goal: at least 5x);
 - the projected wall time of the paper's recipe (project_recipe.json), per variant.
 """

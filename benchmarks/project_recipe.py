@@ -7,11 +7,11 @@ authors'-format data from authors_data.py):
     epoch = triplets / train_rate + valid_images / embed_rate + rank_s + snapshot_s
     total = epochs x epoch
 
-train_rate: the variant's training pass in triplets/s (asen.train_one_epoch, data loading
-included); embed_rate: its validation's images/s (valid images / asen.evaluate's seconds, the
+train_rate: the variant's training pass in triplets/s (engine.train_one_epoch, data loading
+included); embed_rate: its validation's images/s (valid images / commands.evaluate's seconds, the
 small split's ranking included); rank_s: bench_eval.py's seconds to rank FashionAI's valid split
 (3600 queries x 14400 candidates, 8 attributes) on the device the epoch ran on; snapshot_s: the
-variant's asen.save_snapshot seconds. Left out: the per-epoch attention heatmaps and log lines
+variant's checkpoints.save_snapshot seconds. Left out: the per-epoch attention heatmaps and log lines
 (well under a second an epoch) and one-time start-up costs.
 
     python benchmarks/project_recipe.py --epoch OUT/bench_epoch_fashionai.json --eval OUT/bench_eval.json

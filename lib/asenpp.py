@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 import datasets
+from lib import config
+from lib.config import flag_name
 from lib.crop import SourceImages
 from utils import UserError
 
@@ -26,24 +28,9 @@ FLAGS = ('stage', 'local_backbone', 'local_size', 'threshold', 'beta', 'local_cr
          'local_weight', 'align_weight')
 
 
-def flag(dest):
-    return '--' + dest.replace('_', '-')
-
-
 def stage_defaults(stage, preset):
     """The stage's defaults; a dataset preset's (SynthFashion's CPU budget) win over them."""
-    values = dict(STAGE_DEFAULTS[stage])
-    values.update({k: v for k, v in preset.items() if k in values})
-    return values
-
-
-def apply_stage_defaults(args, preset):
-    """Parse time: --model ASENpp given; the stage's defaults for flags not given."""
-    if args.model != 'ASENpp':
-        return
-    for key, value in stage_defaults(args.stage or 1, preset).items():
-        if key not in args.explicit:
-            setattr(args, key, value)
+    return {k: preset.get(k, v) for k, v in STAGE_DEFAULTS[stage].items()}
 
 
 # ----------------------------------------------------------------------------- flags and stages
@@ -58,63 +45,46 @@ def checkpoint_model(checkpoint, original_info):
     return None, None
 
 
-def prepare(args, checkpoint, original_info, preset, training):
-    """Check ASEN++'s flags against --model and --resume once the checkpoint's settings are in
-    `args`; returns True when this run starts stage 2 from a stage-1 checkpoint (then the stage-2
-    defaults replace the restored stage-1 settings of flags not given, and the run is named
-    <stage-1 name>_s2 unless --name is given)."""
+def prepare(draft, checkpoint, original_info, training):
+    """Check ASEN++'s flags against --model and --resume once the checkpoint's settings are in the
+    configuration `draft` (config.Draft), and settle the stage; returns True when this run starts
+    stage 2 from a stage-1 checkpoint (then the stage-2 defaults replace the restored stage-1
+    settings of flags not given, and the run is named <stage-1 name>_s2 unless --name is given)."""
     file_model, file_stage = checkpoint_model(checkpoint, original_info) if checkpoint is not None else (None, None)
-    if args.model != 'ASENpp':
-        given = [f for f in FLAGS if f in args.explicit]
-        if given and 'model' not in args.explicit and file_model is not None:
-            raise UserError(f"--resume {args.resume}: a {file_model} checkpoint; {flag(given[0])} needs an "
+    resume = draft.resume
+    if draft.model != 'ASENpp':
+        given = [f for f in FLAGS if f in draft.explicit]
+        if given and 'model' not in draft.explicit and file_model is not None:
+            raise UserError(f"--resume {resume}: a {file_model} checkpoint; {flag_name(given[0])} needs an "
                             f"ASENpp one")
         if given:
-            raise UserError(f"{flag(given[0])} applies only to --model ASENpp")
+            raise UserError(f"{flag_name(given[0])} applies only to --model ASENpp")
         return False
-    if args.dataset == 'Zappos50k':
+    if draft.dataset == 'Zappos50k':
         raise UserError("--model ASENpp: not available for Zappos50k (its training triplets are CSN's "
                         "lists, not the attribute values ASEN++ samples from)")
     if checkpoint is not None and file_model is not None and file_model != 'ASENpp':
-        raise UserError(f"--resume {args.resume}: a {file_model} checkpoint, not ASENpp; resume an ASENpp "
+        raise UserError(f"--resume {resume}: a {file_model} checkpoint, not ASENpp; resume an ASENpp "
                         f"run or drop --model ASENpp")
-    if args.stage is None:
-        args.stage = file_stage or 1
-    check_values(args)
-    if args.stage == 2 and checkpoint is None and training:
+    if draft.stage is None:
+        draft.set('stage', file_stage or 1, "--resume's stage" if file_stage else 'ASEN++ default stage')
+    if draft.stage == 2 and checkpoint is None and training:
         raise UserError("--stage 2 starts from a stage-1 checkpoint: add --resume "
                         "runs/<stage-1 name>/model_best.pth.tar")
-    if checkpoint is not None and file_stage == 2 and args.stage == 1:
-        raise UserError(f"--resume {args.resume}: a stage-2 checkpoint; drop --stage 1")
-    starts_stage2 = checkpoint is not None and args.stage == 2 and file_stage == 1
+    if checkpoint is not None and file_stage == 2 and draft.stage == 1:
+        raise UserError(f"--resume {resume}: a stage-2 checkpoint; drop --stage 1")
+    starts_stage2 = checkpoint is not None and draft.stage == 2 and file_stage == 1
     if starts_stage2 and not training:
-        raise UserError(f"--resume {args.resume}: a stage-1 checkpoint has no trained local branch; drop "
+        raise UserError(f"--resume {resume}: a stage-1 checkpoint has no trained local branch; drop "
                         f"--stage 2 to test its global branch, or train stage 2 from it first")
     if starts_stage2:
-        for key, value in stage_defaults(2, preset).items():
-            if key not in args.explicit:
-                setattr(args, key, value)
-        if 'name' not in args.explicit:
-            args.name = f'{args.name}_s2'
-    if uses_originals(args) and args.cache_images:
+        preset = config.dataset_preset(draft.dataset, draft.no_cuda)
+        draft.apply(stage_defaults(2, preset), 'ASEN++ stage 2 defaults')
+        draft.apply({'name': f'{draft.name}_s2'}, 'ASEN++ stage 2 of the --resume run')
+    if uses_originals(draft) and draft.cache_images:
         raise UserError("--cache-images holds only the --img-size view, and ASEN++'s stage 2 crops from "
                         "the original images: add --local-crop view (the shortcut) or drop --cache-images")
     return starts_stage2
-
-
-def check_values(args):
-    if not 0 < args.threshold < 1:
-        raise UserError(f"--threshold {args.threshold}: must lie strictly between 0 and 1 (the authors' "
-                        f"stage-2 configs use 0.1)")
-    if not 0 <= args.beta <= 1:
-        raise UserError(f"--beta {args.beta}: must lie between 0 and 1 (the authors use 0.6)")
-    for dest in ('local_weight', 'align_weight'):
-        if getattr(args, dest) < 0:
-            raise UserError(f"{flag(dest)} {getattr(args, dest)}: must be 0 or more")
-    for dest in ('lr_global', 'local_size'):
-        value = getattr(args, dest)
-        if value is not None and value <= 0:
-            raise UserError(f"{flag(dest)} {value}: must be positive")
 
 
 def result_label(args):
@@ -136,19 +106,7 @@ def model_options(args, local_imagenet):
     """model.build_asenpp's options from the flags."""
     return dict(stage=args.stage, local_backbone=args.local_backbone,
                 local_pretrained=args.pretrained and local_imagenet, view_size=args.img_size,
-                local_size=local_size(args), threshold=args.threshold, beta=args.beta, margin=args.margin,
-                local_weight=args.local_weight, align_weight=args.align_weight)
-
-
-def load_stage1_weights(tnet, checkpoint, path):
-    """A stage-1 checkpoint into a stage-2 network: every key but the local branch's must fit."""
-    result = tnet.load_state_dict(checkpoint['state_dict'], strict=False)
-    local = ('embeddingnet.local_backbone.', 'embeddingnet.local_attn.')
-    missing = [k for k in result.missing_keys if not k.startswith(local)]
-    if missing or result.unexpected_keys:
-        keys = (missing + list(result.unexpected_keys))[:3]
-        raise UserError(f"--resume {path}: does not fit the global branch of this ASENpp "
-                        f"(--backbone or --dim_embed differ?): {', '.join(keys)}")
+                local_size=local_size(args), threshold=args.threshold, beta=args.beta)
 
 
 # ----------------------------------------------------------------------------- triplets
@@ -209,7 +167,7 @@ class OriginalsMixin:
         return self.transform(image), torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
-class TripletDataset(OriginalsMixin, datasets.TripletDataset):
+class OriginalsTripletDataset(OriginalsMixin, datasets.TripletDataset):
     """ASEN++'s training triplets: ValuePairSampler, and the originals when `originals`."""
 
     def __init__(self, split_files, num_triplets, transform, seed, skip_bad=False, originals=False):
@@ -233,7 +191,7 @@ class TripletDataset(OriginalsMixin, datasets.TripletDataset):
                 SourceImages.stack(a_orig), SourceImages.stack(n_orig), SourceImages.stack(p_orig))
 
 
-class RetrievalDataset(OriginalsMixin, datasets.RetrievalDataset):
+class OriginalsRetrievalDataset(OriginalsMixin, datasets.RetrievalDataset):
     """Queries or candidates with their originals: (image, attribute, value, index, original)."""
     originals = True
 
@@ -252,5 +210,5 @@ class RetrievalDataset(OriginalsMixin, datasets.RetrievalDataset):
 def training_set(split_files, args):
     """ASEN++'s triplets at the global view, without the random flip (the authors' GlobalTransform)."""
     transform = datasets.build_transform(args.img_size, train=False)
-    return TripletDataset(split_files, args.num_triplets, transform, args.seed, args.skip_bad_images,
+    return OriginalsTripletDataset(split_files, args.num_triplets, transform, args.seed, args.skip_bad_images,
                           originals=uses_originals(args))

@@ -88,6 +88,11 @@ def build_table(paths, by='model'):
     """The table of the runs at `paths` as a JSON-ready dict."""
     loaded = [load_result(p) for p in paths]
     check_compatible(loaded, paths)
+    return dict(table_of(loaded, by), sources=[results_path(p) for p in paths])
+
+
+def table_of(loaded, by='model'):
+    """The table of [(run name, result)] as a JSON-ready dict."""
     first = loaded[0][1]
     per, total = score_keys(first)
     columns = columns_of(first)
@@ -101,8 +106,7 @@ def build_table(paths, by='model'):
     if randoms:
         mean, std = summarise(randoms)
         rows.append({'row': 'Random', 'runs': len(randoms), 'mean': {total: mean}, 'std': {total: std}})
-    return {'dataset': first.get('dataset'), 'score': total, 'by': by, 'columns': columns + [total], 'rows': rows,
-            'sources': [results_path(p) for p in paths]}
+    return {'dataset': first.get('dataset'), 'score': total, 'by': by, 'columns': columns + [total], 'rows': rows}
 
 
 def cell(row, column):
@@ -120,6 +124,12 @@ def markdown(table):
     for row in table['rows']:
         lines.append(f"| {row['row']} | {row['runs']} | " + ' | '.join(cell(row, c) for c in table['columns']) + ' |')
     return '\n'.join(lines)
+
+
+def markdown_of_result(result):
+    """The table of one test result (the paper's layout: attributes, then MeanAP or Accuracy, and
+    the Random row), as --test prints it."""
+    return markdown(table_of([(result.get('model', ''), result)]))
 
 
 def collect(paths, out=None, by='model'):

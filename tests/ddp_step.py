@@ -14,8 +14,8 @@ import torch.distributed as dist
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import asen  # noqa: E402
 from lib import runtime  # noqa: E402
+from lib import commands, config, engine  # noqa: E402
 
 BATCH, N_ATTRIBUTES, SIZE = 4, 5, 32
 FLAGS = ['--backbone', 'resnet18', '--no-pretrained', '--dim_embed', '16', '--img-size', str(SIZE),
@@ -23,7 +23,7 @@ FLAGS = ['--backbone', 'resnet18', '--no-pretrained', '--dim_embed', '16', '--im
 
 
 def settings():
-    return asen.parse_args(FLAGS)
+    return config.from_flags(FLAGS)
 
 
 def freeze_batchnorm(module):
@@ -42,7 +42,7 @@ def freeze_batchnorm(module):
 def network(frozen_bn, args):
     """The same TripletNet on every call (seeded), on the CPU."""
     torch.manual_seed(0)
-    tnet = asen.build_network(args, N_ATTRIBUTES, torch.device('cpu'))
+    tnet = commands.build_network(args, N_ATTRIBUTES, torch.device('cpu'))
     with torch.no_grad():                        # non-trivial BatchNorm statistics to freeze
         for module in tnet.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -84,8 +84,8 @@ def distributed_step(frozen_bn, args):
     optimizer = optimizer_of(tnet, args)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     rows = slice(dist.get_rank(), None, dist.get_world_size())
-    loss, _ = asen.train_one_epoch(model, loader(global_batch(), rows, BATCH), optimizer, scaler,
-                                   torch.device('cpu'), 1, args, runtime.silent_logger())
+    loss, _ = engine.train_one_epoch(model, loader(global_batch(), rows, BATCH), optimizer, scaler,
+                                   torch.device('cpu'), 1, logger=runtime.silent_logger(), **commands.train_settings(args))
     loss, = runtime.global_mean([loss], torch.device('cpu'))
     return outcome(tnet, loss)
 

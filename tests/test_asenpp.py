@@ -13,6 +13,7 @@ import datasets
 import model as models
 import original_asenpp as theirs
 from conftest import TINY
+from lib import checkpoints, config, engine, evaluation
 
 # TINY at 32 px with one batch of triplets, small trunks for both branches and no bf16 (slow on
 # CPUs without bf16 kernels; test_bf16_channels_last_step covers it)
@@ -54,23 +55,27 @@ def test_value_pair_sampler():
 
 # ----------------------------------------------------------------------------- stages and flags
 
-def test_stage_defaults_and_explicit_flags():
-    args = asen.parse_args(['--model', 'ASENpp'])
+def test_stage_defaults_and_explicit_flags(tmp_path):
+    args = config.from_flags(['--model', 'ASENpp'])
     assert (args.epochs, args.step_size, args.decay_rate, args.lr, args.batch_size) == (50, 3, 0.9, 1e-4, 16)
-    args = asen.parse_args(['--model', 'ASENpp', '--stage', '2', '--epochs', '7'])
-    assert (args.epochs, args.step_size, args.decay_rate, args.lr_global) == (7, 1, 0.9, 1e-5)
-    args = asen.parse_args(['--model', 'ASENpp', '--dataset', 'SynthFashion'])
-    assert (args.epochs, args.step_size) == (asen.SYNTH_PRESET['epochs'], 3)     # the CPU preset wins
-    assert asen.parse_args([]).epochs == 200                                     # other models untouched
+    stage1 = tmp_path / 'stage1.pth.tar'          # the settings of a stage-1 run, as its snapshot holds them
+    torch.save({'epoch': 50, 'state_dict': {}, 'args': config.from_flags(['--model', 'ASENpp']).as_dict()}, stage1)
+    resolved = asen.resolve_configuration(['--stage', '2', '--epochs', '7', '--resume', str(stage1)])
+    args = resolved.args
+    assert resolved.starts_stage2 and (args.model, args.stage, args.name) == ('ASENpp', 2, 'ASEN_s2')
+    assert (args.epochs, args.step_size, args.decay_rate, args.lr_global, args.start_epoch) == (7, 1, 0.9, 1e-5, 1)
+    args = config.from_flags(['--model', 'ASENpp', '--dataset', 'SynthFashion'])
+    assert (args.epochs, args.step_size) == (config.SYNTH_PRESET['epochs'], 3)     # the CPU preset wins
+    assert config.from_flags([]).epochs == 200                                     # other models untouched
 
 
 @pytest.mark.parametrize('argv, message', [
     (['--model', 'ASENpp', '--stage', '2'], '--stage 2 starts from a stage-1 checkpoint: add --resume'),
     (['--model', 'ASENet', '--stage', '1'], '--stage applies only to --model ASENpp'),
     (['--threshold', '0.5'], '--threshold applies only to --model ASENpp'),
-    (['--model', 'ASENpp', '--threshold', '1.5'], '--threshold 1.5: must lie strictly between 0 and 1'),
-    (['--model', 'ASENpp', '--threshold', '0'], '--threshold 0.0: must lie strictly between 0 and 1'),
-    (['--model', 'ASENpp', '--beta', '2'], '--beta 2.0: must lie between 0 and 1'),
+    (['--model', 'ASENpp', '--threshold', '1.5'], '--threshold 1.5: must be a finite number strictly between 0 and 1'),
+    (['--model', 'ASENpp', '--threshold', '0'], '--threshold 0.0: must be a finite number strictly between 0 and 1'),
+    (['--model', 'ASENpp', '--beta', '2'], '--beta 2.0: must be a finite number from 0 to 1'),
 ])
 def test_bad_flags_are_one_line(argv, message, workdir, capsys):
     assert asen.main(TINY + argv) == 2
@@ -91,19 +96,20 @@ def test_resume_of_another_model_is_one_line(trained_run, workdir, capsys):
 # ----------------------------------------------------------------------------- the network
 
 def test_stage2_losses_are_the_authors():
-    net = tiny_asenpp(margin=0.2, local_weight=0.1, align_weight=0.1)
-    tnet = models.TripletNet(net).train()
+    net = tiny_asenpp()
+    tnet = models.TripletWrapper(net).train()
     images = [torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     attr = torch.tensor([0, 3, 1])
-    sim_an, sim_ap = tnet(*images, attr)
-    (g_a, l_a), (g_n, l_n), (g_p, l_p) = net._outputs
-    extra = models.regularisation(tnet)
-    assert net._outputs == []
+    out = tnet(*images, attr)
+    (g_a, l_a), (g_n, l_n), (g_p, l_p) = ((p['global'], p['local']) for p in out.extras)
+    triplet, total = engine.objective(out, engine.LossWeights(0.2, local_triplet=0.1, align=0.1))
     local = torch.clamp(F.cosine_similarity(l_a, l_n) - F.cosine_similarity(l_a, l_p) + 0.2, min=0).mean()
     align = sum(torch.clamp(1 - F.cosine_similarity(g, loc), min=0).mean()
                 for g, loc in ((g_a, l_a), (g_n, l_n), (g_p, l_p)))
-    assert torch.allclose(extra, 0.1 * local + 0.1 * align)
-    assert torch.allclose(sim_an, F.cosine_similarity(g_a, g_n), atol=1e-6)    # the global triplet
+    global_triplet = torch.clamp(F.cosine_similarity(g_a, g_n) - F.cosine_similarity(g_a, g_p) + 0.2, min=0).mean()
+    assert torch.allclose(triplet, global_triplet, atol=1e-6)                  # the global triplet
+    assert torch.allclose(total, global_triplet + 0.1 * local + 0.1 * align, atol=1e-6)
+    assert torch.allclose(out.sim_an, F.cosine_similarity(g_a, g_n), atol=1e-6)
     net.eval()
     with torch.no_grad():
         emb = net(images[0], attr)
@@ -124,11 +130,11 @@ def test_param_groups_split_the_branches():
 
 def test_bf16_channels_last_step():
     net = tiny_asenpp().to(memory_format=torch.channels_last)
-    tnet = models.TripletNet(net, concat_forward=True).train()
+    tnet = models.TripletWrapper(net, concat_forward=True).train()
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.autocast('cpu', dtype=torch.bfloat16):
-        sim_an, sim_ap = tnet(x, x.flip(3), x.flip(2), torch.tensor([0, 1]))
-        loss = models.triplet_loss(sim_an, sim_ap, 0.2) + models.regularisation(tnet)
+        out = tnet(x, x.flip(3), x.flip(2), torch.tensor([0, 1]))
+        _, loss = engine.objective(out, engine.LossWeights(0.2, local_triplet=0.1, align=0.1))
     loss.backward()
     assert torch.isfinite(loss) and net.local_attn.fc1.weight.grad is not None
 
@@ -174,11 +180,11 @@ def test_authors_checkpoint_gives_their_map(trained_run, workdir):
         attrs = torch.from_numpy(dataset.entries[:, 1]).long()
         embedded.append((theirs.embed(net, images, attrs, 64, 32, 0.1), dataset.entries))
     (q_emb, q_entries), (c_emb, c_entries) = embedded
-    _, mean = asen.retrieval_map(q_emb, q_entries, c_emb, c_entries, len(split.attributes))
+    _, mean = evaluation.retrieval_map(q_emb, q_entries, c_emb, c_entries, len(split.attributes))
     assert result['MeanAP'] == pytest.approx(100 * mean, abs=1e-6)
     # and the stage-1 layout (global branch only) loads as stage 1, and as the start of a stage 2
-    info, state = models.convert_original_state_dict(theirs.build(5, local=False).state_dict())
+    info, state = checkpoints.convert_original_state_dict(theirs.build(5, local=False).state_dict())
     assert (info['model'], info['stage'], info['local_backbone'], info['n_attributes']) == ('ASENpp', 1, None, 5)
-    tnet = models.TripletNet(tiny_asenpp())
-    asenpp.load_stage1_weights(tnet, {'state_dict': state}, 'theirs_s1.pth.tar')
+    tnet = models.TripletWrapper(tiny_asenpp())
+    checkpoints.load_stage1_weights(tnet, {'state_dict': state}, 'theirs_s1.pth.tar')
     assert torch.equal(tnet.embeddingnet.attr_embedding.weight, state['embeddingnet.attr_embedding.weight'])

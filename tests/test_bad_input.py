@@ -25,10 +25,12 @@ from PIL import Image
 from lib import analysis
 import asen
 import datasets
+import model
 import synthfashion
 import utils
 from conftest import TINY
 from test_robustness import assert_one_line_error, run_cli
+from lib import checkpoints
 
 NEW = TINY + ['--epochs', '1', '--no-cuda', '--name', 'new']     # a new run on the tiny data
 SHARED = 'runs/shared/checkpoint.pth.tar'
@@ -328,8 +330,8 @@ def damaged_regions(w):
 
 def nan_loss(w):
     """A diverged loss: NaN, with its graph (the step runs backward before the deferred check)."""
-    triplet_loss = asen.models.triplet_loss
-    w.mp.setattr(asen.models, 'triplet_loss', lambda *args: triplet_loss(*args) * float('nan'))
+    triplet_loss = model.triplet_loss
+    w.mp.setattr(model, 'triplet_loss', lambda *args: triplet_loss(*args) * float('nan'))
 
 
 def case(name, argv, needles, setup=nothing, code=2, allow=(), absent=()):
@@ -505,7 +507,7 @@ def test_a_crashed_run_leaves_no_lock(world):
     holder = ("import fcntl, os; f = open('runs/new/.lock', 'a'); "
               "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); os._exit(9)")
     assert subprocess.run([sys.executable, '-c', holder], cwd=world.root).returncode == 9
-    with asen.run_lock('runs/new'):
+    with checkpoints.run_lock('runs/new'):
         pass
 
 

@@ -8,7 +8,6 @@ import sys
 import pytest
 from PIL import Image
 
-import asen
 import synthfashion
 from conftest import ROOT
 
@@ -16,6 +15,7 @@ sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 import authors_data  # noqa: E402
 import bench_train_step  # noqa: E402
 import project_recipe  # noqa: E402
+from lib import config, inputs, runtime  # noqa: E402
 
 
 def test_authors_data_is_read_by_asen_as_fashionai(tmp_path):
@@ -29,13 +29,13 @@ def test_authors_data_is_read_by_asen_as_fashionai(tmp_path):
                                   'ATTRIBUTES_NUM': {k: len(v) for k, v in synthfashion.VALUES.items()}}}
     with Image.open(folder / 'images' / 'train' / '000000.jpg') as image:
         assert image.size == (80, 80) and image.format == 'JPEG'
-    args = asen.parse_args(['--dataset', 'FashionAI', '--data_path', str(tmp_path), '--no-pretrained',
+    args = config.from_flags(['--dataset', 'FashionAI', '--data_path', str(tmp_path), '--no-pretrained',
                             '--img-size', '32', '--num_triplets', '4'])
-    split_files = asen.prepare_dataset(args)
-    train = asen.training_set(split_files, args)
+    split_files = inputs.prepare_dataset(args)
+    train = inputs.training_set(split_files, args)
     anchor, negative, positive, attr = train[0]
     assert anchor.shape == (3, 32, 32) and 0 <= attr < 5
-    queries, candidates = asen.retrieval_sets(split_files, 'valid', args, asen.runtime.silent_logger())
+    queries, candidates = inputs.evaluation_of(split_files, 'valid', args, runtime.silent_logger()).datasets
     assert len(queries) + len(candidates) == 10
     assert not authors_data.write(str(tmp_path), n_train=12, n_eval=10, jpeg_size=80, workers=2)   # kept
 

@@ -12,6 +12,7 @@ import asen
 import pretrain
 from lib import runtime
 from conftest import TINY
+from lib import commands, config
 
 
 # ----------------------------------------------------------------------------- --help
@@ -78,25 +79,25 @@ def another_value(parser, dest, value):
 
 def test_every_preset_value_yields_to_an_explicit_flag():
     parser = asen.get_args_parser()
-    preset = asen.synth_preset(runtime.resolve_device())
-    plain = asen.parse_args(['--dataset', 'SynthFashion'])
+    preset = config.synth_preset(runtime.resolve_device())
+    plain = config.from_flags(['--dataset', 'SynthFashion'])
     assert {key: getattr(plain, key) for key in preset} == preset
     for key, value in preset.items():
         argv, other = another_value(parser, key, value)
-        args = asen.parse_args(['--dataset', 'SynthFashion', *argv])
+        args = config.from_flags(['--dataset', 'SynthFashion', *argv])
         assert other != value and getattr(args, key) == other, (key, argv)
         assert all(getattr(args, k) == v for k, v in preset.items() if k != key), key   # only that one
 
 
 def test_pretrained_and_no_pretrained_share_one_setting():
-    assert asen.parse_args([]).pretrained is True
-    assert asen.parse_args(['--no-pretrained']).pretrained is False
-    assert asen.parse_args(['--dataset', 'SynthFashion']).pretrained is False
-    assert asen.parse_args(['--dataset', 'SynthFashion', '--pretrained']).pretrained is True
+    assert config.from_flags([]).pretrained is True
+    assert config.from_flags(['--no-pretrained']).pretrained is False
+    assert config.from_flags(['--dataset', 'SynthFashion']).pretrained is False
+    assert config.from_flags(['--dataset', 'SynthFashion', '--pretrained']).pretrained is True
 
 
 def preset_amp(*flags):
-    return asen.parse_args(['--dataset', 'SynthFashion', *flags]).amp
+    return config.from_flags(['--dataset', 'SynthFashion', *flags]).amp
 
 
 def test_preset_precision_on_the_cpu_follows_its_bf16_kernels(monkeypatch):
@@ -135,15 +136,13 @@ def test_visdom_draws_the_attention_every_epoch_unless_told_otherwise():
     """The original's --visdom plotted each epoch's attention; TensorBoard gets it here."""
     for argv, every in (([], 0), (['--visdom'], 1), (['--visdom', '--heatmap-every', '3'], 3),
                         (['--visdom', '--heatmap-every', '0'], 0)):
-        args = asen.parse_args(argv)
-        asen.visdom_to_tensorboard(args)
-        assert args.heatmap_every == every, argv
+        assert config.from_flags(argv).heatmap_every == every, argv
 
 
 def test_heatmap_due():
-    assert [e for e in range(1, 8) if asen.heatmap_due(e, 3, 7)] == [3, 6, 7]
-    assert [e for e in range(1, 4) if asen.heatmap_due(e, 1, 3)] == [1, 2, 3]
-    assert not any(asen.heatmap_due(e, 0, 5) for e in range(1, 6))
+    assert [e for e in range(1, 8) if commands.heatmap_due(e, 3, 7)] == [3, 6, 7]
+    assert [e for e in range(1, 4) if commands.heatmap_due(e, 1, 3)] == [1, 2, 3]
+    assert not any(commands.heatmap_due(e, 0, 5) for e in range(1, 6))
 
 
 @pytest.fixture()

@@ -15,11 +15,11 @@ import warnings
 import pytest
 import torch
 
-import asen
 import model as models
 from lib import runtime
 import utils
 from conftest import ROOT, TINY
+from lib import commands, config, engine, inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 CUDA = torch.device('cuda')
@@ -36,7 +36,7 @@ def full_fp32():
 
 def tiny_net(channels_last=False, concat=False):
     torch.manual_seed(0)
-    tnet = models.TripletNet(models.build_model('ASENet', 5, 'resnet18', False, 16), concat_forward=concat)
+    tnet = models.TripletWrapper(models.build_model('ASENet', 5, 'resnet18', False, 16), concat_forward=concat)
     tnet = tnet.cuda()
     return tnet.to(memory_format=torch.channels_last) if channels_last else tnet
 
@@ -184,7 +184,7 @@ class DeviceBatches:
 
 
 def epoch_args(*flags):
-    return asen.parse_args(TINY + ['--amp', 'bf16', '--channels-last', '--concat-forward', '--batch-size', '4',
+    return config.from_flags(TINY + ['--amp', 'bf16', '--channels-last', '--concat-forward', '--batch-size', '4',
                                    '--log-interval', '1000', *flags])
 
 
@@ -195,8 +195,7 @@ def syncs_of_an_epoch(tnet, optimizer, steps, args):
         warnings.simplefilter('always')
         torch.cuda.set_sync_debug_mode('warn')
         try:
-            asen.train_one_epoch(tnet, DeviceBatches([4] * steps), optimizer, scaler, CUDA, 1, args,
-                                 logging.getLogger('test_cuda'))
+            engine.train_one_epoch(tnet, DeviceBatches([4] * steps), optimizer, scaler, CUDA, 1, logger=logging.getLogger('test_cuda'), **commands.train_settings(args))
         finally:
             torch.cuda.set_sync_debug_mode('default')
     return sum('synchroniz' in str(w.message) for w in caught)
@@ -222,12 +221,11 @@ def test_cuda_graph_step_does_not_recompile_for_the_last_partial_batch():
     tnet = tiny_net(channels_last=True, concat=True)
     optimizer = runtime.adam(list(tnet.parameters()), 1e-4, CUDA)
     scaler = torch.amp.GradScaler('cuda', enabled=False)
-    model = asen.compiled(tnet, args)
+    model = engine.compiled(tnet, commands.compile_mode(args))
     logger = logging.getLogger('test_cuda')
-    loss, _ = asen.train_one_epoch(model, DeviceBatches([4, 4, 4]), optimizer, scaler, CUDA, 1, args, logger)
+    loss, _ = engine.train_one_epoch(model, DeviceBatches([4, 4, 4]), optimizer, scaler, CUDA, 1, logger=logger, **commands.train_settings(args))
     graphs = counters['stats']['unique_graphs']
-    loss_partial, _ = asen.train_one_epoch(model, DeviceBatches([4, 4, 2]), optimizer, scaler, CUDA, 2, args,
-                                           logger)
+    loss_partial, _ = engine.train_one_epoch(model, DeviceBatches([4, 4, 2]), optimizer, scaler, CUDA, 2, logger=logger, **commands.train_settings(args))
     assert counters['stats']['unique_graphs'] == graphs
     assert torch.isfinite(torch.tensor([loss, loss_partial])).all()
 
@@ -239,13 +237,13 @@ def test_eval_batch_size_does_not_change_embeddings_on_cuda(full_fp32, trained_r
     root, _ = trained_run
     embeddings = []
     for size in (3, 64):
-        args = asen.parse_args(TINY + ['--data_path', str(root / 'data'), '--amp', 'off', '--eval-batch-size',
+        args = config.from_flags(TINY + ['--data_path', str(root / 'data'), '--amp', 'off', '--eval-batch-size',
                                        str(size)])
-        split_files = asen.prepare_dataset(args)
+        split_files = inputs.prepare_dataset(args)
         torch.manual_seed(0)
-        net = asen.build_network(args, len(split_files.attributes), CUDA).embeddingnet
-        queries, _ = asen.retrieval_sets(split_files, 'valid', args, logging.getLogger('test_cuda'))
-        embeddings.append(asen.embed_split(net, queries, CUDA, args))
+        net = commands.build_network(args, len(split_files.attributes), CUDA).embeddingnet
+        queries, _ = inputs.evaluation_of(split_files, 'valid', args, logging.getLogger('test_cuda')).datasets
+        embeddings.append(engine.embed_split(net, queries, CUDA, **commands.eval_settings(args)))
     torch.testing.assert_close(embeddings[0], embeddings[1], rtol=0, atol=1e-4)
 
 

@@ -13,6 +13,7 @@ from lib import runtime
 import ddp_step
 import model as models
 from conftest import ROOT, TINY
+from lib import commands, engine
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason='torch.distributed with gloo is not available')
@@ -46,7 +47,7 @@ def test_torchrun_trains_evaluates_and_saves_once(ddp_run, monkeypatch):
     assert 'Train Epoch: 1 [0/12]' in proc.stdout                           # 24 triplets, 12 a rank
     assert len((run / 'metrics.jsonl').read_text().splitlines()) == 1
     ckpt = torch.load(run / 'checkpoint.pth.tar', weights_only=True)
-    single = models.TripletNet(models.build_model('ASENet', 5, 'resnet18', False, 16))
+    single = models.TripletWrapper(models.build_model('ASENet', 5, 'resnet18', False, 16))
     assert list(ckpt['state_dict']) == list(single.state_dict())            # the unwrapped layout
     monkeypatch.chdir(root)
     assert asen.main(['--test', '--resume', str(run / 'checkpoint.pth.tar'), '--name', 'single']) == 0
@@ -96,9 +97,9 @@ def test_ddp_step_with_frozen_batchnorm_equals_one_process_at_twice_the_batch(dd
     args = ddp_step.settings()
     tnet = ddp_step.network(True, args)
     optimizer = ddp_step.optimizer_of(tnet, args)
-    loss, _ = asen.train_one_epoch(tnet, ddp_step.loader(ddp_step.global_batch(), slice(None), 2 * ddp_step.BATCH),
-                                   optimizer, torch.amp.GradScaler('cpu', enabled=False), torch.device('cpu'), 1,
-                                   args, runtime.silent_logger())
+    loss, _ = engine.train_one_epoch(tnet, ddp_step.loader(ddp_step.global_batch(), slice(None), 2 * ddp_step.BATCH),
+                                   optimizer, torch.amp.GradScaler('cpu', enabled=False), torch.device('cpu'), 1, logger=runtime.silent_logger(),
+    **commands.train_settings(args))
     want, got = ddp_step.outcome(tnet, loss), ddp_step_result['frozen_bn']
     assert_same_step(got, want)
     assert not torch.equal(got['weights']['embeddingnet.feature_fc.weight'],

@@ -8,6 +8,7 @@ import torch
 
 import asen
 from conftest import TINY
+from lib import config, inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,8 +67,8 @@ def test_workers_see_each_epochs_triplets(trained_run):
     root, _ = trained_run
     split = datasets.SplitFiles(str(root / 'data'), 'SynthFashion')
     train_set = datasets.TripletDataset(split, 16, datasets.build_transform(32, train=True), seed=1)
-    args = asen.parse_args(['--batch-size', '8', '--workers', '1'])
-    loader = asen.make_loader(train_set, args, torch.device('cpu'), persistent=True)
+    args = config.from_flags(['--batch-size', '8', '--workers', '1'])
+    loader = inputs.make_loader(train_set, args.batch_size, torch.device('cpu'), args.workers, args.channels_last, persistent=True)
     for epoch in (1, 2):
         train_set.set_epoch(epoch)
         seen = torch.cat([attr for *_, attr in loader])

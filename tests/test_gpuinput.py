@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import asen
 import datasets
 from lib import gpuinput
 from lib import imagecache
 import synthfashion
 from lib import zappos
+from lib import commands, config, engine, inputs, runtime
 
 SIZE, BATCH = 32, 4
 
@@ -179,21 +179,21 @@ def test_persistent_workers_get_each_epochs_triplets_and_resume_alike(split_file
 
 def test_seeded_training_step_gives_the_same_weights(split_files):
     """train_one_epoch on the transform path's loader and on the new one, from the same seed: equal weights."""
-    args = asen.parse_args(['--backbone', 'resnet18', '--no-pretrained', '--dim_embed', '16', '--img-size',
+    args = config.from_flags(['--backbone', 'resnet18', '--no-pretrained', '--dim_embed', '16', '--img-size',
                             str(SIZE), '--amp', 'off', '--batch-size', str(BATCH), '--workers', '0',
                             '--log-interval', '100'])
     dataset = triplet_set(split_files, cached=False, num_triplets=BATCH)          # one step: keep it cheap
     weights = []
     for new in (False, True):
         torch.manual_seed(0)
-        tnet = asen.build_network(args, len(split_files.attributes), torch.device('cpu'))
+        tnet = commands.build_network(args, len(split_files.attributes), torch.device('cpu'))
         optimizer = torch.optim.Adam([p for p in tnet.parameters() if p.requires_grad], lr=args.lr)
-        loader = asen.make_loader(dataset, args, torch.device('cpu')) if new else \
+        loader = inputs.make_loader(dataset, args.batch_size, torch.device('cpu'), args.workers, args.channels_last) if new else \
             torch.utils.data.DataLoader(dataset, batch_size=BATCH)
-        asen.train_one_epoch(tnet, loader, optimizer, torch.amp.GradScaler('cpu', enabled=False),
-                             torch.device('cpu'), 1, args, asen.runtime.silent_logger())
+        engine.train_one_epoch(tnet, loader, optimizer, torch.amp.GradScaler('cpu', enabled=False),
+                             torch.device('cpu'), 1, logger=runtime.silent_logger(), **commands.train_settings(args))
         weights.append(tnet.state_dict())
-    assert isinstance(asen.make_loader(dataset, args, torch.device('cpu')), gpuinput.DeviceLoader)
+    assert isinstance(inputs.make_loader(dataset, args.batch_size, torch.device('cpu'), args.workers, args.channels_last), gpuinput.DeviceLoader)
     for key, value in weights[0].items():
         assert torch.equal(value, weights[1][key]), key
 

@@ -10,6 +10,7 @@ import model as models
 import original_networks as orig
 import utils
 from utils import UserError
+from lib import checkpoints, commands, evaluation
 
 KINDS = ['ASENet', 'ASENet_V2', 'ConditionalSimNet']
 # the tiny SynthFashion of tests/conftest.py's TINY, without the training flags
@@ -17,20 +18,18 @@ DATA = ['--dataset', 'SynthFashion', '--synth-images', '48', '--img-size', '64',
 
 
 def load_like_asen(path, argv):
-    """Our network from `path`, through the steps asen.run takes for --resume."""
-    args = asen.parse_args(argv + ['--resume', str(path)])
-    checkpoint = utils.load_checkpoint(args.resume)
-    asen.restore_args(args, checkpoint)
-    info = asen.adopt_original_checkpoint(args, checkpoint)
-    tnet = asen.build_network(args, info['n_attributes'], torch.device('cpu'), imagenet=False)
-    asen.load_weights(tnet, checkpoint, args.resume)
+    """Our network from `path`, through the steps asen.py takes for --resume."""
+    resolved = asen.resolve_configuration(argv + ['--resume', str(path)])
+    args, checkpoint, info = resolved.args, resolved.checkpoint, resolved.original
+    tnet = commands.build_network(args, info['n_attributes'], torch.device('cpu'), imagenet=False)
+    checkpoints.load_weights(tnet, checkpoint, args.resume)
     return tnet.eval(), args, info
 
 
 @pytest.mark.parametrize('kind', KINDS)
 def test_original_state_dict_converts(kind):
     state = orig.build(kind, 4).state_dict()
-    info, converted = models.convert_original_state_dict(state)
+    info, converted = checkpoints.convert_original_state_dict(state)
     assert info['model'] == kind and info['backbone'] == 'resnet18' and info['n_attributes'] == 4
     assert info['dim_embed'] == (None if kind == 'ASENet_V2' else 16)
     assert not any(k.startswith(('embeddingnet.backbonenet.', 'embeddingnet.embeddingnet.')) for k in converted)
@@ -39,15 +38,15 @@ def test_original_state_dict_converts(kind):
     ours = models.build_model(kind, 4, 'resnet18', pretrained=False, dim_embed=16)
     assert set(converted) == {'embeddingnet.' + k for k in ours.state_dict()}
     # our own checkpoints are not in the original layout
-    assert models.convert_original_state_dict(models.TripletNet(ours).state_dict()) is None
+    assert checkpoints.convert_original_state_dict(models.TripletWrapper(ours).state_dict()) is None
 
 
 def test_conversion_handles_dataparallel_and_depth():
     state = {'module.' + k: v for k, v in orig.build('ASENet', 3, depth=50).state_dict().items()}
-    info, converted = models.convert_original_state_dict(state)
+    info, converted = checkpoints.convert_original_state_dict(state)
     assert info['backbone'] == 'resnet50' and info['model'] == 'ASENet'
     assert 'embeddingnet.asa.attr_proj.weight' in converted
-    info, _ = models.convert_original_state_dict(orig.build('ASENet_V2', 3, depth=34).state_dict())
+    info, _ = checkpoints.convert_original_state_dict(orig.build('ASENet_V2', 3, depth=34).state_dict())
     assert info['backbone'] == 'resnet34'
 
 
@@ -99,7 +98,7 @@ def test_cli_test_of_an_original_checkpoint_reports_its_map(kind, workdir):
         with torch.no_grad():
             embedded.append((original.embeddingnet(images, attrs), dataset.entries))
     (q_emb, q_entries), (c_emb, c_entries) = embedded
-    _, mean = asen.retrieval_map(q_emb, q_entries, c_emb, c_entries, len(split.attributes))
+    _, mean = evaluation.retrieval_map(q_emb, q_entries, c_emb, c_entries, len(split.attributes))
     assert result['MeanAP'] == pytest.approx(100 * mean, abs=1e-6)
     assert 0 < result['MeanAP'] < 100
 
@@ -129,15 +128,15 @@ def test_file_that_fits_no_model_is_one_clear_line(workdir, capsys):
 
 
 def test_mismatch_line_names_keys_and_shapes():
-    net = models.TripletNet(models.build_model('TripletNet', 3, 'resnet18', pretrained=False, dim_embed=8))
+    net = models.TripletWrapper(models.build_model('TripletNet', 3, 'resnet18', pretrained=False, dim_embed=8))
     state = dict(net.state_dict())
     state['embeddingnet.embed_fc.weight'] = torch.zeros(4, 256)
     del state['embeddingnet.embed_fc.bias']
     state['embeddingnet.extra'] = torch.zeros(1)
-    line = models.state_dict_mismatch(net.state_dict(), state)
+    line = utils.state_dict_mismatch(net.state_dict(), state)
     assert 'missing keys: embeddingnet.embed_fc.bias' in line
     assert 'unexpected keys: embeddingnet.extra' in line
     assert 'embeddingnet.embed_fc.weight (4, 256) in the file vs (8, 256) here' in line
-    assert models.state_dict_mismatch(net.state_dict(), net.state_dict()) == ''
+    assert utils.state_dict_mismatch(net.state_dict(), net.state_dict()) == ''
     with pytest.raises(UserError, match='layer3'):
-        models.infer_backbone(['layer3.0.conv1.weight'])
+        checkpoints.infer_backbone(['layer3.0.conv1.weight'])

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import asen
+import model
 import utils
 from conftest import ROOT, TINY
+from lib import checkpoints
 
 FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward']
 
@@ -154,25 +156,25 @@ def test_best_snapshot_stays_when_later_checkpoints_replace_it(tmp_path, monkeyp
         raise OSError(errno.EPERM, 'Operation not permitted')
     if not hard_links:
         monkeypatch.setattr(os, 'link', no_hard_links)
-    asen.save_snapshot({'epoch': 1}, str(tmp_path), is_best=True)
+    checkpoints.save_snapshot({'epoch': 1}, str(tmp_path), is_best=True)
     best, ckpt = tmp_path / 'model_best.pth.tar', tmp_path / 'checkpoint.pth.tar'
     assert os.path.samefile(best, ckpt) == hard_links
-    asen.save_snapshot({'epoch': 2}, str(tmp_path), is_best=False)
+    checkpoints.save_snapshot({'epoch': 2}, str(tmp_path), is_best=False)
     assert load(best)['epoch'] == 1 and load(ckpt)['epoch'] == 2
-    asen.save_snapshot({'epoch': 3}, str(tmp_path), is_best=True)
+    checkpoints.save_snapshot({'epoch': 3}, str(tmp_path), is_best=True)
     assert load(best)['epoch'] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pth.tar', 'model_best.pth.tar']
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_snapshot(workdir, monkeypatch, capsys):
     assert asen.main(TINY + ['--epochs', '1', '--name', 'nan']) == 0
-    real_loss, calls = asen.models.triplet_loss, []
+    real_loss, calls = model.triplet_loss, []
 
     def nan_from_the_second_batch(sim_an, sim_ap, margin):      # a diverged loss: NaN, with its graph
         calls.append(1)
         loss = real_loss(sim_an, sim_ap, margin)
         return loss * float('nan') if len(calls) >= 2 else loss
-    monkeypatch.setattr(asen.models, 'triplet_loss', nan_from_the_second_batch)
+    monkeypatch.setattr(model, 'triplet_loss', nan_from_the_second_batch)
     # no log line after batch 0: the flag is read at the end of the epoch and still names batch 1
     assert asen.main(['--resume', 'runs/nan/checkpoint.pth.tar', '--epochs', '2', '--log-interval', '100']) == 2
     err = capsys.readouterr().err

@@ -5,11 +5,11 @@ import logging
 import pytest
 import torch
 
-import asen
 import model as models
 from lib import runtime
 import utils
 from conftest import TINY
+from lib import commands, config, engine, inputs
 
 FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward']
 CPU = torch.device('cpu')
@@ -31,7 +31,7 @@ class InMemoryLoader:
 
 def tiny_tnet():
     torch.manual_seed(0)
-    return models.TripletNet(models.build_model('ASENet', 5, 'resnet18', False, 16))
+    return models.TripletWrapper(models.build_model('ASENet', 5, 'resnet18', False, 16))
 
 
 def batches(sizes=(4, 4, 4, 2), size=64):
@@ -54,7 +54,7 @@ def test_device_accumulation_equals_a_per_step_item_loop():
     """Loss and accuracy read at the log interval and returned at the epoch's end equal those of
     the former loop, which read loss.item() and the accuracy every step (to 1e-12: both sum the
     same float32 values in float64)."""
-    args = asen.parse_args(TINY + FAITHFUL + ['--batch-size', '4', '--log-interval', '2'])
+    args = config.from_flags(TINY + FAITHFUL + ['--batch-size', '4', '--log-interval', '2'])
     data = batches()
 
     tnet = tiny_tnet()
@@ -63,7 +63,7 @@ def test_device_accumulation_equals_a_per_step_item_loop():
     losses, accs, n = [], [], []
     tnet.train()
     for anchor, negative, positive, attr in data:                # the plain loop, a sync per step
-        sim_an, sim_ap = tnet(anchor, negative, positive, attr)
+        sim_an, sim_ap, _ = tnet(anchor, negative, positive, attr)
         loss = models.triplet_loss(sim_an, sim_ap, args.margin)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -82,8 +82,7 @@ def test_device_accumulation_equals_a_per_step_item_loop():
     handler = Lines()
     logger.addHandler(handler)
     try:
-        got_loss, got_acc = asen.train_one_epoch(tnet, InMemoryLoader(data), optimizer, scaler, CPU, 1, args,
-                                                 logger)
+        got_loss, got_acc = engine.train_one_epoch(tnet, InMemoryLoader(data), optimizer, scaler, CPU, 1, logger=logger, **commands.train_settings(args))
     finally:
         logger.removeHandler(handler)
     assert got_loss == pytest.approx(want_loss, rel=1e-12, abs=1e-12)
@@ -185,9 +184,9 @@ def test_tf32_flags_set_the_backends_as_stated(backends):
 
 
 def test_tf32_flag_parses_to_three_states():
-    assert asen.parse_args([]).tf32 is None
-    assert asen.parse_args(['--tf32']).tf32 is True
-    assert asen.parse_args(['--no-tf32']).tf32 is False
+    assert config.from_flags([]).tf32 is None
+    assert config.from_flags(['--tf32']).tf32 is True
+    assert config.from_flags(['--no-tf32']).tf32 is False
 
 
 def test_embeddings_do_not_depend_on_the_eval_batch_size(trained_run):
@@ -198,12 +197,12 @@ def test_embeddings_do_not_depend_on_the_eval_batch_size(trained_run):
     base = TINY + ['--data_path', str(root / 'data')] + FAITHFUL
     embeddings = []
     for size in (3, 64):
-        args = asen.parse_args(base + ['--eval-batch-size', str(size)])
-        split_files = asen.prepare_dataset(args)
+        args = config.from_flags(base + ['--eval-batch-size', str(size)])
+        split_files = inputs.prepare_dataset(args)
         torch.manual_seed(0)
-        net = asen.build_network(args, len(split_files.attributes), CPU).embeddingnet
-        queries, _ = asen.retrieval_sets(split_files, 'valid', args, logging.getLogger('test'))
-        embeddings.append(asen.embed_split(net, queries, CPU, args))
+        net = commands.build_network(args, len(split_files.attributes), CPU).embeddingnet
+        queries, _ = inputs.evaluation_of(split_files, 'valid', args, logging.getLogger('test')).datasets
+        embeddings.append(engine.embed_split(net, queries, CPU, **commands.eval_settings(args)))
     assert len(embeddings[0]) > 3
     torch.testing.assert_close(embeddings[0], embeddings[1], rtol=0, atol=1e-5)
 
@@ -216,11 +215,11 @@ def test_compile_modes_for_training_and_evaluation(monkeypatch):
     for mode, eval_mode in (('default', 'default'), ('reduce-overhead', 'default'),
                             ('max-autotune', 'max-autotune-no-cudagraphs'),
                             ('max-autotune-no-cudagraphs', 'max-autotune-no-cudagraphs')):
-        args = asen.parse_args(['--compile', '--compile-mode', mode])
-        asen.compiled(None, args)
-        asen.compiled(None, args, evaluation=True)
+        args = config.from_flags(['--compile', '--compile-mode', mode])
+        engine.compiled(None, commands.compile_mode(args))
+        engine.compiled(None, commands.compile_mode(args), evaluation_only=True)
         assert modes[-2:] == [mode, eval_mode]
-    assert asen.compiled('net', asen.parse_args([])) == 'net' and len(modes) == 8
+    assert engine.compiled('net', commands.compile_mode(config.from_flags([]))) == 'net' and len(modes) == 8
 
 
 class CompiledStandIn(torch.nn.Module):
@@ -243,11 +242,11 @@ class CompiledStandIn(torch.nn.Module):
 def test_last_partial_batch_runs_eagerly_under_compile():
     """A compiled step keeps one shape: the full batches go through it, the partial one through
     the module it wraps, on the same weights."""
-    args = asen.parse_args(TINY + FAITHFUL + ['--batch-size', '4', '--log-interval', '100'])
+    args = config.from_flags(TINY + FAITHFUL + ['--batch-size', '4', '--log-interval', '100'])
     tnet = tiny_tnet()
     stand_in = CompiledStandIn(tnet)
     optimizer = torch.optim.Adam(tnet.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
-    asen.train_one_epoch(stand_in, InMemoryLoader(batches(sizes=(4, 4, 2))), optimizer, scaler, CPU, 1, args,
-                         logging.getLogger('test_training_step'))
+    engine.train_one_epoch(stand_in, InMemoryLoader(batches(sizes=(4, 4, 2))), optimizer, scaler, CPU, 1, logger=logging.getLogger('test_training_step'),
+    **commands.train_settings(args))
     assert stand_in.sizes == [4, 4]

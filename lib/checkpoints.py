@@ -1,0 +1,342 @@
+"""Checkpoints and the run folder: snapshots written whole or not at all, model_best, the guard that
+keeps a new run from replacing an earlier one, the lock, loading weights with one-line errors, and
+the conversion of the authors' checkpoints (Maryeon/asen, Maryeon/asenpp) to our names.
+
+A snapshot is a dict {'epoch', 'state_dict', 'prec', 'best_prec', 'optimizer', 'scheduler', 'scaler',
+'args', 'rng'}; the authors' files hold {'epoch', 'state_dict', 'prec'} (ASEN++: {'epoch', 'model',
+'mAP'}) in their module names.
+"""
+import contextlib
+import os
+import tempfile
+
+import torch
+
+import model
+import utils
+from utils import UserError
+
+# The files of a run folder that a new training run would replace.
+SNAPSHOTS = ('checkpoint.pth.tar', 'model_best.pth.tar', 'interrupted.pth.tar')
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+def snapshot(epoch, tnet, optimizer, scheduler, scaler, prec, best_prec, args):
+    """Everything a resumed run needs: weights, optimiser, schedule, scaler, settings and RNGs."""
+    return {'epoch': epoch, 'state_dict': tnet.state_dict(), 'prec': prec, 'best_prec': best_prec,
+            'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+            'scaler': scaler.state_dict(), 'args': args.as_dict(), 'rng': utils.rng_state()}
+
+
+def save_snapshot(state, run_dir, is_best):
+    """checkpoint.pth.tar and, when best, model_best.pth.tar: each written whole or not at all."""
+    path = os.path.join(run_dir, 'checkpoint.pth.tar')
+    utils.save_atomic(state, path)
+    if is_best:
+        best = os.path.join(run_dir, 'model_best.pth.tar')
+        tmp = best + '.tmp'
+        try:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            # a hard link, not a copy of the file (3 x the weights with Adam's moments): save_atomic
+            # replaces checkpoint.pth.tar by a new file, so the best one never changes under its name
+            os.link(path, tmp)
+            os.replace(tmp, best)
+        except OSError:                                     # no hard links here: an atomic, guarded copy
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            utils.copy_atomic(path, best)
+
+
+def last_snapshot_note(run_dir):
+    """What the user still has when a run stops early."""
+    kept = [name for name in SNAPSHOTS if os.path.isfile(os.path.join(run_dir, name))]
+    if not kept:
+        return 'no snapshot was written yet'
+    return f"the last good snapshot {os.path.join(run_dir, kept[0])} is kept"
+
+
+def weights_are_finite(tnet):
+    """Whether every parameter and buffer of `tnet` is finite (one host sync)."""
+    tensors = [t for t in (*tnet.parameters(), *tnet.buffers()) if t.is_floating_point()]
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+
+
+def restore_training_state(checkpoint, optimizer, scheduler, scaler):
+    """Load a snapshot's optimiser, schedule, scaler and RNGs; returns its best_prec (0 for a file
+    with weights only)."""
+    if checkpoint is None or 'optimizer' not in checkpoint:
+        return 0.0
+    from lib import runtime
+    runtime.load_optimizer_state(optimizer, checkpoint['optimizer'])
+    scheduler.load_state_dict(checkpoint['scheduler'])
+    scaler.load_state_dict(checkpoint['scaler'])
+    utils.set_rng_state(checkpoint['rng'])
+    return checkpoint.get('best_prec', 0.0)
+
+
+# ----------------------------------------------------------------------------- loading weights
+
+def load(path):
+    """A checkpoint file, loaded safely (weights_only=True)."""
+    return utils.load_checkpoint(path)
+
+
+def model_name(tnet):
+    return getattr(tnet.embeddingnet, 'model_name', type(tnet.embeddingnet).__name__)
+
+
+def load_weights(tnet, checkpoint, path, dataset=None):
+    state = checkpoint.get('state_dict') if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise UserError(f"--resume {path}: no 'state_dict' in the file; it is not an ASEN checkpoint")
+    try:
+        tnet.load_state_dict(state)
+    except RuntimeError as err:
+        raise UserError(weights_mismatch(tnet, state, path, dataset) or
+                        f"--resume {path}: weights do not fit --model {model_name(tnet)}: "
+                        f"{' '.join(str(err).split())[:300]}") from err
+
+
+def weights_mismatch(tnet, state, path, dataset=None):
+    """One line on why `state` does not fit `tnet`: the attribute count, else the key names."""
+    here = tnet.embeddingnet.n_attributes
+    in_file = attribute_count(state)
+    if in_file is not None and in_file != here:
+        source = getattr(dataset, 'meta_path', None)
+        where = f"--dataset {dataset.dataset} has {here}" + (f" ({source})" if source else '') if dataset else \
+            f"this dataset has {here}"
+        return (f"--resume {path}: attribute count {in_file} in the file but {where}; "
+                f"pass the --dataset it was trained on")
+    detail = utils.state_dict_mismatch(tnet.state_dict(), state)
+    return detail and (f"--resume {path}: weights do not fit --model {model_name(tnet)} "
+                       f"(--backbone, --dim_embed or --model differ from the file's?): {detail}")
+
+
+def load_stage1_weights(tnet, checkpoint, path):
+    """A stage-1 ASENpp checkpoint into a stage-2 network: every key but the local branch's must fit."""
+    result = tnet.load_state_dict(checkpoint['state_dict'], strict=False)
+    local = ('embeddingnet.local_backbone.', 'embeddingnet.local_attn.')
+    missing = [k for k in result.missing_keys if not k.startswith(local)]
+    if missing or result.unexpected_keys:
+        keys = (missing + list(result.unexpected_keys))[:3]
+        raise UserError(f"--resume {path}: does not fit the global branch of this ASENpp "
+                        f"(--backbone or --dim_embed differ?): {', '.join(keys)}")
+
+
+def adopt_original(checkpoint, path):
+    """A file saved by the authors' code ({'epoch', 'state_dict', 'prec'}, their module names; ASEN++'s
+    main.py writes {'epoch', 'model', 'mAP'}): rename its weights to ours in place and return what
+    its keys tell of the network ({'model', 'backbone', 'dim_embed', ...}); None for other files."""
+    if isinstance(checkpoint, dict) and 'state_dict' not in checkpoint and 'args' not in checkpoint \
+            and isinstance(checkpoint.get('model'), dict):
+        checkpoint['state_dict'] = checkpoint.pop('model')
+        checkpoint.setdefault('prec', checkpoint.get('mAP'))
+    state = checkpoint.get('state_dict') if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or 'args' in checkpoint:
+        return None
+    try:
+        converted = convert_original_state_dict(state)
+    except UserError as err:
+        raise UserError(f"--resume {path}: {err}") from err
+    if converted is None:
+        return None
+    info, checkpoint['state_dict'] = converted
+    return info
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+def make_run_dir(run_dir):
+    """Create runs/<name>/, or say in one line why it cannot be."""
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir} exists and is not a folder; move it away or choose another --name")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the run folder {run_dir}: {err.strerror or err}; "
+                        f"choose another --name or fix runs/") from err
+
+
+def check_writable(run_dir):
+    """Find a read-only run folder before any work, not when the first snapshot is due."""
+    try:
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write in the run folder {run_dir}: {err.strerror or err}; make it "
+                        f"writable or choose another --name") from err
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """An exclusive lock on runs/<name>/.lock while this process trains there. flock is released when
+    the process ends, however it ends, so a crashed run never leaves the folder locked."""
+    try:
+        import fcntl
+    except ImportError:                                 # no flock (Windows): no lock
+        yield
+        return
+    path = os.path.join(run_dir, '.lock')
+    try:
+        handle = open(path, 'a')
+    except OSError as err:
+        raise UserError(f"cannot write in the run folder {run_dir}: {err.strerror or err}; make it "
+                        f"writable or choose another --name") from err
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            raise UserError(f"{run_dir} is in use by another training process (it holds {path}); wait for "
+                            f"it to finish or choose another --name") from err
+        yield
+
+
+def check_not_overwriting(run_dir, args):
+    """A new run (not --resume of a snapshot in this folder) may not replace the snapshots of an
+    earlier one unless --overwrite says so."""
+    held = [name for name in SNAPSHOTS if os.path.exists(os.path.join(run_dir, name))]
+    if not held or args.overwrite or resumes_in(run_dir, args.resume):
+        return
+    raise UserError(f"{run_dir} already holds {', '.join(held)} of an earlier run; continue it with "
+                    f"--resume {os.path.join(run_dir, held[0])}, pass --overwrite to replace it, or choose "
+                    f"another --name")
+
+
+def resumes_in(run_dir, checkpoint_path):
+    return bool(checkpoint_path) and \
+        os.path.realpath(os.path.dirname(os.path.abspath(checkpoint_path))) == os.path.realpath(run_dir)
+
+
+def clear_previous_run(run_dir):
+    """--overwrite: the earlier run's snapshots and metrics go, so none is mistaken for this run's."""
+    for name in SNAPSHOTS + ('metrics.jsonl',):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+
+
+# ----------------------------------------------------------------------------- the authors' checkpoints
+
+# Keys of the original backbone that our trunk (cut after layer3) does not have: the authors'
+# ResNet keeps an unused ImageNet `fc`, and a whole torchvision ResNet (as in CSN) has `layer4`.
+ORIGINAL_UNUSED_BACKBONE = ('fc.', 'layer4.')
+
+
+def _layer_blocks(keys, prefix):
+    return {int(k[len(prefix):].split('.')[0]) for k in keys if k.startswith(prefix)}
+
+
+def infer_backbone(trunk_keys):
+    """BACKBONES name of a ResNet state dict's keys (without prefix), from its layer3 blocks."""
+    blocks = len(_layer_blocks(trunk_keys, 'layer3.'))
+    bottleneck = any(k.startswith('layer3.0.conv3.') for k in trunk_keys)
+    name = {(False, 2): 'resnet18', (False, 6): 'resnet34', (True, 6): 'resnet50'}.get((bottleneck, blocks))
+    if name is None:
+        kind = 'bottleneck' if bottleneck else 'basic'
+        raise UserError(f"a ResNet with {blocks} {kind} blocks in layer3 is none of {', '.join(model.BACKBONES)}")
+    return name
+
+
+def convert_original_state_dict(state):
+    """A state dict saved by the authors' code (their triplet wrapper) in our names, or None.
+
+    Original layouts (Maryeon/asen, model.py; their backbone is resnet.py's ResNet, which stops
+    after layer3 but keeps an ImageNet `fc`):
+      ASENet:     embeddingnet.backbonenet.*, embeddingnet.{mask_fc1,mask_fc2,conv1,conv2,fc1,fc2,feature_fc}.*
+      ASENet_V2:  embeddingnet.backbonenet.*, embeddingnet.{attr_embedding,attr_transform1,attr_transform2,
+                  conv1,img_bn1,fc1,fc2}.* (+ feature_fc in their earlier V2 code)
+      CSN:        embeddingnet.embeddingnet.*, embeddingnet.{embed_fc,masks}.*
+    A leading `module.` (nn.DataParallel) is removed. Backbone keys under fc./layer4. are dropped;
+    every other key is renamed or, when unknown, kept so that loading names it.
+    Returns ({'model', 'backbone', 'n_attributes', 'dim_embed'}, converted state) or None when the
+    keys are not in an original layout (e.g. our own checkpoints).
+    """
+    if state and all(k.startswith('module.') for k in state):
+        state = {k[len('module.'):]: v for k, v in state.items()}
+    if any(k.startswith('choices.') for k in state):
+        return convert_original_asenpp(state)
+    inner = {k[len('embeddingnet.'):]: v for k, v in state.items() if k.startswith('embeddingnet.')}
+    if any(k.startswith('backbonenet.') for k in inner):
+        if 'attr_embedding.weight' in inner:
+            kind = 'ASENet_V2_fc' if 'feature_fc.weight' in inner else 'ASENet_V2'
+            names, n_attributes = model.ASENetV2.ORIGINAL_NAMES, inner['attr_embedding.weight'].shape[0]
+        elif 'mask_fc1.weight' in inner:
+            kind, names, n_attributes = 'ASENet', model.ASENet.ORIGINAL_NAMES, inner['mask_fc1.weight'].shape[1]
+        else:
+            heads = sorted({k.split('.')[0] for k in inner} - {'backbonenet'})
+            raise UserError(f"original-code layout (embeddingnet.backbonenet.*) but its layers "
+                            f"{', '.join(heads) or '(none)'} are neither ASENet's (mask_fc1, ...) nor "
+                            f"ASENet_V2's (attr_embedding, ...)")
+        dim_embed = inner['feature_fc.weight'].shape[0] if 'feature_fc.weight' in inner else None
+    elif any(k.startswith('embeddingnet.') for k in inner):
+        kind, names = 'ConditionalSimNet', model.ConditionalSimNet.ORIGINAL_NAMES
+        n_attributes = inner['masks.weight'].shape[0] if 'masks.weight' in inner else None
+        dim_embed = inner['embed_fc.weight'].shape[0] if 'embed_fc.weight' in inner else None
+    else:
+        return None
+    trunk_name = next(orig for orig, ours in names.items() if ours == 'backbone')
+    converted, trunk_keys = {}, []
+    for key, value in inner.items():
+        head, _, rest = key.partition('.')
+        if head == trunk_name:
+            if rest.startswith(ORIGINAL_UNUSED_BACKBONE):
+                continue
+            trunk_keys.append(rest)
+        converted['embeddingnet.' + (names.get(head, head) + '.' + rest if rest else key)] = value
+    for key, value in state.items():          # keys outside embeddingnet.: kept, so loading names them
+        if not key.startswith('embeddingnet.'):
+            converted[key] = value
+    info = dict(model=kind, backbone=infer_backbone(trunk_keys),
+                n_attributes=None if n_attributes is None else int(n_attributes),
+                dim_embed=None if dim_embed is None else int(dim_embed))
+    return info, converted
+
+
+def convert_original_asenpp(state):
+    """The authors' ASEN++ state dict (Maryeon/asenpp, model.py, ASEN: choices.global.{attrnet,
+    basenet, attnnet}.* and, after stage 2, choices.local.* whose attrnet is the same embedding) in
+    our names; returns (info, converted state) as convert_original_state_dict does, with the
+    local trunk and the stage in info."""
+    converted, trunk_keys, embeddings = {}, {'global': [], 'local': []}, {}
+    for key, value in state.items():
+        parts = key.split('.', 3)
+        if len(parts) < 4 or parts[0] != 'choices' or parts[1] not in trunk_keys:
+            converted[key] = value                                  # kept, so loading names it
+            continue
+        _, level, module, rest = parts
+        names = model.ASENpp.ORIGINAL_NAMES if level == 'global' else model.ASENpp.ORIGINAL_LOCAL_NAMES
+        if module == 'attrnet':
+            embeddings[level] = value
+            rest = rest.split('.', 1)[1] if rest.startswith('attr_embedding.') else rest
+            if level == 'local':                                    # the shared embedding, saved twice
+                continue
+        elif module == 'basenet':
+            if rest.startswith(ORIGINAL_UNUSED_BACKBONE):
+                continue
+            trunk_keys[level].append(rest)
+        converted[f'embeddingnet.{names.get(module, module)}.{rest}'] = value
+    if 'global' in embeddings and 'local' in embeddings and not torch.equal(embeddings['global'], embeddings['local']):
+        raise UserError("the global and local attribute embeddings differ; the authors' ASEN++ shares one")
+    if not trunk_keys['global']:
+        raise UserError("original ASEN++ layout (choices.*) without the global trunk choices.global.basenet.*")
+    embedding = embeddings.get('global')
+    fc = state.get('choices.global.attnnet.feature_fc.weight')
+    info = dict(model='ASENpp', backbone=infer_backbone(trunk_keys['global']),
+                local_backbone=infer_backbone(trunk_keys['local']) if trunk_keys['local'] else None,
+                stage=2 if trunk_keys['local'] else 1,
+                n_attributes=None if embedding is None else int(embedding.shape[0]),
+                dim_embed=None if fc is None else int(fc.shape[0]))
+    return info, converted
+
+
+def attribute_count(state):
+    """Number of attributes of an embedding network's state dict in our names (None if unknown)."""
+    for key, dim in (('embeddingnet.asa.attr_proj.weight', 1), ('embeddingnet.aca.attr_proj.weight', 1),
+                     ('embeddingnet.attr_embedding.weight', 0), ('embeddingnet.masks.weight', 0)):
+        if key in state and hasattr(state[key], 'shape'):
+            return int(state[key].shape[dim])
+    return None
+
+

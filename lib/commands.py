@@ -1,0 +1,222 @@
+"""The commands asen.py dispatches to, each on a resolved configuration: train, test, retrieve and
+visualise. Each assembles the network, the data and the optimiser and hands the loops to engine.py."""
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from tensorboardX import SummaryWriter
+
+import model
+import utils
+from lib import analysis, asenpp, checkpoints, engine, evaluation, inputs, runtime, tables, visualize
+from lib.engine import LossWeights
+from lib.runtime import is_main_process
+from utils import UserError
+
+
+class Interrupted(UserError):
+    """Ctrl-C during training, after a resumable snapshot was saved."""
+
+
+def build_network(args, n_attributes, device, imagenet=True, local_imagenet=False):
+    """The triplet-wrapped --model; `imagenet=False` skips the ImageNet and --backbone-weights
+    weights (a checkpoint replaces them, so nothing is downloaded or read); `local_imagenet`: ASENpp's
+    local trunk gets them all the same (stage 2 starting from a stage-1 checkpoint)."""
+    weights_file = args.backbone_weights if imagenet else None
+    options = {}
+    if args.model == 'ConditionalSimNet':
+        options = {'fixed_masks': args.csn_fixed_masks}
+    elif args.model == 'ASENpp':
+        options = asenpp.model_options(args, imagenet or local_imagenet)
+    net = model.build_model(args.model, n_attributes, args.backbone,
+                            args.pretrained and imagenet and weights_file is None, args.dim_embed,
+                            backbone_weights=weights_file, **options)
+    tnet = model.TripletWrapper(net, concat_forward=args.concat_forward).to(device)
+    if args.channels_last:
+        tnet = tnet.to(memory_format=torch.channels_last)
+    return tnet
+
+
+def compile_mode(args):
+    """--compile-mode when --compile is given, else None (not compiled)."""
+    return args.compile_mode if args.compile else None
+
+
+def train_settings(args):
+    """engine.train_one_epoch's settings from the configuration."""
+    return dict(amp=args.amp, weights=LossWeights.of(args), batch_size=args.batch_size,
+                log_interval=args.log_interval)
+
+
+def eval_settings(args):
+    """engine.evaluate's (and embed_split's) settings from the configuration."""
+    return dict(amp=args.amp, batch_size=args.eval_batch_size, workers=args.workers,
+                channels_last=args.channels_last)
+
+
+def evaluate(net, evaluation_set, device, args):
+    """engine.evaluate with the configuration's settings."""
+    return engine.evaluate(net, evaluation_set, device, **eval_settings(args))
+
+
+# ----------------------------------------------------------------------------- train
+
+def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
+    """The epoch loop: train, validate, step the schedule, save the snapshot; returns best_prec."""
+    optimizer = runtime.adam(model.param_groups(tnet, args.lr_global), args.lr, device)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.decay_rate)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+    best_prec = checkpoints.restore_training_state(checkpoint, optimizer, scheduler, scaler)
+    train_set = inputs.training_set(split_files, args)
+    inputs.report_skipped(logger, 'training set', train_set.skipped)
+    if args.cache_images:
+        inputs.attach_image_cache([train_set], split_files, 'train', args, logger)
+    if runtime.distributed():
+        rank, world = runtime.rank_and_world()
+        if args.num_triplets < world:
+            raise UserError(f"--num_triplets {args.num_triplets} is below the {world} processes")
+        train_set.shard(rank, world)
+    valid = inputs.evaluation_of(split_files, 'valid', args, logger)
+    train_loader = inputs.make_loader(train_set, args.batch_size, device, args.workers, args.channels_last,
+                                      persistent=True)
+    train_net = runtime.distributed_model(tnet, device, args.sync_bn, logger, args.batch_size)
+    train_net = engine.compiled(train_net, compile_mode(args))
+    eval_net = engine.compiled(tnet.embeddingnet, compile_mode(args), evaluation_only=True)
+    if is_main_process():
+        if args.overwrite and not checkpoints.resumes_in(run_dir, args.resume):
+            checkpoints.clear_previous_run(run_dir)
+        utils.write_json(args.as_dict(), os.path.join(run_dir, 'args.json'))
+    writer = SummaryWriter(run_dir) if is_main_process() else runtime.NullWriter()
+    logger.info(f'Begin training on {args.dataset} dataset.')
+    start, epoch = time.time(), args.start_epoch
+    try:
+        for epoch in range(args.start_epoch, args.epochs + 1):
+            train_set.set_epoch(epoch)
+            loss, acc = engine.train_one_epoch(train_net, train_loader, optimizer, scaler, device, epoch,
+                                               logger=logger, writer=writer, run_dir=run_dir,
+                                               **train_settings(args))
+            loss, acc = runtime.global_mean([loss, acc], device)
+            runtime.broadcast_buffers(tnet)
+            scores, _ = evaluate(eval_net, valid, device, args)
+            evaluation.log_scores(logger, valid, scores, epoch)
+            prec = scores.total
+            is_best = prec > best_prec
+            best_prec = max(prec, best_prec)
+            scheduler.step()
+            lr = optimizer.param_groups[0]['lr']
+            if is_main_process():
+                checkpoints.save_snapshot(checkpoints.snapshot(epoch, tnet, optimizer, scheduler, scaler, prec,
+                                                               best_prec, args), run_dir, is_best)
+                result = evaluation.percent(valid, scores)
+                append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, lr=lr, **result))
+                log_epoch(writer, epoch, lr, valid, result)
+                if heatmap_due(epoch, args.heatmap_every, args.epochs):
+                    valid_heatmaps(tnet.embeddingnet, valid.images, split_files.attributes, run_dir, epoch, writer,
+                                   device)
+            logger.info(f'lr:{lr}')
+    except KeyboardInterrupt:
+        save_interrupted(tnet, optimizer, scheduler, scaler, best_prec, args, run_dir, epoch)
+    finally:
+        writer.close()
+    minutes = int(time.time() - start) // 60
+    logger.info(f'training time {minutes // 60}h {minutes % 60}min')
+    return best_prec
+
+
+def save_interrupted(tnet, optimizer, scheduler, scaler, best_prec, args, run_dir, epoch):
+    """Ctrl-C: the mid-epoch weights as interrupted.pth.tar (resuming it repeats the interrupted
+    epoch from them); raises Interrupted with what was kept."""
+    path = os.path.join(run_dir, 'interrupted.pth.tar')
+    if not checkpoints.weights_are_finite(tnet):        # a non-finite step not yet checked
+        raise UserError(f"non-finite weights when interrupted in epoch {epoch}; not saved; "
+                        f"{checkpoints.last_snapshot_note(run_dir)}; lower --lr or use --amp off")
+    if is_main_process():
+        try:
+            utils.save_atomic(checkpoints.snapshot(epoch - 1, tnet, optimizer, scheduler, scaler, None,
+                                                   best_prec, args), path)
+        except KeyboardInterrupt:
+            raise Interrupted(f'interrupted twice in epoch {epoch}: {path} was not written; '
+                              f'{checkpoints.last_snapshot_note(run_dir)}') from None
+    raise Interrupted(f'interrupted in epoch {epoch}; saved {path}; continue with --resume {path}')
+
+
+def append_metrics(run_dir, record):
+    """One JSON line; a failed write is taken back, so the file never ends in half a line."""
+    utils.append_line(os.path.join(run_dir, 'metrics.jsonl'), json.dumps(record))
+
+
+def log_epoch(writer, epoch, lr, evaluation_set, result):
+    writer.add_scalar('train/lr', lr, epoch)
+    per, total = evaluation_set.per_key, evaluation_set.total_key
+    writer.add_scalar(f'valid/{total}', result[total], epoch)
+    for name, value in result[per].items():
+        writer.add_scalar(f'valid/{per}/{name}', value, epoch)
+
+
+def heatmap_due(epoch, every, last_epoch):
+    """--heatmap-every: epochs every, 2 x every, ... and the last one; never for 0."""
+    return every > 0 and (epoch % every == 0 or epoch == last_epoch)
+
+
+def valid_heatmaps(net, candidates, attributes, run_dir, epoch, writer, device):
+    """Attention overlays of a fixed set of valid images, as a PNG and in TensorBoard."""
+    samples = analysis.samples_per_attribute(candidates, len(attributes), 2)
+    path = os.path.join(run_dir, 'heatmaps', f'valid_epoch{epoch:03d}.png')
+    visualize.save_attention_grid(net, [(p, a) for p, a, _ in samples], attributes, candidates.transform,
+                                  device, path, columns=4)
+    with Image.open(path) as img:
+        writer.add_image('attention/valid', np.asarray(img.convert('RGB')), epoch, dataformats='HWC')
+
+
+# ----------------------------------------------------------------------------- test and use
+
+def test(tnet, split_files, device, args, logger, run_dir):
+    """--test: the test split's figures (mAP, or triplet accuracy on Zappos50k) beside the Random
+    baseline, test_results.json and a markdown table."""
+    net = engine.compiled(tnet.embeddingnet, compile_mode(args), evaluation_only=True)
+    test_set = inputs.evaluation_of(split_files, 'test', args, logger)
+    regions = inputs.synth_regions(split_files, 'test')   # read before the evaluation: a bad file stops here
+    scores, embeddings = evaluate(net, test_set, device, args)
+    evaluation.log_scores(logger, test_set, scores)
+    result = evaluation.percent(test_set, scores)
+    random_key = f'Random {test_set.total_key}'
+    result[random_key] = 100 * test_set.random_score(embeddings, args.seed)
+    logger.info(f"{random_key}: {result[random_key]:.4f}")
+    result.update(split='test', model=asenpp.result_label(args), dataset=args.dataset, checkpoint=args.resume,
+                  attributes=split_files.attributes)
+    if regions is not None and tnet.embeddingnet.has_spatial_attention and is_main_process():
+        result['attention_localisation'] = log_localisation(tnet.embeddingnet, test_set, split_files, regions,
+                                                            device, args, logger)
+    if is_main_process():
+        utils.write_json(result, os.path.join(run_dir, 'test_results.json'))
+        print(tables.markdown_of_result(result))
+    return result
+
+
+def log_localisation(net, test_set, split_files, regions, device, args, logger):
+    """Attention mass inside each attribute's region, beside the region's share (uniform attention)."""
+    scores = analysis.attention_localisation(net, test_set.datasets, len(split_files.attributes), regions,
+                                             args.img_size, device)
+    for name, (inside, share) in zip(split_files.attributes, scores):
+        logger.info(f'{name} attention in region: {100 * inside:.2f}% (uniform: {100 * share:.2f}%, '
+                    f'ratio {inside / max(share, 1e-12):.2f})')
+    return {name: {'inside': 100 * i, 'uniform': 100 * u} for name, (i, u) in zip(split_files.attributes, scores)}
+
+
+def retrieve(tnet, split_files, device, args, run_dir):
+    results, grid = analysis.retrieve(tnet.embeddingnet, split_files, args, device, run_dir)
+    for rank, score, path in results:
+        print(f'{rank:3d}  {score:.4f}  {path}')
+    print(f'grid: {grid}')
+    return results
+
+
+def visualize_attention(tnet, split_files, device, args, run_dir):
+    path = analysis.write_heatmaps(tnet.embeddingnet, split_files, args.img_size, device,
+                                   os.path.join(run_dir, 'heatmaps'),
+                                   regions=inputs.synth_regions(split_files, 'test'))
+    print(f'heatmaps: {path}')
+    return path

@@ -1,0 +1,193 @@
+"""The training and evaluation loops: `train_one_epoch` with its `training_step` and the whole
+`objective`, and `evaluate`. Everything they use comes in as an argument.
+
+The step keeps the host ahead of the device: no host sync per step. The loss and accuracy
+accumulate on the device (utils.DeviceMeter) and the non-finite-loss flag is a device tensor; all
+are read at each log interval and at the end of the epoch.
+"""
+import sys
+from typing import NamedTuple
+
+import torch
+from tqdm import tqdm
+
+import datasets
+import model
+import utils
+from lib import checkpoints, inputs, runtime
+from lib.config import CUDA_GRAPH_MODES
+from lib.runtime import autocast, distributed, to_device
+from utils import UserError
+
+# CSN's regulariser weights (andreasveit/conditional-similarity-networks, main.py: --embed_loss 5e-3,
+# --mask_loss 5e-4), used with --csn-reg.
+CSN_EMBED_WEIGHT, CSN_MASK_WEIGHT = 5e-3, 5e-4
+
+
+class LossWeights(NamedTuple):
+    """The weights of the objective's terms; a term of weight 0 is not computed."""
+    margin: float               # the triplet ranking margin (both triplet losses)
+    local_triplet: float = 0.0  # ASEN++ stage 2: the local branch's triplet loss
+    align: float = 0.0          # ASEN++ stage 2: global-local alignment
+    csn_embed: float = 0.0      # CSN: L2 norm of the un-masked embeddings
+    csn_mask: float = 0.0       # CSN: L1 norm of the masks
+
+    @classmethod
+    def of(cls, args):
+        """The weights a configuration asks for."""
+        asenpp_stage2 = args.model == 'ASENpp' and args.stage == 2
+        csn = args.model == 'ConditionalSimNet' and args.csn_reg
+        return cls(args.margin,
+                   args.local_weight if asenpp_stage2 else 0.0, args.align_weight if asenpp_stage2 else 0.0,
+                   CSN_EMBED_WEIGHT if csn else 0.0, CSN_MASK_WEIGHT if csn else 0.0)
+
+
+def objective(out, w):
+    """The whole training loss of a batch (model.TripletOutput `out`): the triplet ranking loss
+    (Eq. 6), ASEN++ stage 2's local triplet and alignment terms, CSN's regularisers. Returns
+    (the triplet loss alone, as logged; the total that is minimised)."""
+    triplet = model.triplet_loss(out.sim_an, out.sim_ap, w.margin)
+    local_triplet, align = model.asenpp_local_terms(out.extras, w.margin) if w.local_triplet or w.align \
+        else (0.0, 0.0)
+    embed_norm, mask_norm = model.csn_regularisers(out.extras) if w.csn_embed or w.csn_mask else (0.0, 0.0)
+    total = triplet + w.local_triplet * local_triplet + w.align * align \
+        + w.csn_embed * embed_norm + w.csn_mask * mask_norm
+    return triplet, total
+
+
+def training_step(tnet, batch, optimizer, scaler, amp, weights):
+    """Forward, objective, backward and optimizer step of one batch already on the device (see
+    batch_to_device); returns (triplet loss, total, sim_an, sim_ap) as device tensors, unread."""
+    anchor, negative, positive, attr, originals = batch
+    with autocast(anchor.device, amp):
+        out = tnet(anchor, negative, positive, attr, originals=originals)
+        loss, total = objective(out, weights)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach(), total.detach(), out.sim_an.detach(), out.sim_ap.detach()
+
+
+def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, *, amp, weights, batch_size,
+                    log_interval, logger, writer=None, run_dir=None):
+    """One pass over the epoch's triplets; returns (mean loss, mean triplet accuracy). `loader`
+    yields (anchor, negative, positive, attribute[, originals x 3]) on `device`, the images
+    normalised, flipped and channels_last when asked (inputs.make_loader).
+
+    A non-finite loss stops the run at the next log interval, not at its own step: the steps in
+    between have updated the weights in memory, but none of it is saved, as the epoch's snapshot
+    is written only after this returns and the Ctrl-C snapshot checks the weights first. Under
+    torch.compile a last partial batch runs eagerly (`tnet`'s uncompiled module, same weights):
+    the compiled step keeps one static shape, so it neither recompiles nor records a second CUDA
+    graph.
+    """
+    eager = getattr(tnet, '_orig_mod', tnet)                # the module torch.compile wraps, if any
+    losses, accs = utils.DeviceMeter(device), utils.DeviceMeter(device)
+    non_finite = runtime.NonFiniteTracker(device)
+    tnet.train()
+    progress = tqdm(loader, desc=f'epoch {epoch}', disable=not sys.stderr.isatty(), leave=False)
+    for batch_idx, batch in enumerate(progress):
+        batch = batch_to_device(batch, device)
+        n = batch[0].size(0)
+        net = tnet if n == batch_size else eager
+        if net is not eager:
+            torch.compiler.cudagraph_mark_step_begin()     # a new training step for CUDA graphs
+        loss, total, sim_an, sim_ap = training_step(net, batch, optimizer, scaler, amp, weights)
+        non_finite.update(total, batch_idx)
+        losses.update(loss, n)
+        accs.update(utils.triplet_accuracy(sim_an, sim_ap), n)
+        if batch_idx % log_interval == 0:
+            stop_if_non_finite(non_finite, epoch, amp, run_dir)
+            log_training(logger, writer, epoch, batch_idx, n, len(loader), len(loader.dataset), losses, accs)
+    stop_if_non_finite(non_finite, epoch, amp, run_dir)
+    return losses.read()[1], accs.read()[1]
+
+
+def batch_to_device(batch, device, channels_last=False):
+    """A loader batch (anchor, negative, positive, attr[, originals x 3]) on `device` as
+    (anchor, negative, positive, attr, originals or None); a no-op for the DeviceLoader's batches,
+    already there and in their memory format."""
+    anchor, negative, positive, attr, *originals = batch
+    anchor, negative, positive = (to_device(t, device, channels_last) for t in (anchor, negative, positive))
+    originals = [o.to(device) for o in originals] or None
+    return anchor, negative, positive, attr.to(device, non_blocking=True), originals
+
+
+def stop_if_non_finite(non_finite, epoch, amp, run_dir):
+    """The one-line error for the first non-finite loss seen so far (one host sync)."""
+    bad = non_finite.first_bad_batch()
+    if bad is not None:
+        hint = 'lower --lr' + (f' or use --amp off (not --amp {amp})' if amp != 'off' else '')
+        kept = checkpoints.last_snapshot_note(run_dir) if run_dir else 'nothing was saved'
+        raise UserError(f"non-finite loss at epoch {epoch}, batch {bad}; {kept}; {hint}")
+
+
+def log_training(logger, writer, epoch, batch_idx, batch_size, n_batches, n_triplets, losses, accs):
+    """The log line and TensorBoard scalars of a log interval (reads the device meters: one sync)."""
+    (loss, loss_avg), (acc, acc_avg) = losses.read(), accs.read()
+    logger.info(f'Train Epoch: {epoch} [{batch_idx * batch_size}/{n_triplets}]\t'
+                f'Loss: {loss:.4f} ({loss_avg:.4f}) \t'
+                f'Acc: {100 * acc:.2f}% ({100 * acc_avg:.2f}%)')
+    if writer is not None:
+        step = (epoch - 1) * n_batches + batch_idx
+        writer.add_scalar('train/loss', loss, step)
+        writer.add_scalar('train/triplet_accuracy', 100 * acc, step)
+
+
+def compiled(module, compile_mode, evaluation_only=False):
+    """`module` under torch.compile in `compile_mode` (None: not compiled). Evaluation runs batches
+    of several sizes (the last of each split is partial): it is compiled without CUDA graphs,
+    which would record one graph per size."""
+    if compile_mode is None:
+        return module
+    if evaluation_only and compile_mode in CUDA_GRAPH_MODES:
+        compile_mode = 'default' if compile_mode == 'reduce-overhead' else 'max-autotune-no-cudagraphs'
+    return torch.compile(module, mode=compile_mode)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def evaluate(net, evaluation_set, device, *, amp, batch_size, workers, channels_last):
+    """Embed what `evaluation_set` (lib.evaluation) scores and score it; returns (Scores,
+    embeddings)."""
+    embeddings = tuple(embed_split(net, dataset, device, amp=amp, batch_size=batch_size, workers=workers,
+                                   channels_last=channels_last) for dataset in evaluation_set.datasets)
+    return evaluation_set.score(embeddings), embeddings
+
+
+def embed_split(net, dataset, device, *, amp, batch_size, workers, channels_last):
+    """Embeddings of a RetrievalDataset in its order; under torchrun each rank embeds a contiguous
+    shard and the shards are gathered, so every rank gets what one process would."""
+    def embed(part):
+        loader = inputs.make_loader(part, batch_size, device, workers, channels_last)
+        return extract_embeddings(net, loader, device, amp, channels_last)
+    if not distributed():
+        return embed(dataset)
+    rank, world = runtime.rank_and_world()
+    sizes = runtime.shard_sizes(len(dataset), world)
+    start = sum(sizes[:rank])
+    local = embed(datasets.IndexShard(dataset, start, start + sizes[rank]))
+    # a rank with an empty shard learns the embedding width (C for ASENet_V2) from the others
+    width = runtime.max_over_ranks(0 if local is None else local.shape[1], device)
+    if local is None:
+        local = torch.zeros(0, width, device=device)
+    return runtime.gather_rows(local, sizes)
+
+
+@torch.inference_mode()
+def extract_embeddings(net, loader, device, amp, channels_last):
+    """Embeddings (N, D) float32 of a RetrievalDataset in its order, each under its attribute.
+    `loader` (inputs.make_loader) yields (images, attribute, value, index) already on `device`."""
+    net.eval()
+    out = None
+    progress = tqdm(loader, desc='features', disable=not sys.stderr.isatty(), leave=False)
+    for images, attr, _, index, *originals in progress:
+        extra = {'originals': originals[0].to(device)} if originals else {}   # ASENpp stage 2 only
+        with autocast(device, amp):
+            emb = net(to_device(images, device, channels_last), attr.to(device), **extra)
+        if out is None:
+            out = torch.empty(len(loader.dataset), emb.shape[1], device=device)
+        out[index.to(device)] = emb.float()
+    return out
+

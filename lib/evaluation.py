@@ -1,0 +1,116 @@
+"""Evaluation: one interface per kind of score, each owning its metric, its Random row and its names.
+
+- RetrievalEvaluation (FashionAI, DARN, DeepFashion, SynthFashion): for each attribute its queries
+  are ranked against its candidates; mAP per attribute, and MeanAP weighting the attributes by
+  their numbers of queries (Ma et al., AAAI 2020, Sec. 4.1; utils.average_precisions).
+- TripletEvaluation (Zappos50k): the share of CSN's (anchor, far, close) triplets ranked right,
+  per condition and over all triplets (Veit et al., CVPR 2017).
+
+Scores are fractions in [0, 1]; `percent` turns them into the percent records that the logs,
+metrics.jsonl and test_results.json hold.
+"""
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+import model
+import utils
+from lib import zappos
+
+
+class Scores(NamedTuple):
+    per: dict          # attribute (condition) name -> fraction
+    total: float       # MeanAP (Accuracy), a fraction
+
+
+class RetrievalEvaluation:
+    """mAP per attribute and the query-weighted MeanAP of (queries, candidates) RetrievalDatasets."""
+    per_key, total_key = 'mAP', 'MeanAP'
+
+    def __init__(self, queries, candidates, attributes):
+        self.queries, self.candidates, self.attributes = queries, candidates, attributes
+
+    @property
+    def datasets(self):
+        """What is embedded, in order; `score` takes their embeddings in the same order."""
+        return self.queries, self.candidates
+
+    @property
+    def images(self):
+        """The images whose attention is drawn during training."""
+        return self.candidates
+
+    def score(self, embeddings):
+        query_emb, cand_emb = embeddings
+        per, total = retrieval_map(query_emb, self.queries.entries, cand_emb, self.candidates.entries,
+                                   len(self.attributes))
+        return Scores(dict(zip(self.attributes, per)), total)
+
+    def random_score(self, embeddings, seed):
+        """The paper's Random row: MeanAP of random Gaussian embeddings of the same sizes."""
+        gen = torch.Generator().manual_seed(seed)
+        query_emb, cand_emb = embeddings
+        rand_q = model.l2norm(torch.randn(query_emb.shape, generator=gen))
+        rand_c = model.l2norm(torch.randn(cand_emb.shape, generator=gen))
+        return retrieval_map(rand_q, self.queries.entries, rand_c, self.candidates.entries,
+                             len(self.attributes))[1]
+
+
+class TripletEvaluation:
+    """Triplet accuracy per condition and overall of a zappos.TripletEvalSet."""
+    per_key, total_key = 'accuracy', 'Accuracy'
+
+    def __init__(self, eval_set, conditions):
+        self.eval_set, self.attributes = eval_set, conditions
+
+    @property
+    def datasets(self):
+        return (self.eval_set,)
+
+    @property
+    def images(self):
+        return self.eval_set
+
+    def score(self, embeddings):
+        (emb,) = embeddings
+        per, total = zappos.condition_accuracy(emb, self.eval_set.rows, self.eval_set.conditions,
+                                               len(self.attributes))
+        return Scores(dict(zip(self.attributes, per)), total)
+
+    def random_score(self, embeddings, seed):
+        """The Random row: triplet accuracy of random Gaussian embeddings (about 50%)."""
+        (emb,) = embeddings
+        rand = model.l2norm(torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed)))
+        return zappos.condition_accuracy(rand, self.eval_set.rows, self.eval_set.conditions,
+                                         len(self.attributes))[1]
+
+
+def retrieval_map(query_emb, query_entries, cand_emb, cand_entries, n_attributes):
+    """Per-attribute mAP and the query-weighted MeanAP (fractions in [0, 1])."""
+    per_attribute, n_queries = [], []
+    for attr in range(n_attributes):
+        q = np.flatnonzero(query_entries[:, 1] == attr)
+        c = np.flatnonzero(cand_entries[:, 1] == attr)
+        q_idx, c_idx = torch.from_numpy(q).to(query_emb.device), torch.from_numpy(c).to(cand_emb.device)
+        per_attribute.append(utils.mean_average_precision(
+            cand_emb[c_idx], query_emb[q_idx], torch.from_numpy(cand_entries[c, 2]),
+            torch.from_numpy(query_entries[q, 2])))
+        n_queries.append(len(q))
+    mean = float(np.average(per_attribute, weights=n_queries)) if sum(n_queries) else 0.0
+    return per_attribute, mean
+
+
+def percent(evaluation, scores):
+    """{'mAP': {attribute: %}, 'MeanAP': %} (Zappos50k: 'accuracy', 'Accuracy')."""
+    return {evaluation.per_key: {name: 100 * value for name, value in scores.per.items()},
+            evaluation.total_key: 100 * scores.total}
+
+
+def log_scores(logger, evaluation, scores, epoch=None):
+    """The log lines of an evaluation, as the original prints them."""
+    if epoch is not None:
+        logger.info(f'Train Epoch: {epoch}')
+    for name, value in scores.per.items():
+        logger.info(f'{name} {evaluation.per_key}: {100 * value:.4f}')
+    logger.info(f'{evaluation.total_key}: {100 * scores.total:.4f}')

@@ -1,0 +1,113 @@
+"""What the engine reads, assembled from the configuration: the dataset's files, the training
+triplets, the evaluation sets, their loaders and image caches."""
+import os
+
+import numpy as np
+import torch
+
+import datasets
+import synthfashion
+from lib import asenpp, evaluation, gpuinput, imagecache, runtime, zappos
+from lib.config import TRIPLET_DATASETS
+from lib.runtime import local_first
+from utils import UserError
+
+
+def prepare_dataset(args):
+    """The dataset's split files (SynthFashion generated on first use); Zappos50k's triplet lists."""
+    if os.path.exists(args.data_path) and not os.path.isdir(args.data_path):
+        raise UserError(f"--data_path {args.data_path} is a file, not a folder; pass the folder holding the datasets")
+    if args.dataset == 'Zappos50k':
+        return zappos.ZapposFiles(args.data_path)
+    if args.dataset == 'SynthFashion':
+        n_eval = max(args.synth_images // 4, 8)
+        try:
+            synthfashion.ensure(os.path.join(args.data_path, 'SynthFashion'), n_train=args.synth_images,
+                                n_valid=n_eval, n_test=n_eval)
+        except synthfashion.NotOurFolder as err:
+            raise UserError(f"{err} (or pass another --data_path)") from err
+    return datasets.SplitFiles(args.data_path, args.dataset)
+
+
+def training_set(split_files, args):
+    """The training triplets of the dataset: attribute labels or, on Zappos50k, the CSN lists."""
+    if args.model == 'ASENpp':
+        return asenpp.training_set(split_files, args)
+    transform = datasets.build_transform(args.img_size, train=True)
+    if args.dataset in TRIPLET_DATASETS:
+        return zappos.ZapposTripletDataset(split_files, args.num_triplets, transform, args.seed, args.skip_bad_images)
+    return datasets.TripletDataset(split_files, args.num_triplets, transform, args.seed, args.skip_bad_images)
+
+
+def evaluation_of(split_files, split, args, logger):
+    """The evaluation of `split`: retrieval mAP, or on Zappos50k triplet accuracy."""
+    transform = datasets.build_transform(args.img_size, train=False)
+    if args.dataset in TRIPLET_DATASETS:
+        split = {'valid': 'val'}.get(split, split)          # CSN names its lists train, val, test
+        eval_set = zappos.TripletEvalSet(split_files, split, transform, args.skip_bad_images)
+        report_skipped(logger, f'{split} triplets', eval_set.skipped)
+        return evaluation.TripletEvaluation(eval_set, split_files.attributes)
+    dataset_class = asenpp.OriginalsRetrievalDataset if asenpp.uses_originals(args) else datasets.RetrievalDataset
+    queries = dataset_class(split_files, split, 'query', transform, args.skip_bad_images)
+    candidates = dataset_class(split_files, split, 'candidate', transform, args.skip_bad_images)
+    report_skipped(logger, f'{split} split', queries.skipped + candidates.skipped)
+    if args.cache_images:
+        attach_image_cache([queries, candidates], split_files, split, args, logger)
+    return evaluation.RetrievalEvaluation(queries, candidates, split_files.attributes)
+
+
+def report_skipped(logger, what, count):
+    if count:
+        logger.info(f'--skip-bad-images: left out {count} missing or unreadable image(s) of the {what}')
+
+
+def default_workers(workers, device):
+    """--workers, else 4 on CUDA and 0 on the CPU, as the original."""
+    return workers if workers is not None else (4 if device.type == 'cuda' else 0)
+
+
+def make_loader(dataset, batch_size, device, workers, channels_last, persistent=False):
+    """Batches of `batch_size` in dataset order, on `device` and ready for the network
+    (gpuinput.DeviceLoader: uint8 from the workers, flip and normalisation on the device, the same
+    floats and flips as the original's transform). `persistent` keeps the workers across passes;
+    each pass still gets the triplets that `set_epoch` drew, since the loader hands them to the
+    workers batch by batch."""
+    workers = default_workers(workers, device)
+    if getattr(getattr(dataset, 'dataset', dataset), 'originals', False):
+        # ASENpp stage 2: the decoded originals (of many sizes) travel beside the views, through
+        # the item path and the dataset's collate_fn; engine.batch_to_device moves them
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                                           pin_memory=device.type == 'cuda', collate_fn=dataset.collate_fn)
+    return gpuinput.DeviceLoader(dataset, batch_size, device, workers, channels_last, persistent)
+
+
+def cache_workers(args):
+    """Decoding processes for building the image cache: --workers, else up to 4."""
+    return args.workers if args.workers is not None else min(4, os.cpu_count() or 1)
+
+
+def attach_image_cache(dataset_list, split_files, split, args, logger):
+    """Serve `dataset_list` (all of one split) from the split's image cache, built if stale."""
+    ids = np.concatenate([d.image_ids for d in dataset_list])
+    cache = local_first(lambda: imagecache.ensure(split_files, split, ids, args.img_size, cache_workers(args),
+                                                  args.skip_bad_images, may_build=runtime.first_on_node(),
+                                                  log=logger.info))
+    for dataset in dataset_list:
+        dataset.attach_cache(cache)
+
+
+def synth_regions(split_files, split):
+    """SynthFashion's attribute regions of `split` (n_images, n_attributes, boxes, 4), else None."""
+    path = split_files.path(f'regions_{split}.txt')
+    if not os.path.isfile(path):
+        return None
+    n_images = len(split_files.filenames(split))
+    try:
+        regions = synthfashion.read_regions(path, len(split_files.attributes))
+    except ValueError as err:
+        raise UserError(f"{path}: not a regions file ({' '.join(str(err).split())[:120]}); regenerate the "
+                        f"dataset (delete {split_files.root})") from err
+    if len(regions) != n_images:
+        raise UserError(f"{path}: {len(regions)} lines for {n_images} images in filenames_{split}.txt; "
+                        f"regenerate the dataset (delete {split_files.root})")
+    return regions
