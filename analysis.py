@@ -5,6 +5,7 @@ import os
 import numpy as np
 import torch
 
+import checks
 import datasets
 import utils
 import visualize
@@ -74,10 +75,22 @@ def gallery_paths(split_files, gallery_dir):
                        if f.lower().endswith(IMAGE_EXTENSIONS))
         if not paths:
             raise UserError(f"--gallery {gallery_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it")
+        for path in paths:
+            check_gallery_file(path)
         return paths
     filenames = split_files.filenames('test')
     ids = np.unique(split_files.retrieval_entries('test', 'candidate')[:, 0])
     return [os.path.join(split_files.root, filenames[i]) for i in ids]
+
+
+def check_gallery_file(path):
+    """A one-line error for a gallery entry that is no regular file (a named pipe would block the
+    ranking for ever) or whose name is not UTF-8 (it could not be printed)."""
+    try:
+        checks.require_utf8_name(path)
+        checks.require_regular_file(path, 'image')
+    except UserError as err:
+        raise UserError(f"--gallery: {err}") from None
 
 
 @torch.inference_mode()

@@ -13,17 +13,20 @@ stray CRs and trailing whitespace; every reader here accepts them.
 files in this format from the challenge's Annotations/label.csv (see the section at the end).
 """
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
 
+import checks
 from utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,18 +39,12 @@ def read_lines(path):
     """Lines of a text file split on LF only, each stripped of CR and surrounding whitespace.
 
     Splitting on LF alone keeps a stray CR inside a line from shifting the line numbers (ids);
-    trailing empty lines are dropped.
+    trailing empty lines are dropped. Not a regular file, a BOM or a byte that is not UTF-8 is a
+    one-line error (checks.py).
     """
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UserError(f"{path}: file not found")
-    with open(path, 'rb') as f:
-        data = f.read()
-    try:
-        text = data.decode('utf-8')
-    except UnicodeDecodeError as err:
-        line = data.count(b'\n', 0, err.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save the file as "
-                        f"UTF-8") from err
+    text = checks.decode_utf8(path, checks.read_bytes(path))
     lines = [line.strip() for line in text.split('\n')]
     while lines and not lines[-1]:
         lines.pop()
@@ -58,19 +55,19 @@ def read_int_rows(path, pairs=False):
     """Rows of integers from a split file, as a list of (line number, [ints]).
 
     `pairs=False`: exactly `id attr value`. `pairs=True`: `id attr value [attr value ...]`.
-    Blank lines are skipped (each row names its image id, so nothing shifts); anything else
-    malformed is reported as file:line.
+    A blank line, or anything else malformed (ids in other than ASCII digits included), is
+    reported as file:line.
     """
     rows = []
-    for number, line in enumerate(read_lines(path), start=1):
-        if not line:
-            continue
+    lines = read_lines(path)
+    checks.refuse_blank_lines(path, lines, 'each line is one labelled image; delete the line')
+    for number, line in enumerate(lines, start=1):
         fields = line.split()
         bad_count = len(fields) < 3 or len(fields) % 2 == 0 if pairs else len(fields) != 3
-        if bad_count or not all(f.isdigit() for f in fields):
+        if bad_count or not all(checks.is_id(f) for f in fields):
             expected = "'id attr value [attr value ...]'" if pairs else "'id attr value'"
             raise UserError(f"{path}:{number}: malformed line {line!r}; expected {expected} "
-                            f"with non-negative integers")
+                            f"with non-negative integers in ASCII digits 0-9")
         rows.append((number, [int(f) for f in fields]))
     return rows
 
@@ -84,23 +81,15 @@ def meta_entry(data_path, dataset):
     """(ATTRIBUTES, ATTRIBUTES_NUM in that order, the meta.json they came from) of `dataset`."""
     candidates = [os.path.join(data_path, dataset, 'meta.json'), os.path.join(data_path, 'meta.json')]
     for path in candidates:
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             continue
         try:
-            with open(path, 'rb') as f:
-                meta = json.loads(f.read().decode('utf-8'))
-        except (ValueError, UnicodeDecodeError) as err:
+            meta = json.loads(checks.decode_utf8(path, checks.read_bytes(path, 'meta.json')))
+        except ValueError as err:
             raise UserError(f"{path}: not valid JSON ({err})") from err
-        if dataset not in meta:
-            continue
-        entry = meta[dataset]
-        try:
-            names = list(entry['ATTRIBUTES'])
-            counts = [int(entry['ATTRIBUTES_NUM'][name]) for name in names]
-        except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{path}: entry {dataset!r} needs ATTRIBUTES and ATTRIBUTES_NUM for every "
-                            f"attribute ({type(err).__name__}: {err})") from err
-        return names, counts, path
+        entry = checks.check_meta(path, meta, dataset)
+        if entry is not None:
+            return entry[0], entry[1], path
     raise UserError(f"no meta.json entry for dataset {dataset!r} in {' or '.join(candidates)}; "
                     f"unpack the authors' split archive into {data_path}/ (see README, 'Datasets')")
 
@@ -127,10 +116,9 @@ class SplitFiles:
         if split not in self._filenames:
             file = self.path(f'filenames_{split}.txt')
             names = read_lines(file)
-            if '' in names:
-                # a blank line would take an id and shift every later image's id by one
-                raise UserError(f"{file}:{names.index('') + 1}: blank line; each line is one image path and "
-                                f"its line number is the id; delete the line (or fill in its image)")
+            # a blank line would take an id and shift every later image's id by one
+            checks.refuse_blank_lines(file, names, 'each line is one image path and its line number is the '
+                                                    'id; delete the line (or fill in its image)')
             self._filenames[split] = names
         return self._filenames[split]
 
@@ -266,14 +254,66 @@ def build_transform(img_size, train):
 
 
 def load_image(path):
-    """An 8-bit RGB PIL image; a missing or unreadable file raises a UserError naming it."""
+    """An 8-bit RGB PIL image; a missing, unreadable, non-regular or too large file raises a UserError
+    naming it."""
     try:
-        with Image.open(path) as img:
+        checks.require_regular_file(path, 'image')
+        with refusing_large_images(), Image.open(path) as img:
             return to_rgb(img, path)
-    except FileNotFoundError as err:
-        raise UserError(f"image {path} is listed but missing; restore it or fix the filenames file") from err
+    except UserError as err:
+        if not os.path.lexists(path):
+            raise UserError(f"image {path} is listed but missing; restore it or fix the filenames file") from err
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UserError(f"image {path}: {too_large_message(err)}") from err
     except (OSError, ValueError) as err:
         raise UserError(f"image {path} cannot be read ({err}); replace it") from err
+
+
+# ----------------------------------------------------------------------------- very large images
+#
+# PIL refuses images of more than 2 * Image.MAX_IMAGE_PIXELS pixels (DecompressionBombError) and
+# warns above MAX_IMAGE_PIXELS: a small file can hold a huge image that would fill the memory when
+# decoded. Both are refused here, by name, unless allow_large_images(True) (asen.py's
+# --allow-large-images) lifts the limit. The switch is also kept in the environment so that data
+# loading processes started without fork inherit it.
+
+PIL_PIXEL_LIMIT = Image.MAX_IMAGE_PIXELS
+ALLOW_LARGE_IMAGES_ENV = 'ASEN_ALLOW_LARGE_IMAGES'
+
+
+def allow_large_images(allow=True):
+    """Lift (True) or restore (False) PIL's pixel limit for this process and its children."""
+    Image.MAX_IMAGE_PIXELS = None if allow else PIL_PIXEL_LIMIT
+    if allow:
+        os.environ[ALLOW_LARGE_IMAGES_ENV] = '1'
+    else:
+        os.environ.pop(ALLOW_LARGE_IMAGES_ENV, None)
+
+
+def too_large_message(detail):
+    return (f"too large to decode safely ({detail}); a decompression bomb? check the image, or pass "
+            f"--allow-large-images if it is wanted")
+
+
+@contextlib.contextmanager
+def refusing_large_images():
+    """PIL's DecompressionBombWarning raised as an error inside the block."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', Image.DecompressionBombWarning)
+        yield
+
+
+def pixel_limit_problem(width, height):
+    """Why a width x height image is refused as too large, or None."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or width * height <= limit:
+        return None
+    return too_large_message(f"{width}x{height} = {width * height} pixels, PIL's limit is {limit}")
+
+
+if os.environ.get(ALLOW_LARGE_IMAGES_ENV) == '1':
+    allow_large_images(True)
 
 
 # 16-bit grey (PNG 'I;16', or 'I' as some decoders give it): values 0..65535.
@@ -304,17 +344,24 @@ def to_rgb(img, path):
 
 def image_problem(path):
     """None if `path` is an image load_image can use (judged from its header), else why not."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path) or not os.path.exists(path):
         return 'missing'
+    kind = checks.file_kind(path)
+    if kind is not None:
+        return f'{kind}, not an image file'        # opening a named pipe would wait for ever
     if looks_like_whole_jpeg(path):
-        return None                                 # the common case, without PIL: every JPEG mode loads
+        # the common case, without PIL: every JPEG mode loads; only the size is read
+        return pixel_limit_problem(*jpeg_size(path))
     try:
-        with Image.open(path) as img:
-            mode, image_format = img.mode, img.format
-            img.verify()                            # PNG: every chunk's CRC, so a cut PNG fails here
-        if image_format == 'JPEG':                  # no end marker: maybe cut short; decode to be sure
+        with refusing_large_images():
             with Image.open(path) as img:
-                img.load()
+                mode, image_format = img.mode, img.format
+                img.verify()                        # PNG: every chunk's CRC, so a cut PNG fails here
+            if image_format == 'JPEG':              # no end marker: maybe cut short; decode to be sure
+                with Image.open(path) as img:
+                    img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return too_large_message(err)
     except (OSError, SyntaxError, ValueError) as err:
         return f'unreadable: {err}'
     if mode in REFUSED_MODES:
@@ -330,6 +377,34 @@ def looks_like_whole_jpeg(path):
         f.seek(max(os.path.getsize(path) - 64, 0))
         tail = f.read()
     return head == b'\xff\xd8\xff' and tail.rstrip(b'\0\r\n ').endswith(b'\xff\xd9')
+
+
+# start-of-frame markers (they hold the size): C0-CF but C4 (DHT), C8 (JPG), CC (DAC)
+JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+JPEG_STANDALONE_MARKERS = frozenset(range(0xD0, 0xD9)) | {0x01}        # RSTn, SOI, TEM: no length
+
+
+def jpeg_size(path):
+    """(width, height) from a JPEG's frame header, read by walking the markers; (0, 0) when there is
+    none before the scan (PIL then reports the file when it is opened)."""
+    with open(path, 'rb') as f:
+        f.seek(2)
+        while True:
+            byte = f.read(1)
+            while byte == b'\xff':                 # fill bytes before a marker
+                byte = f.read(1)
+            if not byte or byte[0] in (0xDA, 0xD9):  # start of scan or end of image: no frame header
+                return 0, 0
+            marker = byte[0]
+            if marker in JPEG_STANDALONE_MARKERS:
+                continue
+            header = f.read(7)
+            if len(header) < 2:
+                return 0, 0
+            if marker in JPEG_FRAME_MARKERS and len(header) == 7:
+                height, width = int.from_bytes(header[3:5], 'big'), int.from_bytes(header[5:7], 'big')
+                return width, height
+            f.seek(int.from_bytes(header[:2], 'big') - len(header), os.SEEK_CUR)
 
 
 def bad_image_ids(root, filenames, ids, listing, skip_bad):

@@ -18,6 +18,7 @@ import os
 import numpy as np
 import torch
 
+import checks
 import datasets
 from utils import UserError
 
@@ -50,7 +51,11 @@ class ZapposFiles:
     def filenames(self):
         """Image paths (relative to `root`) indexed by id."""
         if self._filenames is None:
-            self._filenames = datasets.read_lines(self.path(FILENAMES))
+            names = datasets.read_lines(self.path(FILENAMES))
+            # a blank line takes an id: every later image would be paired with the wrong triplets
+            checks.refuse_blank_lines(self.path(FILENAMES), names, 'each line is one image path and its line '
+                                      'number is the id; delete the line (or fill in its image)')
+            self._filenames = names
         return self._filenames
 
     def list_path(self, condition, split):
@@ -67,13 +72,13 @@ class ZapposFiles:
 def read_triplet_list(path, condition, n_images):
     """(T, 4) int64 rows (anchor, far, close, condition) of one list; bad lines name file:line."""
     rows = []
-    for number, line in enumerate(datasets.read_lines(path), start=1):
-        if not line:
-            continue
+    lines = datasets.read_lines(path)
+    checks.refuse_blank_lines(path, lines, "each line is one triplet 'anchor far close'; delete the line")
+    for number, line in enumerate(lines, start=1):
         fields = line.split()
-        if len(fields) != 3 or not all(f.isdigit() for f in fields):
+        if len(fields) != 3 or not all(checks.is_id(f) for f in fields):
             raise UserError(f"{path}:{number}: malformed line {line!r}; expected 'anchor far close' "
-                            f"(three image ids, non-negative integers)")
+                            f"(three image ids, non-negative integers in ASCII digits 0-9)")
         ids = [int(f) for f in fields]
         if max(ids) >= n_images:
             raise UserError(f"{path}:{number}: image id {max(ids)} is past the end of {FILENAMES} "
