@@ -1,6 +1,7 @@
 """Seeing and using a trained ASEN: attention heatmaps, attention localisation, retrieval."""
 import hashlib
 import os
+import sys
 
 import numpy as np
 import torch
@@ -164,3 +165,8 @@ def retrieve(net, split_files, args, device, run_dir):
     grid = os.path.join(run_dir, 'retrieval', f'{name}-{args.attribute}.png')
     visualize.save_retrieval_grid(args.retrieve, [p for *_, p in results], [s for _, s, _ in results], grid)
     return results, grid
+
+
+if __name__ == '__main__':
+    sys.exit(utils.not_a_command('analysis.py', 'run python asen.py --retrieve IMAGE --attribute NAME'
+                                 ' --resume runs/<name>/model_best.pth.tar'))

@@ -8,8 +8,10 @@ that str.isdigit() accepts but are not ASCII 0-9 ('²', Arabic-Indic digits); a 
 the wrong shape or with an attribute named twice.
 """
 import os
+import sys
 import stat
 
+import utils
 from utils import UserError
 
 BOM = b'\xef\xbb\xbf'
@@ -119,3 +121,7 @@ def check_meta(path, meta, dataset):
             raise UserError(f"{needs}; ATTRIBUTES_NUM[{name!r}] is {count!r}, not a positive integer")
         counts.append(count)
     return names, counts
+
+
+if __name__ == '__main__':
+    sys.exit(utils.not_a_command('checks.py', 'python asen.py checks the data files it reads'))

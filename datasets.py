@@ -614,5 +614,5 @@ class IndexShard(torch.utils.data.Dataset):
 
 
 if __name__ == '__main__':
-    sys.exit(utils.not_a_command('datasets.py', "it reads the datasets for asen.py; build a FashionAI split "
+    sys.exit(utils.not_a_command('datasets.py', "run python asen.py to train, or build a FashionAI split "
                                                 "with python build_fashionai.py --root data/FashionAI"))

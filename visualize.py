@@ -8,12 +8,14 @@ in original pixel coordinates into it, and the attention cells are taken to tile
 """
 import itertools
 import os
+import sys
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from torchvision import transforms
 
+import utils
 from datasets import load_image
 
 CAPTION_HEIGHT = 22   # pixels under each grid tile for its caption
@@ -237,3 +239,8 @@ def save_retrieval_grid(query_path, result_paths, scores, path, tile_size=128):
     tiles = [load_image(query_path)] + [load_image(p) for p in result_paths]
     captions = ['query'] + [f'rank {k}  {float(s):.3f}' for k, s in enumerate(scores, start=1)]
     return _save(image_grid(tiles, captions, len(tiles), tile_size), path)
+
+
+if __name__ == '__main__':
+    sys.exit(utils.not_a_command('visualize.py', 'run python asen.py --visualize'
+                                 ' --resume runs/<name>/model_best.pth.tar for the figures'))

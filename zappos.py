@@ -14,12 +14,14 @@ Training draws triplets anew each epoch, evenly over the conditions; evaluation 
 triplet of the val/test lists: correct when s(anchor, close) > s(anchor, far).
 """
 import os
+import sys
 
 import numpy as np
 import torch
 
 import checks
 import datasets
+import utils
 from utils import UserError
 
 CONDITIONS = ('class', 'closure', 'gender', 'heel')
@@ -206,3 +208,7 @@ def condition_accuracy(embeddings, rows, conditions, n_conditions):
     totals = np.bincount(conditions, minlength=n_conditions)
     per_condition = [float(h / t) if t else 0.0 for h, t in zip(hits, totals)]
     return per_condition, float(correct.mean()) if len(correct) else 0.0
+
+
+if __name__ == '__main__':
+    sys.exit(utils.not_a_command('zappos.py', 'run python asen.py --dataset Zappos50k to train on Zappos50k'))
