@@ -9,28 +9,21 @@ This file holds the flags, the resolution of the configuration and the dispatch 
 """
 import argparse
 import contextlib
-import errno
 import os
 import sys
 from typing import NamedTuple
 
+import datasets
 import model
 import utils
 from lib import asenpp, checkpoints, commands, config, inputs, runtime, tables
 from lib.config import COMPILE_MODES, DATASETS
 from lib.runtime import is_main_process, local_first
-from utils import UserError
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (exit 2) rather than the usage block."""
-
-    def error(self, message):
-        self.exit(2, f'error: {message} (see python asen.py --help)\n')
 
 
 def get_args_parser():
-    parser = ArgumentParser(
+    parser = utils.OneLineArgumentParser(
+        command='asen.py',
         description='Attribute-Specific Embedding Network (ASEN): train, or test with --test --resume.',
         formatter_class=utils.HelpFormatter)
     data = parser.add_argument_group('data')
@@ -50,6 +43,9 @@ def get_args_parser():
     data.add_argument('--workers', type=int, default=None,
                       help='DataLoader worker processes; they decode and resize, the device normalises, and '
                            'the training ones persist across epochs (default: 4 on CUDA, 0 on CPU, as the original)')
+    data.add_argument('--allow-large-images', dest='allow_large_images', action='store_true',
+                      help="decode images over PIL's pixel limit (its decompression-bomb guard, about 179 "
+                           "megapixels); only for images you trust")
     data.add_argument('--cache-images', '--cache_images', dest='cache_images', action='store_true',
                       help='decode and resize each split\'s images once into a uint8 memory-mapped file '
                            'data/<Dataset>/cache/<split>_<img-size>.u8 (N x S x S x 3 bytes), rebuilt '
@@ -238,6 +234,8 @@ def run(resolved):
     args = resolved.args
     if args.collect:
         return tables.collect(args.collect, args.collect_out, args.collect_by)
+    if args.allow_large_images:
+        datasets.allow_large_images(True)
     device = runtime.resolve_device(args.no_cuda)
     runtime.configure_backends(device, args.tf32)
     utils.seed_everything(args.seed)
@@ -300,45 +298,12 @@ def log_invocation(resolved, run_dir, logger):
 
 def main(argv=None):
     """The command line; every user mistake and machine failure is one `error:` line."""
-    try:
+    def work():
         runtime.check_torch_version()
-    except UserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    try:
         resolved = resolve_configuration(argv)
         with runtime.distributed_session(resolved.args.no_cuda, resolved.args.sync_bn):
             run(resolved)
-    except UserError as err:
-        # errors raised in DataLoader workers arrive wrapped in their traceback: keep the message
-        message = str(err).strip().splitlines()[-1] if str(err).strip() else 'failed'
-        print(f"error: {message.removeprefix('utils.UserError: ')}", file=sys.stderr)
-        return 130 if isinstance(err, commands.Interrupted) else 2
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); the files saved before are kept", file=sys.stderr)
-        return 130
-    except (OSError, RuntimeError) as err:
-        line = environment_error(err)
-        if line is None:
-            raise
-        print(f"error: {line}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def environment_error(err):
-    """One line for a failure of the machine rather than of the code (disk full, no permission,
-    a file in the way), else None."""
-    if isinstance(err, OSError):
-        where = f" ({err.filename})" if err.filename else ''
-        hint = {errno.ENOSPC: 'free disk space', errno.EDQUOT: 'free disk space',
-                errno.EACCES: 'check the permissions', errno.EPERM: 'check the permissions',
-                errno.EROFS: 'use a writable folder'}.get(err.errno, 'check the path')
-        return f"{err.strerror or err}{where}; {hint}; files already saved are kept"
-    if utils.is_disk_full(err):
-        return f"no space left on device ({' '.join(str(err).split())[:200]}); free disk space; files " \
-               f"already saved are kept"
-    return None
+    return utils.run_command(work)
 
 
 if __name__ == '__main__':

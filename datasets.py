@@ -9,21 +9,22 @@ may carry its own `<data_path>/<Dataset>/meta.json` (SynthFashion does), which w
 the authors' archive over `data/meta.json` cannot break it. The published files have CRLF ends,
 stray CRs and trailing whitespace; every reader here accepts them.
 
-`python datasets.py build-fashionai --root data/FashionAI [--seed 0]` builds FashionAI split
-files in this format from the challenge's Annotations/label.csv (see the section at the end).
+`python build_fashionai.py --root data/FashionAI [--seed 0]` builds FashionAI split files in
+this format from the challenge's Annotations/label.csv.
 """
-import argparse
+import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import transforms
 
+from lib import checks
+import utils
 from utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,18 +37,12 @@ def read_lines(path):
     """Lines of a text file split on LF only, each stripped of CR and surrounding whitespace.
 
     Splitting on LF alone keeps a stray CR inside a line from shifting the line numbers (ids);
-    trailing empty lines are dropped.
+    trailing empty lines are dropped. Not a regular file, a BOM or a byte that is not UTF-8 is a
+    one-line error (checks.py).
     """
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise UserError(f"{path}: file not found")
-    with open(path, 'rb') as f:
-        data = f.read()
-    try:
-        text = data.decode('utf-8')
-    except UnicodeDecodeError as err:
-        line = data.count(b'\n', 0, err.start) + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text (byte {data[err.start]:#04x}); save the file as "
-                        f"UTF-8") from err
+    text = checks.decode_utf8(path, checks.read_bytes(path))
     lines = [line.strip() for line in text.split('\n')]
     while lines and not lines[-1]:
         lines.pop()
@@ -58,19 +53,19 @@ def read_int_rows(path, pairs=False):
     """Rows of integers from a split file, as a list of (line number, [ints]).
 
     `pairs=False`: exactly `id attr value`. `pairs=True`: `id attr value [attr value ...]`.
-    Blank lines are skipped (each row names its image id, so nothing shifts); anything else
-    malformed is reported as file:line.
+    A blank line, or anything else malformed (ids in other than ASCII digits included), is
+    reported as file:line.
     """
     rows = []
-    for number, line in enumerate(read_lines(path), start=1):
-        if not line:
-            continue
+    lines = read_lines(path)
+    checks.refuse_blank_lines(path, lines, 'each line is one labelled image; delete the line')
+    for number, line in enumerate(lines, start=1):
         fields = line.split()
         bad_count = len(fields) < 3 or len(fields) % 2 == 0 if pairs else len(fields) != 3
-        if bad_count or not all(f.isdigit() for f in fields):
+        if bad_count or not all(checks.is_id(f) for f in fields):
             expected = "'id attr value [attr value ...]'" if pairs else "'id attr value'"
             raise UserError(f"{path}:{number}: malformed line {line!r}; expected {expected} "
-                            f"with non-negative integers")
+                            f"with non-negative integers in ASCII digits 0-9")
         rows.append((number, [int(f) for f in fields]))
     return rows
 
@@ -84,23 +79,15 @@ def meta_entry(data_path, dataset):
     """(ATTRIBUTES, ATTRIBUTES_NUM in that order, the meta.json they came from) of `dataset`."""
     candidates = [os.path.join(data_path, dataset, 'meta.json'), os.path.join(data_path, 'meta.json')]
     for path in candidates:
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             continue
         try:
-            with open(path, 'rb') as f:
-                meta = json.loads(f.read().decode('utf-8'))
-        except (ValueError, UnicodeDecodeError) as err:
+            meta = json.loads(checks.decode_utf8(path, checks.read_bytes(path, 'meta.json')))
+        except ValueError as err:
             raise UserError(f"{path}: not valid JSON ({err})") from err
-        if dataset not in meta:
-            continue
-        entry = meta[dataset]
-        try:
-            names = list(entry['ATTRIBUTES'])
-            counts = [int(entry['ATTRIBUTES_NUM'][name]) for name in names]
-        except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{path}: entry {dataset!r} needs ATTRIBUTES and ATTRIBUTES_NUM for every "
-                            f"attribute ({type(err).__name__}: {err})") from err
-        return names, counts, path
+        entry = checks.check_meta(path, meta, dataset)
+        if entry is not None:
+            return entry[0], entry[1], path
     raise UserError(f"no meta.json entry for dataset {dataset!r} in {' or '.join(candidates)}; "
                     f"unpack the authors' split archive into {data_path}/ (see README, 'Datasets')")
 
@@ -127,10 +114,9 @@ class SplitFiles:
         if split not in self._filenames:
             file = self.path(f'filenames_{split}.txt')
             names = read_lines(file)
-            if '' in names:
-                # a blank line would take an id and shift every later image's id by one
-                raise UserError(f"{file}:{names.index('') + 1}: blank line; each line is one image path and "
-                                f"its line number is the id; delete the line (or fill in its image)")
+            # a blank line would take an id and shift every later image's id by one
+            checks.refuse_blank_lines(file, names, 'each line is one image path and its line number is the '
+                                                    'id; delete the line (or fill in its image)')
             self._filenames[split] = names
         return self._filenames[split]
 
@@ -266,14 +252,66 @@ def build_transform(img_size, train):
 
 
 def load_image(path):
-    """An 8-bit RGB PIL image; a missing or unreadable file raises a UserError naming it."""
+    """An 8-bit RGB PIL image; a missing, unreadable, non-regular or too large file raises a UserError
+    naming it."""
     try:
-        with Image.open(path) as img:
+        checks.require_regular_file(path, 'image')
+        with refusing_large_images(), Image.open(path) as img:
             return to_rgb(img, path)
-    except FileNotFoundError as err:
-        raise UserError(f"image {path} is listed but missing; restore it or fix the filenames file") from err
+    except UserError as err:
+        if not os.path.lexists(path):
+            raise UserError(f"image {path} is listed but missing; restore it or fix the filenames file") from err
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UserError(f"image {path}: {too_large_message(err)}") from err
     except (OSError, ValueError) as err:
         raise UserError(f"image {path} cannot be read ({err}); replace it") from err
+
+
+# ----------------------------------------------------------------------------- very large images
+#
+# PIL refuses images of more than 2 * Image.MAX_IMAGE_PIXELS pixels (DecompressionBombError) and
+# warns above MAX_IMAGE_PIXELS: a small file can hold a huge image that would fill the memory when
+# decoded. Both are refused here, by name, unless allow_large_images(True) (asen.py's
+# --allow-large-images) lifts the limit. The switch is also kept in the environment so that data
+# loading processes started without fork inherit it.
+
+PIL_PIXEL_LIMIT = Image.MAX_IMAGE_PIXELS
+ALLOW_LARGE_IMAGES_ENV = 'ASEN_ALLOW_LARGE_IMAGES'
+
+
+def allow_large_images(allow=True):
+    """Lift (True) or restore (False) PIL's pixel limit for this process and its children."""
+    Image.MAX_IMAGE_PIXELS = None if allow else PIL_PIXEL_LIMIT
+    if allow:
+        os.environ[ALLOW_LARGE_IMAGES_ENV] = '1'
+    else:
+        os.environ.pop(ALLOW_LARGE_IMAGES_ENV, None)
+
+
+def too_large_message(detail):
+    return (f"too large to decode safely ({detail}); a decompression bomb? check the image, or pass "
+            f"--allow-large-images if it is wanted")
+
+
+@contextlib.contextmanager
+def refusing_large_images():
+    """PIL's DecompressionBombWarning raised as an error inside the block."""
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', Image.DecompressionBombWarning)
+        yield
+
+
+def pixel_limit_problem(width, height):
+    """Why a width x height image is refused as too large, or None."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is None or width * height <= limit:
+        return None
+    return too_large_message(f"{width}x{height} = {width * height} pixels, PIL's limit is {limit}")
+
+
+if os.environ.get(ALLOW_LARGE_IMAGES_ENV) == '1':
+    allow_large_images(True)
 
 
 # 16-bit grey (PNG 'I;16', or 'I' as some decoders give it): values 0..65535.
@@ -304,17 +342,24 @@ def to_rgb(img, path):
 
 def image_problem(path):
     """None if `path` is an image load_image can use (judged from its header), else why not."""
-    if not os.path.isfile(path):
+    if not os.path.lexists(path) or not os.path.exists(path):
         return 'missing'
+    kind = checks.file_kind(path)
+    if kind is not None:
+        return f'{kind}, not an image file'        # opening a named pipe would wait for ever
     if looks_like_whole_jpeg(path):
-        return None                                 # the common case, without PIL: every JPEG mode loads
+        # the common case, without PIL: every JPEG mode loads; only the size is read
+        return pixel_limit_problem(*jpeg_size(path))
     try:
-        with Image.open(path) as img:
-            mode, image_format = img.mode, img.format
-            img.verify()                            # PNG: every chunk's CRC, so a cut PNG fails here
-        if image_format == 'JPEG':                  # no end marker: maybe cut short; decode to be sure
+        with refusing_large_images():
             with Image.open(path) as img:
-                img.load()
+                mode, image_format = img.mode, img.format
+                img.verify()                        # PNG: every chunk's CRC, so a cut PNG fails here
+            if image_format == 'JPEG':              # no end marker: maybe cut short; decode to be sure
+                with Image.open(path) as img:
+                    img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        return too_large_message(err)
     except (OSError, SyntaxError, ValueError) as err:
         return f'unreadable: {err}'
     if mode in REFUSED_MODES:
@@ -330,6 +375,34 @@ def looks_like_whole_jpeg(path):
         f.seek(max(os.path.getsize(path) - 64, 0))
         tail = f.read()
     return head == b'\xff\xd8\xff' and tail.rstrip(b'\0\r\n ').endswith(b'\xff\xd9')
+
+
+# start-of-frame markers (they hold the size): C0-CF but C4 (DHT), C8 (JPG), CC (DAC)
+JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+JPEG_STANDALONE_MARKERS = frozenset(range(0xD0, 0xD9)) | {0x01}        # RSTn, SOI, TEM: no length
+
+
+def jpeg_size(path):
+    """(width, height) from a JPEG's frame header, read by walking the markers; (0, 0) when there is
+    none before the scan (PIL then reports the file when it is opened)."""
+    with open(path, 'rb') as f:
+        f.seek(2)
+        while True:
+            byte = f.read(1)
+            while byte == b'\xff':                 # fill bytes before a marker
+                byte = f.read(1)
+            if not byte or byte[0] in (0xDA, 0xD9):  # start of scan or end of image: no frame header
+                return 0, 0
+            marker = byte[0]
+            if marker in JPEG_STANDALONE_MARKERS:
+                continue
+            header = f.read(7)
+            if len(header) < 2:
+                return 0, 0
+            if marker in JPEG_FRAME_MARKERS and len(header) == 7:
+                height, width = int.from_bytes(header[3:5], 'big'), int.from_bytes(header[5:7], 'big')
+                return width, height
+            f.seek(int.from_bytes(header[:2], 'big') - len(header), os.SEEK_CUR)
 
 
 def bad_image_ids(root, filenames, ids, listing, skip_bad):
@@ -540,208 +613,6 @@ class IndexShard(torch.utils.data.Dataset):
         return pixels, flips, attr, value, full_index - self.start
 
 
-# ----------------------------------------------------------------------------- FashionAI split builder
-#
-# When the authors' split archive is not to be had, `python datasets.py build-fashionai` makes a
-# split in their format from the challenge's own annotations. FashionAI ships each training archive
-# (fashionAI_attributes_train1/, fashionAI_attributes_train2/) with `Annotations/label.csv`, rows
-# `Images/<attr>_labels/<id>.jpg,<attr>_labels,nnynnn`: the value is the position of the `y`; an
-# `m` marks a value that is also plausible, and such ambiguous rows are left out. Each image is
-# labelled under one attribute, so the split is by image: per attribute, its images are shuffled
-# (seeded) and cut train/valid/test 8:1:1, and the valid and test images 1:4 into queries and
-# candidates (the paper's protocol; the authors' files show the same overall proportions:
-# 144335/18000/18000 images, 3600 queries to 14400 candidates).
-
-# The authors' attribute order and value counts (their meta.json).
-FASHIONAI_ATTRIBUTES = (('skirt_length', 6), ('sleeve_length', 9), ('coat_length', 8), ('pant_length', 6),
-                        ('collar_design', 5), ('lapel_design', 5), ('neckline_design', 10), ('neck_design', 5))
-# label.csv's attribute column -> the authors' attribute name.
-LABEL_CSV_ATTRIBUTES = {
-    'skirt_length_labels': 'skirt_length', 'sleeve_length_labels': 'sleeve_length',
-    'coat_length_labels': 'coat_length', 'pant_length_labels': 'pant_length',
-    'collar_design_labels': 'collar_design', 'lapel_design_labels': 'lapel_design',
-    'neckline_design_labels': 'neckline_design', 'neck_design_labels': 'neck_design',
-}
-SPLIT_OUTPUTS = ('filenames_train.txt', 'filenames_valid.txt', 'filenames_test.txt', 'label_train.txt',
-                 'query_valid.txt', 'candidate_valid.txt', 'query_test.txt', 'candidate_test.txt')
-
-
-def find_label_files(root):
-    """[(label.csv path, image path prefix)]: `root/*/Annotations/label.csv`, then `root/Annotations/label.csv`."""
-    if not os.path.isdir(root):
-        raise UserError(f"{root}: folder not found; unpack the FashionAI attribute archives into it")
-    found = [(os.path.join(root, d, 'Annotations', 'label.csv'), d + '/') for d in sorted(os.listdir(root))
-             if os.path.isfile(os.path.join(root, d, 'Annotations', 'label.csv'))]
-    if os.path.isfile(os.path.join(root, 'Annotations', 'label.csv')):
-        found.append((os.path.join(root, 'Annotations', 'label.csv'), ''))
-    if not found:
-        raise UserError(f"{root}: no Annotations/label.csv in it or its subfolders; unpack "
-                        f"fashionAI_attributes_train1/ (and train2/) there")
-    return found
-
-
-def parse_label_row(path, number, line):
-    """(image path, attribute index, value) of a label.csv row, or a skip reason 'm' / 'y'."""
-    names = [name for name, _ in FASHIONAI_ATTRIBUTES]
-    fields = line.split(',')
-    if len(fields) != 3 or fields[1] not in LABEL_CSV_ATTRIBUTES:
-        raise UserError(f"{path}:{number}: malformed row {line!r}; expected "
-                        f"'Images/<attr>_labels/<id>.jpg,<attr>_labels,nnynn' with <attr>_labels one of "
-                        f"{', '.join(LABEL_CSV_ATTRIBUTES)}")
-    image, attr_name, label = fields
-    attr = names.index(LABEL_CSV_ATTRIBUTES[attr_name])
-    n_values = FASHIONAI_ATTRIBUTES[attr][1]
-    if len(label) != n_values or set(label) - set('ynm'):
-        raise UserError(f"{path}:{number}: label {label!r} of {attr_name} must be {n_values} letters "
-                        f"of y, n, m")
-    if 'm' in label:
-        return 'm'
-    if label.count('y') != 1:
-        return 'y'
-    return image, attr, label.index('y')
-
-
-def read_fashionai_labels(label_files):
-    """({image path: [(attr, value)]} in file order, {'m': rows skipped, 'y': rows without one y})."""
-    images, origin, skipped = {}, {}, {'m': 0, 'y': 0}
-    for path, prefix in label_files:
-        for number, line in enumerate(read_lines(path), start=1):
-            if not line:
-                continue
-            row = parse_label_row(path, number, line)
-            if isinstance(row, str):
-                skipped[row] += 1
-                continue
-            image, attr, value = prefix + row[0], row[1], row[2]
-            labels = dict(images.setdefault(image, []))
-            if labels.get(attr, value) != value:
-                raise UserError(f"{path}:{number}: {image} has another value for this attribute at "
-                                f"{origin[image, attr]}; fix one of the two rows")
-            if attr not in labels:
-                images[image].append((attr, value))
-                origin[image, attr] = f'{path}:{number}'
-    return images, skipped
-
-
-def split_counts(n):
-    """(train, valid, test) sizes of n images at 8:1:1, valid and test rounded half up."""
-    held = int(n / 10 + 0.5)
-    return n - 2 * held, held, held
-
-
-def assign_splits(images, seed):
-    """{'train'|'valid'|'test': image paths in id order}, {'valid'|'test': set of query paths}.
-
-    Stratified by each image's first attribute: every attribute is cut 8:1:1, its valid and test
-    images 1:4 into queries and candidates. Each split's order is shuffled too, so ids do not group
-    by attribute. Deterministic for a seed and the same label files.
-    """
-    rng = np.random.default_rng(seed)
-    by_attr = {}
-    for image, labels in images.items():
-        by_attr.setdefault(labels[0][0], []).append(image)
-    splits, queries = {'train': [], 'valid': [], 'test': []}, {'valid': set(), 'test': set()}
-    for attr in sorted(by_attr):
-        group = [by_attr[attr][i] for i in rng.permutation(len(by_attr[attr]))]
-        n_train, n_valid, _ = split_counts(len(group))
-        parts = {'train': group[:n_train], 'valid': group[n_train:n_train + n_valid],
-                 'test': group[n_train + n_valid:]}
-        for split, part in parts.items():
-            splits[split] += part
-            if split in queries:
-                queries[split].update(part[:int(len(part) / 5 + 0.5)])
-    return {s: [paths[i] for i in rng.permutation(len(paths))] for s, paths in splits.items()}, queries
-
-
-def split_file_texts(images, splits, queries):
-    """{output file name: text} of the split, in the authors' format (LF line ends)."""
-    texts = {f'filenames_{s}.txt': ''.join(p + '\n' for p in paths) for s, paths in splits.items()}
-    texts['label_train.txt'] = ''.join(
-        f'{i} ' + ' '.join(f'{a} {v}' for a, v in images[p]) + '\n' for i, p in enumerate(splits['train']))
-    for split in ('valid', 'test'):
-        for role in ('query', 'candidate'):
-            texts[f'{role}_{split}.txt'] = ''.join(
-                f'{i} {a} {v}\n' for i, p in enumerate(splits[split]) if (p in queries[split]) == (role == 'query')
-                for a, v in images[p])
-    return texts
-
-
-def fashionai_meta_entry():
-    """The FashionAI entry of meta.json, in the authors' attribute order."""
-    return {'ATTRIBUTES': [n for n, _ in FASHIONAI_ATTRIBUTES], 'ATTRIBUTES_NUM': dict(FASHIONAI_ATTRIBUTES)}
-
-
-def meta_text(root):
-    """`root/meta.json` with its FashionAI entry set (other entries kept)."""
-    meta_path = os.path.join(root, 'meta.json')
-    meta = {}
-    if os.path.isfile(meta_path):
-        try:
-            with open(meta_path, 'rb') as f:
-                meta = json.loads(f.read().decode('utf-8'))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise UserError(f"{meta_path}: not valid JSON ({err}); fix or remove it") from err
-    meta['FashionAI'] = fashionai_meta_entry()
-    return json.dumps(meta, indent=2) + '\n'
-
-
-def check_not_clobbering(root, force):
-    existing = [name for name in SPLIT_OUTPUTS if os.path.exists(os.path.join(root, name))]
-    if existing and not force:
-        raise UserError(f"{root} already holds a split ({', '.join(existing)}); it may be the authors'; "
-                        f"pass --force to replace it")
-
-
-def write_files_atomically(root, texts):
-    """Write every file to a temporary folder inside `root`, then move each into place."""
-    tmp = tempfile.mkdtemp(dir=root, prefix='.build-split-')
-    try:
-        for name, text in texts.items():
-            with open(os.path.join(tmp, name), 'w', newline='\n') as f:
-                f.write(text)
-        for name in texts:
-            os.replace(os.path.join(tmp, name), os.path.join(root, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def build_fashionai(root, seed=0, force=False):
-    """Build the FashionAI split files and meta.json in `root`; returns a summary dict."""
-    label_files = find_label_files(root)
-    check_not_clobbering(root, force)
-    images, skipped = read_fashionai_labels(label_files)
-    if not images:
-        raise UserError(f"{', '.join(p for p, _ in label_files)}: no usable row")
-    splits, queries = assign_splits(images, seed)
-    texts = split_file_texts(images, splits, queries)
-    texts['meta.json'] = meta_text(root)
-    write_files_atomically(root, texts)
-    return {'images': {s: len(p) for s, p in splits.items()}, 'queries': {s: len(q) for s, q in queries.items()},
-            'skipped_m': skipped['m'], 'skipped_no_single_y': skipped['y'], 'seed': seed,
-            'label_files': [p for p, _ in label_files]}
-
-
-def main(argv=None):
-    """`python datasets.py build-fashionai --root data/FashionAI [--seed 0] [--force]`."""
-    parser = argparse.ArgumentParser(description='Dataset tools of asen.')
-    commands = parser.add_subparsers(dest='command', required=True)
-    build = commands.add_parser('build-fashionai', help="build FashionAI split files in the authors' format "
-                                                        "from the challenge's Annotations/label.csv")
-    build.add_argument('--root', default=os.path.join('data', 'FashionAI'), help='the FashionAI folder')
-    build.add_argument('--seed', type=int, default=0, help='seed of the split')
-    build.add_argument('--force', action='store_true', help='replace split files already in --root')
-    args = parser.parse_args(argv)
-    try:
-        summary = build_fashionai(args.root, args.seed, args.force)
-    except UserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 2
-    n, q = summary['images'], summary['queries']
-    print(f"{args.root}: {n['train']} train, {n['valid']} valid ({q['valid']} queries), {n['test']} test "
-          f"({q['test']} queries) images, seed {args.seed}; left out {summary['skipped_m']} rows with 'm' "
-          f"and {summary['skipped_no_single_y']} rows without exactly one 'y'")
-    return 0
-
-
 if __name__ == '__main__':
-    sys.exit(main())
+    sys.exit(utils.not_a_command('datasets.py', "run python asen.py to train, or build a FashionAI split "
+                                                "with python build_fashionai.py --root data/FashionAI"))

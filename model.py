@@ -11,6 +11,7 @@ Also here: the authors' ASENet_V2, the CSN and triplet-network baselines, and AS
 et al., IEEE TIP 2021, a global and a local branch; its crop is crop.py, its CLI side asenpp.py).
 """
 import os
+import sys
 import urllib.error
 from functools import partial
 from typing import NamedTuple
@@ -605,3 +606,7 @@ def param_groups(tnet, lr_global=None):
     if hasattr(net, 'param_groups'):
         return net.param_groups(lr_global)
     return [p for p in tnet.parameters() if p.requires_grad]
+
+
+if __name__ == '__main__':
+    sys.exit(utils.not_a_command('model.py', 'run python asen.py to train or test the networks defined here'))

@@ -12,7 +12,7 @@ attributes it is labelled with. It writes the trunk's weights, with torchvision 
 
 Valid and test images are never read. The classifiers are dropped.
 """
-import argparse
+import math
 import os
 import sys
 import time
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import datasets
 import model
+import synthfashion
 from lib import runtime
 import utils
 from utils import UserError
@@ -31,13 +32,15 @@ from lib import inputs
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description='Pretrain the ResNet trunk on the training labels of a dataset.',
-                                     formatter_class=utils.HelpFormatter)
+    parser = utils.OneLineArgumentParser(command='pretrain.py', formatter_class=utils.HelpFormatter,
+                                         description='Pretrain the ResNet trunk on the training labels of a dataset.')
     parser.add_argument('--dataset', default='SynthFashion', help='dataset folder under --data_path')
     parser.add_argument('--data_path', '--data-path', default='data', help='folder holding the datasets')
     parser.add_argument('--synth-images', dest='synth_images', type=int, default=2000,
                         help='SynthFashion: training images to generate (as asen.py)')
-    parser.add_argument('--out', required=True, help='file to write (a state dict for --backbone-weights)')
+    parser.add_argument('--out', required=True, help='file to write (a state dict for --backbone-weights); '
+                                                      'an existing file is refused unless --overwrite')
+    parser.add_argument('--overwrite', action='store_true', help='replace the --out file if it exists')
     parser.add_argument('--backbone', default='resnet18', choices=model.BACKBONES, help='ResNet trunk')
     parser.add_argument('--img-size', '--img_size', dest='img_size', type=int, default=64, help='input size S')
     parser.add_argument('--epochs', type=int, default=6, help='passes over the labelled training images')
@@ -121,10 +124,36 @@ def train_one_epoch(net, loader, optimizer, device, amp):
     return total_loss / max(steps, 1), 100.0 * correct / np.maximum(counted, 1)
 
 
+# (flag, value's test, the allowed range in words), checked before anything is read or written
+MIN_SYNTH_IMAGES = 4 * synthfashion.MIN_IMAGES            # valid and test get a quarter each (as asen.py)
+FLAG_RANGES = [
+    ('--img-size', 'img_size', lambda v: v >= 32, 'a whole number >= 32 (the trunk has stride 16)'),
+    ('--epochs', 'epochs', lambda v: v >= 1, 'a whole number >= 1'),
+    ('--batch-size', 'batch_size', lambda v: v >= 1, 'a whole number >= 1'),
+    ('--workers', 'workers', lambda v: v >= 0, 'a whole number >= 0'),
+    ('--synth-images', 'synth_images', lambda v: v >= MIN_SYNTH_IMAGES, f'a whole number >= {MIN_SYNTH_IMAGES}'),
+    ('--lr', 'lr', lambda v: math.isfinite(v) and v > 0, 'finite and > 0'),
+    ('--seed', 'seed', lambda v: 0 <= v <= 2**63 - 1, 'from 0 to 2**63-1'),
+]
+
+
 def check_args(args):
-    utils.check_positive(args, ['img_size', 'epochs', 'batch_size', 'synth_images', 'lr'])
+    for flag, dest, test, allowed in FLAG_RANGES:
+        utils.check_range(flag, getattr(args, dest), allowed, test(getattr(args, dest)))
+    for flag, dest in (('--out', 'out'), ('--data_path', 'data_path'), ('--dataset', 'dataset')):
+        if not getattr(args, dest):
+            raise UserError(f"{flag} is empty; give a path or name (an unset shell variable?)")
+    check_out(args.out, args.overwrite)
     if args.dataset == 'Zappos50k':
         raise UserError("--dataset Zappos50k: has no attribute labels to pretrain on (only triplet lists)")
+
+
+def check_out(path, overwrite):
+    """--out never replaces a folder, nor a file (it may be a run's model_best) without --overwrite."""
+    if os.path.isdir(path):
+        raise UserError(f"--out {path}: is a folder; give the file to write, e.g. {os.path.join(path, 'trunk.pth')}")
+    if os.path.lexists(path) and not overwrite:
+        raise UserError(f"--out {path}: already exists; choose another file, or pass --overwrite to replace it")
 
 
 def run(args):
@@ -153,20 +182,19 @@ def run(args):
     state = {k: v.cpu() for k, v in net.trunk.state_dict().items()}
     utils.save_atomic({'state_dict': state, 'backbone': args.backbone, 'dataset': args.dataset,
                        'img_size': args.img_size, 'epochs': args.epochs, 'seed': args.seed,
-                       'train_accuracy': [float(a) for a in accuracy]}, args.out)
+                       'train_accuracy': [float(a) for a in accuracy]}, args.out, 'trunk weights')
     print(f"wrote {args.out}; use it with: python asen.py --dataset {args.dataset} "
           f"--backbone {args.backbone} --backbone-weights {args.out}")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        runtime.check_torch_version()
-        run(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return utils.run_command(checked_run, args)
+
+
+def checked_run(args):
+    runtime.check_torch_version()
+    run(args)
 
 
 if __name__ == '__main__':

@@ -56,13 +56,13 @@ Everything is derived from ``numpy.random.default_rng`` seeded with
 Command line: ``python synthfashion.py OUT_DIR [--n-train N ...]``.
 """
 
-import argparse
 import colorsys
 import json
 import math
 import multiprocessing
 import os
 import shutil
+import sys
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
@@ -656,22 +656,59 @@ def read_regions(path, n_attributes):
     return rows.reshape(len(rows), n_attributes, -1, 4)
 
 
-def main(argv=None):
-    """Command line: ``python synthfashion.py OUT_DIR [--seed S] [--n-train N] ...``."""
-    parser = argparse.ArgumentParser(description="Generate the SynthFashion dataset.")
-    parser.add_argument("out_dir")
+# The command line's ranges: seeds as numpy's generators take them; sizes the renderer and asen.py
+# can use (the trunk needs 32 px; above 4096 px an image alone takes tens of MB to render); every
+# split at least two images per attribute (_merged_settings).
+MIN_IMAGES = 2 * len(ATTRIBUTES)
+FLAG_RANGES = {
+    "seed": (0, 2**63 - 1, "from 0 to 2**63-1"),
+    "image_size": (32, 4096, "a whole number from 32 to 4096"),
+    "n_train": (MIN_IMAGES, None, f"a whole number >= {MIN_IMAGES} (two images per attribute)"),
+    "n_valid": (MIN_IMAGES, None, f"a whole number >= {MIN_IMAGES} (two images per attribute)"),
+    "n_test": (MIN_IMAGES, None, f"a whole number >= {MIN_IMAGES} (two images per attribute)"),
+}
+
+
+def build_parser():
+    import utils                # here, so that importing the generator stays free of the project's modules
+    parser = utils.OneLineArgumentParser(command="synthfashion.py", description="Generate the SynthFashion dataset.",
+                                         formatter_class=utils.HelpFormatter)
+    parser.add_argument("out_dir", help="folder to write (replaced only if this generator made it)")
     for key, value in DEFAULT_SETTINGS.items():
         if key != "version":
-            parser.add_argument("--" + key.replace("_", "-"), type=int, default=value)
-    args = vars(parser.parse_args(argv))
-    out_dir = args.pop("out_dir")
+            parser.add_argument("--" + key.replace("_", "-"), type=int, default=value, help=FLAG_RANGES[key][2])
+    return parser
+
+
+def check_args(settings, out_dir):
+    """One-line errors for an empty OUT_DIR or a setting out of FLAG_RANGES."""
+    import utils
+    if not out_dir:
+        raise utils.UserError("OUT_DIR is empty; give the folder to write (an unset shell variable?)")
+    for key, (low, high, allowed) in FLAG_RANGES.items():
+        value = settings[key]
+        utils.check_range("--" + key.replace("_", "-"), value, allowed,
+                          value >= low and (high is None or value <= high))
+
+
+def generate_and_report(settings, out_dir):
+    import utils
+    check_args(settings, out_dir)
     try:
-        settings = generate(out_dir, **args)
+        settings = generate(out_dir, **settings)
     except NotOurFolder as err:
-        parser.exit(2, f"error: {err}\n")
+        raise utils.UserError(str(err)) from err
     n_images = sum(settings[f"n_{split}"] for split in SPLITS)
     print(f"wrote {n_images} SynthFashion images to {out_dir}")
 
 
+def main(argv=None):
+    """Command line: ``python synthfashion.py OUT_DIR [--seed S] [--n-train N] ...``; the exit status."""
+    import utils
+    settings = vars(build_parser().parse_args(argv))
+    out_dir = settings.pop("out_dir")
+    return utils.run_command(generate_and_report, settings, out_dir)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

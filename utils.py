@@ -334,3 +334,71 @@ class HelpFormatter(argparse.HelpFormatter):
         if action.nargs == 0 or action.default is None or action.default is argparse.SUPPRESS:
             return text
         return text + ' (default: %(default)s)'
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flag is one `error:` line on stderr (exit 2) rather than the usage block."""
+
+    def __init__(self, *args, command, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.command = command
+
+    def error(self, message):
+        self.exit(2, f'error: {message} (see python {self.command} --help)\n')
+
+
+def check_range(name, value, allowed, ok):
+    """A one-line error naming flag `name` unless `ok` (the value's test) holds; `allowed` says what is."""
+    if not ok:
+        raise UserError(f"{name} {value!r}: must be {allowed}")
+
+
+class Interrupted(UserError):
+    """Ctrl-C or a stop signal, after what could be saved was saved (exit status 130)."""
+
+
+def environment_error(err):
+    """One line for a failure of the machine rather than of the code (disk full, no permission,
+    a file in the way), else None."""
+    if isinstance(err, OSError):
+        where = f" ({err.filename})" if err.filename else ''
+        hint = {errno.ENOSPC: 'free disk space', errno.EDQUOT: 'free disk space',
+                errno.EACCES: 'check the permissions', errno.EPERM: 'check the permissions',
+                errno.EROFS: 'use a writable folder'}.get(err.errno, 'check the path')
+        return f"{err.strerror or err}{where}; {hint}; files already saved are kept"
+    if is_disk_full(err):
+        return f"no space left on device ({' '.join(str(err).split())[:200]}); free disk space; files " \
+               f"already saved are kept"
+    return None
+
+
+def run_command(work, *args):
+    """`work(*args)` behind the one-line boundary of a command: its exit status (0, or 2 for a
+    UserError, 130 for Ctrl-C, 1 for a failure of the machine), with one `error:` line on stderr."""
+    try:
+        work(*args)
+    except UserError as err:
+        # errors raised in DataLoader workers arrive wrapped in their traceback: keep the message
+        message = str(err).strip().splitlines()[-1] if str(err).strip() else 'failed'
+        print(f"error: {message.removeprefix('utils.UserError: ')}", file=sys.stderr)
+        return 130 if isinstance(err, Interrupted) else 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); the files saved before are kept", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError) as err:
+        line = environment_error(err)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def not_a_command(module, instead):
+    """What a module that is not a command does when run as a script: one line, exit status 2."""
+    print(f"error: {module} is a module, not a command; {instead}", file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+    sys.exit(not_a_command('utils.py', 'run python asen.py (see python asen.py --help)'))

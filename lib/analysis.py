@@ -1,10 +1,15 @@
 """Seeing and using a trained ASEN: attention heatmaps, attention localisation, retrieval."""
+
+if __name__ == '__main__':                       # run as a script: say what to run instead
+    print('error: lib/analysis.py is a module of asen, not a command; run python asen.py --retrieve IMAGE --attribute NAME --resume runs/<name>/model_best.pth.tar', file=__import__('sys').stderr)
+    raise SystemExit(2)
 import hashlib
 import os
 
 import numpy as np
 import torch
 
+from lib import checks
 import datasets
 import utils
 from lib import visualize
@@ -74,10 +79,22 @@ def gallery_paths(split_files, gallery_dir):
                        if f.lower().endswith(IMAGE_EXTENSIONS))
         if not paths:
             raise UserError(f"--gallery {gallery_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in it")
+        for path in paths:
+            check_gallery_file(path)
         return paths
     filenames = split_files.filenames('test')
     ids = np.unique(split_files.retrieval_entries('test', 'candidate')[:, 0])
     return [os.path.join(split_files.root, filenames[i]) for i in ids]
+
+
+def check_gallery_file(path):
+    """A one-line error for a gallery entry that is no regular file (a named pipe would block the
+    ranking for ever) or whose name is not UTF-8 (it could not be printed)."""
+    try:
+        checks.require_utf8_name(path)
+        checks.require_regular_file(path, 'image')
+    except UserError as err:
+        raise UserError(f"--gallery: {err}") from None
 
 
 @torch.inference_mode()
@@ -151,3 +168,4 @@ def retrieve(net, split_files, args, device, run_dir):
     grid = os.path.join(run_dir, 'retrieval', f'{name}-{args.attribute}.png')
     visualize.save_retrieval_grid(args.retrieve, [p for *_, p in results], [s for _, s, _ in results], grid)
     return results, grid
+

@@ -1,5 +1,9 @@
 """The commands asen.py dispatches to, each on a resolved configuration: train, test, retrieve and
 visualise. Each assembles the network, the data and the optimiser and hands the loops to engine.py."""
+
+if __name__ == '__main__':                       # run as a script: say what to run instead
+    print('error: lib/commands.py is a module of asen, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    raise SystemExit(2)
 import json
 import os
 import time
@@ -15,10 +19,6 @@ from lib import analysis, asenpp, checkpoints, engine, evaluation, inputs, runti
 from lib.engine import LossWeights
 from lib.runtime import is_main_process
 from utils import UserError
-
-
-class Interrupted(UserError):
-    """Ctrl-C during training, after a resumable snapshot was saved."""
 
 
 def build_network(args, n_attributes, device, imagenet=True, local_imagenet=False):
@@ -138,9 +138,9 @@ def save_interrupted(tnet, optimizer, scheduler, scaler, best_prec, args, run_di
             utils.save_atomic(checkpoints.snapshot(epoch - 1, tnet, optimizer, scheduler, scaler, None,
                                                    best_prec, args), path)
         except KeyboardInterrupt:
-            raise Interrupted(f'interrupted twice in epoch {epoch}: {path} was not written; '
+            raise utils.Interrupted(f'interrupted twice in epoch {epoch}: {path} was not written; '
                               f'{checkpoints.last_snapshot_note(run_dir)}') from None
-    raise Interrupted(f'interrupted in epoch {epoch}; saved {path}; continue with --resume {path}')
+    raise utils.Interrupted(f'interrupted in epoch {epoch}; saved {path}; continue with --resume {path}')
 
 
 def append_metrics(run_dir, record):

@@ -6,6 +6,10 @@ the --resume checkpoint's settings; values derived from them (ASEN++'s stage, th
 Every change a step makes is noted (`Draft.set`) and logged once by the run. `Draft.freeze` then
 checks the final values once and returns a read-only `Config`.
 """
+
+if __name__ == '__main__':                       # run as a script: say what to run instead
+    print('error: lib/config.py is a module of asen, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    raise SystemExit(2)
 import argparse
 import copy
 import math
@@ -31,7 +35,8 @@ SYNTH_PRESET = dict(backbone='resnet18', pretrained=False, img_size=64, epochs=6
 
 # Flags a checkpoint does not override when resuming (they describe this invocation).
 INVOCATION_FLAGS = {'resume', 'test', 'start_epoch', 'no_cuda', 'workers', 'skip_bad_images', 'visualize',
-                    'retrieve', 'attribute', 'topk', 'gallery', 'cache_images', 'sync_bn', 'overwrite'}
+                    'retrieve', 'attribute', 'topk', 'gallery', 'cache_images', 'sync_bn', 'overwrite',
+                    'allow_large_images'}
 
 
 def flag_name(dest):

@@ -31,6 +31,10 @@ items, build_transform), for any number of workers, persistent or not:
   so it moves the global one no further than a plain DataLoader does. The workers can therefore persist
   across epochs (`persistent=True`), and a resumed run draws the flips an uninterrupted one does.
 """
+
+if __name__ == '__main__':                       # run as a script: say what to run instead
+    print('error: lib/gpuinput.py is a module of asen, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    raise SystemExit(2)
 from functools import lru_cache
 
 import torch

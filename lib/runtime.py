@@ -6,6 +6,10 @@ code path (`autocast`); under torchrun (WORLD_SIZE > 1) `distributed_session` ho
 group and the helpers below reduce, broadcast and gather over it, while in a single process they
 do nothing.
 """
+
+if __name__ == '__main__':                       # run as a script: say what to run instead
+    print('error: lib/runtime.py is a module of asen, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    raise SystemExit(2)
 import logging
 import os
 import re

@@ -7,11 +7,17 @@ itself. Rows are models (mean ± sample std over their runs, with the run count)
 `--collect-by run`, runs; columns are the attributes and MeanAP (Zappos50k: the conditions and
 Accuracy); a last `Random` row averages the runs' random-embedding baselines.
 """
+
+if __name__ == '__main__':                       # run as a script: say what to run instead
+    print('error: lib/tables.py is a module of asen, not a command; run python asen.py --collect runs/<name> [runs/<name> ...] for a result table', file=__import__('sys').stderr)
+    raise SystemExit(2)
 import json
+import math
 import os
 
 import numpy as np
 
+from lib import checks
 import utils
 from utils import UserError
 
@@ -40,16 +46,41 @@ def load_result(path):
     """(run name, result dict) of one run, checked to hold what a table needs."""
     file = results_path(path)
     try:
-        with open(file, 'rb') as f:
-            result = json.loads(f.read().decode('utf-8'))
-    except (ValueError, UnicodeDecodeError) as err:
+        result = json.loads(checks.decode_utf8(file, checks.read_bytes(file, RESULTS)))
+    except ValueError as err:
         raise UserError(f"{file}: not valid JSON ({err}); rerun --test to rewrite it") from err
     per, total = score_keys(result) if isinstance(result, dict) else (None, None)
     if not isinstance(result, dict) or not isinstance(result.get(per), dict) or total not in result:
         raise UserError(f"{file}: not a test result of asen.py --test (no 'mAP' and 'MeanAP', nor "
                         f"'accuracy' and 'Accuracy')")
+    check_result(file, result)
     name = os.path.basename(os.path.dirname(os.path.abspath(file)))
     return name, result
+
+
+def is_score(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_result(file, result):
+    """A one-line error naming `file` for a result whose scores are not numbers, or whose attribute
+    list does not match its scores (an edited or damaged file would otherwise fail mid-table)."""
+    per, total = score_keys(result)
+    rerun = 'rerun python asen.py --test to rewrite it'
+    scores = {f'{per}[{name!r}]': value for name, value in result[per].items()}
+    scores[total] = result[total]
+    if f'Random {total}' in result:
+        scores[f'Random {total}'] = result[f'Random {total}']
+    for key, value in scores.items():
+        if not is_score(value):
+            raise UserError(f"{file}: {key} is {value!r}, not a finite number; {rerun}")
+    attributes = result.get('attributes')
+    listed = attributes is None or isinstance(attributes, list) and sorted(map(str, attributes)) == sorted(result[per])
+    if not listed:
+        raise UserError(f"{file}: 'attributes' {attributes!r} does not list the attributes of {per!r}; {rerun}")
+    for key in ('model', 'dataset'):
+        if key in result and not isinstance(result[key], str):
+            raise UserError(f"{file}: {key!r} is {result[key]!r}, not a name; {rerun}")
 
 
 def columns_of(result):
@@ -142,3 +173,4 @@ def collect(paths, out=None, by='model'):
         except OSError as err:
             raise UserError(f"--collect-out {out}: cannot write ({err.strerror or err}); check the folder") from err
     return table
+

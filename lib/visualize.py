@@ -6,6 +6,10 @@ works in that view: `network_view` reproduces it on the PIL image, `box_to_view`
 in original pixel coordinates into it, and the attention cells are taken to tile the view evenly
 (cell size S / h by S / w), as the bilinear overlay also assumes.
 """
+
+if __name__ == '__main__':                       # run as a script: say what to run instead
+    print('error: lib/visualize.py is a module of asen, not a command; run python asen.py --visualize --resume runs/<name>/model_best.pth.tar for the figures', file=__import__('sys').stderr)
+    raise SystemExit(2)
 import itertools
 import os
 
@@ -237,3 +241,4 @@ def save_retrieval_grid(query_path, result_paths, scores, path, tile_size=128):
     tiles = [load_image(query_path)] + [load_image(p) for p in result_paths]
     captions = ['query'] + [f'rank {k}  {float(s):.3f}' for k, s in enumerate(scores, start=1)]
     return _save(image_grid(tiles, captions, len(tiles), tile_size), path)
+

@@ -13,11 +13,16 @@ The conditions, in CSN's order (its index is the attribute index): class, closur
 Training draws triplets anew each epoch, evenly over the conditions; evaluation scores every
 triplet of the val/test lists: correct when s(anchor, close) > s(anchor, far).
 """
+
+if __name__ == '__main__':                       # run as a script: say what to run instead
+    print('error: lib/zappos.py is a module of asen, not a command; run python asen.py --dataset Zappos50k to train on Zappos50k', file=__import__('sys').stderr)
+    raise SystemExit(2)
 import os
 
 import numpy as np
 import torch
 
+from lib import checks
 import datasets
 from utils import UserError
 
@@ -50,7 +55,11 @@ class ZapposFiles:
     def filenames(self):
         """Image paths (relative to `root`) indexed by id."""
         if self._filenames is None:
-            self._filenames = datasets.read_lines(self.path(FILENAMES))
+            names = datasets.read_lines(self.path(FILENAMES))
+            # a blank line takes an id: every later image would be paired with the wrong triplets
+            checks.refuse_blank_lines(self.path(FILENAMES), names, 'each line is one image path and its line '
+                                      'number is the id; delete the line (or fill in its image)')
+            self._filenames = names
         return self._filenames
 
     def list_path(self, condition, split):
@@ -67,13 +76,13 @@ class ZapposFiles:
 def read_triplet_list(path, condition, n_images):
     """(T, 4) int64 rows (anchor, far, close, condition) of one list; bad lines name file:line."""
     rows = []
-    for number, line in enumerate(datasets.read_lines(path), start=1):
-        if not line:
-            continue
+    lines = datasets.read_lines(path)
+    checks.refuse_blank_lines(path, lines, "each line is one triplet 'anchor far close'; delete the line")
+    for number, line in enumerate(lines, start=1):
         fields = line.split()
-        if len(fields) != 3 or not all(f.isdigit() for f in fields):
+        if len(fields) != 3 or not all(checks.is_id(f) for f in fields):
             raise UserError(f"{path}:{number}: malformed line {line!r}; expected 'anchor far close' "
-                            f"(three image ids, non-negative integers)")
+                            f"(three image ids, non-negative integers in ASCII digits 0-9)")
         ids = [int(f) for f in fields]
         if max(ids) >= n_images:
             raise UserError(f"{path}:{number}: image id {max(ids)} is past the end of {FILENAMES} "
@@ -201,3 +210,4 @@ def condition_accuracy(embeddings, rows, conditions, n_conditions):
     totals = np.bincount(conditions, minlength=n_conditions)
     per_condition = [float(h / t) if t else 0.0 for h, t in zip(hits, totals)]
     return per_condition, float(correct.mean()) if len(correct) else 0.0
+

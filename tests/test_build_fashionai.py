@@ -1,13 +1,14 @@
-"""python datasets.py build-fashionai: FashionAI split files from the challenge's label.csv."""
+"""python build_fashionai.py: FashionAI split files from the challenge's label.csv."""
 import json
 
 import numpy as np
 import pytest
 
+import build_fashionai
 import datasets
 from utils import UserError
 
-ATTRS = datasets.FASHIONAI_ATTRIBUTES
+ATTRS = build_fashionai.FASHIONAI_ATTRIBUTES
 
 
 def label(n_values, value, maybe=None):
@@ -53,7 +54,7 @@ def read_split(root):
 
 def test_proportions_values_and_format(fashionai):
     root, truth = fashionai
-    summary = datasets.build_fashionai(str(root), seed=0)
+    summary = build_fashionai.build_fashionai(str(root), seed=0)
     assert summary['skipped_m'] == len(ATTRS) and summary['skipped_no_single_y'] == 0
     split, names = read_split(root)
     assert split.attributes == [n for n, _ in ATTRS] and split.values_per_attribute == [n for _, n in ATTRS]
@@ -81,15 +82,15 @@ def test_deterministic_by_seed(tmp_path):
     for name, seed in (('a', 0), ('b', 0), ('c', 1)):
         root = tmp_path / name / 'FashionAI'
         write_labels(root)
-        datasets.build_fashionai(str(root), seed=seed)
-        outputs[name] = {f: (root / f).read_text() for f in datasets.SPLIT_OUTPUTS + ('meta.json',)}
+        build_fashionai.build_fashionai(str(root), seed=seed)
+        outputs[name] = {f: (root / f).read_text() for f in build_fashionai.SPLIT_OUTPUTS + ('meta.json',)}
     assert outputs['a'] == outputs['b']
     assert outputs['a']['filenames_train.txt'] != outputs['c']['filenames_train.txt']
 
 
 def test_ids_are_not_grouped_by_attribute(fashionai):
     root, _ = fashionai
-    datasets.build_fashionai(str(root))
+    build_fashionai.build_fashionai(str(root))
     attrs = datasets.SplitFiles(str(root.parent), 'FashionAI').train_labels()[:, 1]
     assert (np.diff(attrs) != 0).sum() > 50
 
@@ -97,12 +98,12 @@ def test_ids_are_not_grouped_by_attribute(fashionai):
 def test_existing_split_is_kept_unless_forced(fashionai, capsys):
     root, _ = fashionai
     (root / 'filenames_train.txt').write_text('authors\n')
-    assert datasets.main(['build-fashionai', '--root', str(root)]) == 2
+    assert build_fashionai.main(['--root', str(root)]) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'filenames_train.txt' in err and '--force' in err
     assert (root / 'filenames_train.txt').read_text() == 'authors\n'
     (root / 'meta.json').write_text(json.dumps({'Other': {'ATTRIBUTES': ['x'], 'ATTRIBUTES_NUM': {'x': 2}}}))
-    assert datasets.main(['build-fashionai', '--root', str(root), '--force', '--seed', '3']) == 0
+    assert build_fashionai.main(['--root', str(root), '--force', '--seed', '3']) == 0
     assert '320 train, 40 valid (8 queries), 40 test (8 queries)' in capsys.readouterr().out
     meta = json.loads((root / 'meta.json').read_text())
     assert set(meta) == {'Other', 'FashionAI'}
@@ -121,7 +122,7 @@ def test_malformed_row_names_file_and_line(fashionai, row, message):
     lines = path.read_text().splitlines()
     path.write_text('\n'.join(lines[:2] + [row] + lines[2:]) + '\n')
     with pytest.raises(UserError, match=rf'label.csv:3: {message}'):
-        datasets.build_fashionai(str(root))
+        build_fashionai.build_fashionai(str(root))
 
 
 def test_conflicting_duplicate_and_rows_without_one_y(fashionai):
@@ -131,15 +132,15 @@ def test_conflicting_duplicate_and_rows_without_one_y(fashionai):
     image, attr, lab = first.split(',')
     other = label(len(lab), (lab.index('y') + 1) % len(lab))
     path.write_text(path.read_text() + f'{first}\nImages/z.jpg,{attr},{"n" * len(lab)}\n')
-    summary = datasets.build_fashionai(str(root))                # exact duplicate kept once
+    summary = build_fashionai.build_fashionai(str(root))                # exact duplicate kept once
     assert summary['skipped_no_single_y'] == 1
     path.write_text(path.read_text() + f'{image},{attr},{other}\n')
     with pytest.raises(UserError, match=r'label.csv:\d+: .* another value .*label.csv:1;'):
-        datasets.build_fashionai(str(root), force=True)
+        build_fashionai.build_fashionai(str(root), force=True)
 
 
 def test_missing_root_or_labels(tmp_path):
     with pytest.raises(UserError, match='folder not found'):
-        datasets.build_fashionai(str(tmp_path / 'nope'))
+        build_fashionai.build_fashionai(str(tmp_path / 'nope'))
     with pytest.raises(UserError, match='no Annotations/label.csv'):
-        datasets.build_fashionai(str(tmp_path))
+        build_fashionai.build_fashionai(str(tmp_path))

@@ -79,7 +79,7 @@ def test_asen_cli_backbone_weights(workdir, capsys):
 
 @pytest.mark.parametrize('argv, message', [
     (['--dataset', 'Zappos50k'], '--dataset Zappos50k: has no attribute labels'),
-    (['--epochs', '0'], '--epochs must be positive'),
+    (['--epochs', '0'], '--epochs 0: must be a whole number >= 1'),
     (['--dataset', 'Nope'], 'dataset folder data/Nope not found'),
 ])
 def test_pretrain_bad_input_is_one_line(workdir, capsys, argv, message):

@@ -1,0 +1,368 @@
+"""The bad-input table, continued: data that looks fine but is not, and every other entry point.
+
+Same world and the same assertions as tests/test_bad_input.py (its helpers are imported): the exit
+code, exactly one 'error:' line on stderr and no traceback, the words that name the culprit, every
+file there before byte-identical after, no temporary file left. Each case names the command it
+runs in-process (asen.py, synthfashion.py, pretrain.py, build_fashionai.py); what only a real
+process shows (a module run as a script, a named pipe that would block for ever) runs as one,
+with a timeout.
+"""
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import asen
+import build_fashionai
+import pretrain
+import synthfashion
+from conftest import ROOT
+from test_bad_input import (BEST, NEW, RETRIEVE, SYNTH, TEST, assert_kept, file_hash,  # noqa: F401
+                            temporary_files, world)
+from test_robustness import assert_one_line_error
+from test_zappos import TINY_ZAPPOS, build_zappos
+
+pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
+
+META = f'{SYNTH}/meta.json'
+PRETRAIN = ['--dataset', 'SynthFashion', '--synth-images', '48', '--img-size', '32', '--epochs', '1',
+            '--no-cuda', '--out', 'trunk.pth']
+ZAPPOS = TINY_ZAPPOS + ['--no-cuda']
+RESULTS = 'runs/done/test_results.json'
+GOOD_RESULT = {'dataset': 'SynthFashion', 'model': 'ASENet', 'attributes': ['colour', 'pattern'],
+               'mAP': {'colour': 0.5, 'pattern': 0.25}, 'MeanAP': 0.4}
+
+
+def snapshot_tree(root):
+    """test_bad_input.snapshot_tree, but a named pipe is recorded, not opened (that would block)."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                found[rel] = 'link:' + os.readlink(path)
+            elif stat.S_ISFIFO(os.stat(path).st_mode):
+                found[rel] = 'fifo'
+            elif name.endswith('.log'):
+                found[rel] = open(path, 'rb').read()
+            elif name in files:
+                found[rel] = file_hash(path)
+    return found
+
+
+# ----------------------------------------------------------------------------- case set-ups
+
+def nothing(w):
+    pass
+
+
+def with_bom(rel):
+    def setup(w):
+        w.replace(rel, b'\xef\xbb\xbf' + w.path(rel).read_bytes())
+    return setup
+
+
+def blank_line(rel, number):
+    def setup(w):
+        lines = w.lines(rel)
+        lines.insert(number - 1, '')
+        w.replace(rel, '\n'.join(lines) + '\n')
+    return setup
+
+
+def first_id(rel, digit):
+    """The first field of line 1 written with `digit`, a character str.isdigit() takes."""
+    def setup(w):
+        fields = w.lines(rel)[0].split()
+        w.edit_line(rel, 1, ' '.join([digit] + fields[1:]))
+    return setup
+
+
+def edit_meta(change):
+    def setup(w):
+        meta = json.loads(w.path(META).read_text())
+        w.replace(META, json.dumps(change(meta)))
+    return setup
+
+
+def repeat_attribute(meta):
+    names = meta['SynthFashion']['ATTRIBUTES']
+    names[1] = names[0]                 # two attributes under one name
+    return meta
+
+
+def drop_counts(meta):
+    del meta['SynthFashion']['ATTRIBUTES_NUM']
+    return meta
+
+
+def count_as_text(meta):
+    entry = meta['SynthFashion']
+    first = entry['ATTRIBUTES'][0]
+    entry['ATTRIBUTES_NUM'][first] = str(entry['ATTRIBUTES_NUM'][first])
+    return meta
+
+
+def fifo_at(rel):
+    def setup(w):
+        w.path(rel).unlink()
+        os.mkfifo(w.path(rel))
+    return setup
+
+
+def listed_image_fifo(w):
+    fifo_at(w.image('train', 3))(w)
+
+
+def jpeg_bomb(w):
+    """A listed JPEG whose frame header claims 60000 x 60000 pixels (3.6e9: 40 times PIL's limit)."""
+    rel = w.image('train', 3)
+    data = bytearray(w.path(rel).read_bytes())
+    at = next(i for i in range(2, len(data)) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC1, 0xC2))
+    data[at + 5:at + 9] = (60000).to_bytes(2, 'big') * 2
+    w.replace(rel, bytes(data))
+
+
+def png_bomb(w):
+    """A listed image that is a 10000 x 10000 PNG of one colour (1e8 pixels, over PIL's limit of
+    8.9e7): 30 kB on disk, 300 MB decoded as RGB. Refused from its header."""
+    rel = w.image('valid', 0)
+    w.path(rel).unlink()
+    Image.new('1', (10000, 10000)).save(w.path(rel), format='PNG')
+
+
+def gallery_with(make):
+    def setup(w):
+        w.path('gallery').mkdir()
+        w.replace('gallery/a.jpg', w.path(w.image('test', 0)).read_bytes())
+        make(w.path('gallery'))
+    return setup
+
+
+def non_utf8_name(folder):
+    with open(os.path.join(os.fsencode(folder), b'caf\xe9.jpg'), 'wb') as f:
+        f.write(b'x')
+
+
+def fifo_named_b(folder):
+    os.mkfifo(folder / 'b.jpg')
+
+
+def zappos(change=nothing):
+    def setup(w):
+        build_zappos(w.root)
+        change(w)
+    return setup
+
+
+def results(content):
+    def setup(w):
+        w.replace(RESULTS, content if isinstance(content, (str, bytes)) else json.dumps(content))
+    return setup
+
+
+def label_csv(content):
+    def setup(w):
+        w.replace('data/FashionAI/fashionAI_attributes_train1/Annotations/label.csv', content)
+    return setup
+
+
+# ----------------------------------------------------------------------------- the table
+
+def case(name, argv, needles, setup=nothing, code=2, command=asen.main):
+    return pytest.param(command, argv, setup, needles, code, id=name)
+
+
+ZLIST = 'data/Zappos50k/tripletlists/heel_tripletlist_train.txt'
+ZNAMES = 'data/Zappos50k/filenames.json'
+LABEL_CSV_ROW = 'Images/skirt_length_labels/a.jpg,skirt_length_labels,nynnnn\n'
+CASES = [
+    # a UTF-8 byte-order mark: an invisible character glued to the first path or id
+    case('bom-filenames', NEW, ['filenames_train.txt:1', 'BOM', 'without a BOM'],
+         with_bom(f'{SYNTH}/filenames_train.txt')),
+    case('bom-label-file', NEW, ['label_train.txt:1', 'BOM'], with_bom(f'{SYNTH}/label_train.txt')),
+    case('bom-query-file', NEW, ['query_valid.txt:1', 'BOM'], with_bom(f'{SYNTH}/query_valid.txt')),
+    case('bom-candidate-test', TEST, ['candidate_test.txt:1', 'BOM'], with_bom(f'{SYNTH}/candidate_test.txt')),
+    case('bom-meta-json', NEW, ['meta.json:1', 'BOM'], with_bom(META)),
+    case('bom-zappos-triplet-list', ZAPPOS, ['heel_tripletlist_train.txt:1', 'BOM'], zappos(with_bom(ZLIST))),
+    case('bom-zappos-filenames', ZAPPOS, ['filenames.json:1', 'BOM'], zappos(with_bom(ZNAMES))),
+    # blank lines: named by file and line (in a filenames file one would shift every later id)
+    case('blank-line-in-label-file', NEW, ['label_train.txt:3', 'blank line'],
+         blank_line(f'{SYNTH}/label_train.txt', 3)),
+    case('blank-line-in-query-file', NEW, ['query_valid.txt:2', 'blank line'],
+         blank_line(f'{SYNTH}/query_valid.txt', 2)),
+    case('blank-line-in-candidate-test', TEST, ['candidate_test.txt:4', 'blank line'],
+         blank_line(f'{SYNTH}/candidate_test.txt', 4)),
+    case('blank-line-in-zappos-filenames', ZAPPOS + ['--skip-bad-images'], ['filenames.json:3', 'blank line'],
+         zappos(blank_line(ZNAMES, 3))),
+    case('blank-line-in-zappos-triplet-list', ZAPPOS, ['heel_tripletlist_train.txt:2', 'blank line'],
+         zappos(blank_line(ZLIST, 2))),
+    # meta.json: the shape, and one name per attribute (scores are reported by name)
+    case('meta-json-repeated-attribute', NEW, ['meta.json', 'twice', 'own name'], edit_meta(repeat_attribute)),
+    case('meta-json-a-list', NEW, ['meta.json', 'JSON list'], edit_meta(lambda meta: [meta])),
+    case('meta-json-a-string', NEW, ['meta.json', 'JSON str'], edit_meta(lambda meta: 'SynthFashion')),
+    case('meta-json-no-counts', NEW, ['meta.json', 'ATTRIBUTES_NUM'], edit_meta(drop_counts)),
+    case('meta-json-count-as-text', NEW, ['meta.json', 'not a positive integer'], edit_meta(count_as_text)),
+    case('meta-json-entry-a-list', NEW, ['meta.json', "entry 'SynthFashion' needs"],
+         edit_meta(lambda meta: {'SynthFashion': [1, 2]})),
+    # ids in digits other than ASCII 0-9 (str.isdigit() takes them; int() takes some)
+    case('superscript-digit-id', NEW, ['query_valid.txt:1', 'ASCII digits'],
+         first_id(f'{SYNTH}/query_valid.txt', '\u00b2')),
+    case('arabic-indic-digit-id', NEW, ['label_train.txt:1', 'ASCII digits'],
+         first_id(f'{SYNTH}/label_train.txt', '\u0663')),
+    case('fullwidth-digit-id', TEST, ['candidate_test.txt:1', 'ASCII digits'],
+         first_id(f'{SYNTH}/candidate_test.txt', '\uff11')),
+    case('arabic-indic-digit-zappos', ZAPPOS, ['heel_tripletlist_train.txt:1', 'ASCII digits'],
+         zappos(first_id(ZLIST, '\u0661'))),
+    # decompression bombs: named, with the way out
+    case('jpeg-decompression-bomb', NEW, ['000003.jpg', 'decompression bomb', '--allow-large-images'], jpeg_bomb),
+    case('png-decompression-bomb', NEW, ['decompression bomb', '--allow-large-images'], png_bomb),
+    # names that are not UTF-8, named pipes where a file should be
+    case('gallery-name-not-utf8', RETRIEVE + ['--gallery', 'gallery'], ['--gallery', 'caf\\xe9.jpg', 'not UTF-8'],
+         gallery_with(non_utf8_name)),
+    case('filenames-file-is-a-fifo', NEW, ['filenames_valid.txt', 'named pipe'],
+         fifo_at(f'{SYNTH}/filenames_valid.txt')),
+    case('meta-json-is-a-fifo', NEW, ['meta.json', 'named pipe'], fifo_at(META)),
+    case('listed-image-is-a-fifo', NEW, ['000003.jpg', 'named pipe'], listed_image_fifo),
+    # --collect of a damaged test_results.json
+    case('collect-results-not-json', ['--collect', 'runs/done'], ['test_results.json', 'not valid JSON'],
+         results('{"mAP": ')),
+    case('collect-results-a-list', ['--collect', 'runs/done'], ['test_results.json', 'not a test result'],
+         results([GOOD_RESULT])),
+    case('collect-score-not-a-number', ['--collect', 'runs/done'], ['test_results.json', "mAP['colour']"],
+         results(dict(GOOD_RESULT, mAP={'colour': 'high', 'pattern': 0.25}))),
+    case('collect-meanap-null', ['--collect', 'runs/done'], ['test_results.json', 'MeanAP is None'],
+         results(dict(GOOD_RESULT, MeanAP=None))),
+    case('collect-attributes-mismatch', ['--collect', 'runs/done'], ['test_results.json', "'attributes'"],
+         results(dict(GOOD_RESULT, attributes=['colour']))),
+    case('collect-results-bom', ['--collect', 'runs/done'], ['test_results.json:1', 'BOM'],
+         results(b'\xef\xbb\xbf' + json.dumps(GOOD_RESULT).encode())),
+    # synthfashion.py
+    case('synth-seed-negative', ['out', '--seed', '-1'], ['--seed -1', 'from 0'], command=synthfashion.main),
+    case('synth-image-size-8', ['out', '--image-size', '8'], ['--image-size 8', 'from 32 to 4096'],
+         command=synthfashion.main),
+    case('synth-n-valid-3', ['out', '--n-valid', '3'], ['--n-valid 3', '>= 10'], command=synthfashion.main),
+    case('synth-n-train-zero', ['out', '--n-train', '0'], ['--n-train 0', '>= 10'], command=synthfashion.main),
+    case('synth-not-a-number', ['out', '--n-test', 'many'], ['--n-test', 'invalid int'], command=synthfashion.main),
+    case('synth-no-out-dir', [], ['out_dir', 'required'], command=synthfashion.main),
+    case('synth-out-dir-empty', [''], ['OUT_DIR is empty'], command=synthfashion.main),
+    case('synth-unknown-flag', ['out', '--size', '64'], ['--size'], command=synthfashion.main),
+    case('synth-over-a-folder-not-ours', ['runs/shared'], ['runs/shared', 'not replaced'], command=synthfashion.main),
+    # pretrain.py: --out never replaces a file unasked; ranges before anything is read
+    case('pretrain-out-over-model-best', PRETRAIN[:-1] + [BEST], ['--out', 'model_best.pth.tar', 'already exists',
+                                                                 '--overwrite'], command=pretrain.main),
+    case('pretrain-out-a-folder', PRETRAIN[:-1] + ['runs/shared'], ['--out runs/shared', 'is a folder'],
+         command=pretrain.main),
+    case('pretrain-out-empty', PRETRAIN[:-1] + [''], ['--out is empty'], command=pretrain.main),
+    case('pretrain-lr-nan', PRETRAIN + ['--lr', 'nan'], ['--lr nan', 'finite'], command=pretrain.main),
+    case('pretrain-img-size-8', PRETRAIN + ['--img-size', '8'], ['--img-size 8', '>= 32'], command=pretrain.main),
+    case('pretrain-seed-negative', PRETRAIN + ['--seed', '-3'], ['--seed -3', 'from 0'], command=pretrain.main),
+    case('pretrain-workers-negative', PRETRAIN + ['--workers', '-1'], ['--workers -1', '>= 0'], command=pretrain.main),
+    case('pretrain-synth-images-small', PRETRAIN + ['--synth-images', '12'], ['--synth-images 12', '>= 40'],
+         command=pretrain.main),
+    case('pretrain-unknown-flag', PRETRAIN + ['--learning-rate', '1'], ['--learning-rate', 'pretrain.py --help'],
+         command=pretrain.main),
+    case('pretrain-no-out', PRETRAIN[:-2], ['--out', 'required'], command=pretrain.main),
+    case('pretrain-bad-backbone', PRETRAIN + ['--backbone', 'vgg'], ['--backbone', 'vgg'], command=pretrain.main),
+    # build_fashionai.py
+    case('build-seed-negative', ['--root', 'data/FashionAI', '--seed', '-1'], ['--seed -1', 'from 0'],
+         label_csv(LABEL_CSV_ROW), command=build_fashionai.main),
+    case('build-root-missing', ['--root', 'nowhere'], ['nowhere', 'folder not found'], command=build_fashionai.main),
+    case('build-root-empty', ['--root', ''], ['--root is empty'], command=build_fashionai.main),
+    case('build-label-csv-bom', ['--root', 'data/FashionAI'], ['label.csv:1', 'BOM'],
+         label_csv(b'\xef\xbb\xbf' + LABEL_CSV_ROW.encode()), command=build_fashionai.main),
+    case('build-old-subcommand', ['build-fashionai', '--root', 'data/FashionAI'], ['build-fashionai'],
+         command=build_fashionai.main),
+]
+
+
+@pytest.mark.parametrize('command, argv, setup, needles, code', CASES)
+def test_bad_input(world, capsys, command, argv, setup, needles, code):
+    setup(world)
+    before = snapshot_tree(world.root)
+    try:
+        result = command(argv)
+    except SystemExit as exit_:             # argparse errors exit from parse_args
+        result = exit_.code
+    err = capsys.readouterr().err
+    assert result == code, err
+    assert_one_line_error(result, err, *needles)
+    assert err.startswith('error: ')
+    assert_kept(before, snapshot_tree(world.root))
+    assert not temporary_files(world.root)
+
+
+# ----------------------------------------------------------------------------- as real processes
+
+def run_script(script, args, cwd, timeout=120):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script)] + args, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize('script, needles', [
+    ('lib/tables.py', ['--collect']),
+    ('lib/visualize.py', ['--visualize']),
+    ('lib/analysis.py', ['--retrieve']),
+    ('lib/zappos.py', ['--dataset Zappos50k']),
+    ('lib/engine.py', ['asen.py']),
+    ('lib/checks.py', ['asen.py']),
+    ('datasets.py', ['build_fashionai.py']),
+    ('model.py', ['asen.py']),
+    ('utils.py', ['asen.py']),
+])
+def test_a_module_run_as_a_script_says_so(tmp_path, script, needles):
+    code, err = run_script(script, [], tmp_path)
+    assert code == 2
+    assert_one_line_error(code, err, f'{script} is a module, not a command', *needles)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('script, args, needles', [
+    ('synthfashion.py', ['out', '--seed', 'x'], ['--seed', 'invalid int']),
+    ('pretrain.py', ['--out', 'x', '--epochs', '0'], ['--epochs 0']),
+    ('build_fashionai.py', ['--seed', '-1'], ['--seed -1']),
+], ids=['synthfashion', 'pretrain', 'build_fashionai'])
+def test_commands_print_no_usage_block(tmp_path, script, args, needles):
+    code, err = run_script(script, args, tmp_path)
+    assert code == 2
+    assert_one_line_error(code, err, *needles)
+
+
+@pytest.mark.parametrize('argv, setup, needles', [
+    (RETRIEVE + ['--gallery', 'gallery'], gallery_with(fifo_named_b), ['--gallery', 'b.jpg', 'named pipe']),
+    (NEW, listed_image_fifo, ['000003.jpg', 'named pipe']),
+], ids=['gallery', 'listed-image'])
+def test_a_named_pipe_does_not_hang(world, argv, setup, needles):
+    """Opening a FIFO waits for a writer for ever: it must be refused before it is opened."""
+    setup(world)
+    before = snapshot_tree(world.root)
+    code, err = run_script('asen.py', argv, world.root, timeout=240)
+    assert code == 2
+    assert_one_line_error(code, err, *needles)
+    assert_kept(before, snapshot_tree(world.root))
+
+
+def test_large_images_load_once_allowed(tmp_path):
+    """datasets.allow_large_images (asen.py's --allow-large-images) lifts the refusal."""
+    import datasets
+    path = tmp_path / 'big.png'
+    Image.new('L', (10, 10)).save(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 40                     # 100 pixels: over the limit here
+        assert 'decompression bomb' in datasets.image_problem(str(path))
+        with pytest.raises(datasets.UserError, match='--allow-large-images'):
+            datasets.load_image(str(path))
+        datasets.allow_large_images(True)
+        assert datasets.image_problem(str(path)) is None
+        assert datasets.load_image(str(path)).size == (10, 10)
+    finally:
+        datasets.allow_large_images(False)
+        Image.MAX_IMAGE_PIXELS = limit
+    assert Image.MAX_IMAGE_PIXELS == datasets.PIL_PIXEL_LIMIT
