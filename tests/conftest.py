@@ -30,3 +30,7 @@ def trained_run(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return root, root / 'runs' / 'shared'
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: a long end-to-end test (deselect with -m "not slow")')

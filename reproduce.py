@@ -1,0 +1,523 @@
+"""Reproduce the paper's tables: train every row with the paper's recipe, test it, collect the table.
+
+    python reproduce.py --data-path data                       # every table, seed 1
+    python reproduce.py fashionai ablation-darn --seeds 1 2 3  # some tables, three seeds a row
+    python reproduce.py --dry-run                              # the commands, and what they cost
+    python reproduce.py deepfashion --dataset SynthFashion \\
+        --extra "--synth-images 48 --img-size 64 --num_triplets 24 --batch-size 8 --dim_embed 16 --epochs 1"
+
+A row is a list of asen.py flags: asen.py's defaults are the paper's recipe, so a row passes only
+what differs (--model, ASEN++'s --stage). Each row is trained once per seed as
+runs/<dataset>-<row>-s<seed>, then tested (`--test`, which writes test_results.json with the
+Random baseline); a run whose test_results.json exists is skipped, so an interrupted table
+continues (a run with a checkpoint but no test result resumes from its checkpoint). The collected
+table (runs/reproduce/<table>.md and .json) puts the paper's figures beside ours, with the
+difference, where a source for them was read; every figure names its source.
+"""
+import argparse
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from datetime import datetime
+
+from lib import tables
+from utils import UserError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ASEN = os.path.join(HERE, 'asen.py')
+LOGS = os.path.join('runs', 'reproduce')        # command logs and collected tables, beside the runs
+
+# ----------------------------------------------------------------------------- the recipes
+# A row: label (as in the paper), key (in the run name), flags (beyond asen.py's defaults, which
+# are the paper's recipe), and for ASEN++'s stage 2 the row whose model_best it resumes from.
+TRIPLET = dict(label='Triplet', key='triplet', flags=['--model', 'TripletNet'])
+CSN = dict(label='CSN', key='csn', flags=['--model', 'ConditionalSimNet'])
+ASEN_ROW = dict(label='ASEN', key='asen', flags=['--model', 'ASENet'])
+ASEN_V2 = dict(label='ASENet_V2', key='asenv2', flags=['--model', 'ASENet_V2'])
+NO_ASA = dict(label='ASEN w/o ASA', key='noasa', flags=['--model', 'ASENet_noASA'])
+NO_ACA = dict(label='ASEN w/o ACA', key='noaca', flags=['--model', 'ASENet_noACA'])
+ASENPP_1 = dict(label='ASEN++ stage 1 (global branch)', key='asenpp1', flags=['--model', 'ASENpp', '--stage', '1'])
+ASENPP_2 = dict(label='ASEN++', key='asenpp2', flags=['--model', 'ASENpp', '--stage', '2'], resume='asenpp1')
+
+PAPER = 'Ma et al., AAAI 2020 (arXiv 2002.02814)'
+JOURNAL = 'Dong et al., IEEE TIP 2021 (arXiv 2104.02429)'
+# The ablation's datasets: the paper's ablation table could not be read here (see docs/reproduce.md);
+# these are the three mAP datasets; drop one if the paper's table has fewer.
+ABLATION_DATASETS = ('FashionAI', 'DARN', 'DeepFashion')
+
+TABLES = {
+    'fashionai': dict(dataset='FashionAI', rows=[TRIPLET, CSN, ASEN_ROW, ASEN_V2],
+                      compare=f"the FashionAI table of {PAPER}"),
+    'darn': dict(dataset='DARN', rows=[TRIPLET, CSN, ASEN_ROW], compare=f"the DARN table of {PAPER}"),
+    'deepfashion': dict(dataset='DeepFashion', rows=[TRIPLET, CSN, ASEN_ROW],
+                        compare=f"the DeepFashion table of {PAPER}"),
+    'zappos': dict(dataset='Zappos50k', rows=[TRIPLET, CSN, ASEN_ROW],
+                   compare=f"the Zappos50k table (triplet accuracy) of {PAPER}"),
+    **{f'ablation-{d.lower()}': dict(dataset=d, rows=[NO_ASA, NO_ACA, ASEN_ROW],
+                                     compare=f"the ablation table (ASA, ACA) of {PAPER}")
+       for d in ABLATION_DATASETS},
+    **{f'asenpp-{d.lower()}': dict(dataset=d, rows=[ASENPP_1, ASENPP_2], compare=f"the {d} table of {JOURNAL}")
+       for d in ('FashionAI', 'DARN', 'DeepFashion')},
+}
+
+# ----------------------------------------------------------------------------- the paper's figures
+# Only figures read in a named source. Columns are our attribute names: the CRL table's texture /
+# fabric / shape / part / style are DeepFashion's texture-related ... style-related, in the order
+# of the authors' meta.json (checked against ../shared/reference-splits/meta.json); its "mean" is
+# the unweighted mean of the five (ours, MeanAP, weights the attributes by their query counts, as
+# the authors' code).
+CRL = 'CRL, Conditional Representation Learning (NeurIPS 2025, arXiv 2510.04564), Table 4'
+DEEPFASHION_COLUMNS = ('texture-related', 'fabric-related', 'shape-related', 'part-related', 'style-related',
+                       'MeanAP')
+
+
+def _deepfashion(*values):
+    return dict(zip(DEEPFASHION_COLUMNS, values))
+
+
+FIGURES = {
+    'deepfashion': {
+        'Random': (CRL, _deepfashion(6.69, 2.69, 3.23, 2.55, 1.97, 3.38)),
+        'Triplet': (CRL, _deepfashion(13.26, 6.28, 9.49, 4.43, 3.33, 7.36)),
+        'CSN': (CRL, _deepfashion(14.09, 6.39, 11.07, 5.13, 3.49, 8.01)),
+        'ASEN': (CRL, _deepfashion(15.13, 7.11, 12.39, 5.51, 3.56, 8.74)),
+    },
+    'ablation-deepfashion': {
+        'ASEN': (CRL, _deepfashion(15.13, 7.11, 12.39, 5.51, 3.56, 8.74)),
+    },
+    'asenpp-deepfashion': {
+        'ASEN++': (CRL, _deepfashion(15.60, 7.67, 14.31, 6.60, 4.07, 9.64)),
+    },
+    'fashionai': {
+        'ASENet_V2': ("the authors' README.md in Maryeon/asen at commit 3c4fc87 (overall mAP)", {'MeanAP': 60.3}),
+    },
+}
+
+# ----------------------------------------------------------------------------- cost inputs
+# asen.py's defaults (the paper's recipe; tests/test_reproduce.py checks them against asen.py and
+# asenpp.STAGE_DEFAULTS): epochs, triplets an epoch, image size.
+RECIPE_EPOCHS = 200
+ASENPP_EPOCHS = {'1': 50, '2': 20}
+RECIPE_TRIPLETS = 100000
+RECIPE_IMG_SIZE = 224
+SHARED = os.path.join(os.path.dirname(HERE), 'shared')
+BASELINE_LOG = os.path.join(SHARED, 'gpu-baseline', 'proj_default.log')
+REFERENCE_SPLITS = os.path.join(SHARED, 'reference-splits')
+
+
+# ----------------------------------------------------------------------------- runs and commands
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (exit 2)."""
+
+    def error(self, message):
+        self.exit(2, f'error: {message} (see python reproduce.py --help)\n')
+
+
+def slug(dataset):
+    return dataset.lower()
+
+
+def run_name(dataset, row, seed):
+    return f"{slug(dataset)}-{row['key']}-s{seed}"
+
+
+def asen_command(args):
+    """The command line as the user would type it: this Python, asen.py, the flags."""
+    path = os.path.relpath(ASEN)
+    return [sys.executable, path if not path.startswith('..') else ASEN] + args
+
+
+def row_by_key(table, key):
+    return next(r for r in table['rows'] if r['key'] == key)
+
+
+def plan(names, opts):
+    """[(table name, row, seed, run name, train argv, test argv)] in order, stage 1 before stage 2."""
+    steps = []
+    extra, test_extra = shlex.split(opts.extra or ''), shlex.split(opts.test_extra or '')
+    for name in names:
+        table = TABLES[name]
+        dataset = opts.dataset or table['dataset']
+        for row in table['rows']:
+            for seed in opts.seeds:
+                run = run_name(dataset, row, seed)
+                train = ['--dataset', dataset, '--data_path', opts.data_path] + row['flags']
+                if row.get('resume'):
+                    first = run_name(dataset, row_by_key(table, row['resume']), seed)
+                    train += ['--resume', os.path.join('runs', first, 'model_best.pth.tar')]
+                train += ['--seed', str(seed), '--name', run] + extra
+                test = ['--test', '--resume', os.path.join('runs', run, 'model_best.pth.tar'),
+                        '--data_path', opts.data_path] + test_extra
+                steps.append((name, row, seed, run, train, test))
+    return steps
+
+
+def state(run):
+    """'done' (test_results.json), 'trained' (trained by this script, untested), 'partial' (a
+    checkpoint of an interrupted training) or 'new'."""
+    if os.path.isfile(os.path.join('runs', run, tables.RESULTS)):
+        return 'done'
+    if os.path.isfile(os.path.join(LOGS, f'{run}.trained')):
+        return 'trained'
+    if os.path.isfile(os.path.join('runs', run, 'checkpoint.pth.tar')):
+        return 'partial'
+    return 'new'
+
+
+def commands_for(step):
+    """The asen.py argv lists still to run for a step, by the run's state."""
+    _, row, _, run, train, test = step
+    now = state(run)
+    if now == 'done':
+        return []
+    if now == 'trained':
+        return [('test', test)]
+    if now == 'partial':       # continue the interrupted training from its own checkpoint
+        train = ['--resume', os.path.join('runs', run, 'checkpoint.pth.tar'), '--data_path', train[3]]
+    return [('train', train), ('test', test)]
+
+
+def last_error(log):
+    """asen.py's own `error:` line in a log, else its last line."""
+    try:
+        with open(log, errors='replace') as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ''
+    errors = [line for line in lines if line.startswith('error:')]
+    return (errors or lines or [''])[-1]
+
+
+def execute(steps, dry_run):
+    """Run (or print) every command still to run; a failure raises a one-line UserError."""
+    done_seen = set()
+    for i, step in enumerate(steps, 1):
+        table, row, seed, run, _, _ = step
+        if run in done_seen:
+            continue
+        done_seen.add(run)
+        todo = commands_for(step)
+        if not todo:
+            print(f"# skip {run}: runs/{run}/{tables.RESULTS} exists")
+            continue
+        for kind, argv in todo:
+            command = asen_command(argv)
+            if dry_run:
+                print(shlex.join(command))
+                continue
+            os.makedirs(LOGS, exist_ok=True)
+            log = os.path.join(LOGS, f'{run}.{kind}.log')
+            print(f"[{datetime.now():%H:%M:%S}] {run}: {kind} (log {log})", flush=True)
+            with open(log, 'w') as f:
+                f.write(shlex.join(command) + '\n')
+                f.flush()
+                rc = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT)
+            if rc != 0:
+                why = last_error(log)
+                raise UserError(f"table {table}, row {row['label']} (seed {seed}, run {run}): {kind} failed "
+                                f"(exit {rc}{'; ' + why if why else ''}); see {log}")
+            if kind == 'train':
+                open(os.path.join(LOGS, f'{run}.trained'), 'w').close()
+
+
+# ----------------------------------------------------------------------------- the collected table
+
+def fmt(value):
+    return '' if value is None else f'{value:.2f}'
+
+
+def comparison(name, runs_by_row):
+    """The table `name` from its runs (tables.build_table) with the paper's figures beside ours:
+    (JSON-ready dict, markdown text)."""
+    spec = TABLES[name]
+    figures = FIGURES.get(name, {})
+    all_runs = [r for runs in runs_by_row.values() for r in runs]
+    whole = tables.build_table(all_runs)                       # columns, score and the Random row
+    columns, score = whole['columns'], whole['score']
+    dataset = whole['dataset']
+    rows = []
+    for row in spec['rows']:
+        ours = tables.build_table(runs_by_row[row['label']])['rows'][0]
+        rows.append((row['label'], ours))
+    random = next((r for r in whole['rows'] if r['row'] == 'Random'), None)
+    if random is not None:
+        rows.append(('Random', random))
+    out = {'table': name, 'dataset': dataset, 'paper_dataset': spec['dataset'], 'score': score,
+           'columns': columns, 'rows': [], 'compare': spec['compare']}
+    title = f"## {name}: {spec['dataset']}" + (f" (ours on {dataset})" if dataset != spec['dataset'] else '')
+    lines = [title, '', '| row | figures | runs | ' + ' | '.join(columns) + ' |',
+             '|' + ' --- |' * (len(columns) + 3)]
+    sources, missing = {}, []
+    for label, ours in rows:
+        mean = ours['mean']
+        lines.append(f"| {label} | ours | {ours['runs']} | " + ' | '.join(tables.cell(ours, c) for c in columns) + ' |')
+        entry = {'row': label, 'runs': ours['runs'], 'ours': mean, 'std': ours['std']}
+        if label in figures:
+            source, paper = figures[label]
+            paper = {c: v for c, v in paper.items() if c in columns}
+            diff = {c: mean[c] - paper[c] for c in paper if c in mean}
+            lines.append(f"| {label} | paper | | " + ' | '.join(fmt(paper.get(c)) for c in columns) + ' |')
+            lines.append(f"| {label} | ours - paper | | " + ' | '.join(
+                (f'{diff[c]:+.2f}' if c in diff else '') for c in columns) + ' |')
+            entry.update(paper=paper, difference=diff, source=source)
+            sources.setdefault(source, []).append(label)
+        else:
+            missing.append(label)
+        out['rows'].append(entry)
+    lines.append('')
+    for source, labels in sources.items():
+        lines.append(f"Paper figures of {', '.join(labels)}: {source}.")
+    if missing:
+        lines.append(f"No figure read for {', '.join(missing)}: compare with {spec['compare']}.")
+    if dataset != spec['dataset']:
+        lines.append(f"Ours ran on {dataset}, not {spec['dataset']} (--dataset): the differences are not a "
+                     f"reproduction.")
+    out['sources'] = whole['sources']
+    return out, '\n'.join(lines)
+
+
+def collect(names, steps):
+    """Print each table and write runs/reproduce/<table>.md and .json."""
+    os.makedirs(LOGS, exist_ok=True)
+    for name in names:
+        runs_by_row = {}
+        for table, row, _, run, _, _ in steps:
+            if table == name:
+                runs_by_row.setdefault(row['label'], []).append(os.path.join('runs', run))
+        data, text = comparison(name, runs_by_row)
+        print(text + '\n')
+        with open(os.path.join(LOGS, f'{name}.md'), 'w') as f:
+            f.write(text + '\n')
+        with open(os.path.join(LOGS, f'{name}.json'), 'w') as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- what a table costs
+
+def read_rates(path=None):
+    """The measured rates and where they come from: a gpu_check.sh output folder (its
+    project_recipe.json, written by benchmarks/project_recipe.py), or an asen.py training log of one
+    epoch (../shared/gpu-baseline/proj_default.log by default). None when no file is found."""
+    candidates = [path] if path else [os.path.join('gpu_check_out'), os.path.join(HERE, 'gpu_check_out'),
+                                      BASELINE_LOG]
+    for candidate in candidates:
+        if candidate and os.path.isdir(candidate) and os.path.isfile(os.path.join(candidate, 'project_recipe.json')):
+            return rates_from_recipe(os.path.join(candidate, 'project_recipe.json'))
+        if candidate and os.path.isfile(candidate):
+            if candidate.endswith('.json'):
+                return rates_from_recipe(candidate)
+            return rates_from_log(candidate)
+    if path:
+        raise UserError(f"--rates {path}: no such file, nor a folder holding project_recipe.json")
+    return None
+
+
+def rates_from_recipe(file):
+    """The `default` variant (asen.py's defaults: the paper's recipe) of project_recipe.json."""
+    try:
+        with open(file) as f:
+            recipe = json.load(f)
+        variant = next((r for r in recipe['results'] if r['name'] == 'default'), recipe['results'][0])
+        device = recipe['device']
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise UserError(f"{file}: not the JSON of benchmarks/project_recipe.py ({err})") from err
+    gpu = device.startswith('cuda')
+    return dict(source=f"{file} (benchmarks/gpu_check.sh, variant {variant['name']}, device {device})"
+                       + ('' if gpu else '; CPU rates, not a GPU projection'),
+                gpu=gpu, train_rate=variant['train_rate'], embed_rate=variant['embed_rate'],
+                rank_s=variant.get('rank_s') or 0.0, snapshot_s=variant.get('snapshot_s') or 0.0)
+
+
+STAMP = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - asen - INFO - (.*)$')
+
+
+def rates_from_log(file):
+    """Training rate of an asen.py log of one epoch: its triplets over the seconds from "Begin
+    training" to the MeanAP line (the epoch's validation on that run's small valid split included)."""
+    begin = end = triplets = None
+    with open(file, errors='replace') as f:
+        for line in f:
+            m = STAMP.match(line.strip())
+            if not m:
+                continue
+            when = datetime.strptime(m.group(1), '%Y-%m-%d %H:%M:%S,%f')
+            if m.group(2).startswith('Begin training') and begin is None:
+                begin = when
+            count = re.search(r'\[0/(\d+)\]', m.group(2))
+            if count and triplets is None:
+                triplets = int(count.group(1))
+            if m.group(2).startswith('MeanAP') and begin is not None and end is None:
+                end = when
+    if begin is None or end is None or not triplets:
+        raise UserError(f"{file}: no 'Begin training', '[0/N]' and 'MeanAP' lines of an asen.py epoch")
+    seconds = (end - begin).total_seconds()
+    note = (' (the first H100 runs, at commit 180f13d, before the GPU rework: the current code\'s '
+            'rate may differ)' if 'gpu-baseline' in file else '')
+    return dict(source=f"{file}: {triplets} triplets in {seconds:.1f} s with its validation{note}; the full "
+                       f"validation split's embedding is not in this rate",
+                gpu='gpu-baseline' in file, train_rate=triplets / seconds, embed_rate=None, rank_s=0.0,
+                snapshot_s=0.0)
+
+
+def count_lines(path):
+    try:
+        with open(path, 'rb') as f:
+            return sum(1 for line in f if line.strip())
+    except OSError:
+        return None
+
+
+def split_sizes(dataset, data_path):
+    """{split: (images, where counted)} from the dataset's files under --data-path, else the
+    authors' split files in ../shared/reference-splits; valid/test also the embedded entries."""
+    sizes = {}
+    for split in ('train', 'valid', 'test'):
+        for root in (os.path.join(data_path, dataset), os.path.join(REFERENCE_SPLITS, dataset)):
+            n = count_lines(os.path.join(root, f'filenames_{split}.txt'))
+            if n is None and split == 'train':
+                n = count_lines(os.path.join(root, 'label_train.txt'))
+            if n is not None:
+                sizes[split] = (n, root)
+                break
+    embeds = {}
+    for split in ('valid', 'test'):
+        for root in (os.path.join(data_path, dataset), os.path.join(REFERENCE_SPLITS, dataset)):
+            q, c = (count_lines(os.path.join(root, f'{kind}_{split}.txt')) for kind in ('query', 'candidate'))
+            if q is not None and c is not None:
+                embeds[split] = q + c
+                break
+    return sizes, embeds
+
+
+def recipe_numbers(extra):
+    """Epochs, triplets and image size of the recipe, as changed by --extra."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument('--epochs', type=int)
+    parser.add_argument('--num_triplets', '--num-triplets', type=int, default=RECIPE_TRIPLETS)
+    parser.add_argument('--img_size', '--img-size', type=int, default=RECIPE_IMG_SIZE)
+    known, _ = parser.parse_known_args(shlex.split(extra or ''))
+    return known
+
+
+def row_hours(row, rates, embeds, numbers):
+    """(hours, epochs) of one training run and its test, from the rates."""
+    stage = row['flags'][row['flags'].index('--stage') + 1] if '--stage' in row['flags'] else None
+    epochs = numbers.epochs or (ASENPP_EPOCHS[stage] if stage else RECIPE_EPOCHS)
+    epoch_s = numbers.num_triplets / rates['train_rate'] + rates['rank_s'] + rates['snapshot_s']
+    test_s = 0.0
+    if rates['embed_rate']:
+        epoch_s += embeds.get('valid', 0) / rates['embed_rate']
+        test_s = embeds.get('test', 0) / rates['embed_rate'] + rates['rank_s']
+    return (epochs * epoch_s + test_s) / 3600, epochs
+
+
+def cost(names, opts):
+    """Print, per row and per table, the projected hours on one GPU and the image cache's size."""
+    rates = read_rates(opts.rates)
+    numbers = recipe_numbers(opts.extra)
+    if rates is None:
+        print("cost: no rate file found (benchmarks/gpu_check.sh's gpu_check_out/project_recipe.json, or "
+              f"{BASELINE_LOG}); no time projected. Run benchmarks/gpu_check.sh on a GPU, then --rates DIR.")
+    else:
+        print(f"cost: rates from {rates['source']}")
+        if not rates['gpu']:
+            print("cost: these are CPU rates; the hours below are not a GPU projection")
+        print(f"cost: train {rates['train_rate']:.1f} triplets/s"
+              + (f", embed {rates['embed_rate']:.1f} img/s" if rates['embed_rate'] else '')
+              + f", rank {rates['rank_s']:.2f} s, snapshot {rates['snapshot_s']:.2f} s an epoch; "
+              f"{numbers.num_triplets} triplets an epoch. Measured with ASENet: the other models are "
+              "projected at its rate (ASEN++ stage 2 runs two branches and is slower)")
+    lines = ['| table | row | runs | epochs | hours on one GPU |', '| --- | --- | --- | --- | --- |']
+    total = 0.0
+    seen = set()
+    for name in names:
+        dataset = opts.dataset or TABLES[name]['dataset']
+        _, embeds = split_sizes(dataset, opts.data_path)
+        table_h = 0.0
+        for row in TABLES[name]['rows']:
+            n = len(opts.seeds)
+            if rates is None:
+                lines.append(f"| {name} | {row['label']} | {n} | | no rate |")
+                continue
+            hours, epochs = row_hours(row, rates, embeds, numbers)
+            new = [s for s in opts.seeds if run_name(dataset, row, s) not in seen]
+            seen.update(run_name(dataset, row, s) for s in opts.seeds)
+            shared = '' if len(new) == n else f" ({n - len(new)} shared with a table above)"
+            lines.append(f"| {name} | {row['label']} | {n} | {epochs} | {hours * n:.1f}{shared} |")
+            table_h += hours * len(new)
+        if rates is not None:
+            lines.append(f"| {name} | **table** | | | **{table_h:.1f}** |")
+            total += table_h
+    if rates is not None:
+        lines.append(f"| **all** | | | | **{total:.1f}** ({total / 24:.1f} days) |")
+    print('\n'.join(lines))
+    print()
+    cache_lines = ['| dataset | split | images | cache (GiB) | counted in |', '| --- | --- | --- | --- | --- |']
+    for dataset in dict.fromkeys(opts.dataset or TABLES[n]['dataset'] for n in names):
+        sizes, _ = split_sizes(dataset, opts.data_path)
+        for split in ('train', 'valid', 'test'):
+            if split in sizes:
+                count, where = sizes[split]
+                gib = count * numbers.img_size ** 2 * 3 / 2 ** 30
+                cache_lines.append(f"| {dataset} | {split} | {count} | {gib:.2f} | {where} |")
+            else:
+                cache_lines.append(f"| {dataset} | {split} | ? | ? | no filenames_{split}.txt found |")
+    print(f"--cache-images: N x S x S x 3 bytes per split at S = {numbers.img_size}")
+    print('\n'.join(cache_lines))
+
+
+# ----------------------------------------------------------------------------- command line
+
+def get_parser():
+    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog='tables: ' + ', '.join(TABLES))
+    parser.add_argument('tables', nargs='*', metavar='TABLE', help='tables to build (default: all)')
+    parser.add_argument('--data-path', '--data_path', default='data', help='folder holding the datasets')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[1], help='train each row once per seed')
+    parser.add_argument('--dry-run', action='store_true', help='print every command and the cost; run nothing')
+    parser.add_argument('--cost', action='store_true', help='print the projected time and cache size; run nothing')
+    parser.add_argument('--rates', metavar='PATH', help="gpu_check.sh's output folder (or its project_recipe.json), "
+                        "or an asen.py log of one epoch (default: ./gpu_check_out, else "
+                        "../shared/gpu-baseline/proj_default.log)")
+    parser.add_argument('--dataset', help='run every recipe on this dataset instead (CI: SynthFashion)')
+    parser.add_argument('--extra', default='', help='flags added to every training command')
+    parser.add_argument('--test-extra', default='', help='flags added to every test command')
+    return parser
+
+
+def main(argv=None):
+    opts = get_parser().parse_args(argv)
+    try:
+        names = opts.tables or list(TABLES)
+        unknown = [n for n in names if n not in TABLES]
+        if unknown:
+            raise UserError(f"no table {unknown[0]!r}; the tables are {', '.join(TABLES)}")
+        shlex.split(opts.extra)
+        shlex.split(opts.test_extra)
+        steps = plan(names, opts)
+        if opts.cost or opts.dry_run:
+            if opts.dry_run:
+                execute(steps, dry_run=True)
+                print()
+            cost(names, opts)
+            return 0
+        execute(steps, dry_run=False)
+        collect(names, steps)
+    except ValueError as err:          # shlex: an unclosed quote in --extra
+        print(f"error: --extra/--test-extra: {err}", file=sys.stderr)
+        return 2
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); rerun the same command to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""reproduce.py: the paper's tables as recipes, run, skipped, collected beside the paper's figures, costed."""
+import json
+import os
+import sys
+
+import pytest
+
+import reproduce
+from test_zappos import build_zappos
+
+TINY_EXTRA = '--synth-images 48 --img-size 64 --num_triplets 24 --batch-size 8 --dim_embed 16 --epochs 1'
+SYNTH_ATTRS = ['sleeve_length', 'neckline_design', 'coat_length', 'colour', 'pattern']
+
+
+def asen_line(*flags):
+    return ' '.join([sys.executable, reproduce.ASEN] + list(flags))
+
+
+def commands(out):
+    return [line for line in out.splitlines() if line.startswith(sys.executable)]
+
+
+def fake_result(root, run, model, maps, dataset='SynthFashion', attributes=SYNTH_ATTRS, random=20.0):
+    folder = root / 'runs' / run
+    folder.mkdir(parents=True)
+    result = {'mAP': dict(zip(attributes, maps)), 'MeanAP': sum(maps) / len(maps), 'Random MeanAP': random,
+              'model': model, 'dataset': dataset, 'split': 'test', 'attributes': attributes}
+    (folder / 'test_results.json').write_text(json.dumps(result))
+    return folder
+
+
+def test_dry_run_prints_the_exact_commands(workdir, capsys):
+    assert reproduce.main(['deepfashion', 'asenpp-fashionai', '--dry-run', '--seeds', '1', '2',
+                           '--data-path', 'D', '--extra', '--workers 2']) == 0
+    lines = commands(capsys.readouterr().out)
+    expected = []
+    for key, model in (('triplet', 'TripletNet'), ('csn', 'ConditionalSimNet'), ('asen', 'ASENet')):
+        for seed in (1, 2):
+            run = f'deepfashion-{key}-s{seed}'
+            expected += [asen_line('--dataset', 'DeepFashion', '--data_path', 'D', '--model', model, '--seed',
+                                   str(seed), '--name', run, '--workers', '2'),
+                         asen_line('--test', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
+    for seed in (1, 2):
+        run = f'fashionai-asenpp1-s{seed}'
+        expected += [asen_line('--dataset', 'FashionAI', '--data_path', 'D', '--model', 'ASENpp', '--stage', '1',
+                               '--seed', str(seed), '--name', run, '--workers', '2'),
+                     asen_line('--test', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
+    for seed in (1, 2):
+        run = f'fashionai-asenpp2-s{seed}'
+        expected += [asen_line('--dataset', 'FashionAI', '--data_path', 'D', '--model', 'ASENpp', '--stage', '2',
+                               '--resume', f'runs/fashionai-asenpp1-s{seed}/model_best.pth.tar', '--seed', str(seed),
+                               '--name', run, '--workers', '2'),
+                     asen_line('--test', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
+    assert lines == expected
+    assert not (workdir / 'runs').exists()                  # a dry run runs and writes nothing
+
+
+def test_a_run_shared_by_two_tables_is_listed_once(workdir, capsys):
+    assert reproduce.main(['fashionai', 'ablation-fashionai', '--dry-run']) == 0
+    trains = [line for line in commands(capsys.readouterr().out) if '--name fashionai-asen-s1' in line]
+    assert len(trains) == 1
+
+
+def test_rows_with_results_are_skipped_and_interrupted_ones_continue(workdir, capsys):
+    fake_result(workdir, 'darn-triplet-s1', 'TripletNet', [1, 2, 3, 4, 5])
+    (workdir / 'runs' / 'reproduce').mkdir()
+    (workdir / 'runs' / 'reproduce' / 'darn-csn-s1.trained').touch()          # trained, not tested
+    (workdir / 'runs' / 'darn-asen-s1').mkdir()
+    (workdir / 'runs' / 'darn-asen-s1' / 'checkpoint.pth.tar').touch()        # interrupted training
+    assert reproduce.main(['darn', '--dry-run', '--data-path', 'D']) == 0
+    out = capsys.readouterr().out
+    assert '# skip darn-triplet-s1: runs/darn-triplet-s1/test_results.json exists' in out
+    assert commands(out) == [
+        asen_line('--test', '--resume', 'runs/darn-csn-s1/model_best.pth.tar', '--data_path', 'D'),
+        asen_line('--resume', 'runs/darn-asen-s1/checkpoint.pth.tar', '--data_path', 'D'),
+        asen_line('--test', '--resume', 'runs/darn-asen-s1/model_best.pth.tar', '--data_path', 'D')]
+
+
+def test_one_row_end_to_end_beside_finished_rows(workdir, capsys):
+    """Triplet and CSN have results (skipped, not retrained); ASEN trains and tests on tiny
+    SynthFashion; the table puts the CRL figures and the differences beside ours."""
+    fake_result(workdir, 'synthfashion-triplet-s1', 'TripletNet', [10, 20, 30, 40, 50], random=21.0)
+    fake_result(workdir, 'synthfashion-csn-s1', 'ConditionalSimNet', [11, 21, 31, 41, 51], random=19.0)
+    assert reproduce.main(['deepfashion', '--dataset', 'SynthFashion', '--extra', TINY_EXTRA]) == 0
+    out = capsys.readouterr().out
+    assert not (workdir / 'runs' / 'synthfashion-triplet-s1' / 'model_best.pth.tar').exists()
+    assert (workdir / 'runs' / 'synthfashion-asen-s1' / 'test_results.json').exists()
+    ours = json.loads((workdir / 'runs' / 'synthfashion-asen-s1' / 'test_results.json').read_text())
+    table = json.loads((workdir / 'runs' / 'reproduce' / 'deepfashion.json').read_text())
+    rows = {r['row']: r for r in table['rows']}
+    assert list(rows) == ['Triplet', 'CSN', 'ASEN', 'Random']
+    assert rows['Triplet']['paper'] == {'MeanAP': 7.36} and rows['Triplet']['difference']['MeanAP'] == \
+        pytest.approx(30 - 7.36)
+    assert rows['ASEN']['difference']['MeanAP'] == pytest.approx(ours['MeanAP'] - 8.74)
+    assert rows['ASEN']['source'] == reproduce.CRL
+    # Random: the runs' own baselines from --test, mean of three
+    assert rows['Random']['ours']['MeanAP'] == pytest.approx((21 + 19 + ours['Random MeanAP']) / 3)
+    assert rows['Random']['difference']['MeanAP'] == pytest.approx(rows['Random']['ours']['MeanAP'] - 3.38)
+    text = (workdir / 'runs' / 'reproduce' / 'deepfashion.md').read_text()
+    assert text in out
+    assert '| Triplet | paper | |  |  |  |  |  | 7.36 |' in text
+    assert '| Triplet | ours - paper | |  |  |  |  |  | +22.64 |' in text
+    assert f"Paper figures of Triplet, CSN, ASEN, Random: {reproduce.CRL}." in text
+    assert 'Ours ran on SynthFashion, not DeepFashion' in text
+    # run again: everything is skipped, the table is the same
+    assert reproduce.main(['deepfashion', '--dataset', 'SynthFashion', '--extra', TINY_EXTRA]) == 0
+    assert '# skip synthfashion-asen-s1' in capsys.readouterr().out
+
+
+def test_a_failing_row_is_one_error_line_naming_row_and_log(workdir, capsys):
+    assert reproduce.main(['darn', '--dataset', 'SynthFashion', '--extra', '--batch-size 0']) == 1
+    err = capsys.readouterr().err
+    log = os.path.join('runs', 'reproduce', 'synthfashion-triplet-s1.train.log')
+    assert err.count('\n') == 1 and err.startswith('error: table darn, row Triplet (seed 1')
+    assert f'see {log}' in err and 'batch' in err                     # asen.py's own error line
+    assert (workdir / log).read_text().startswith(sys.executable)      # the log starts with its command
+
+
+def test_bad_flags_are_one_line(workdir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        reproduce.main(['--seeds', 'x'])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and err.startswith('error: argument --seeds')
+    assert reproduce.main(['nonsense', '--dry-run']) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and "no table 'nonsense'" in err
+    assert reproduce.main(['darn', '--dry-run', '--extra', '"unclosed']) == 2
+    assert capsys.readouterr().err.count('\n') == 1
+    assert reproduce.main(['darn', '--cost', '--rates', 'nowhere']) == 1
+    assert 'nowhere' in capsys.readouterr().err
+
+
+def fake_fashionai(root, queries=10, candidates=30, train=100):
+    folder = root / 'D' / 'FashionAI'
+    folder.mkdir(parents=True)
+    for split in ('valid', 'test'):
+        (folder / f'query_{split}.txt').write_text('0 0 0\n' * queries)
+        (folder / f'candidate_{split}.txt').write_text('0 0 0\n' * candidates)
+        (folder / f'filenames_{split}.txt').write_text('a.jpg\n' * (queries + candidates))
+    (folder / 'filenames_train.txt').write_text('a.jpg\n' * train)
+
+
+def test_cost_derives_from_the_rate_file_it_names(workdir, capsys):
+    fake_fashionai(workdir)
+    rates = workdir / 'gpu_out'
+    rates.mkdir()
+    (rates / 'project_recipe.json').write_text(json.dumps({
+        'benchmark': 'project_recipe', 'device': 'cuda', 'results': [
+            {'name': 'default', 'train_rate': 1000.0, 'embed_rate': 40.0, 'rank_s': 1.0, 'snapshot_s': 0.5},
+            {'name': 'fast', 'train_rate': 9999.0, 'embed_rate': 9999.0, 'rank_s': 1.0, 'snapshot_s': 0.5}]}))
+    assert reproduce.main(['fashionai', 'asenpp-fashionai', '--cost', '--rates', str(rates), '--data-path', 'D']) == 0
+    out = capsys.readouterr().out
+    assert f"rates from {rates / 'project_recipe.json'} (benchmarks/gpu_check.sh, variant default, device cuda)" in out
+    # an epoch: 100000 / 1000 + 40 valid embeddings / 40 + rank 1 + snapshot 0.5 = 102.5 s; the test 1 + 1 s
+    per_row = (200 * 102.5 + 2) / 3600
+    assert f'| fashionai | ASEN | 1 | 200 | {per_row:.1f} |' in out
+    assert f'| fashionai | **table** | | | **{4 * per_row:.1f}** |' in out
+    assert f'| asenpp-fashionai | ASEN++ stage 1 (global branch) | 1 | 50 | {(50 * 102.5 + 2) / 3600:.1f} |' in out
+    assert f'| asenpp-fashionai | ASEN++ | 1 | 20 | {(20 * 102.5 + 2) / 3600:.1f} |' in out
+    # the cache: N x 224 x 224 x 3 bytes
+    assert f"| FashionAI | train | 100 | {100 * 224 * 224 * 3 / 2 ** 30:.2f} |" in out
+    assert 'CPU rates' not in out
+    (rates / 'project_recipe.json').write_text((rates / 'project_recipe.json').read_text().replace('cuda', 'cpu'))
+    assert reproduce.main(['fashionai', '--cost', '--rates', str(rates), '--data-path', 'D']) == 0
+    assert 'these are CPU rates; the hours below are not a GPU projection' in capsys.readouterr().out
+
+
+def test_cost_from_an_asen_log_and_no_rate_file(workdir, capsys):
+    log = workdir / 'epoch.log'
+    log.write_text('2026-01-01 10:00:00,000 - asen - INFO - Begin training on FashionAI dataset.\n'
+                   '2026-01-01 10:00:01,000 - asen - INFO - Train Epoch: 1 [0/5000]\tLoss: 0.2\n'
+                   '2026-01-01 10:00:25,000 - asen - INFO - MeanAP: 40.0\n')
+    assert reproduce.main(['darn', '--dry-run', '--rates', str(log)]) == 0
+    out = capsys.readouterr().out
+    assert f'rates from {log}: 5000 triplets in 25.0 s' in out and 'train 200.0 triplets/s' in out
+    assert f'| darn | ASEN | 1 | 200 | {200 * 100000 / 200 / 3600:.1f} |' in out
+
+
+@pytest.mark.skipif(not os.path.isfile(reproduce.BASELINE_LOG), reason='../shared/gpu-baseline is absent')
+def test_default_rates_are_the_gpu_baseline_marked_as_such(workdir, capsys):
+    assert reproduce.main(['fashionai', '--cost']) == 0
+    out = capsys.readouterr().out
+    assert 'proj_default.log: 6000 triplets in 32.1 s' in out and 'before the GPU rework' in out
+
+
+def test_recipe_numbers_are_asen_defaults():
+    import asen
+    import asenpp
+    defaults = asen.get_args_parser().parse_args([])
+    assert (defaults.epochs, defaults.num_triplets, defaults.img_size) == \
+        (reproduce.RECIPE_EPOCHS, reproduce.RECIPE_TRIPLETS, reproduce.RECIPE_IMG_SIZE)
+    assert {str(k): v['epochs'] for k, v in asenpp.STAGE_DEFAULTS.items()} == reproduce.ASENPP_EPOCHS
+    models = {a.dest: a.choices for a in asen.get_args_parser()._actions}['model']
+    for table in reproduce.TABLES.values():
+        for row in table['rows']:
+            assert row['flags'][row['flags'].index('--model') + 1] in models
+
+
+def test_every_figure_has_a_row_and_a_source():
+    for name, figures in reproduce.FIGURES.items():
+        labels = [r['label'] for r in reproduce.TABLES[name]['rows']] + ['Random']
+        for label, (source, values) in figures.items():
+            assert label in labels and source and values
+
+
+@pytest.mark.skipif(not os.path.isdir(reproduce.REFERENCE_SPLITS), reason='../shared/reference-splits is absent')
+def test_deepfashion_columns_are_the_authors_attributes():
+    with open(os.path.join(reproduce.REFERENCE_SPLITS, 'meta.json')) as f:
+        meta = json.load(f)
+    assert list(reproduce.DEEPFASHION_COLUMNS[:-1]) == meta['DeepFashion']['ATTRIBUTES']
+
+
+@pytest.mark.slow
+def test_every_mapped_recipe_end_to_end_on_tiny_synthfashion(workdir, capsys):
+    names = [n for n in reproduce.TABLES if n != 'zappos']
+    assert reproduce.main(names + ['--dataset', 'SynthFashion', '--extra', TINY_EXTRA]) == 0
+    for name in names:
+        assert (workdir / 'runs' / 'reproduce' / f'{name}.md').exists()
+    table = json.loads((workdir / 'runs' / 'reproduce' / 'asenpp-deepfashion.json').read_text())
+    rows = {r['row']: r for r in table['rows']}
+    assert rows['ASEN++']['paper'] == {'MeanAP': 9.64}
+    stage2 = json.loads((workdir / 'runs' / 'synthfashion-asenpp2-s1' / 'test_results.json').read_text())
+    assert stage2['model'] == 'ASENpp' and rows['ASEN++']['ours']['MeanAP'] == pytest.approx(stage2['MeanAP'])
+    assert 'ASENet_V2' in (workdir / 'runs' / 'reproduce' / 'fashionai.md').read_text()
+
+
+@pytest.mark.slow
+def test_zappos_recipe_end_to_end_on_tiny_zappos(workdir, capsys):
+    build_zappos(workdir)
+    extra = '--backbone resnet18 --no-pretrained --img-size 32 --num_triplets 16 --batch-size 8 --dim_embed 16 --epochs 1'
+    assert reproduce.main(['zappos', '--extra', extra]) == 0
+    table = json.loads((workdir / 'runs' / 'reproduce' / 'zappos.json').read_text())
+    assert table['score'] == 'Accuracy' and [r['row'] for r in table['rows']] == ['Triplet', 'CSN', 'ASEN', 'Random']
+    text = (workdir / 'runs' / 'reproduce' / 'zappos.md').read_text()
+    assert 'compare with the Zappos50k table (triplet accuracy) of Ma et al., AAAI 2020' in text
+    assert '| paper |' not in text                                  # no figure read: none shown
