@@ -30,7 +30,7 @@ import synthfashion
 import utils
 from conftest import TINY
 from test_robustness import assert_one_line_error, run_cli
-from lib import checkpoints
+from lib import checkpoints, engine, inputs
 
 NEW = TINY + ['--epochs', '1', '--no-cuda', '--name', 'new']     # a new run on the tiny data
 SHARED = 'runs/shared/checkpoint.pth.tar'
@@ -270,7 +270,7 @@ def gallery_folder(files):
 
 def no_training(w):
     """The epoch's steps are skipped (cases about what happens around them stay fast)."""
-    w.mp.setattr(asen, 'train_one_epoch', lambda *args, **kwargs: (0.5, 0.5))
+    w.mp.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: (0.5, 0.5))
 
 
 def disk_full_on(target, error):
@@ -304,14 +304,14 @@ def ctrl_c_twice(w):
     """Ctrl-C in the first epoch, and again while the interrupted snapshot is being written."""
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    w.mp.setattr(asen, 'train_one_epoch', interrupt)
+    w.mp.setattr(engine, 'train_one_epoch', interrupt)
     w.mp.setattr(torch, 'save', interrupt)
 
 
 def ctrl_c_while_loading(w):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
-    w.mp.setattr(asen, 'prepare_dataset', interrupt)
+    w.mp.setattr(inputs, 'prepare_dataset', interrupt)
 
 
 # ----------------------------------------------------------------------------- the table

@@ -14,7 +14,7 @@ import asen
 import model
 import utils
 from conftest import ROOT, TINY
-from lib import checkpoints
+from lib import checkpoints, engine
 
 FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward']
 
@@ -187,7 +187,7 @@ def test_ctrl_c_saves_a_resumable_snapshot(workdir, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
     with monkeypatch.context() as patch:
-        patch.setattr(asen, 'train_one_epoch', interrupt)
+        patch.setattr(engine, 'train_one_epoch', interrupt)
         assert asen.main(TINY + ['--epochs', '2', '--name', 'ctrlc']) == 130
     assert 'interrupted.pth.tar' in capsys.readouterr().err
     assert asen.main(['--resume', 'runs/ctrlc/interrupted.pth.tar', '--epochs', '1']) == 0
@@ -199,7 +199,7 @@ def test_ctrl_c_after_an_unchecked_non_finite_step_saves_nothing(workdir, monkey
         with torch.no_grad():
             next(tnet.parameters()).fill_(float('nan'))
         raise KeyboardInterrupt
-    monkeypatch.setattr(asen, 'train_one_epoch', diverge_then_interrupt)
+    monkeypatch.setattr(engine, 'train_one_epoch', diverge_then_interrupt)
     assert asen.main(TINY + ['--epochs', '1', '--name', 'nanc']) == 2
     assert 'non-finite weights when interrupted in epoch 1; not saved' in capsys.readouterr().err
     assert not (workdir / 'runs/nanc/interrupted.pth.tar').exists()
