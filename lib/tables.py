@@ -148,19 +148,22 @@ def cell(row, column):
     return f"{row['mean'][column]:.2f}" + (f" ± {std:.2f}" if std is not None else '')
 
 
-def markdown(table):
-    """The table in markdown: a row label, the run count, then the columns."""
-    lines = [f"| {table.get('by', 'model')} | runs | " + ' | '.join(table['columns']) + ' |',
-             '|' + ' --- |' * (len(table['columns']) + 2)]
+def markdown(table, runs_column=True):
+    """The table in markdown: a row label, the run count (unless not `runs_column`), then the columns."""
+    runs = ['runs'] if runs_column else []
+    lines = ['| ' + ' | '.join([table.get('by', 'model'), *runs, *table['columns']]) + ' |',
+             '|' + ' --- |' * (len(table['columns']) + 1 + len(runs))]
     for row in table['rows']:
-        lines.append(f"| {row['row']} | {row['runs']} | " + ' | '.join(cell(row, c) for c in table['columns']) + ' |')
+        count = [str(row['runs'])] if runs_column else []
+        lines.append('| ' + ' | '.join([row['row'], *count, *(cell(row, c) for c in table['columns'])]) + ' |')
     return '\n'.join(lines)
 
 
 def markdown_of_result(result):
-    """The table of one test result (the paper's layout: attributes, then MeanAP or Accuracy, and
-    the Random row), as --test prints it."""
-    return markdown(table_of([(result.get('model', ''), result)]))
+    """The row of one test result in the paper's layout (attributes, then MeanAP or Accuracy), as
+    --test prints it (its Random figure is a log line of its own)."""
+    table = table_of([(result.get('model', ''), result)])
+    return markdown(dict(table, rows=table['rows'][:1]), runs_column=False)
 
 
 def collect(paths, out=None, by='model'):
