@@ -17,13 +17,13 @@ difference, where a source for them was read; every figure names its source.
 import argparse
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
 from datetime import datetime
 
-from lib import tables
+import utils
+from lib import costs, tables
 from utils import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -96,26 +96,7 @@ FIGURES = {
     },
 }
 
-# ----------------------------------------------------------------------------- cost inputs
-# asen.py's defaults (the paper's recipe; tests/test_reproduce.py checks them against asen.py and
-# asenpp.STAGE_DEFAULTS): epochs, triplets an epoch, image size.
-RECIPE_EPOCHS = 200
-ASENPP_EPOCHS = {'1': 50, '2': 20}
-RECIPE_TRIPLETS = 100000
-RECIPE_IMG_SIZE = 224
-SHARED = os.path.join(os.path.dirname(HERE), 'shared')
-BASELINE_LOG = os.path.join(SHARED, 'gpu-baseline', 'proj_default.log')
-REFERENCE_SPLITS = os.path.join(SHARED, 'reference-splits')
-
-
 # ----------------------------------------------------------------------------- runs and commands
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (exit 2)."""
-
-    def error(self, message):
-        self.exit(2, f'error: {message} (see python reproduce.py --help)\n')
-
 
 def slug(dataset):
     return dataset.lower()
@@ -192,6 +173,11 @@ def last_error(log):
     return (errors or lines or [''])[-1]
 
 
+def run_asen(command, log):
+    """Run one asen.py command line, its output into the open file `log`; its exit status."""
+    return subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+
+
 def execute(steps, dry_run):
     """Run (or print) every command still to run; a failure raises a one-line UserError."""
     done_seen = set()
@@ -215,7 +201,7 @@ def execute(steps, dry_run):
             with open(log, 'w') as f:
                 f.write(shlex.join(command) + '\n')
                 f.flush()
-                rc = subprocess.call(command, stdout=f, stderr=subprocess.STDOUT)
+                rc = run_asen(command, f)
             if rc != 0:
                 why = last_error(log)
                 raise UserError(f"table {table}, row {row['label']} (seed {seed}, run {run}): {kind} failed "
@@ -298,130 +284,13 @@ def collect(names, steps):
 
 # ----------------------------------------------------------------------------- what a table costs
 
-def read_rates(path=None):
-    """The measured rates and where they come from: a gpu_check.sh output folder (its
-    project_recipe.json, written by benchmarks/project_recipe.py), or an asen.py training log of one
-    epoch (../shared/gpu-baseline/proj_default.log by default). None when no file is found."""
-    candidates = [path] if path else [os.path.join('gpu_check_out'), os.path.join(HERE, 'gpu_check_out'),
-                                      BASELINE_LOG]
-    for candidate in candidates:
-        if candidate and os.path.isdir(candidate) and os.path.isfile(os.path.join(candidate, 'project_recipe.json')):
-            return rates_from_recipe(os.path.join(candidate, 'project_recipe.json'))
-        if candidate and os.path.isfile(candidate):
-            if candidate.endswith('.json'):
-                return rates_from_recipe(candidate)
-            return rates_from_log(candidate)
-    if path:
-        raise UserError(f"--rates {path}: no such file, nor a folder holding project_recipe.json")
-    return None
-
-
-def rates_from_recipe(file):
-    """The `default` variant (asen.py's defaults: the paper's recipe) of project_recipe.json."""
-    try:
-        with open(file) as f:
-            recipe = json.load(f)
-        variant = next((r for r in recipe['results'] if r['name'] == 'default'), recipe['results'][0])
-        device = recipe['device']
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
-        raise UserError(f"{file}: not the JSON of benchmarks/project_recipe.py ({err})") from err
-    gpu = device.startswith('cuda')
-    return dict(source=f"{file} (benchmarks/gpu_check.sh, variant {variant['name']}, device {device})"
-                       + ('' if gpu else '; CPU rates, not a GPU projection'),
-                gpu=gpu, train_rate=variant['train_rate'], embed_rate=variant['embed_rate'],
-                rank_s=variant.get('rank_s') or 0.0, snapshot_s=variant.get('snapshot_s') or 0.0)
-
-
-STAMP = re.compile(r'^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - asen - INFO - (.*)$')
-
-
-def rates_from_log(file):
-    """Training rate of an asen.py log of one epoch: its triplets over the seconds from "Begin
-    training" to the MeanAP line (the epoch's validation on that run's small valid split included)."""
-    begin = end = triplets = None
-    with open(file, errors='replace') as f:
-        for line in f:
-            m = STAMP.match(line.strip())
-            if not m:
-                continue
-            when = datetime.strptime(m.group(1), '%Y-%m-%d %H:%M:%S,%f')
-            if m.group(2).startswith('Begin training') and begin is None:
-                begin = when
-            count = re.search(r'\[0/(\d+)\]', m.group(2))
-            if count and triplets is None:
-                triplets = int(count.group(1))
-            if m.group(2).startswith('MeanAP') and begin is not None and end is None:
-                end = when
-    if begin is None or end is None or not triplets:
-        raise UserError(f"{file}: no 'Begin training', '[0/N]' and 'MeanAP' lines of an asen.py epoch")
-    seconds = (end - begin).total_seconds()
-    note = (' (the first H100 runs, at commit 180f13d, before the GPU rework: the current code\'s '
-            'rate may differ)' if 'gpu-baseline' in file else '')
-    return dict(source=f"{file}: {triplets} triplets in {seconds:.1f} s with its validation{note}; the full "
-                       f"validation split's embedding is not in this rate",
-                gpu='gpu-baseline' in file, train_rate=triplets / seconds, embed_rate=None, rank_s=0.0,
-                snapshot_s=0.0)
-
-
-def count_lines(path):
-    try:
-        with open(path, 'rb') as f:
-            return sum(1 for line in f if line.strip())
-    except OSError:
-        return None
-
-
-def split_sizes(dataset, data_path):
-    """{split: (images, where counted)} from the dataset's files under --data-path, else the
-    authors' split files in ../shared/reference-splits; valid/test also the embedded entries."""
-    sizes = {}
-    for split in ('train', 'valid', 'test'):
-        for root in (os.path.join(data_path, dataset), os.path.join(REFERENCE_SPLITS, dataset)):
-            n = count_lines(os.path.join(root, f'filenames_{split}.txt'))
-            if n is None and split == 'train':
-                n = count_lines(os.path.join(root, 'label_train.txt'))
-            if n is not None:
-                sizes[split] = (n, root)
-                break
-    embeds = {}
-    for split in ('valid', 'test'):
-        for root in (os.path.join(data_path, dataset), os.path.join(REFERENCE_SPLITS, dataset)):
-            q, c = (count_lines(os.path.join(root, f'{kind}_{split}.txt')) for kind in ('query', 'candidate'))
-            if q is not None and c is not None:
-                embeds[split] = q + c
-                break
-    return sizes, embeds
-
-
-def recipe_numbers(extra):
-    """Epochs, triplets and image size of the recipe, as changed by --extra."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument('--epochs', type=int)
-    parser.add_argument('--num_triplets', '--num-triplets', type=int, default=RECIPE_TRIPLETS)
-    parser.add_argument('--img_size', '--img-size', type=int, default=RECIPE_IMG_SIZE)
-    known, _ = parser.parse_known_args(shlex.split(extra or ''))
-    return known
-
-
-def row_hours(row, rates, embeds, numbers):
-    """(hours, epochs) of one training run and its test, from the rates."""
-    stage = row['flags'][row['flags'].index('--stage') + 1] if '--stage' in row['flags'] else None
-    epochs = numbers.epochs or (ASENPP_EPOCHS[stage] if stage else RECIPE_EPOCHS)
-    epoch_s = numbers.num_triplets / rates['train_rate'] + rates['rank_s'] + rates['snapshot_s']
-    test_s = 0.0
-    if rates['embed_rate']:
-        epoch_s += embeds.get('valid', 0) / rates['embed_rate']
-        test_s = embeds.get('test', 0) / rates['embed_rate'] + rates['rank_s']
-    return (epochs * epoch_s + test_s) / 3600, epochs
-
-
 def cost(names, opts):
     """Print, per row and per table, the projected hours on one GPU and the image cache's size."""
-    rates = read_rates(opts.rates)
-    numbers = recipe_numbers(opts.extra)
+    rates = costs.read_rates(opts.rates)
+    numbers = costs.recipe_numbers(opts.extra)
     if rates is None:
         print("cost: no rate file found (benchmarks/gpu_check.sh's gpu_check_out/project_recipe.json, or "
-              f"{BASELINE_LOG}); no time projected. Run benchmarks/gpu_check.sh on a GPU, then --rates DIR.")
+              f"{costs.BASELINE_LOG}); no time projected. Run benchmarks/gpu_check.sh on a GPU, then --rates DIR.")
     else:
         print(f"cost: rates from {rates['source']}")
         if not rates['gpu']:
@@ -436,14 +305,14 @@ def cost(names, opts):
     seen = set()
     for name in names:
         dataset = opts.dataset or TABLES[name]['dataset']
-        _, embeds = split_sizes(dataset, opts.data_path)
+        _, embeds = costs.split_sizes(dataset, opts.data_path)
         table_h = 0.0
         for row in TABLES[name]['rows']:
             n = len(opts.seeds)
             if rates is None:
                 lines.append(f"| {name} | {row['label']} | {n} | | no rate |")
                 continue
-            hours, epochs = row_hours(row, rates, embeds, numbers)
+            hours, epochs = costs.row_hours(row, rates, embeds, numbers)
             new = [s for s in opts.seeds if run_name(dataset, row, s) not in seen]
             seen.update(run_name(dataset, row, s) for s in opts.seeds)
             shared = '' if len(new) == n else f" ({n - len(new)} shared with a table above)"
@@ -458,7 +327,7 @@ def cost(names, opts):
     print()
     cache_lines = ['| dataset | split | images | cache (GiB) | counted in |', '| --- | --- | --- | --- | --- |']
     for dataset in dict.fromkeys(opts.dataset or TABLES[n]['dataset'] for n in names):
-        sizes, _ = split_sizes(dataset, opts.data_path)
+        sizes, _ = costs.split_sizes(dataset, opts.data_path)
         for split in ('train', 'valid', 'test'):
             if split in sizes:
                 count, where = sizes[split]
@@ -473,8 +342,9 @@ def cost(names, opts):
 # ----------------------------------------------------------------------------- command line
 
 def get_parser():
-    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog='tables: ' + ', '.join(TABLES))
+    parser = utils.OneLineArgumentParser(command='reproduce.py', description=__doc__.splitlines()[0],
+                                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                                         epilog='tables: ' + ', '.join(TABLES))
     parser.add_argument('tables', nargs='*', metavar='TABLE', help='tables to build (default: all)')
     parser.add_argument('--data-path', '--data_path', default='data', help='folder holding the datasets')
     parser.add_argument('--seeds', type=int, nargs='+', default=[1], help='train each row once per seed')

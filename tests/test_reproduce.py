@@ -6,10 +6,25 @@ import sys
 import pytest
 
 import reproduce
+from lib import costs
 from test_zappos import build_zappos
 
 TINY_EXTRA = '--synth-images 48 --img-size 64 --num_triplets 24 --batch-size 8 --dim_embed 16 --epochs 1'
 SYNTH_ATTRS = ['sleeve_length', 'neckline_design', 'coat_length', 'colour', 'pattern']
+
+
+@pytest.fixture()
+def in_process(monkeypatch):
+    """reproduce.py's asen.py commands run by asen.main in this process (no interpreter start per
+    row), their output into the row's log as a subprocess's would go."""
+    import contextlib
+    import asen
+
+    def run_asen(command, log):
+        assert command[:2] == [sys.executable, reproduce.asen_command([])[1]]
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            return asen.main(command[2:])
+    monkeypatch.setattr(reproduce, 'run_asen', run_asen)
 
 
 def asen_line(*flags):
@@ -76,7 +91,7 @@ def test_rows_with_results_are_skipped_and_interrupted_ones_continue(workdir, ca
         asen_line('--test', '--resume', 'runs/darn-asen-s1/model_best.pth.tar', '--data_path', 'D')]
 
 
-def test_one_row_end_to_end_beside_finished_rows(workdir, capsys):
+def test_one_row_end_to_end_beside_finished_rows(workdir, capsys, in_process):
     """Triplet and CSN have results (skipped, not retrained); ASEN trains and tests on tiny
     SynthFashion; the table puts the CRL figures and the differences beside ours."""
     fake_result(workdir, 'synthfashion-triplet-s1', 'TripletNet', [10, 20, 30, 40, 50], random=21.0)
@@ -177,21 +192,16 @@ def test_cost_from_an_asen_log_and_no_rate_file(workdir, capsys):
     assert f'| darn | ASEN | 1 | 200 | {200 * 100000 / 200 / 3600:.1f} |' in out
 
 
-@pytest.mark.skipif(not os.path.isfile(reproduce.BASELINE_LOG), reason='../shared/gpu-baseline is absent')
+@pytest.mark.skipif(not os.path.isfile(costs.BASELINE_LOG), reason='../shared/gpu-baseline is absent')
 def test_default_rates_are_the_gpu_baseline_marked_as_such(workdir, capsys):
     assert reproduce.main(['fashionai', '--cost']) == 0
     out = capsys.readouterr().out
     assert 'proj_default.log: 6000 triplets in 32.1 s' in out and 'before the GPU rework' in out
 
 
-def test_recipe_numbers_are_asen_defaults():
-    import asen
-    import asenpp
-    defaults = asen.get_args_parser().parse_args([])
-    assert (defaults.epochs, defaults.num_triplets, defaults.img_size) == \
-        (reproduce.RECIPE_EPOCHS, reproduce.RECIPE_TRIPLETS, reproduce.RECIPE_IMG_SIZE)
-    assert {str(k): v['epochs'] for k, v in asenpp.STAGE_DEFAULTS.items()} == reproduce.ASENPP_EPOCHS
-    models = {a.dest: a.choices for a in asen.get_args_parser()._actions}['model']
+def test_every_row_names_a_model_of_asen():
+    import model
+    models = list(model.MODELS)
     for table in reproduce.TABLES.values():
         for row in table['rows']:
             assert row['flags'][row['flags'].index('--model') + 1] in models
@@ -204,15 +214,15 @@ def test_every_figure_has_a_row_and_a_source():
             assert label in labels and source and values
 
 
-@pytest.mark.skipif(not os.path.isdir(reproduce.REFERENCE_SPLITS), reason='../shared/reference-splits is absent')
+@pytest.mark.skipif(not os.path.isdir(costs.REFERENCE_SPLITS), reason='../shared/reference-splits is absent')
 def test_deepfashion_columns_are_the_authors_attributes():
-    with open(os.path.join(reproduce.REFERENCE_SPLITS, 'meta.json')) as f:
+    with open(os.path.join(costs.REFERENCE_SPLITS, 'meta.json')) as f:
         meta = json.load(f)
     assert list(reproduce.DEEPFASHION_COLUMNS[:-1]) == meta['DeepFashion']['ATTRIBUTES']
 
 
 @pytest.mark.slow
-def test_every_mapped_recipe_end_to_end_on_tiny_synthfashion(workdir, capsys):
+def test_every_mapped_recipe_end_to_end_on_tiny_synthfashion(workdir, capsys, in_process):
     names = [n for n in reproduce.TABLES if n != 'zappos']
     assert reproduce.main(names + ['--dataset', 'SynthFashion', '--extra', TINY_EXTRA]) == 0
     for name in names:
@@ -226,7 +236,7 @@ def test_every_mapped_recipe_end_to_end_on_tiny_synthfashion(workdir, capsys):
 
 
 @pytest.mark.slow
-def test_zappos_recipe_end_to_end_on_tiny_zappos(workdir, capsys):
+def test_zappos_recipe_end_to_end_on_tiny_zappos(workdir, capsys, in_process):
     build_zappos(workdir)
     extra = '--backbone resnet18 --no-pretrained --img-size 32 --num_triplets 16 --batch-size 8 --dim_embed 16 --epochs 1'
     assert reproduce.main(['zappos', '--extra', extra]) == 0
