@@ -10,7 +10,7 @@ a fresh optimizer, epoch 1, the local branch from ImageNet) and trains both bran
 """
 
 if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/asenpp.py is a module of asen, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    print('error: lib/asenpp.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
     raise SystemExit(2)
 import os
 

@@ -2,7 +2,7 @@
 visualise. Each assembles the network, the data and the optimiser and hands the loops to engine.py."""
 
 if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/commands.py is a module of asen, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    print('error: lib/commands.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
     raise SystemExit(2)
 import json
 import os

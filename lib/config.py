@@ -8,7 +8,7 @@ checks the final values once and returns a read-only `Config`.
 """
 
 if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/config.py is a module of asen, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    print('error: lib/config.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
     raise SystemExit(2)
 import argparse
 import copy

@@ -7,7 +7,7 @@ are read at each log interval and at the end of the epoch.
 """
 
 if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/engine.py is a module of asen, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    print('error: lib/engine.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
     raise SystemExit(2)
 import sys
 from typing import NamedTuple

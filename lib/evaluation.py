@@ -11,7 +11,7 @@ metrics.jsonl and test_results.json hold.
 """
 
 if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/evaluation.py is a module of asen, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    print('error: lib/evaluation.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
     raise SystemExit(2)
 from typing import NamedTuple
 

@@ -33,7 +33,7 @@ items, build_transform), for any number of workers, persistent or not:
 """
 
 if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/gpuinput.py is a module of asen, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    print('error: lib/gpuinput.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
     raise SystemExit(2)
 from functools import lru_cache
 

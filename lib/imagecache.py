@@ -10,7 +10,7 @@ key is written last, so a killed build leaves no cache that looks valid. Disk: N
 """
 
 if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/imagecache.py is a module of asen, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    print('error: lib/imagecache.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
     raise SystemExit(2)
 import hashlib
 import json

@@ -2,7 +2,7 @@
 triplets, the evaluation sets, their loaders and image caches."""
 
 if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/inputs.py is a module of asen, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    print('error: lib/inputs.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
     raise SystemExit(2)
 import os
 

@@ -8,7 +8,7 @@ in original pixel coordinates into it, and the attention cells are taken to tile
 """
 
 if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/visualize.py is a module of asen, not a command; run python asen.py --visualize --resume runs/<name>/model_best.pth.tar for the figures', file=__import__('sys').stderr)
+    print('error: lib/visualize.py is a module, not a command; run python asen.py --visualize --resume runs/<name>/model_best.pth.tar for the figures', file=__import__('sys').stderr)
     raise SystemExit(2)
 import itertools
 import os

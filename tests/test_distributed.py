@@ -118,7 +118,8 @@ def test_ddp_step_with_batchnorm_equals_the_mean_loss_of_the_two_halves(ddp_step
     optimizer.zero_grad()
     for rank in range(2):
         anchor, negative, positive, attr = (t[rank::2] for t in batch)
-        loss = models.triplet_loss(*tnet(anchor, negative, positive, attr), args.margin) / 2
+        out = tnet(anchor, negative, positive, attr)
+        loss = models.triplet_loss(out.sim_an, out.sim_ap, args.margin) / 2
         loss.backward()
         total += loss.item()
     optimizer.step()

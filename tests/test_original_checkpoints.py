@@ -19,7 +19,7 @@ DATA = ['--dataset', 'SynthFashion', '--synth-images', '48', '--img-size', '64',
 
 def load_like_asen(path, argv):
     """Our network from `path`, through the steps asen.py takes for --resume."""
-    resolved = asen.resolve_configuration(argv + ['--resume', str(path)])
+    resolved = asen.resolve_configuration(argv + ['--test', '--resume', str(path)])
     args, checkpoint, info = resolved.args, resolved.checkpoint, resolved.original
     tnet = commands.build_network(args, info['n_attributes'], torch.device('cpu'), imagenet=False)
     checkpoints.load_weights(tnet, checkpoint, args.resume)
