@@ -317,7 +317,9 @@ def check_continuation(draft, saved, path):
     if not isinstance(saved, dict):
         raise UserError(f"--resume auto: {path} holds no settings ('args'); it is not a snapshot of this run; "
                         f"move it away or choose another --name")
-    for key, value in sorted(saved.items()):
+    first = ('dataset', 'model', 'stage', 'backbone')          # what tells runs apart most plainly
+    for key, value in sorted(saved.items(), key=lambda item: (item[0] not in first, first.index(item[0])
+                                                                if item[0] in first else 0, item[0])):
         if key in CONTINUATION_MAY_CHANGE or key not in vars(draft):
             continue
         if getattr(draft, key) != value:
