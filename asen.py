@@ -16,6 +16,7 @@ from typing import NamedTuple
 import datasets
 import model
 import utils
+from utils import UserError
 from lib import asenpp, checkpoints, commands, config, inputs, runtime, tables
 from lib.config import COMPILE_MODES, DATASETS
 from lib.runtime import is_main_process, local_first
@@ -151,7 +152,18 @@ def get_args_parser():
     run.add_argument('--name', default='ASEN', help='run folder runs/<name>/ for snapshots and logs')
     run.add_argument('--resume', default=None, metavar='CHECKPOINT',
                      help='checkpoint to resume training from or to test; every flag not given is taken from '
-                          'it, --name (so the run folder runs/<name>/ it writes to) and --data_path included')
+                          'it, --name (so the run folder runs/<name>/ it writes to) and --data_path included. '
+                          '"auto": continue from the newest complete snapshot in runs/<name>/ (step or epoch), '
+                          'or start the run when there is none; a snapshot of other settings is refused. A '
+                          'run stopped by SIGTERM, SIGUSR1 or Ctrl-C finishes its step, writes a step snapshot '
+                          'and exits with status 75 (requeue); see docs/preemption.md')
+    run.add_argument('--checkpoint-every', '--checkpoint_every', dest='checkpoint_every', default='5m',
+                     type=config.checkpoint_interval, metavar='N|Nm',
+                     help='also write a step snapshot runs/<name>/step.pth.tar every N training steps, or every '
+                          'N minutes (Nm), from which a killed run continues exactly (--resume auto); 0: only the '
+                          'epoch snapshots. The default, 5m, loses at most five minutes of training when the '
+                          'machine goes away, and writing a snapshot (weights, Adam\'s moments, the RNGs) takes '
+                          'a small fraction of that')
     run.add_argument('--overwrite', action='store_true',
                      help='let a new training run replace the snapshots and metrics.jsonl already in '
                           'runs/<name>/ (default: refuse, so that a finished run is not lost)')
@@ -215,8 +227,11 @@ def resolve_configuration(argv=None):
     if draft.model == 'ASENpp':
         draft.apply(asenpp.stage_defaults(draft.stage or 1, preset), f'ASEN++ stage {draft.stage or 1} defaults')
     checkpoint, from_checkpoint, original = None, set(), None
-    if draft.resume:
+    if draft.resume == config.AUTO_RESUME:
+        checkpoint = continuation(draft)
+    elif draft.resume:
         checkpoint = checkpoints.load(draft.resume)
+    if checkpoint is not None:
         from_checkpoint = config.restore_from_checkpoint(draft, checkpoint, f'--resume {draft.resume}')
         original = checkpoints.adopt_original(checkpoint, draft.resume)
         if original is not None:
@@ -225,6 +240,22 @@ def resolve_configuration(argv=None):
     config.derive(draft, checkpoint, starts_stage2)
     return Resolved(draft.freeze(from_checkpoint, draft.resume), checkpoint, starts_stage2, draft.describe(),
                     original)
+
+
+def continuation(draft):
+    """--resume auto: the newest complete snapshot of runs/<name>/ (loaded), its path now --resume;
+    or None, and no --resume, when the folder holds none (the run starts)."""
+    if not config.is_training(draft):
+        raise UserError("--resume auto continues a training run; give a checkpoint file to --test, "
+                        "--visualize or --retrieve")
+    found = checkpoints.newest_snapshot(os.path.join('runs', draft.name))
+    if found is None:
+        draft.set('resume', None, '--resume auto (no snapshot yet: a new run)')
+        return None
+    path, checkpoint = found
+    config.check_continuation(draft, checkpoint.get('args'), path)
+    draft.set('resume', path, '--resume auto')
+    return checkpoint
 
 
 # ----------------------------------------------------------------------------- dispatch

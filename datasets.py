@@ -494,6 +494,13 @@ class CachedImages:
         """What one loader pass iterates (gpuinput.DeviceLoader): the item indices."""
         return np.arange(len(self))
 
+    images_per_key = 1
+
+    def random_draws(self, keys):
+        """How many random numbers `load_batch(keys)` draws (one flip per image, none without
+        flips): what a pass resumed mid-way skips (gpuinput.DeviceLoader.start_at)."""
+        return len(keys) * self.images_per_key if self.flip_probability() else 0
+
 
 class TripletDataset(CachedImages, torch.utils.data.Dataset):
     """`num_triplets` triplets, drawn anew for each epoch from a generator seeded by (seed, epoch).
@@ -533,6 +540,8 @@ class TripletDataset(CachedImages, torch.utils.data.Dataset):
     def __getitem__(self, index):
         anchor, negative, positive, attr = self.triplets[index]
         return self.load(anchor), self.load(negative), self.load(positive), int(attr)
+
+    images_per_key = 3                  # a triplet row: anchor, negative, positive
 
     def batch_keys(self):
         """What one loader pass iterates: this epoch's triplet rows (T, 4), read when the pass

@@ -381,7 +381,7 @@ def run_command(work, *args):
         # errors raised in DataLoader workers arrive wrapped in their traceback: keep the message
         message = str(err).strip().splitlines()[-1] if str(err).strip() else 'failed'
         print(f"error: {message.removeprefix('utils.UserError: ')}", file=sys.stderr)
-        return 130 if isinstance(err, Interrupted) else 2
+        return getattr(err, 'exit_code', 130) if isinstance(err, Interrupted) else 2
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); the files saved before are kept", file=sys.stderr)
         return 130

@@ -20,8 +20,11 @@ import model
 import utils
 from utils import UserError
 
+# The step snapshot: written every --checkpoint-every and on a stop signal, removed once the epoch's
+# checkpoint.pth.tar is written (see step_snapshot).
+STEP_SNAPSHOT = 'step.pth.tar'
 # The files of a run folder that a new training run would replace.
-SNAPSHOTS = ('checkpoint.pth.tar', 'model_best.pth.tar', 'interrupted.pth.tar')
+SNAPSHOTS = ('checkpoint.pth.tar', 'model_best.pth.tar', 'interrupted.pth.tar', STEP_SNAPSHOT)
 
 
 # ----------------------------------------------------------------------------- snapshots
@@ -78,6 +81,72 @@ def restore_training_state(checkpoint, optimizer, scheduler, scaler):
     scaler.load_state_dict(checkpoint['scaler'])
     utils.set_rng_state(checkpoint['rng'])
     return checkpoint.get('best_prec', 0.0)
+
+
+# ----------------------------------------------------------------------------- step snapshots
+
+def step_snapshot(epoch, steps_done, meters, pass_rng, streams, tnet, optimizer, scheduler, scaler, best_prec,
+                  args):
+    """An epoch snapshot of the last finished epoch (epoch - 1: code that knows no step snapshots
+    resumes it by training epoch `epoch` again) plus 'step', where epoch `epoch` stands after
+    `steps_done` optimizer steps: {'epoch', 'batch': steps_done, 'meters': (world, 5) float64, every
+    rank's running loss and accuracy (engine.meter_row), 'streams': the loader's flip streams,
+    'world': the processes}.
+
+    'rng' is the state of the RNGs when the epoch's loader pass began (`pass_rng`), which the
+    resumed pass replays to its position (gpuinput.DeviceLoader.start_at); only CUDA's is the state
+    now (the loader draws nothing from it). The training step draws no random number on the CPU.
+    The epoch's triplets are not stored: set_epoch(epoch) draws them again from (seed, epoch)."""
+    state = snapshot(epoch - 1, tnet, optimizer, scheduler, scaler, None, best_prec, args)
+    rng = dict(pass_rng)
+    if 'cuda' in state['rng']:
+        rng['cuda'] = state['rng']['cuda']
+    state['rng'] = rng
+    state['step'] = {'epoch': epoch, 'batch': steps_done, 'meters': meters, 'streams': streams,
+                     'world': int(meters.shape[0])}
+    return state
+
+
+def save_step_snapshot(state, run_dir):
+    """runs/<name>/step.pth.tar, written whole or not at all; returns its path."""
+    path = os.path.join(run_dir, STEP_SNAPSHOT)
+    utils.save_atomic(state, path)
+    return path
+
+
+def remove_step_snapshot(run_dir):
+    """Once the epoch's checkpoint.pth.tar is written, the step snapshot before it is stale."""
+    path = os.path.join(run_dir, STEP_SNAPSHOT)
+    if os.path.isfile(path):
+        os.remove(path)
+
+
+def step_position(checkpoint):
+    """A step snapshot's 'step' entry, or None for an epoch snapshot (or no checkpoint)."""
+    step = checkpoint.get('step') if isinstance(checkpoint, dict) else None
+    return step if isinstance(step, dict) else None
+
+
+def progress(checkpoint):
+    """How far a snapshot is: (epochs finished, steps into the next one)."""
+    step = step_position(checkpoint)
+    return int(checkpoint.get('epoch') or 0), int(step['batch']) if step else 0
+
+
+def newest_snapshot(run_dir):
+    """(path, loaded snapshot) of the most advanced complete snapshot of runs/<name>/
+    (checkpoint.pth.tar or step.pth.tar), or None when there is none. Both are written whole or not
+    at all, so any file present is complete."""
+    found = []
+    for name in ('checkpoint.pth.tar', STEP_SNAPSHOT):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            checkpoint = load(path)
+            found.append((progress(checkpoint), path, checkpoint))
+    if not found:
+        return None
+    _, path, checkpoint = max(found, key=lambda item: item[0])
+    return path, checkpoint
 
 
 # ----------------------------------------------------------------------------- loading weights

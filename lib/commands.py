@@ -65,7 +65,9 @@ def evaluate(net, evaluation_set, device, args):
 # ----------------------------------------------------------------------------- train
 
 def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
-    """The epoch loop: train, validate, step the schedule, save the snapshot; returns best_prec."""
+    """The epoch loop: train, validate, step the schedule, save the snapshot; returns best_prec.
+    Step snapshots (--checkpoint-every, and on a stop signal) let a killed run continue exactly:
+    a resumed step snapshot continues its epoch at its next step (see checkpoints.step_snapshot)."""
     optimizer = runtime.adam(model.param_groups(tnet, args.lr_global), args.lr, device)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.decay_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
@@ -74,11 +76,14 @@ def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
     inputs.report_skipped(logger, 'training set', train_set.skipped)
     if args.cache_images:
         inputs.attach_image_cache([train_set], split_files, 'train', args, logger)
+    rank, world = runtime.rank_and_world()
     if runtime.distributed():
-        rank, world = runtime.rank_and_world()
         if args.num_triplets < world:
             raise UserError(f"--num_triplets {args.num_triplets} is below the {world} processes")
         train_set.shard(rank, world)
+    streams = max(inputs.default_workers(args.workers, device), 1)
+    position = checkpoints.step_position(checkpoint)
+    check_step_position(position, streams, world, args.resume)
     valid = inputs.evaluation_of(split_files, 'valid', args, logger)
     train_loader = inputs.make_loader(train_set, args.batch_size, device, args.workers, args.channels_last,
                                       persistent=True)
@@ -92,43 +97,106 @@ def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
     writer = SummaryWriter(run_dir) if is_main_process() else runtime.NullWriter()
     logger.info(f'Begin training on {args.dataset} dataset.')
     start, epoch = time.time(), args.start_epoch
-    try:
-        for epoch in range(args.start_epoch, args.epochs + 1):
-            train_set.set_epoch(epoch)
-            loss, acc = engine.train_one_epoch(train_net, train_loader, optimizer, scaler, device, epoch,
-                                               logger=logger, writer=writer, run_dir=run_dir,
-                                               **train_settings(args))
-            loss, acc = runtime.global_mean([loss, acc], device)
-            runtime.broadcast_buffers(tnet)
-            scores, _ = evaluate(eval_net, valid, device, args)
-            evaluation.log_scores(logger, valid, scores, epoch)
-            prec = scores.total
-            is_best = prec > best_prec
-            best_prec = max(prec, best_prec)
-            scheduler.step()
-            lr = optimizer.param_groups[0]['lr']
-            if is_main_process():
-                checkpoints.save_snapshot(checkpoints.snapshot(epoch, tnet, optimizer, scheduler, scaler, prec,
-                                                               best_prec, args), run_dir, is_best)
-                result = evaluation.percent(valid, scores)
-                append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, lr=lr, **result))
-                log_epoch(writer, epoch, lr, valid, result)
-                if heatmap_due(epoch, args.heatmap_every, args.epochs):
-                    valid_heatmaps(tnet.embeddingnet, valid.images, split_files.attributes, run_dir, epoch, writer,
-                                   device)
-            logger.info(f'lr:{lr}')
-    except KeyboardInterrupt:
-        save_interrupted(tnet, optimizer, scheduler, scaler, best_prec, args, run_dir, epoch)
-    finally:
-        writer.close()
+    with runtime.StopSignals() as signals:
+        schedule = engine.SnapshotSchedule(args.checkpoint_every, signals, device)
+        try:
+            for epoch in range(args.start_epoch, args.epochs + 1):
+                train_set.set_epoch(epoch)
+                resumed = position is not None and position['epoch'] == epoch
+                first_batch = int(position['batch']) if resumed else 0
+                meters = engine.meters_from_row(position['meters'][rank], device) if resumed else None
+                loader = batches_from(train_loader, first_batch)
+                pass_rng = utils.rng_state()                 # what the pass's draws start from
+
+                def after_step(steps_done, losses, accs, check_finite, epoch=epoch, pass_rng=pass_rng):
+                    snapshot_now, stop = schedule.after_step()
+                    if snapshot_now:
+                        check_finite()
+                        meter_rows = runtime.gather_from_ranks(engine.meter_row(losses, accs, device)).cpu()
+                        path = save_step(run_dir, checkpoints.step_snapshot(
+                            epoch, steps_done, meter_rows, pass_rng, streams, tnet, optimizer, scheduler, scaler,
+                            best_prec, args))
+                        schedule.restart()
+                        if stop:
+                            raise stopped(signals, f'epoch {epoch}, step {steps_done} of {len(loader)}', path)
+                loss, acc = engine.train_one_epoch(train_net, loader, optimizer, scaler, device, epoch,
+                                                   logger=logger, writer=writer, run_dir=run_dir,
+                                                   first_batch=first_batch, meters=meters, after_step=after_step,
+                                                   **train_settings(args))
+                loss, acc = runtime.global_mean([loss, acc], device)
+                runtime.broadcast_buffers(tnet)
+                scores, _ = evaluate(eval_net, valid, device, args)
+                evaluation.log_scores(logger, valid, scores, epoch)
+                prec = scores.total
+                is_best = prec > best_prec
+                best_prec = max(prec, best_prec)
+                scheduler.step()
+                lr = optimizer.param_groups[0]['lr']
+                if is_main_process():
+                    checkpoints.save_snapshot(checkpoints.snapshot(epoch, tnet, optimizer, scheduler, scaler, prec,
+                                                                   best_prec, args), run_dir, is_best)
+                    checkpoints.remove_step_snapshot(run_dir)
+                    result = evaluation.percent(valid, scores)
+                    append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, lr=lr, **result))
+                    log_epoch(writer, epoch, lr, valid, result)
+                    if heatmap_due(epoch, args.heatmap_every, args.epochs):
+                        valid_heatmaps(tnet.embeddingnet, valid.images, split_files.attributes, run_dir, epoch,
+                                       writer, device)
+                logger.info(f'lr:{lr}')
+                schedule.restart()
+                if epoch < args.epochs and schedule.at_epoch_end():
+                    raise stopped(signals, f'after epoch {epoch}', os.path.join(run_dir, 'checkpoint.pth.tar'))
+        except KeyboardInterrupt:
+            save_interrupted(tnet, optimizer, scheduler, scaler, best_prec, args, run_dir, epoch)
+        finally:
+            writer.close()
     minutes = int(time.time() - start) // 60
     logger.info(f'training time {minutes // 60}h {minutes % 60}min')
     return best_prec
 
 
+def check_step_position(position, streams, world, path):
+    """A step snapshot continues exactly only with the flip streams (--workers) and processes it
+    was written with."""
+    if position is None:
+        return
+    if int(position['world']) != world:
+        raise UserError(f"--resume {path}: a step snapshot of {int(position['world'])} process(es), this run has "
+                        f"{world}; the triplet shards would differ: start it with as many")
+    if int(position['streams']) != streams:
+        workers = int(position['streams'])
+        raise UserError(f"--resume {path}: a step snapshot of a run with {workers if workers > 1 else '0 or 1'} "
+                        f"loader worker(s) (--workers), this run has {streams if streams > 1 else '0 or 1'}; the "
+                        f"random flips would differ: pass the same --workers")
+
+
+def batches_from(loader, first_batch):
+    """`loader` for a pass starting at batch `first_batch` (a resumed epoch)."""
+    if first_batch == 0:
+        return loader
+    if hasattr(loader, 'start_at'):                   # gpuinput.DeviceLoader
+        loader.start_at(first_batch)
+        return loader
+    return inputs.LoaderFrom(loader, first_batch)
+
+
+def save_step(run_dir, state):
+    """Rank 0 writes the step snapshot (every rank holds the same weights); returns its path."""
+    if is_main_process():
+        return checkpoints.save_step_snapshot(state, run_dir)
+    return os.path.join(run_dir, checkpoints.STEP_SNAPSHOT)
+
+
+def stopped(signals, where, path):
+    """The Stopped error of a stop signal served at `where`, the snapshot `path` written."""
+    return runtime.Stopped(f"stopped by {signals.signal_name} at {where}; saved {path}; continue with the same "
+                           f"command and --resume auto (exit status {runtime.REQUEUE_EXIT}: requeue)")
+
+
 def save_interrupted(tnet, optimizer, scheduler, scaler, best_prec, args, run_dir, epoch):
-    """Ctrl-C: the mid-epoch weights as interrupted.pth.tar (resuming it repeats the interrupted
-    epoch from them); raises Interrupted with what was kept."""
+    """A KeyboardInterrupt raised outside the stop-signal handling (StopSignals serves Ctrl-C at a
+    step boundary): the mid-epoch weights as interrupted.pth.tar (resuming it repeats the
+    interrupted epoch from them); raises Interrupted with what was kept."""
     path = os.path.join(run_dir, 'interrupted.pth.tar')
     if not checkpoints.weights_are_finite(tnet):        # a non-finite step not yet checked
         raise UserError(f"non-finite weights when interrupted in epoch {epoch}; not saved; "

@@ -36,7 +36,14 @@ SYNTH_PRESET = dict(backbone='resnet18', pretrained=False, img_size=64, epochs=6
 # Flags a checkpoint does not override when resuming (they describe this invocation).
 INVOCATION_FLAGS = {'resume', 'test', 'start_epoch', 'no_cuda', 'workers', 'skip_bad_images', 'visualize',
                     'retrieve', 'attribute', 'topk', 'gallery', 'cache_images', 'sync_bn', 'overwrite',
-                    'allow_large_images'}
+                    'allow_large_images', 'checkpoint_every'}
+# `--resume auto`: the run folder's newest complete snapshot, or a new run when it holds none.
+AUTO_RESUME = 'auto'
+# Settings a `--resume auto` continuation may change from the snapshot's: they do not change the
+# weights (or, --epochs, only extend the run). Every other one must be the snapshot's.
+CONTINUATION_MAY_CHANGE = INVOCATION_FLAGS | {'epochs', 'log_interval', 'heatmap_every', 'eval_batch_size',
+                                              'visdom', 'visdom_port', 'data_path', 'name', 'tf32', 'compile',
+                                              'compile_mode'}
 
 
 def flag_name(dest):
@@ -280,6 +287,45 @@ def derive(draft, checkpoint, starts_stage2):
             raise UserError(f"--resume {draft.resume} already finished epoch {draft.start_epoch - 1} and "
                             f"--epochs is {draft.epochs}: nothing to train; pass a larger --epochs, or --test "
                             f"to evaluate it")
+
+
+def checkpoint_interval(text):
+    """--checkpoint-every's value: N (steps), Nm (minutes) or 0 (off), kept as given; see
+    `parse_interval`. Raises ValueError (argparse's one line) for anything else."""
+    parse_interval(text)
+    return text
+
+
+def parse_interval(text):
+    """(steps, seconds) of --checkpoint-every: '500' -> (500, None), '10m' -> (None, 600.0), '0' -> (None, None)."""
+    text = str(text).strip()
+    if text.endswith('m'):
+        minutes = float(text[:-1])
+        if not (math.isfinite(minutes) and minutes > 0):
+            raise ValueError(text)
+        return None, 60.0 * minutes
+    steps = int(text)
+    if steps < 0:
+        raise ValueError(text)
+    return (steps or None), None
+
+
+def check_continuation(draft, saved, path):
+    """`--resume auto` found `path` in the run folder: it must be a snapshot of the run this command
+    starts, so each setting that shapes the weights must be the snapshot's. One line names the first
+    that differs."""
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume auto: {path} holds no settings ('args'); it is not a snapshot of this run; "
+                        f"move it away or choose another --name")
+    first = ('dataset', 'model', 'stage', 'backbone')          # what tells runs apart most plainly
+    for key, value in sorted(saved.items(), key=lambda item: (item[0] not in first, first.index(item[0])
+                                                                if item[0] in first else 0, item[0])):
+        if key in CONTINUATION_MAY_CHANGE or key not in vars(draft):
+            continue
+        if getattr(draft, key) != value:
+            raise UserError(f"--resume auto: {path} is a snapshot of another run: its {flag_name(key)} is "
+                            f"{value!r}, this command's is {getattr(draft, key)!r}; give the same settings, "
+                            f"or choose another --name")
 
 
 def from_flags(argv):

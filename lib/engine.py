@@ -10,6 +10,7 @@ if __name__ == '__main__':                       # run as a script: say what to 
     print('error: lib/engine.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
     raise SystemExit(2)
 import sys
+import time
 from typing import NamedTuple
 
 import torch
@@ -74,7 +75,7 @@ def training_step(tnet, batch, optimizer, scaler, amp, weights):
 
 
 def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, *, amp, weights, batch_size,
-                    log_interval, logger, writer=None, run_dir=None):
+                    log_interval, logger, writer=None, run_dir=None, first_batch=0, meters=None, after_step=None):
     """One pass over the epoch's triplets; returns (mean loss, mean triplet accuracy). `loader`
     yields (anchor, negative, positive, attribute[, originals x 3]) on `device`, the images
     normalised, flipped and channels_last when asked (inputs.make_loader).
@@ -85,13 +86,18 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, *, amp, weig
     torch.compile a last partial batch runs eagerly (`tnet`'s uncompiled module, same weights):
     the compiled step keeps one static shape, so it neither recompiles nor records a second CUDA
     graph.
+
+    A resumed epoch starts at `first_batch` (the loader yields the batches from there on) with the
+    running `meters` (loss, accuracy) of the steps before it. `after_step(steps done, losses, accs,
+    check)` runs after each step (`check()` raises the non-finite-loss error if one is pending): the
+    step snapshots and the stop signals (commands.train).
     """
     eager = getattr(tnet, '_orig_mod', tnet)                # the module torch.compile wraps, if any
-    losses, accs = utils.DeviceMeter(device), utils.DeviceMeter(device)
+    losses, accs = meters or (utils.DeviceMeter(device), utils.DeviceMeter(device))
     non_finite = runtime.NonFiniteTracker(device)
     tnet.train()
     progress = tqdm(loader, desc=f'epoch {epoch}', disable=not sys.stderr.isatty(), leave=False)
-    for batch_idx, batch in enumerate(progress):
+    for batch_idx, batch in enumerate(progress, start=first_batch):
         batch = batch_to_device(batch, device)
         n = batch[0].size(0)
         net = tnet if n == batch_size else eager
@@ -104,8 +110,66 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, *, amp, weig
         if batch_idx % log_interval == 0:
             stop_if_non_finite(non_finite, epoch, amp, run_dir)
             log_training(logger, writer, epoch, batch_idx, n, len(loader), len(loader.dataset), losses, accs)
+        if after_step is not None:
+            after_step(batch_idx + 1, losses, accs, lambda: stop_if_non_finite(non_finite, epoch, amp, run_dir))
     stop_if_non_finite(non_finite, epoch, amp, run_dir)
     return losses.read()[1], accs.read()[1]
+
+
+def meter_row(losses, accs, device):
+    """(5,) float64 on `device`: a rank's running loss and accuracy (last, sum each) and count, as a
+    step snapshot keeps them (counts are whole numbers far below 2**53: exact in float64)."""
+    return torch.stack([losses.last, losses.sum, accs.last, accs.sum,
+                        torch.tensor(float(losses.count), dtype=torch.float64, device=device)])
+
+
+def meters_from_row(row, device):
+    """(losses, accs) DeviceMeters holding what `meter_row` saved."""
+    row = row.to(device=device, dtype=torch.float64)
+    losses, accs = utils.DeviceMeter(device), utils.DeviceMeter(device)
+    for meter, (last, total) in ((losses, row[0:2]), (accs, row[2:4])):
+        meter.last, meter.sum, meter.count = last.clone(), total.clone(), int(row[4].item())
+    return losses, accs
+
+
+class SnapshotSchedule:
+    """When to write a step snapshot and when to stop: every --checkpoint-every steps or minutes,
+    and at the first step boundary after a stop signal (runtime.StopSignals).
+
+    In one process the signal flag and the clock are read after every step: Python values, no host
+    sync. Under torchrun every rank must stop, and snapshot, after the same step: the ranks agree
+    by one small all-reduce (a host sync) every CHECK_STEPS steps and at each due step interval,
+    and rank 0's clock alone decides a snapshot due by minutes."""
+
+    CHECK_STEPS = 10
+
+    def __init__(self, every, signals, device):
+        from lib.config import parse_interval
+        self.steps, self.seconds = parse_interval(every)
+        self.signals, self.device = signals, device
+        self.count, self.since = 0, time.monotonic()
+
+    def restart(self):
+        """A snapshot (step or epoch) was written: the interval counts from now."""
+        self.count, self.since = 0, time.monotonic()
+
+    def after_step(self):
+        """(write a snapshot now, stop after it) for the step just done."""
+        self.count += 1
+        steps_due = self.steps is not None and self.count % self.steps == 0
+        if distributed() and not (steps_due or self.count % self.CHECK_STEPS == 0):
+            return False, False
+        return self._decide(steps_due)
+
+    def at_epoch_end(self):
+        """Whether to stop after the epoch's snapshot (a signal came during the epoch's evaluation)."""
+        return self._decide(False)[1]
+
+    def _decide(self, steps_due):
+        late = self.seconds is not None and time.monotonic() - self.since >= self.seconds \
+            and runtime.rank_and_world()[0] == 0
+        stop, late = runtime.max_of_ranks([int(self.signals.requested), int(late)], self.device)
+        return bool(steps_due or late or stop), bool(stop)
 
 
 def batch_to_device(batch, device, channels_last=False):

@@ -99,31 +99,49 @@ def normalise(pixels, flips=None, channels_last=False):
 # ----------------------------------------------------------------------------- worker side
 
 class _Task:
-    """One batch to load: the pass it belongs to, the pass's base seed, and its keys."""
+    """One batch to load: the pass it belongs to, the pass's base seed, its keys, and the flip stream
+    that draws for it: `stream` (batch index % workers: the worker that loads it in a pass from the
+    start) and, for the first batch of a pass resumed mid-way, `skip` draws that the batches before
+    it took from that stream."""
 
-    def __init__(self, pass_number, base_seed, keys):
+    def __init__(self, pass_number, base_seed, keys, stream=0, skip=0):
         self.pass_number, self.base_seed, self.keys = pass_number, base_seed, keys
+        self.stream, self.skip = stream, skip
 
 
 class _BatchTasks(torch.utils.data.Sampler):
     """Yields one `_Task` per batch: consecutive slices of `dataset.batch_keys()`, read when the
     pass starts (in the main process, so persistent workers see each epoch's triplets)."""
 
-    def __init__(self, dataset, batch_size):
-        self.dataset, self.batch_size = dataset, batch_size
-        self.pass_number, self.base_seed = 0, None
+    def __init__(self, dataset, batch_size, workers):
+        self.dataset, self.batch_size, self.streams = dataset, batch_size, max(workers, 1)
+        self.pass_number, self.base_seed, self.first_batch = 0, None, 0
 
-    def begin_pass(self, base_seed):
+    def begin_pass(self, base_seed, first_batch=0):
         self.pass_number += 1
-        self.base_seed = base_seed
+        self.base_seed, self.first_batch = base_seed, first_batch
 
     def __len__(self):
         return -(-len(self.dataset) // self.batch_size)
 
     def __iter__(self):
         keys = self.dataset.batch_keys()
-        for start in range(0, len(keys), self.batch_size):
-            yield _Task(self.pass_number, self.base_seed, keys[start:start + self.batch_size])
+        slices = [keys[start:start + self.batch_size] for start in range(0, len(keys), self.batch_size)]
+        skipped = self._draws_skipped(slices)
+        for index in range(self.first_batch, len(slices)):
+            stream = index % self.streams
+            # the first batch of each stream in this pass replays that stream's skipped draws
+            skip = skipped.pop(stream, 0)
+            yield _Task(self.pass_number, self.base_seed, slices[index], stream, skip)
+
+    def _draws_skipped(self, slices):
+        """{stream: random draws its batches before `first_batch` took} (nothing from a pass's start)."""
+        skipped = {}
+        count = getattr(self.dataset, 'random_draws', lambda keys: 0)
+        for index in range(self.first_batch):
+            stream = index % self.streams
+            skipped[stream] = skipped.get(stream, 0) + count(slices[index])
+        return skipped
 
 
 class _BatchFetcher(torch.utils.data.Dataset):
@@ -136,10 +154,23 @@ class _BatchFetcher(torch.utils.data.Dataset):
     def __getitem__(self, task):
         worker = torch.utils.data.get_worker_info()
         if worker is not None and task.pass_number != self.pass_number:
-            # what a fresh DataLoader worker does before its first item (torch.utils.data._utils.worker)
-            torch.manual_seed(task.base_seed + worker.id)
+            # what a fresh DataLoader worker does before its first item (torch.utils.data._utils.worker);
+            # from a pass's start, stream == worker id (batch k goes to worker k % W)
+            torch.manual_seed(task.base_seed + task.stream)
             self.pass_number = task.pass_number
+        for _ in range(task.skip):          # a resumed pass: the draws of the batches already trained
+            torch.rand(1)
         return self.dataset.load_batch(task.keys)
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker_init_fn: the stop signals (Ctrl-C, SIGTERM, SIGUSR1) are the main process's
+    to handle (runtime.StopSignals); a worker killed by one would break the step it is finishing.
+    The main process ends the workers when it is done with them."""
+    import signal
+    for number in (signal.SIGINT, signal.SIGTERM, getattr(signal, 'SIGUSR1', None)):
+        if number is not None:
+            signal.signal(number, signal.SIG_IGN)
 
 
 def _as_is(batch):
@@ -161,19 +192,27 @@ class DeviceLoader:
 
     def __init__(self, dataset, batch_size, device, workers=0, channels_last=False, persistent=False):
         self.dataset, self.device, self.channels_last = dataset, torch.device(device), channels_last
-        self.tasks = _BatchTasks(dataset, batch_size)
+        self.tasks = _BatchTasks(dataset, batch_size, workers)
         self.side_stream = None                   # made on the first CUDA pass, kept for the next ones
         # a private generator: the pass's base seed is drawn by __iter__ from the global one instead
         self.loader = torch.utils.data.DataLoader(
             _BatchFetcher(dataset), batch_size=None, sampler=self.tasks, num_workers=workers,
             collate_fn=_as_is, pin_memory=self.device.type == 'cuda', generator=torch.Generator(),
-            persistent_workers=persistent and workers > 0)
+            persistent_workers=persistent and workers > 0, worker_init_fn=ignore_stop_signals)
+        self.first_batch = 0                      # the next pass starts here (a resumed epoch)
 
     def __len__(self):
         return len(self.tasks)
 
+    def start_at(self, batch):
+        """Let the next pass start at batch `batch`, with the random draws (flips) that an
+        uninterrupted pass gives it: the pass draws its base seed as always, and each worker's
+        stream first replays the draws of its batches skipped (see `_BatchTasks`). Only that pass."""
+        self.first_batch = batch
+
     def __iter__(self):
-        self.tasks.begin_pass(torch.empty((), dtype=torch.int64).random_().item())
+        self.tasks.begin_pass(torch.empty((), dtype=torch.int64).random_().item(), self.first_batch)
+        self.first_batch = 0
         if self.device.type == 'cuda':
             return self._prefetched()
         return (self._ready(batch) for batch in self.loader)

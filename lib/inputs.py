@@ -81,8 +81,28 @@ def make_loader(dataset, batch_size, device, workers, channels_last, persistent=
         # ASENpp stage 2: the decoded originals (of many sizes) travel beside the views, through
         # the item path and the dataset's collate_fn; engine.batch_to_device moves them
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                                           pin_memory=device.type == 'cuda', collate_fn=dataset.collate_fn)
+                                           pin_memory=device.type == 'cuda', collate_fn=dataset.collate_fn,
+                                           worker_init_fn=gpuinput.ignore_stop_signals)
     return gpuinput.DeviceLoader(dataset, batch_size, device, workers, channels_last, persistent)
+
+
+class LoaderFrom:
+    """A plain DataLoader's pass from batch `first_batch` on (a resumed epoch of ASEN++ stage 2's
+    item loader): the items of the batches left, in one DataLoader that draws its pass's base seed
+    as the whole one does. Its length and dataset are the whole loader's, for the log lines."""
+
+    def __init__(self, loader, first_batch):
+        self.loader, self.dataset = loader, loader.dataset
+        rest = torch.utils.data.Subset(loader.dataset, range(first_batch * loader.batch_size, len(loader.dataset)))
+        self.rest = torch.utils.data.DataLoader(rest, batch_size=loader.batch_size, num_workers=loader.num_workers,
+                                                pin_memory=loader.pin_memory, collate_fn=loader.collate_fn,
+                                                worker_init_fn=loader.worker_init_fn)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.rest)
 
 
 def cache_workers(args):

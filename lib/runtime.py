@@ -13,13 +13,15 @@ if __name__ == '__main__':                       # run as a script: say what to 
 import logging
 import os
 import re
+import signal
+import threading
 from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from utils import UserError, setup_logger
+from utils import Interrupted, UserError, setup_logger
 
 
 # ----------------------------------------------------------------------------- torch version
@@ -274,3 +276,72 @@ def gather_rows(local, sizes):
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
     return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+# ----------------------------------------------------------------------------- stop signals
+
+# The exit status of a run stopped by a signal once its step snapshot is written (and of one stopped
+# at once by a second signal): EX_TEMPFAIL of sysexits.h, "a temporary failure, try again": a
+# scheduler requeues on it and the same command line with --resume auto continues the run.
+REQUEUE_EXIT = 75
+STOP_SIGNALS = ('SIGTERM', 'SIGUSR1', 'SIGINT')
+
+
+class Stopped(Interrupted):
+    """A stop signal served: the run stopped at a step boundary (or at once, on a second signal)."""
+    exit_code = REQUEUE_EXIT
+
+
+class StopSignals:
+    """While inside: the first SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) only notes the request, so the
+    training loop finishes its step, writes a step snapshot and raises Stopped; a second one raises
+    Stopped at once, wherever the main thread is (a snapshot being written is abandoned: its
+    temporary file is removed, the previous snapshot stays). Outside a main thread, nothing is
+    installed (Python delivers signals to the main thread only)."""
+
+    def __init__(self):
+        self.signal_name, self.previous = None, {}
+
+    @property
+    def requested(self):
+        return self.signal_name is not None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in STOP_SIGNALS:
+                number = getattr(signal, name, None)
+                if number is not None:
+                    self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous = {}
+
+    def _handle(self, number, frame):
+        name = signal.Signals(number).name
+        if self.signal_name is not None:
+            self.__exit__()                      # a third one gets the default handling
+            raise Stopped(f"stopped at once by a second signal ({self.signal_name}, then {name}); the last "
+                          f"complete snapshot is kept; continue with the same command and --resume auto")
+        self.signal_name = name
+
+
+def max_of_ranks(values, device):
+    """Each of the integers `values`, the largest over the ranks (one all-reduce; as they are in a
+    single process)."""
+    if not distributed():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def gather_from_ranks(tensor):
+    """(world, *shape): every rank's `tensor` (of one shape), in rank order; (1, *shape) alone."""
+    if not distributed():
+        return tensor.unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.stack(parts)

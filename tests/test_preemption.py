@@ -1,0 +1,144 @@
+"""Preemptible training (docs/preemption.md): step snapshots that continue to the same weights,
+stop signals with exit status 75, and --resume auto."""
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import asen
+from conftest import ROOT, TINY
+from lib import runtime
+from test_robustness import FAITHFUL, assert_one_line_error, load
+
+STEPS_PER_EPOCH = 3                                         # TINY: 24 triplets, batches of 8
+
+# asen.main in a child that, right after optimizer step AT, sends itself SIGNAL (SIGKILL: no handler,
+# no `finally` runs, as when the machine goes away). SECOND: a second SIGTERM in the middle of
+# writing the step snapshot that the first signal asked for.
+CHILD = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import torch
+import asen
+steps, adam_step, real_save = 0, torch.optim.Adam.step, torch.save
+
+def step_then_signal(self, *args, **kwargs):
+    global steps
+    result = adam_step(self, *args, **kwargs)
+    steps += 1
+    if steps == {at}:
+        os.kill(os.getpid(), {signal})
+    return result
+
+def save_interrupted_by_a_second_signal(obj, f, *args, **kwargs):
+    if {second} and isinstance(obj, dict) and 'step' in obj and steps == {at}:
+        f.write(b'half a snapshot')
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_save(obj, f, *args, **kwargs)
+
+torch.optim.Adam.step = step_then_signal
+torch.save = save_interrupted_by_a_second_signal
+sys.exit(asen.main({argv!r}))
+"""
+
+
+def child(workdir, argv, at, signal_number, second=False):
+    code = CHILD.format(root=ROOT, at=at, signal=int(signal_number), second=second, argv=argv)
+    return subprocess.run([sys.executable, '-c', code], cwd=workdir, capture_output=True, text=True, timeout=300)
+
+
+def assert_same_run(workdir, straight, resumed):
+    """Same final weights, model_best and metrics.jsonl, bit for bit."""
+    a, b = workdir / 'runs' / straight, workdir / 'runs' / resumed
+    for name in ('checkpoint.pth.tar', 'model_best.pth.tar'):
+        want, got = load(a / name), load(b / name)
+        assert want['epoch'] == got['epoch'] and want['best_prec'] == got['best_prec']
+        for key, value in want['state_dict'].items():
+            assert torch.equal(value, got['state_dict'][key]), (name, key)
+    assert (a / 'metrics.jsonl').read_text() == (b / 'metrics.jsonl').read_text()
+    assert not (b / 'step.pth.tar').exists()                    # stale once the last epoch is saved
+
+
+def kill_and_continue(workdir, args, name, seed):
+    """SIGKILL the run after a random step of its two epochs, then continue it with the same command."""
+    at = random.Random(seed).randint(2, 2 * STEPS_PER_EPOCH - 1)
+    proc = child(workdir, args + ['--name', name], at, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, (at, proc.stderr[-2000:])
+    assert (workdir / 'runs' / name / 'step.pth.tar').exists() or at % STEPS_PER_EPOCH == 1, at
+    assert asen.main(args + ['--name', name]) == 0, at
+    return at
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('extra', [['--workers', '0'], ['--workers', '2', '--cache-images']],
+                         ids=['0 workers', '2 workers, cached'])
+def test_sigkill_at_a_random_step_continues_to_the_same_weights(workdir, extra):
+    args = TINY + FAITHFUL + extra + ['--epochs', '2', '--checkpoint-every', '1', '--resume', 'auto']
+    assert asen.main(args + ['--name', 'straight']) == 0          # the first start: no snapshot yet
+    kill_and_continue(workdir, args, 'killed', seed=len(extra))
+    assert_same_run(workdir, 'straight', 'killed')
+
+
+@pytest.mark.slow
+def test_asenpp_stage2_killed_continues_to_the_same_weights(workdir):
+    base = TINY + FAITHFUL + ['--workers', '0', '--model', 'ASENpp']
+    assert asen.main(base + ['--epochs', '1', '--name', 's1']) == 0
+    stage2 = base + ['--stage', '2', '--epochs', '2', '--checkpoint-every', '1']
+    first = ['--resume', 'runs/s1/checkpoint.pth.tar']
+    assert asen.main(stage2 + first + ['--name', 'straight']) == 0
+    at = random.Random(5).randint(2, 2 * STEPS_PER_EPOCH - 1)
+    proc = child(workdir, stage2 + first + ['--name', 'killed'], at, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert asen.main(stage2 + ['--resume', 'auto', '--name', 'killed']) == 0
+    assert_same_run(workdir, 'straight', 'killed')
+
+
+@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGUSR1], ids=['SIGTERM', 'SIGUSR1'])
+def test_stop_signal_writes_a_step_snapshot_and_exits_75(workdir, signal_number):
+    args = TINY + FAITHFUL + ['--workers', '0', '--epochs', '2', '--checkpoint-every', '0', '--resume', 'auto']
+    proc = child(workdir, args + ['--name', 'stop'], 2, signal_number)
+    assert proc.returncode == runtime.REQUEUE_EXIT == 75, proc.stderr[-2000:]
+    assert_one_line_error(proc.returncode, proc.stderr, f'stopped by {signal.Signals(signal_number).name}',
+                          'epoch 1, step 2 of 3', 'step.pth.tar', '--resume auto')
+    step = load(workdir / 'runs' / 'stop' / 'step.pth.tar')
+    assert step['epoch'] == 0 and step['step']['epoch'] == 1 and step['step']['batch'] == 2
+    if signal_number == signal.SIGTERM:                            # it continues where it stopped
+        assert asen.main(args + ['--name', 'stop']) == 0
+        assert asen.main(args + ['--name', 'straight']) == 0
+        assert_same_run(workdir, 'straight', 'stop')
+
+
+def test_second_signal_exits_at_once_and_keeps_the_last_snapshot(workdir):
+    args = TINY + FAITHFUL + ['--workers', '0', '--epochs', '1', '--checkpoint-every', '1', '--name', 'twice']
+    proc = child(workdir, args, 2, signal.SIGTERM, second=True)
+    assert_one_line_error(proc.returncode, proc.stderr, 'second signal', 'last complete snapshot is kept')
+    assert proc.returncode == 75
+    run = workdir / 'runs' / 'twice'
+    assert load(run / 'step.pth.tar')['step']['batch'] == 1          # step 1's, whole
+    assert sorted(p.name for p in run.iterdir() if 'tmp' in p.name) == []
+
+
+def test_resume_auto_refuses_another_runs_snapshot(trained_run, monkeypatch, capsys):
+    root, run = trained_run
+    monkeypatch.chdir(root)
+    before = sorted(os.listdir(run))
+    assert asen.main(TINY + ['--epochs', '2', '--name', 'shared', '--resume', 'auto', '--model', 'TripletNet']) == 2
+    err = capsys.readouterr().err
+    assert 'is a snapshot of another run' in err and '--model' in err and len(err.strip().splitlines()) == 1
+    assert asen.main(['--name', 'shared', '--resume', 'auto', '--no-pretrained']) == 2    # FashionAI here
+    assert '--dataset' in capsys.readouterr().err
+    assert sorted(os.listdir(run)) == before
+
+
+def test_checkpoint_every_values(capsys):
+    from lib.config import parse_interval
+    assert parse_interval('500') == (500, None) and parse_interval('10m') == (None, 600.0)
+    assert parse_interval('0') == (None, None)
+    for bad in ('10x', '-1', '0m'):
+        with pytest.raises(SystemExit):
+            asen.get_args_parser().parse_args(['--checkpoint-every', bad])
+    assert '--checkpoint-every' in capsys.readouterr().err
