@@ -406,6 +406,8 @@ CASES = [
          ['--collect-out', 'test_results.json', 'already exists'], results(GOOD_RESULT)),
     case('collect-out-a-folder', ['--collect', 'runs/done', '--collect-out', 'runs/shared'],
          ['--collect-out runs/shared', 'is a folder'], results(GOOD_RESULT)),
+    case('pretrain-overwrite-a-snapshot', PRETRAIN[:-1] + [BEST, '--overwrite'],
+         ['--out', 'model_best.pth.tar', 'does not replace'], command=pretrain.main),
     # a real full disk: torch.save's RuntimeError chained on ENOSPC
     case('disk-full-unexpected-pos', ['--resume', SHARED, '--epochs', '2', '--no-cuda'],
          ['checkpoint.pth.tar', 'No space left'], chained_disk_full('[enforce fail at inline_container.cc:603] . '
