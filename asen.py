@@ -8,7 +8,6 @@ This file holds the flags, the resolution of the configuration and the dispatch 
 (lib/commands.py); the loops are lib/engine.py, the networks and losses model.py.
 """
 import argparse
-import contextlib
 import os
 import sys
 from typing import NamedTuple
@@ -17,7 +16,7 @@ import datasets
 import model
 import utils
 from utils import UserError
-from lib import asenpp, checkpoints, commands, config, inputs, runtime, tables
+from lib import asenpp, checkpoints, commands, config, inputs, runfolder, runtime, tables
 from lib.config import COMPILE_MODES, DATASETS
 from lib.runtime import is_main_process, local_first
 
@@ -232,13 +231,14 @@ def resolve_configuration(argv=None):
     elif draft.resume:
         checkpoint = checkpoints.load(draft.resume)
     if checkpoint is not None:
+        checkpoints.validate(checkpoint, draft.resume)          # every field read below, before use
         from_checkpoint = config.restore_from_checkpoint(draft, checkpoint, f'--resume {draft.resume}')
         original = checkpoints.adopt_original(checkpoint, draft.resume)
         if original is not None:
             config.adopt_original_settings(draft, original, f"--resume {draft.resume} (the authors' layout)")
     starts_stage2 = asenpp.prepare(draft, checkpoint, original, config.is_training(draft))
     config.derive(draft, checkpoint, starts_stage2)
-    return Resolved(draft.freeze(from_checkpoint, draft.resume), checkpoint, starts_stage2, draft.describe(),
+    return Resolved(draft.freeze(from_checkpoint, draft.resume, config.flag_kinds(parser)), checkpoint, starts_stage2, draft.describe(),
                     original)
 
 
@@ -261,7 +261,8 @@ def continuation(draft):
 # ----------------------------------------------------------------------------- dispatch
 
 def run(resolved):
-    """Prepare the run folder (and, for training, lock it), then run the command."""
+    """Prepare the run folder through its one guard (lib/runfolder.py: for training, locked, and
+    never replacing another run's files), then run the command."""
     args = resolved.args
     if args.collect:
         return tables.collect(args.collect, args.collect_out, args.collect_by)
@@ -272,13 +273,7 @@ def run(resolved):
     utils.seed_everything(args.seed)
     run_dir = os.path.join('runs', args.name)
     training = config.is_training(args)
-    with contextlib.ExitStack() as stack:
-        checkpoints.make_run_dir(run_dir)
-        if training:
-            if is_main_process():
-                stack.enter_context(checkpoints.run_lock(run_dir))
-            checkpoints.check_not_overwriting(run_dir, args)
-        checkpoints.check_writable(run_dir)
+    with runfolder.prepare(run_dir, args, training, is_main_process()):
         return dispatch(resolved, run_dir, device)
 
 

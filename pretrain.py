@@ -28,7 +28,7 @@ import synthfashion
 from lib import runtime
 import utils
 from utils import UserError
-from lib import inputs
+from lib import inputs, runfolder
 
 
 def build_parser():
@@ -154,6 +154,10 @@ def check_out(path, overwrite):
         raise UserError(f"--out {path}: is a folder; give the file to write, e.g. {os.path.join(path, 'trunk.pth')}")
     if os.path.lexists(path) and not overwrite:
         raise UserError(f"--out {path}: already exists; choose another file, or pass --overwrite to replace it")
+    if os.path.lexists(path) and os.path.basename(path) in runfolder.SNAPSHOTS + runfolder.RUN_RECORDS:
+        # the run-folder invariant (lib/runfolder.py): a run's own files are replaced only by that run
+        raise UserError(f"--out {path}: is a run's {os.path.basename(path)}, which --overwrite does not replace; "
+                        f"choose another file")
 
 
 def run(args):

@@ -647,6 +647,21 @@ def ensure(root, **overrides):
     return True
 
 
+def saved_settings(root):
+    """The settings a folder was generated with (its settings.json), or None (none, or damaged)."""
+    try:
+        with open(os.path.join(os.fspath(root), "settings.json")) as handle:
+            settings = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return settings if isinstance(settings, dict) else None
+
+
+def is_generated(root, **overrides):
+    """Whether ``root`` holds the dataset of these settings (what ensure would reuse as it is)."""
+    return saved_settings(root) == _merged_settings(overrides)
+
+
 def read_regions(path, n_attributes):
     """Read a regions file into an int array (n_images, n_attributes, boxes per attribute, 4).
 

@@ -162,11 +162,19 @@ def set_rng_state(state):
 # ----------------------------------------------------------------------------- checkpoints
 
 def is_disk_full(err):
-    """torch.save reports a full disk as a RuntimeError ('file write failed'), not an OSError."""
-    text = str(err)
-    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or \
-        isinstance(err, RuntimeError) and ('No space left' in text or 'write failed' in text or
-                                           'PytorchStreamWriter failed' in text)
+    """A full disk or quota, however it arrives: an OSError, or torch.save's RuntimeError ('file
+    write failed', or on a real full disk '... unexpected pos N vs M' chained on the ENOSPC)."""
+    seen = set()
+    while err is not None and id(err) not in seen:       # the error and what it was raised from
+        seen.add(id(err))
+        text = str(err)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(err, RuntimeError) and ('No space left' in text or 'write failed' in text or
+                                              'PytorchStreamWriter failed' in text or 'unexpected pos' in text):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _new_file_mode():

@@ -1,6 +1,6 @@
-"""Checkpoints and the run folder: snapshots written whole or not at all, model_best, the guard that
-keeps a new run from replacing an earlier one, the lock, loading weights with one-line errors, and
-the conversion of the authors' checkpoints (Maryeon/asen, Maryeon/asenpp) to our names.
+"""Checkpoints: snapshots written whole or not at all, model_best, the checks of a loaded file
+(`validate`), loading weights with one-line errors, and the conversion of the authors' checkpoints
+(Maryeon/asen, Maryeon/asenpp) to our names. The run folder's guard is lib/runfolder.py.
 
 A snapshot is a dict {'epoch', 'state_dict', 'prec', 'best_prec', 'optimizer', 'scheduler', 'scaler',
 'args', 'rng'}; the authors' files hold {'epoch', 'state_dict', 'prec'} (ASEN++: {'epoch', 'model',
@@ -10,9 +10,9 @@ A snapshot is a dict {'epoch', 'state_dict', 'prec', 'best_prec', 'optimizer', '
 if __name__ == '__main__':                       # run as a script: say what to run instead
     print('error: lib/checkpoints.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
     raise SystemExit(2)
-import contextlib
+import math
+import numbers
 import os
-import tempfile
 
 import torch
 
@@ -20,11 +20,7 @@ import model
 import utils
 from utils import UserError
 
-# The step snapshot: written every --checkpoint-every and on a stop signal, removed once the epoch's
-# checkpoint.pth.tar is written (see step_snapshot).
-STEP_SNAPSHOT = 'step.pth.tar'
-# The files of a run folder that a new training run would replace.
-SNAPSHOTS = ('checkpoint.pth.tar', 'model_best.pth.tar', 'interrupted.pth.tar', STEP_SNAPSHOT)
+from lib.runfolder import SNAPSHOTS, STEP_SNAPSHOT
 
 
 # ----------------------------------------------------------------------------- snapshots
@@ -148,6 +144,96 @@ def newest_snapshot(run_dir):
     _, path, checkpoint = max(found, key=lambda item: item[0])
     return path, checkpoint
 
+# ----------------------------------------------------------------------------- checking a loaded file
+
+def validate(checkpoint, path):
+    """One line for the first field of a loaded --resume file that the code would read and that is
+    not what our snapshots (or the authors' files) hold: its type, range and finiteness. The saved
+    settings ('args') are checked with the flags' own rules by config.Draft.freeze."""
+    where = f"--resume {path}"
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{where}: holds a {type(checkpoint).__name__}, not an ASEN checkpoint (a dict with "
+                        f"'state_dict')")
+    key = 'state_dict' if 'state_dict' in checkpoint or 'args' in checkpoint else 'model'
+    check_weights(checkpoint.get(key), f"{where}: '{key}'")
+    check_number(checkpoint, 'epoch', where, whole=True)
+    for name in ('prec', 'best_prec', 'mAP'):
+        check_number(checkpoint, name, where)
+    if 'args' in checkpoint and not (isinstance(checkpoint['args'], dict) and
+                                     all(isinstance(k, str) for k in checkpoint['args'])):
+        raise UserError(f"{where}: its saved settings 'args' are a {type(checkpoint['args']).__name__}, not a "
+                        f"dict of flags; the file is damaged")
+    if 'optimizer' in checkpoint:                          # a snapshot: its training state is restored
+        check_training_state(checkpoint, where)
+
+
+def check_weights(state, what):
+    """A dict of named tensors, every floating one finite."""
+    if not isinstance(state, dict):         # (an empty dict is named key by key when loaded)
+        kind = 'missing' if state is None else f'a {type(state).__name__}'
+        raise UserError(f"{what} is {kind}, not a dict of tensors; it is not an ASEN checkpoint")
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise UserError(f"{what}: entry {name!r} is a {type(value).__name__}, not a tensor; the file is damaged")
+    for name, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise UserError(f"{what}: non-finite weights (NaN or inf) in {name}; the run had diverged when "
+                            f"this was saved; use an earlier snapshot")
+
+
+def check_number(checkpoint, name, where, whole=False):
+    """checkpoint[name]: absent, None, or a finite number (a whole one >= 0 for `whole`)."""
+    value = checkpoint.get(name)
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not whole:
+        value = value.item()
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if whole:
+        ok = ok and isinstance(value, numbers.Integral) and value >= 0
+    if not ok:
+        kind = 'a whole number >= 0' if whole else 'a finite number'
+        raise UserError(f"{where}: '{name}' is {value!r}, not {kind}; the file is damaged")
+
+
+def check_training_state(checkpoint, where):
+    """What restore_training_state reads: the optimiser's groups and moments, the schedule, the
+    scaler and the RNG states (tried on the generators, then put back)."""
+    optimizer = checkpoint.get('optimizer')
+    groups = optimizer.get('param_groups') if isinstance(optimizer, dict) else None
+    if not (isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups)
+            and isinstance(optimizer.get('state'), dict)):
+        raise UserError(f"{where}: 'optimizer' is not an optimiser state (param_groups, state); the file is "
+                        f"damaged; load its weights alone with --test, or start a new run")
+    for group in groups:
+        for name in ('lr', 'eps', 'weight_decay'):
+            value = group.get(name)
+            if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value)):
+                raise UserError(f"{where}: the saved optimiser's {name} is {value!r}, not a finite number; "
+                                f"the file is damaged")
+    for moments in optimizer['state'].values():
+        for name, value in (moments.items() if isinstance(moments, dict) else ()):
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise UserError(f"{where}: the saved optimiser's {name} is not finite; the run had diverged "
+                                f"when this was saved; use an earlier snapshot")
+    for name in ('scheduler', 'scaler'):
+        if not isinstance(checkpoint.get(name), dict):
+            raise UserError(f"{where}: '{name}' is a {type(checkpoint.get(name)).__name__}, not a state dict; "
+                            f"the file is damaged")
+    check_rng(checkpoint.get('rng'), where)
+
+
+def check_rng(rng, where):
+    """The RNG states as utils.rng_state saved them: tried on the generators, which are then restored."""
+    before = utils.rng_state()
+    try:
+        utils.set_rng_state(rng)
+    except Exception as err:        # a malformed state fails in random, numpy or torch, each its own way
+        raise UserError(f"{where}: its RNG states 'rng' are malformed ({type(err).__name__}); the file is "
+                        f"damaged") from err
+    finally:
+        utils.set_rng_state(before)
+
 
 # ----------------------------------------------------------------------------- loading weights
 
@@ -217,77 +303,6 @@ def adopt_original(checkpoint, path):
         return None
     info, checkpoint['state_dict'] = converted
     return info
-
-
-# ----------------------------------------------------------------------------- the run folder
-
-def make_run_dir(run_dir):
-    """Create runs/<name>/, or say in one line why it cannot be."""
-    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
-        raise UserError(f"{run_dir} exists and is not a folder; move it away or choose another --name")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the run folder {run_dir}: {err.strerror or err}; "
-                        f"choose another --name or fix runs/") from err
-
-
-def check_writable(run_dir):
-    """Find a read-only run folder before any work, not when the first snapshot is due."""
-    try:
-        with tempfile.TemporaryFile(dir=run_dir):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot write in the run folder {run_dir}: {err.strerror or err}; make it "
-                        f"writable or choose another --name") from err
-
-
-@contextlib.contextmanager
-def run_lock(run_dir):
-    """An exclusive lock on runs/<name>/.lock while this process trains there. flock is released when
-    the process ends, however it ends, so a crashed run never leaves the folder locked."""
-    try:
-        import fcntl
-    except ImportError:                                 # no flock (Windows): no lock
-        yield
-        return
-    path = os.path.join(run_dir, '.lock')
-    try:
-        handle = open(path, 'a')
-    except OSError as err:
-        raise UserError(f"cannot write in the run folder {run_dir}: {err.strerror or err}; make it "
-                        f"writable or choose another --name") from err
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            raise UserError(f"{run_dir} is in use by another training process (it holds {path}); wait for "
-                            f"it to finish or choose another --name") from err
-        yield
-
-
-def check_not_overwriting(run_dir, args):
-    """A new run (not --resume of a snapshot in this folder) may not replace the snapshots of an
-    earlier one unless --overwrite says so."""
-    held = [name for name in SNAPSHOTS if os.path.exists(os.path.join(run_dir, name))]
-    if not held or args.overwrite or resumes_in(run_dir, args.resume):
-        return
-    raise UserError(f"{run_dir} already holds {', '.join(held)} of an earlier run; continue it with "
-                    f"--resume {os.path.join(run_dir, held[0])}, pass --overwrite to replace it, or choose "
-                    f"another --name")
-
-
-def resumes_in(run_dir, checkpoint_path):
-    return bool(checkpoint_path) and \
-        os.path.realpath(os.path.dirname(os.path.abspath(checkpoint_path))) == os.path.realpath(run_dir)
-
-
-def clear_previous_run(run_dir):
-    """--overwrite: the earlier run's snapshots and metrics go, so none is mistaken for this run's."""
-    for name in SNAPSHOTS + ('metrics.jsonl',):
-        path = os.path.join(run_dir, name)
-        if os.path.isfile(path):
-            os.remove(path)
 
 
 # ----------------------------------------------------------------------------- the authors' checkpoints

@@ -15,7 +15,7 @@ from tensorboardX import SummaryWriter
 
 import model
 import utils
-from lib import analysis, asenpp, checkpoints, engine, evaluation, inputs, runtime, tables, visualize
+from lib import analysis, asenpp, checkpoints, engine, evaluation, inputs, runfolder, runtime, tables, visualize
 from lib.engine import LossWeights
 from lib.runtime import is_main_process
 from utils import UserError
@@ -91,8 +91,10 @@ def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
     train_net = engine.compiled(train_net, compile_mode(args))
     eval_net = engine.compiled(tnet.embeddingnet, compile_mode(args), evaluation_only=True)
     if is_main_process():
-        if args.overwrite and not checkpoints.resumes_in(run_dir, args.resume):
-            checkpoints.clear_previous_run(run_dir)
+        if args.overwrite and not runfolder.resumes_in(run_dir, args.resume):
+            aside = runfolder.set_aside_previous_run(run_dir)      # moved, never deleted
+            if aside:
+                logger.info(f'--overwrite: the earlier run of {run_dir} is kept in {aside}')
         utils.write_json(args.as_dict(), os.path.join(run_dir, 'args.json'))
     writer = SummaryWriter(run_dir) if is_main_process() else runtime.NullWriter()
     logger.info(f'Begin training on {args.dataset} dataset.')
@@ -259,7 +261,7 @@ def test(tnet, split_files, device, args, logger, run_dir):
         result['attention_localisation'] = log_localisation(tnet.embeddingnet, test_set, split_files, regions,
                                                             device, args, logger)
     if is_main_process():
-        utils.write_json(result, os.path.join(run_dir, 'test_results.json'))
+        runfolder.write_test_results(result, run_dir, args.overwrite)
         print(tables.markdown_of_result(result))
     return result
 

@@ -122,28 +122,39 @@ class Draft(types.SimpleNamespace):
         return [f"{step}: " + ', '.join(f'{flag_name(k)} {v}' for k, v in changes.items())
                 for step, changes in steps.items()]
 
-    def freeze(self, checkpoint_keys=(), resume=None):
+    def freeze(self, checkpoint_keys=(), resume=None, kinds=None):
         """Check the final values once and return them as a Config. `checkpoint_keys` came from
-        --resume `resume`: an error about one of them names the checkpoint."""
+        --resume `resume`: an error about one of them names the checkpoint, and each must be of
+        its flag's kind (`kinds`, from flag_kinds: type and choices), as argparse makes a flag."""
         values = {k: v for k, v in vars(self).items() if k not in ('explicit', 'notes')}
+        if kinds:
+            check_restored_kinds(values, checkpoint_keys, resume, kinds)
         check_values(values, self.explicit, checkpoint_keys, resume)
         return Config(values, self.explicit)
 
 
 # ----------------------------------------------------------------------------- checks
 
+def _is_whole(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_real(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _whole(low, high=None):
-    """Test of an int flag: low <= value (<= high)."""
-    return lambda v: low <= v and (high is None or v <= high)
+    """Test of an int flag: a whole number, low <= value (<= high)."""
+    return lambda v: _is_whole(v) and low <= v and (high is None or v <= high)
 
 
 def _finite(test):
-    """Test of a float flag: finite and `test`."""
-    return lambda v: math.isfinite(v) and test(v)
+    """Test of a float flag: a finite number and `test`."""
+    return lambda v: _is_real(v) and math.isfinite(v) and test(v)
 
 
 def _folder_name(v):
-    return v not in ('', '.', '..') and '/' not in v and os.sep not in v and '\0' not in v
+    return isinstance(v, str) and v not in ('', '.', '..') and '/' not in v and os.sep not in v and '\0' not in v
 
 
 # The trunk is cut after layer3 (stride 16): a 2x2 attention map needs 32 px.
@@ -211,6 +222,48 @@ def check_flag_ranges(values, checkpoint_keys=(), resume=None):
         if value is not None and not test(value):
             source = f' (from --resume {resume})' if dest in checkpoint_keys else ''
             raise UserError(f"{flag_name(dest)} {value!r}{source}: must be {allowed}")
+
+
+def flag_kinds(parser):
+    """{dest: (kind, choices, may be None)} of the parser's options, the kind one of 'bool', 'int',
+    'float', 'str', 'list': what a value restored from a checkpoint must be, as argparse would make it."""
+    kinds = {}
+    for action in parser._actions:
+        if action.dest == 'help':
+            continue
+        if action.nargs == 0:                            # store_true/false, BooleanOptionalAction
+            kind = 'bool'
+        elif action.nargs in ('+', '*'):
+            kind = 'list'
+        else:
+            kind = {int: 'int', float: 'float'}.get(action.type, 'str')
+        kinds[action.dest] = (kind, action.choices, action.default is None)
+    return kinds
+
+
+KIND_TESTS = {'bool': lambda v: isinstance(v, bool), 'int': _is_whole, 'float': _is_real,
+              'str': lambda v: isinstance(v, str),
+              'list': lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)}
+KIND_WORDS = {'bool': 'true or false', 'int': 'a whole number', 'float': 'a number', 'str': 'a string',
+              'list': 'a list of strings'}
+
+
+def check_restored_kinds(values, checkpoint_keys, resume, kinds):
+    """Each value taken from the checkpoint is of its flag's type and among its choices (a saved
+    'amp': 'fp8' would otherwise run as bf16, an 'img_size': 'abc' fail deep inside)."""
+    for dest in sorted(checkpoint_keys):
+        if dest not in kinds:
+            continue
+        kind, choices, nullable = kinds[dest]
+        value = values.get(dest)
+        if value is None and nullable:
+            continue
+        if not KIND_TESTS[kind](value):
+            raise UserError(f"{flag_name(dest)} {value!r} (from --resume {resume}): must be {KIND_WORDS[kind]}; "
+                            f"the file's saved settings are damaged; give {flag_name(dest)} on the command line")
+        if choices is not None and kind != 'list' and value not in list(choices):
+            raise UserError(f"{flag_name(dest)} {value!r} (from --resume {resume}): must be one of "
+                            f"{', '.join(map(str, choices))}; give {flag_name(dest)} on the command line")
 
 
 def check_collect(values, explicit):

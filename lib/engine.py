@@ -108,11 +108,12 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, *, amp, weig
         losses.update(loss, n)
         accs.update(utils.triplet_accuracy(sim_an, sim_ap), n)
         if batch_idx % log_interval == 0:
-            stop_if_non_finite(non_finite, epoch, amp, run_dir)
+            stop_if_non_finite(non_finite, epoch, amp, run_dir, weights)
             log_training(logger, writer, epoch, batch_idx, n, len(loader), len(loader.dataset), losses, accs)
         if after_step is not None:
-            after_step(batch_idx + 1, losses, accs, lambda: stop_if_non_finite(non_finite, epoch, amp, run_dir))
-    stop_if_non_finite(non_finite, epoch, amp, run_dir)
+            after_step(batch_idx + 1, losses, accs,
+                       lambda: stop_if_non_finite(non_finite, epoch, amp, run_dir, weights))
+    stop_if_non_finite(non_finite, epoch, amp, run_dir, weights)
     return losses.read()[1], accs.read()[1]
 
 
@@ -182,11 +183,15 @@ def batch_to_device(batch, device, channels_last=False):
     return anchor, negative, positive, attr.to(device, non_blocking=True), originals
 
 
-def stop_if_non_finite(non_finite, epoch, amp, run_dir):
-    """The one-line error for the first non-finite loss seen so far (one host sync)."""
+def stop_if_non_finite(non_finite, epoch, amp, run_dir, weights=None):
+    """The one-line error for the first non-finite loss seen so far (one host sync), naming the
+    flags that can cause it: the learning rates, ASEN++ stage 2's term weights, --amp. (Weights
+    already non-finite in a --resume file are refused when it is loaded: checkpoints.validate.)"""
     bad = non_finite.first_bad_batch()
     if bad is not None:
-        hint = 'lower --lr' + (f' or use --amp off (not --amp {amp})' if amp != 'off' else '')
+        stage2 = weights is not None and (weights.local_triplet or weights.align)
+        flags = '--lr, --lr-global, --local-weight or --align-weight' if stage2 else '--lr'
+        hint = f'lower {flags}' + (f' or use --amp off (not --amp {amp})' if amp != 'off' else '')
         kept = checkpoints.last_snapshot_note(run_dir) if run_dir else 'nothing was saved'
         raise UserError(f"non-finite loss at epoch {epoch}, batch {bad}; {kept}; {hint}")
 

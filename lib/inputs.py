@@ -18,19 +18,43 @@ from utils import UserError
 
 
 def prepare_dataset(args):
-    """The dataset's split files (SynthFashion generated on first use); Zappos50k's triplet lists."""
+    """The dataset's split files (SynthFashion generated on first use, by training only); Zappos50k's
+    triplet lists."""
     if os.path.exists(args.data_path) and not os.path.isdir(args.data_path):
         raise UserError(f"--data_path {args.data_path} is a file, not a folder; pass the folder holding the datasets")
     if args.dataset == 'Zappos50k':
         return zappos.ZapposFiles(args.data_path)
     if args.dataset == 'SynthFashion':
         n_eval = max(args.synth_images // 4, 8)
+        if not generates_data(args):
+            check_synth_generated(args, n_eval)
+            return datasets.SplitFiles(args.data_path, args.dataset)
         try:
             synthfashion.ensure(os.path.join(args.data_path, 'SynthFashion'), n_train=args.synth_images,
                                 n_valid=n_eval, n_test=n_eval)
         except synthfashion.NotOurFolder as err:
             raise UserError(f"{err} (or pass another --data_path)") from err
     return datasets.SplitFiles(args.data_path, args.dataset)
+
+
+def generates_data(args):
+    """Only training (asen.py, pretrain.py) may generate or regenerate SynthFashion: --test,
+    --visualize and --retrieve read the data a model was trained on, or stop."""
+    return not (getattr(args, 'test', False) or getattr(args, 'visualize', False) or getattr(args, 'retrieve', None))
+
+
+def check_synth_generated(args, n_eval):
+    """SynthFashion as --synth-images asks, already there; else one line (nothing is generated)."""
+    root = os.path.join(args.data_path, 'SynthFashion')
+    if synthfashion.is_generated(root, n_train=args.synth_images, n_valid=n_eval, n_test=n_eval):
+        return
+    saved = synthfashion.saved_settings(root)
+    if saved is None:
+        state = f"{root} does not hold a generated SynthFashion (no valid settings.json)"
+    else:
+        state = f"{root} was generated with other settings ({root}/settings.json: n_train {saved.get('n_train')})"
+    raise UserError(f"{state}, not those of --synth-images {args.synth_images}; testing never (re)generates "
+                    f"data: pass the --synth-images it was generated with, or train once to generate it")
 
 
 def training_set(split_files, args):

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from lib import checks
+from lib import checks, runfolder
 import utils
 from utils import UserError
 
@@ -166,8 +166,21 @@ def markdown_of_result(result):
     return markdown(dict(table, rows=table['rows'][:1]), runs_column=False)
 
 
+def is_collected_table(path):
+    """Whether `path` holds a table --collect-out wrote (a JSON object with 'columns' and 'rows')."""
+    try:
+        with open(path, encoding='utf-8') as handle:
+            table = json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return isinstance(table, dict) and {'columns', 'rows'} <= set(table)
+
+
 def collect(paths, out=None, by='model'):
-    """Print the markdown table of the runs at `paths`; write it as JSON to `out` when given."""
+    """Print the markdown table of the runs at `paths`; write it as JSON to `out` when given, a new
+    file or one an earlier --collect-out wrote (never a result, a checkpoint or a folder)."""
+    if out:
+        runfolder.check_new_output(out, '--collect-out', is_collected_table)
     table = build_table(paths, by)
     print(markdown(table))
     if out:

@@ -30,7 +30,7 @@ import synthfashion
 import utils
 from conftest import TINY
 from test_robustness import assert_one_line_error, run_cli
-from lib import checkpoints, engine, inputs
+from lib import checkpoints, engine, inputs, runfolder
 
 NEW = TINY + ['--epochs', '1', '--no-cuda', '--name', 'new']     # a new run on the tiny data
 SHARED = 'runs/shared/checkpoint.pth.tar'
@@ -507,7 +507,7 @@ def test_a_crashed_run_leaves_no_lock(world):
     holder = ("import fcntl, os; f = open('runs/new/.lock', 'a'); "
               "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB); os._exit(9)")
     assert subprocess.run([sys.executable, '-c', holder], cwd=world.root).returncode == 9
-    with checkpoints.run_lock('runs/new'):
+    with runfolder.run_lock('runs/new'):
         pass
 
 

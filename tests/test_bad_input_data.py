@@ -7,13 +7,16 @@ runs in-process (asen.py, synthfashion.py, pretrain.py, build_fashionai.py); wha
 process shows (a module run as a script, a named pipe that would block for ever) runs as one,
 with a timeout.
 """
+import errno
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 
 import asen
@@ -21,8 +24,8 @@ import build_fashionai
 import pretrain
 import synthfashion
 from conftest import ROOT
-from test_bad_input import (BEST, NEW, RETRIEVE, SYNTH, TEST, assert_kept, file_hash,  # noqa: F401
-                            temporary_files, world)
+from test_bad_input import (BEST, NEW, RETRIEVE, SHARED, SYNTH, TEST, assert_kept, disk_full_on,  # noqa: F401
+                            file_hash, link_or_copy, temporary_files, world)
 from test_robustness import assert_one_line_error
 from test_zappos import TINY_ZAPPOS, build_zappos
 
@@ -172,10 +175,86 @@ def label_csv(content):
     return setup
 
 
+# a --resume file that the code would read wrongly: old/c.pth.tar, the shared snapshot changed
+
+OLD = 'old/c.pth.tar'
+TEST_OLD = ['--test', '--resume', OLD, '--no-cuda']
+RESUME_OLD = ['--resume', OLD, '--epochs', '3', '--no-cuda']
+
+
+def saved(change):
+    """old/c.pth.tar: the shared snapshot after `change(state)` (a value it returns replaces it)."""
+    def setup(w):
+        state = torch.load(w.path(SHARED), weights_only=True)
+        changed = change(state)
+        state = state if changed is None else changed
+        w.path('old').mkdir(exist_ok=True)
+        torch.save(state, w.path(OLD))
+    return setup
+
+
+def saved_arg(key, value):
+    def change(state):
+        state['args'][key] = value
+    return saved(change)
+
+
+def saved_field(key, value):
+    def change(state):
+        state[key] = value
+    return saved(change)
+
+
+def nan_weight(state):
+    name = next(k for k, v in state['state_dict'].items() if v.is_floating_point())
+    state['state_dict'][name] = state['state_dict'][name].clone().fill_(float('nan'))
+
+
+def entry_not_a_tensor(state):
+    state['state_dict']['embeddingnet.extra'] = 'weights'
+
+
+def optimizer_lr_nan(state):
+    state['optimizer']['param_groups'][0]['lr'] = float('nan')
+
+
+# the run folder: what an earlier run left, and what another command would replace
+
+def run_records(*names):
+    """runs/new holds an earlier run's records (it stopped before its first snapshot)."""
+    def setup(w):
+        for name in names:
+            w.replace(f'runs/new/{name}', w.path(f'runs/shared/{name}').read_bytes())
+    return setup
+
+
+def checkpoint_further_on(w):
+    """runs/long: model_best of epoch 1, checkpoint.pth.tar and metrics.jsonl at epoch 2."""
+    shutil.copytree(w.path('runs/shared'), w.path('runs/long'), copy_function=link_or_copy)
+    state = torch.load(w.path(SHARED), weights_only=True)
+    state['epoch'] = 2
+    w.path('runs/long/checkpoint.pth.tar').unlink()
+    torch.save(state, w.path('runs/long/checkpoint.pth.tar'))
+    first = w.lines('runs/long/metrics.jsonl')[0]
+    w.replace('runs/long/metrics.jsonl', first + '\n' + first.replace('"epoch": 1', '"epoch": 2') + '\n')
+
+
+def results_of_another_model(w):
+    w.replace('runs/other/test_results.json', json.dumps(dict(GOOD_RESULT, checkpoint='elsewhere/model.pth.tar')))
+
+
+def chained_disk_full(message):
+    """torch.save's error on a real full disk: a RuntimeError raised from the ENOSPC."""
+    error = RuntimeError(message)
+    error.__cause__ = OSError(errno.ENOSPC, 'No space left on device')
+    return disk_full_on('save', error)
+
+
 # ----------------------------------------------------------------------------- the table
 
-def case(name, argv, needles, setup=nothing, code=2, command=asen.main):
-    return pytest.param(command, argv, setup, needles, code, id=name)
+def case(name, argv, needles, setup=nothing, code=2, command=asen.main, allow=()):
+    """`allow`: log files that may grow (the command logs before it stops), as in test_bad_input."""
+    return pytest.param(command, argv, setup, needles, code, allow, id=name)
 
 
 ZLIST = 'data/Zappos50k/tripletlists/heel_tripletlist_train.txt'
@@ -278,11 +357,70 @@ CASES = [
          label_csv(b'\xef\xbb\xbf' + LABEL_CSV_ROW.encode()), command=build_fashionai.main),
     case('build-old-subcommand', ['build-fashionai', '--root', 'data/FashionAI'], ['build-fashionai'],
          command=build_fashionai.main),
+    # checkpoints: every field the code reads is checked when loaded, and named with the file
+    case('checkpoint-a-list', TEST_OLD, [OLD, 'holds a list', 'not an ASEN checkpoint'], saved(lambda s: [1, 2])),
+    case('checkpoint-a-tensor', TEST_OLD, [OLD, 'holds a Tensor'], saved(lambda s: torch.zeros(3))),
+    case('checkpoint-args-a-string', TEST_OLD, [OLD, "'args'", 'not a dict'], saved_field('args', 'lr=1e-4')),
+    case('checkpoint-img-size-text', TEST_OLD, ["--img-size 'abc'", f'from --resume {OLD}', 'whole number'],
+         saved_arg('img_size', 'abc')),
+    case('checkpoint-epoch-text', RESUME_OLD, [OLD, "'epoch'", "'one'"], saved_field('epoch', 'one')),
+    case('checkpoint-epoch-negative', RESUME_OLD, [OLD, "'epoch'", '>= 0'], saved_field('epoch', -4)),
+    case('checkpoint-rng-malformed', RESUME_OLD, [OLD, "'rng'", 'malformed'], saved_field('rng', {'python': 3})),
+    case('checkpoint-amp-fp8', TEST_OLD, ["--amp 'fp8'", f'from --resume {OLD}', 'off, bf16, fp16'],
+         saved_arg('amp', 'fp8')),
+    case('checkpoint-model-unknown', TEST_OLD, ["--model 'ASENet_V9'", 'from --resume', 'ASENet'],
+         saved_arg('model', 'ASENet_V9')),
+    case('checkpoint-dataset-unknown', TEST_OLD, ["--dataset 'ImageNet'", 'from --resume', 'SynthFashion'],
+         saved_arg('dataset', 'ImageNet')),
+    case('checkpoint-pretrained-text', TEST_OLD, ["--pretrained 'yes'", 'true or false'],
+         saved_arg('pretrained', 'yes')),
+    case('checkpoint-nan-weights-test', TEST_OLD, [OLD, 'non-finite weights', 'earlier snapshot'], saved(nan_weight)),
+    case('checkpoint-nan-weights-resume', RESUME_OLD, [OLD, 'non-finite weights'], saved(nan_weight)),
+    case('checkpoint-entry-not-a-tensor', TEST_OLD, [OLD, "'embeddingnet.extra'", 'not a tensor'],
+         saved(entry_not_a_tensor)),
+    case('checkpoint-optimizer-lr-nan', RESUME_OLD, [OLD, "optimiser's lr", 'nan'], saved(optimizer_lr_nan)),
+    case('checkpoint-best-prec-text', RESUME_OLD, [OLD, "'best_prec'", "'high'"], saved_field('best_prec', 'high')),
+    case('checkpoint-lr-global-inf', RESUME_OLD, ['--lr-global inf', f'from --resume {OLD}', 'finite'],
+         saved_arg('lr_global', float('inf'))),
+    case('checkpoint-local-weight-negative', RESUME_OLD, ['--local-weight -1', f'from --resume {OLD}', '>= 0'],
+         saved_arg('local_weight', -1.0)),
+    case('checkpoint-align-weight-nan', RESUME_OLD, ['--align-weight nan', f'from --resume {OLD}', 'finite'],
+         saved_arg('align_weight', float('nan'))),
+    # the run folder: a command only adds, or replaces with a newer version of the same run
+    case('new-run-over-metrics-and-args', NEW, ['runs/new', 'metrics.jsonl', 'args.json', '--overwrite'],
+         run_records('metrics.jsonl', 'args.json')),
+    case('new-run-over-args-json', NEW, ['runs/new', 'args.json', '--overwrite'], run_records('args.json')),
+    case('resume-older-model-best', ['--resume', 'runs/long/model_best.pth.tar', '--epochs', '3', '--no-cuda', '--name', 'long'],
+         ['already recorded epoch 2', 'runs/long/checkpoint.pth.tar', '--name'], checkpoint_further_on),
+    case('test-over-another-models-results', TEST + ['--name', 'other'],
+         ['runs/other/test_results.json', 'elsewhere/model.pth.tar', '--name'], results_of_another_model),
+    case('test-never-regenerates-data', TEST + ['--synth-images', '400'],
+         ['--synth-images 400', 'never (re)generates'], allow=('test.log',)),
+    case('visualize-never-generates-data', ['--visualize', '--resume', BEST, '--no-cuda', '--data_path', 'fresh'],
+         ['fresh/SynthFashion', 'never (re)generates'], allow=('test.log',)),
+    case('retrieve-never-generates-data', RETRIEVE + ['--data_path', 'fresh'],
+         ['fresh/SynthFashion', 'never (re)generates'], allow=('test.log',)),
+    case('collect-out-over-a-checkpoint', ['--collect', 'runs/done', '--collect-out', BEST],
+         ['--collect-out', 'model_best.pth.tar', 'already exists'], results(GOOD_RESULT)),
+    case('collect-out-over-test-results', ['--collect', 'runs/done', '--collect-out', RESULTS],
+         ['--collect-out', 'test_results.json', 'already exists'], results(GOOD_RESULT)),
+    case('collect-out-a-folder', ['--collect', 'runs/done', '--collect-out', 'runs/shared'],
+         ['--collect-out runs/shared', 'is a folder'], results(GOOD_RESULT)),
+    case('pretrain-overwrite-a-snapshot', PRETRAIN[:-1] + [BEST, '--overwrite'],
+         ['--out', 'model_best.pth.tar', 'does not replace'], command=pretrain.main),
+    # a real full disk: torch.save's RuntimeError chained on ENOSPC
+    case('disk-full-unexpected-pos', ['--resume', SHARED, '--epochs', '2', '--no-cuda'],
+         ['checkpoint.pth.tar', 'No space left'], chained_disk_full('[enforce fail at inline_container.cc:603] . '
+                                                                    'unexpected pos 64 vs 0'),
+         allow=('train.log', 'args.json')),
+    case('disk-full-chained-only', ['--resume', SHARED, '--epochs', '2', '--no-cuda'],
+         ['checkpoint.pth.tar', 'No space left'], chained_disk_full('[enforce fail] write error'),
+         allow=('train.log', 'args.json')),
 ]
 
 
-@pytest.mark.parametrize('command, argv, setup, needles, code', CASES)
-def test_bad_input(world, capsys, command, argv, setup, needles, code):
+@pytest.mark.parametrize('command, argv, setup, needles, code, allow', CASES)
+def test_bad_input(world, capsys, command, argv, setup, needles, code, allow):
     setup(world)
     before = snapshot_tree(world.root)
     try:
@@ -293,8 +431,13 @@ def test_bad_input(world, capsys, command, argv, setup, needles, code):
     assert result == code, err
     assert_one_line_error(result, err, *needles)
     assert err.startswith('error: ')
-    assert_kept(before, snapshot_tree(world.root))
+    assert_kept(before, snapshot_tree(world.root), allow)
     assert not temporary_files(world.root)
+
+
+def test_the_two_tables_are_large_enough():
+    from test_bad_input import CASES as FIRST
+    assert len(FIRST) + len(CASES) >= 145
 
 
 # ----------------------------------------------------------------------------- as real processes

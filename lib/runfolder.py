@@ -1,0 +1,258 @@
+"""The run folder runs/<name>/ and the one rule for what is saved in it.
+
+The invariant (docs/reliability.md): a command changes a run folder's snapshots, metrics.jsonl,
+args.json or test_results.json only by adding what it produced, or by replacing them with a complete
+newer version of the same run. Every command that writes there goes through `prepare` first:
+
+  training   the folder is locked; a new run refuses a folder holding an earlier run's files
+             unless --overwrite, which moves them aside (`set_aside_previous_run`, never a delete);
+             a --resume of a snapshot older than the folder's newest epoch is refused; temporary
+             files a killed save left behind are removed
+  --test     test_results.json is replaced only by a test of the same checkpoint or of a snapshot
+             of this folder (--overwrite moves the earlier file aside)
+  --visualize, --retrieve   add images of their own; they only need a writable folder
+
+Each refusal is one line naming the folder, the file and the way out.
+"""
+
+if __name__ == '__main__':                       # run as a script: say what to run instead
+    print('error: lib/runfolder.py is a module of asen, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    raise SystemExit(2)
+import contextlib
+import json
+import os
+import tempfile
+import time
+
+import utils
+from utils import UserError
+
+# The files of a run folder that a new training run would replace.
+# The step snapshot: written every --checkpoint-every and on a stop signal, removed once the epoch's
+# checkpoint.pth.tar is written (checkpoints.step_snapshot).
+STEP_SNAPSHOT = 'step.pth.tar'
+SNAPSHOTS = ('checkpoint.pth.tar', 'model_best.pth.tar', 'interrupted.pth.tar', STEP_SNAPSHOT)
+# Files that record an earlier training run even when it stopped before its first snapshot.
+RUN_RECORDS = ('metrics.jsonl', 'args.json', 'test_results.json')
+# What --overwrite moves aside besides those: the earlier run's curves and pictures. train.log
+# stays: this run's logger already appends to it (a log only grows).
+RUN_EXTRAS_PREFIXES = ('events.out.tfevents',)
+RUN_EXTRA_FOLDERS = ('heatmaps', 'retrieval', 'retrieval_cache')
+# Prefixes of the temporary files a save writes beside its target (utils.atomic_file, the
+# model_best hard link) that a killed process leaves behind.
+TEMPORARY_MARKS = ('.tmp-',)
+TEMPORARY_SUFFIXES = ('.pth.tar.tmp',)
+
+
+# ----------------------------------------------------------------------------- one entry point
+
+@contextlib.contextmanager
+def prepare(run_dir, args, training, main_process=True):
+    """The run folder checked for the command that will write in it, locked while training."""
+    make_run_dir(run_dir)
+    with contextlib.ExitStack() as stack:
+        if training:
+            if main_process:
+                stack.enter_context(run_lock(run_dir))
+            check_not_overwriting(run_dir, args)
+            check_not_going_back(run_dir, args)
+        elif args.test:
+            check_test_results(run_dir, args)
+        check_writable(run_dir)
+        if training and main_process:
+            remove_stale_temporaries(run_dir)          # we hold the lock: no save is under way
+        yield
+
+
+# ----------------------------------------------------------------------------- the folder itself
+
+def make_run_dir(run_dir):
+    """Create runs/<name>/, or say in one line why it cannot be."""
+    if os.path.lexists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"{run_dir} exists and is not a folder; move it away or choose another --name")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the run folder {run_dir}: {err.strerror or err}; "
+                        f"choose another --name or fix runs/") from err
+
+
+def check_writable(run_dir):
+    """Find a read-only run folder before any work, not when the first snapshot is due."""
+    try:
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass
+    except OSError as err:
+        raise UserError(f"cannot write in the run folder {run_dir}: {err.strerror or err}; make it "
+                        f"writable or choose another --name") from err
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """An exclusive lock on runs/<name>/.lock while this process trains there. flock is released when
+    the process ends, however it ends, so a crashed run never leaves the folder locked."""
+    try:
+        import fcntl
+    except ImportError:                                 # no flock (Windows): no lock
+        yield
+        return
+    path = os.path.join(run_dir, '.lock')
+    try:
+        handle = open(path, 'a')
+    except OSError as err:
+        raise UserError(f"cannot write in the run folder {run_dir}: {err.strerror or err}; make it "
+                        f"writable or choose another --name") from err
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            raise UserError(f"{run_dir} is in use by another training process (it holds {path}); wait for "
+                            f"it to finish or choose another --name") from err
+        yield
+
+
+def remove_stale_temporaries(run_dir):
+    """Temporary files of a save that was killed (SIGKILL, power loss) before its rename: they are
+    never a complete file, and one beside a snapshot is as large as it."""
+    for name in os.listdir(run_dir):
+        if name.startswith(TEMPORARY_MARKS) or name.endswith(TEMPORARY_SUFFIXES):
+            path = os.path.join(run_dir, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+
+
+# ----------------------------------------------------------------------------- training
+
+def resumes_in(run_dir, checkpoint_path):
+    return bool(checkpoint_path) and \
+        os.path.realpath(os.path.dirname(os.path.abspath(checkpoint_path))) == os.path.realpath(run_dir)
+
+
+def earlier_run_files(run_dir):
+    """The files in `run_dir` that an earlier training run left: snapshots first."""
+    return [name for name in SNAPSHOTS + RUN_RECORDS if os.path.exists(os.path.join(run_dir, name))]
+
+
+def check_not_overwriting(run_dir, args):
+    """A new run (not --resume of a snapshot in this folder) may not replace an earlier run's
+    snapshots or records (metrics.jsonl, args.json: a run stopped before its first snapshot)
+    unless --overwrite says so; --overwrite moves them aside, see set_aside_previous_run."""
+    held = earlier_run_files(run_dir)
+    if not held or args.overwrite or resumes_in(run_dir, args.resume):
+        return
+    snapshot = next((name for name in held if name in SNAPSHOTS), None)
+    way_on = f"continue it with --resume {os.path.join(run_dir, snapshot)}, " if snapshot else ''
+    raise UserError(f"{run_dir} already holds {', '.join(held)} of an earlier run; {way_on}pass --overwrite "
+                    f"to move it aside to {run_dir}.replaced-<time>, or choose another --name")
+
+
+def newest_epoch(run_dir):
+    """The last epoch the run in `run_dir` finished, from metrics.jsonl (0 when none is recorded)."""
+    path = os.path.join(run_dir, 'metrics.jsonl')
+    epochs = [0]
+    try:
+        with open(path, encoding='utf-8', errors='replace') as handle:
+            for line in handle:
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    epoch = json.loads(line).get('epoch')
+                    if isinstance(epoch, int) and not isinstance(epoch, bool):
+                        epochs.append(epoch)
+    except OSError:
+        return 0
+    return max(epochs)
+
+
+def check_not_going_back(run_dir, args):
+    """--resume of an older snapshot of this folder (model_best of epoch 2 when checkpoint is at 3)
+    would replace the newer checkpoint and record epoch 3 twice in metrics.jsonl: refused."""
+    if not resumes_in(run_dir, args.resume) or args.overwrite:
+        return
+    newest = newest_epoch(run_dir)
+    if args.start_epoch <= newest:
+        raise UserError(f"--resume {args.resume} continues after epoch {args.start_epoch - 1}, but {run_dir} "
+                        f"already recorded epoch {newest} (metrics.jsonl); resuming it here would replace "
+                        f"the newer checkpoint.pth.tar; resume {os.path.join(run_dir, 'checkpoint.pth.tar')}, "
+                        f"or branch off with --name NEW")
+
+
+def set_aside_previous_run(run_dir):
+    """--overwrite: move the earlier run's files to runs/<name>.replaced-<time>/ (nothing deleted),
+    so that none is mistaken for this run's. Returns the folder they went to, or None."""
+    names = [name for name in os.listdir(run_dir) if name in SNAPSHOTS + RUN_RECORDS or
+             name.startswith(RUN_EXTRAS_PREFIXES) or name in RUN_EXTRA_FOLDERS]
+    if not names:
+        return None
+    aside = aside_name(run_dir)
+    try:
+        os.makedirs(aside)
+        for name in names:                         # a rename in the same file system: no copy, no loss
+            os.rename(os.path.join(run_dir, name), os.path.join(aside, name))
+    except OSError as err:
+        raise UserError(f"--overwrite: cannot move the earlier run of {run_dir} to {aside}: "
+                        f"{err.strerror or err}; the files not yet moved are still in {run_dir}") from err
+    return aside
+
+
+def aside_name(path):
+    """path.replaced-<YYYYmmdd-HHMMSS>, with -2, -3, ... when taken."""
+    base = f"{path.rstrip(os.sep)}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = base, 1
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = f'{base}-{n}'
+    return candidate
+
+
+# ----------------------------------------------------------------------------- --test
+
+def check_test_results(run_dir, args):
+    """--test replaces runs/<name>/test_results.json only with a result of the same run: a snapshot
+    of this folder, or the checkpoint the earlier result names. --overwrite moves the other aside."""
+    path = os.path.join(run_dir, 'test_results.json')
+    if not os.path.exists(path) or resumes_in(run_dir, args.resume):
+        return
+    earlier = tested_checkpoint(path)
+    if earlier is not None and os.path.realpath(earlier) == os.path.realpath(args.resume):
+        return
+    if args.overwrite:
+        return
+    of = f"of {earlier}" if earlier else "of another model"
+    raise UserError(f"{path} holds the test results {of}, not of --resume {args.resume}; choose another "
+                    f"--name for this test, or pass --overwrite to move the earlier file aside")
+
+
+def tested_checkpoint(path):
+    """The 'checkpoint' a test_results.json names, or None when it cannot be read."""
+    try:
+        with open(path, encoding='utf-8') as handle:
+            checkpoint = json.load(handle).get('checkpoint')
+    except (OSError, ValueError, AttributeError):
+        return None
+    return checkpoint if isinstance(checkpoint, str) and checkpoint else None
+
+
+def write_test_results(result, run_dir, overwrite=False):
+    """test_results.json, the earlier one (of another checkpoint, allowed by --overwrite) moved
+    aside first to test_results.replaced-<time>.json."""
+    path = os.path.join(run_dir, 'test_results.json')
+    if overwrite and os.path.exists(path) and tested_checkpoint(path) != result.get('checkpoint'):
+        aside = aside_name(path)
+        try:
+            os.rename(path, aside)
+        except OSError as err:
+            raise UserError(f"--overwrite: cannot move {path} aside: {err.strerror or err}; it is kept") from err
+    utils.write_json(result, path)
+    return path
+
+
+# ----------------------------------------------------------------------------- files outside a run
+
+def check_new_output(path, flag, replaceable=None):
+    """An output file named by `flag` (--collect-out, --out) is new, or one that `replaceable(path)`
+    says holds an earlier output of the same kind; never a folder."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: is a folder; give the file to write")
+    if os.path.lexists(path) and not (replaceable and replaceable(path)):
+        raise UserError(f"{flag} {path}: already exists and is not an earlier output of {flag}; choose "
+                        f"another file (it is kept)")

@@ -1,0 +1,129 @@
+"""Nothing saved is ever lost (docs/reliability.md): --overwrite moves the earlier run aside, a
+killed save's temporary file is removed by the next run, and a real full disk (a small tmpfs) is
+one line with the earlier files kept."""
+import json
+import os
+import subprocess
+import uuid
+
+import pytest
+import torch
+
+import asen
+import utils
+from lib import engine, runfolder
+from test_bad_input import NEW, SHARED, TEST, snapshot_tree, temporary_files, world  # noqa: F401
+from test_robustness import assert_one_line_error
+
+pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
+
+
+def skip_training(monkeypatch):
+    monkeypatch.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: (0.5, 0.5))
+
+
+# ----------------------------------------------------------------------------- --overwrite
+
+def test_overwrite_moves_the_earlier_run_aside(world, monkeypatch, capsys):
+    skip_training(monkeypatch)
+    before = {rel: digest for rel, digest in snapshot_tree(world.root).items() if rel.startswith('runs/shared/')}
+    assert asen.main(NEW[:-1] + ['shared', '--overwrite']) == 0, capsys.readouterr().err
+    aside = [name for name in os.listdir('runs') if name.startswith('shared.replaced-')]
+    assert len(aside) == 1
+    after = snapshot_tree(world.root)
+    for rel, digest in before.items():                    # every earlier file, byte for byte, aside
+        name = rel[len('runs/shared/'):]
+        if name.endswith('.log') or name == '.lock':
+            continue
+        assert after[f'runs/{aside[0]}/{name}'] == digest, name
+    epochs = [json.loads(line)['epoch'] for line in open('runs/shared/metrics.jsonl')]
+    assert epochs == [1]                                   # the new run's, not appended to the old
+
+
+def test_stale_temporary_file_is_removed_by_the_next_run(world, monkeypatch):
+    skip_training(monkeypatch)
+    stale = world.path('runs/shared/.tmp-killed-checkpoint.pth.tar')
+    stale.write_bytes(b'\0' * 4096)                       # what SIGKILL during torch.save leaves
+    assert asen.main(['--resume', SHARED, '--epochs', '2', '--no-cuda']) == 0
+    assert not temporary_files(world.root)
+
+
+def test_test_overwrite_keeps_the_earlier_results(world, capsys):
+    other = {'checkpoint': 'elsewhere.pth.tar', 'MeanAP': 1.0}
+    world.replace('runs/other/test_results.json', json.dumps(other))
+    assert asen.main(TEST + ['--name', 'other', '--overwrite']) == 0, capsys.readouterr().err
+    kept = [n for n in os.listdir('runs/other') if n.startswith('test_results.json.replaced-')]
+    assert len(kept) == 1 and json.loads(world.path(f'runs/other/{kept[0]}').read_text()) == other
+    assert json.loads(world.path('runs/other/test_results.json').read_text())['checkpoint'] != other['checkpoint']
+
+
+def test_resume_in_the_same_folder_still_continues(world, monkeypatch):
+    skip_training(monkeypatch)
+    assert asen.main(['--resume', SHARED, '--epochs', '2', '--no-cuda']) == 0
+    assert [json.loads(line)['epoch'] for line in open('runs/shared/metrics.jsonl')] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- a real full disk
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 256 kB tmpfs at tmp_path/small (root and a container that allows mount), else skip."""
+    folder = tmp_path / 'small'
+    folder.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip('mounting a tmpfs needs root')
+    done = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=256k', 'tmpfs', str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f'cannot mount a tmpfs here: {done.stderr.strip()}')
+    try:
+        yield folder
+    finally:
+        subprocess.run(['umount', '-l', str(folder)], check=False)
+
+
+def test_real_full_disk_save_is_one_error_and_keeps_the_file(small_disk):
+    path = small_disk / 'checkpoint.pth.tar'
+    utils.save_atomic({'w': torch.zeros(8)}, str(path))
+    earlier = path.read_bytes()
+    with pytest.raises(utils.UserError, match='No space left'):
+        utils.save_atomic({'w': torch.zeros(1 << 20)}, str(path))         # 4 MB on 256 kB
+    assert path.read_bytes() == earlier
+    assert os.listdir(small_disk) == ['checkpoint.pth.tar']
+
+
+def test_real_full_disk_torch_error_is_recognised(small_disk):
+    """torch.save straight onto the full disk: the error it raises (RuntimeError ... unexpected pos,
+    chained on ENOSPC, or the ENOSPC itself) is what utils.is_disk_full recognises."""
+    with pytest.raises((RuntimeError, OSError)) as caught:
+        torch.save({'w': torch.zeros(1 << 20)}, str(small_disk / f'{uuid.uuid4().hex}.pt'))
+    assert utils.is_disk_full(caught.value), repr(caught.value)
+
+
+def test_real_full_disk_training_run(world, monkeypatch, small_disk, capsys):
+    """A run whose folder is a full disk: one line, exit 2, and no temporary file left there."""
+    skip_training(monkeypatch)
+    os.symlink(small_disk, world.path('runs/new'))
+    code = asen.main(NEW)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert_one_line_error(code, err, 'No space left')
+    assert not [n for n in os.listdir(small_disk) if '.tmp' in n]
+
+
+def test_is_disk_full_follows_the_chain():
+    inner = OSError(28, 'No space left on device')
+    outer = RuntimeError('[enforce fail at inline_container.cc:603] . write error')
+    outer.__cause__ = inner
+    assert utils.is_disk_full(outer)
+    assert not utils.is_disk_full(RuntimeError('shape mismatch'))
+
+
+def test_set_aside_leaves_train_log_and_lock(tmp_path):
+    run = tmp_path / 'r'
+    run.mkdir()
+    for name in ('checkpoint.pth.tar', 'metrics.jsonl', 'args.json', 'train.log', '.lock'):
+        (run / name).write_text(name)
+    aside = runfolder.set_aside_previous_run(str(run))
+    assert sorted(os.listdir(run)) == ['.lock', 'train.log']
+    assert sorted(os.listdir(aside)) == ['args.json', 'checkpoint.pth.tar', 'metrics.jsonl']
