@@ -95,21 +95,6 @@ def test_eval_set_embeds_each_image_condition_once(zappos_dir):
     assert isinstance(image, Image.Image) and cond == eval_set.entries[0, 1] and index == 0
 
 
-def test_sampler_is_even_over_conditions_and_seeded():
-    triplets = np.array([[i, i + 1, i + 2, c] for c in range(4) for i in range(10 * (c + 1))])
-    sampler = zappos.ConditionSampler(triplets, 4)
-    drawn = sampler.sample(1002, np.random.default_rng([1, 3]))
-    assert np.bincount(drawn[:, 3]).tolist() == [251, 251, 250, 250]
-    as_rows = {tuple(t) for t in triplets}
-    assert all(tuple(t) in as_rows for t in drawn)              # (anchor, far, close, condition) kept
-    assert np.array_equal(drawn, sampler.sample(1002, np.random.default_rng([1, 3])))
-    assert not np.array_equal(drawn, sampler.sample(1002, np.random.default_rng([1, 4])))
-    assert len(set(drawn[:8, 3])) > 1                           # batches mix the conditions
-    few = sampler.sample(40, np.random.default_rng(0))          # 10 of 10..40: no repeats within a condition
-    for c in range(4):
-        assert len({tuple(t) for t in few[few[:, 3] == c]}) == 10
-
-
 def test_training_dataset_items_and_epochs(zappos_dir):
     files = zappos.ZapposFiles(str(zappos_dir.parent))
     train = zappos.ZapposTripletDataset(files, 8, transform=lambda img: img.size, seed=2)
