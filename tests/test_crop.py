@@ -91,3 +91,39 @@ def test_view_crop_is_the_same_box_from_the_view():
     from_view = crop.attention_crops(maps, G, 0.1, OUT, views=views)
     from_original = crop.attention_crops(maps, G, 0.1, OUT, sources=batch_of(images))
     assert (from_view - from_original).abs().max() <= 1.01 / 255 / 0.224
+
+
+def level_of(value):
+    """The uint8 level crop.attention_boxes gives `value` in a map whose min is 0 and max 1."""
+    return int(torch.floor(torch.tensor(value, dtype=torch.float32) / 1.0 * 255))
+
+
+def test_threshold_is_strict_a_level_at_the_threshold_is_out():
+    """OpenCV's THRESH_BINARY keeps level > floor(255 * threshold): with threshold 0.2 (floor 51) a
+    pixel of level 51 is out and one of level 52 in. The map is at the view's size, so the resize
+    is the identity."""
+    maps = torch.zeros(1, G, G)
+    maps[0, 10:12, 10:12] = 1.0                       # level 255: the peak
+    maps[0, 20, 25] = 0.2                             # level 51: exactly the threshold's level
+    assert level_of(0.2) == 51 == int(255 * 0.2)
+    assert crop.attention_boxes(maps, G, 0.2).tolist() == [[10, 10, 2]]
+    maps[0, 20, 25] = 52.5 / 255                      # level 52: just above
+    assert level_of(52.5 / 255) == 52
+    # rows 10..20, columns 10..25: 16 wide, 11 high -> a square of 16 around (10 + 8, 10 + 5)
+    assert crop.attention_boxes(maps, G, 0.2).tolist() == [[10, 7, 16]]
+
+
+def test_threshold_zero_drops_only_the_minimum():
+    maps = torch.zeros(1, G, G)
+    maps[0, 3:9, 20:22] = 0.01                        # level 2 (> 0): in
+    maps[0, 5, 21] = 1.0
+    # columns 20..21 (w 2), rows 3..8 (h 6): a square of 6 centred on column 21 -> x = 18
+    assert crop.attention_boxes(maps, G, 0.0).tolist() == [[18, 3, 6]]
+
+
+def test_box_is_the_square_on_the_longer_side_around_the_centre():
+    maps = torch.zeros(3, G, G)
+    maps[0, 4:10, 10:12] = 1                          # 2 wide, 6 high: side 6, centre (11, 7)
+    maps[1, 6:9, 2:14] = 1                            # 12 wide, 3 high: side 12, centre (8, 7) -> y 1
+    maps[2, 0:2, 0:2] = 1                             # at the corner: clamped at 0
+    assert crop.attention_boxes(maps, G, 0.5).tolist() == [[8, 4, 6], [2, 1, 12], [0, 0, 2]]
