@@ -185,3 +185,19 @@ def test_ranked_relevance_equals_argsort_then_gather(dtype):
     relevant = torch.rand(9, 50, generator=gen) < 0.3
     order = torch.argsort(sims, dim=1, descending=True)
     assert torch.equal(utils.ranked_relevance(sims, relevant), torch.gather(relevant, 1, order))
+
+
+def test_ranked_relevance_keeps_float64_precision():
+    """float64 similarities are ranked in float64: scores 1e-12 apart (equal once rounded to
+    float32) keep their order."""
+    sims = (1 + torch.tensor([[3.0, 0.0, 2.0, 1.0]], dtype=torch.float64) * 1e-12)
+    relevant = torch.tensor([[False, True, False, True]])
+    assert utils.ranked_relevance(sims, relevant).tolist() == [[False, False, True, True]]
+
+
+def test_ranked_relevance_of_half_precision_scores():
+    """float16 / bfloat16 similarities (embeddings under autocast) are ranked as float32."""
+    sims = torch.tensor([[0.5, -0.25, 0.75, 0.0]])
+    relevant = torch.tensor([[True, False, False, True]])
+    for dtype in (torch.float16, torch.bfloat16):
+        assert utils.ranked_relevance(sims.to(dtype), relevant).tolist() == [[False, True, True, False]]
