@@ -192,3 +192,12 @@ def test_ablations_remove_what_they_name():
                               full.feature_fc(full.aca(mean_pooled, onehot([1, 2]))), atol=1e-5)
         assert not torch.allclose(full(images, attr), no_aca(images, attr), atol=1e-3)
         assert not torch.allclose(full(images, attr), no_asa(images, attr), atol=1e-3)
+
+
+def test_default_sizes_are_the_authors():
+    """Hidden width 512 in both attentions and a 1024-d embedding, as the authors' ASENet (their
+    checkpoints load only with these)."""
+    net = models.ASENet(models.build_backbone('resnet18', pretrained=False), N_ATTR)
+    assert net.asa.attr_proj.weight.shape == (512, N_ATTR) and net.asa.score.weight.shape == (1, 512, 1, 1)
+    assert net.aca.fc1.weight.shape == (512, 2 * 256) and net.aca.attr_proj.weight.shape == (256, N_ATTR)
+    assert net.feature_fc.weight.shape == (1024, 256)

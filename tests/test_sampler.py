@@ -78,6 +78,16 @@ def test_triplet_sampler_negative_is_any_other_entry_of_the_attribute():
     assert np.allclose(np.bincount(value0[:, 0], minlength=3)[:3] / len(value0), 1 / 3, atol=0.04)
 
 
+def test_triplet_sampler_value_uniform_over_three_values():
+    """Whatever their image counts (5, 2, 3), the anchor's value is uniform over the usable ones."""
+    values = [0] * 5 + [1] * 2 + [2] * 3
+    labels = np.array([[i, 0, v] for i, v in enumerate(values)])
+    triplets = datasets.TripletSampler(labels, n_attributes=1).sample(6000, np.random.default_rng(6))
+    shares = np.bincount(np.asarray(values)[triplets[:, 0]], minlength=3) / 6000
+    assert np.allclose(shares, 1 / 3, atol=0.025)                  # sd: 0.006
+    assert (np.asarray(values)[triplets[:, 0]] == np.asarray(values)[triplets[:, 2]]).all()
+
+
 def test_triplet_sampler_skips_attributes_without_two_values():
     labels = np.vstack([LABELS, [[20, 2, 0], [21, 2, 0]]])        # attribute 2: one value only
     sampler = datasets.TripletSampler(labels, n_attributes=3)
@@ -153,3 +163,9 @@ def test_condition_sampler_is_even_over_conditions_and_seeded():
     few = sampler.sample(40, np.random.default_rng(0))          # 10 of 10..40: no repeats within a condition
     for c in range(4):
         assert len({tuple(t) for t in few[few[:, 3] == c]}) == 10
+
+
+def test_condition_sampler_names_the_conditions_without_triplets():
+    triplets = np.array([[0, 1, 2, 0], [1, 2, 3, 2]])
+    with pytest.raises(UserError, match=f'condition[(]s[)] {zappos.CONDITIONS[1]}, {zappos.CONDITIONS[3]}$'):
+        zappos.ConditionSampler(triplets, 4)
