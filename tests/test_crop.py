@@ -172,3 +172,32 @@ def test_view_to_source_side_is_at_least_one_pixel():
     """A 1-pixel box of a 32-px view on a 10-px image scales to 0.3 px: it becomes 1."""
     boxes = crop.view_to_source(torch.tensor([[3, 31, 1]]), torch.tensor([[10, 10]]), G)
     assert boxes.tolist() == [[0, 9, 1]]
+
+
+def test_box_past_the_edge_of_the_only_image():
+    """The authors' square can end a pixel past the view, hence past an image of the view's size:
+    with one image in the batch no other image's padding covers it, and the missing pixels are 0
+    (PIL's crop), not a narrower window."""
+    rng = np.random.default_rng(6)
+    for corner, width in (('bottom', G), ('right', G), ('bottom', G + 16)):    # the last one landscape
+        image = theirs.random_image(rng, width, G)
+        maps = np.zeros((1, G, G), dtype=np.float32)
+        if corner == 'bottom':
+            maps[0, G - 1, 4:7] = 1                          # 3 x 1 box on the bottom edge
+        else:
+            maps[0, 10:13, G - 1] = 1                        # 1 x 3 on the right edge
+        box = crop.attention_boxes(torch.from_numpy(maps), G, 0.1)[0].tolist()
+        assert max(box[0], box[1]) + box[2] == G + 1        # one pixel past
+        expected = theirs.local_transform(image, maps[0], G, OUT, 0.1)
+        assert torch.equal(ours(maps, [image])[0], expected)
+
+
+def test_view_crop_uses_x_for_columns_and_y_for_rows():
+    rng = np.random.default_rng(7)
+    image = theirs.random_image(rng, G, G)
+    views = theirs.global_transform(G)(image)[None]
+    for box in ([3, 12, 14], [15, 2, 9]):
+        boxes = torch.tensor([box])
+        from_view = crop.crop_view(views, boxes, OUT)
+        from_original = crop.crop_original(batch_of([image]), boxes, OUT)
+        assert (from_view - from_original).abs().max() <= 1.01 / 255 / 0.224

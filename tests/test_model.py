@@ -227,3 +227,8 @@ def test_csn_flags_need_the_csn_model(workdir, capsys):
     from conftest import TINY
     assert asen.main(TINY + ['--model', 'ASENet', '--csn-reg']) == 2
     assert '--csn-reg applies only to --model ConditionalSimNet' in capsys.readouterr().err
+
+
+def test_v2_fc_default_embedding_is_1024():
+    net = models.ASENetV2(models.build_backbone('resnet18', pretrained=False), 3, feature_fc=True)
+    assert net.feature_fc.weight.shape == (1024, 256)
