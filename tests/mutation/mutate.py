@@ -217,6 +217,7 @@ def main():
             print(f'SURVIVED {i:4d} {where}', flush=True)
         else:
             killed += 1
+        print(f'done {i}: {"survived" if rc == 0 else "killed"}', file=sys.stderr, flush=True)
     tested = killed + len(survived)
     print(f'{args.module}: {tested} mutants, {killed} killed, {len(survived)} survived')
     return 0
