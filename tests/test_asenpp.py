@@ -2,7 +2,6 @@
 and the authors' checkpoints."""
 import json
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,31 +25,6 @@ def tiny_asenpp(stage=2, **options):
     return models.build_model('ASENpp', 5, 'resnet18', pretrained=False, dim_embed=16, stage=stage,
                               local_backbone='resnet18', local_pretrained=False, view_size=32, local_size=32,
                               **options)
-
-
-# ----------------------------------------------------------------------------- sampling
-
-def test_value_pair_sampler():
-    # attribute 0: value 0 has 40 images, values 1 and 2 two each, value 3 one (never a positive)
-    ids = np.arange(45)
-    values = np.array([0] * 40 + [1, 1, 2, 2, 3])
-    sampler = asenpp.ValuePairSampler([(ids, values), (ids[:4], np.array([0, 0, 1, 1]))])
-    out = sampler.sample(6000, np.random.default_rng(0))
-    value_of = dict(zip(ids.tolist(), values.tolist()))
-    attr0 = out[out[:, 3] == 0]
-    assert 0.45 < len(attr0) / len(out) < 0.55                                # attribute uniform
-    assert (attr0[:, 0] != attr0[:, 2]).all()                                 # distinct anchor, positive
-    first = np.array([value_of[i] for i in attr0[:, 0]])
-    assert (first == np.array([value_of[i] for i in attr0[:, 2]])).all()
-    second = np.array([value_of[i] for i in attr0[:, 1]])
-    assert (first != second).all() and 3 not in first
-    # the first value uniform over 0, 1, 2; the second uniform over the three others, whatever
-    # their image counts (ASEN's sampler would pick value 0's 40 images about 40/45 of the time)
-    assert np.allclose(np.bincount(first, minlength=4)[:3] / len(first), 1 / 3, atol=0.03)
-    for v in range(3):
-        counts = np.bincount(second[first == v], minlength=4)
-        others = [u for u in range(4) if u != v]
-        assert np.allclose(counts[others] / counts.sum(), 1 / 3, atol=0.05), (v, counts)
 
 
 # ----------------------------------------------------------------------------- stages and flags

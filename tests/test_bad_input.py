@@ -470,10 +470,6 @@ def test_bad_input(world, capsys, argv, setup, needles, code, allow, absent):
     assert not temporary_files(world.root)
 
 
-def test_table_is_large_enough():
-    assert len(CASES) >= 60
-
-
 # ----------------------------------------------------------------------------- a few as real processes
 
 @pytest.mark.parametrize('argv, setup, needles', [

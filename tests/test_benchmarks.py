@@ -88,12 +88,6 @@ def test_compile_mode_configs_are_named_by_suffix():
     assert bench_train_step.config_of('fp32 concat')['compile'] is False
 
 
-def test_gpu_check_script_parses():
-    proc = subprocess.run(['bash', '-n', os.path.join(ROOT, 'benchmarks', 'gpu_check.sh')], capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr
-
-
 def test_goal_summary_reads_gpu_check_outputs(tmp_path, capsys):
     import gpu_summary
     steps = {'results': [{'name': 'fp32 3-forward (original)', 'images_per_s': 900.0},

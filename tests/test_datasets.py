@@ -1,4 +1,4 @@
-"""Readers of the authors' split files and the triplet sampler."""
+"""Readers of the authors' split files (the triplet samplers: test_sampler.py)."""
 import json
 from pathlib import Path
 
@@ -112,35 +112,3 @@ def test_every_reference_file_is_covered():
     covered = {'meta.json', 'README.md', 'label_train.txt', 'label_valid.txt', 'label_test.txt'}
     covered |= {f'{kind}_{s}.txt' for kind in ('filenames', 'query', 'candidate') for s in ('valid', 'test')}
     assert {p.name for p in SHARED.rglob('*') if p.is_file()} <= covered
-
-
-LABELS = np.array([[i, a, v] for i, (a, v) in enumerate(
-    [(0, 0), (0, 0), (0, 0), (0, 1), (0, 1), (0, 2), (1, 0), (1, 0), (1, 1), (1, 1)])])
-
-
-def test_triplet_sampler_invariants():
-    sampler = datasets.TripletSampler(LABELS, n_attributes=2)
-    triplets = sampler.sample(5000, np.random.default_rng(0))
-    value = {(i, a): v for i, a, v in LABELS}
-    for anchor, negative, positive, attr in triplets:
-        assert anchor != positive
-        assert value[anchor, attr] == value[positive, attr] != value[negative, attr]
-    # attribute uniform; value 2 of attribute 0 has one image, so is never an anchor value
-    share = np.mean(triplets[:, 3] == 0)
-    assert 0.47 < share < 0.53
-    anchor_values = [value[a, 0] for a, *_, attr in triplets if attr == 0]
-    assert set(anchor_values) == {0, 1}
-    assert abs(np.mean(anchor_values) - 0.5) < 0.03
-
-
-def test_triplet_sampler_is_seeded():
-    sampler = datasets.TripletSampler(LABELS, n_attributes=2)
-    first = sampler.sample(50, np.random.default_rng([1, 3]))
-    again = sampler.sample(50, np.random.default_rng([1, 3]))
-    other = sampler.sample(50, np.random.default_rng([1, 4]))
-    assert (first == again).all() and not (first == other).all()
-
-
-def test_triplet_sampler_needs_two_values():
-    with pytest.raises(UserError, match='triplets'):
-        datasets.TripletSampler(np.array([[0, 0, 0], [1, 0, 0]]), n_attributes=1)

@@ -1,9 +1,17 @@
-"""The vectorised mAP against a plain per-query loop (the authors' algorithm) on tiny inputs."""
+"""The retrieval metric: per-query AP (utils.average_precisions) against plain loops and the
+authors' (benchmarks/bench_map.reference_map), ties and empty cases, and MeanAP over attributes
+(evaluation.retrieval_map: weighted by each attribute's number of queries)."""
+import os
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import utils
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
 
 def loop_average_precision(cand_set, queries, c_gdtruth, q_gdtruth):
@@ -55,11 +63,119 @@ def test_perfect_and_empty_rankings():
     assert utils.mean_average_precision(cand, cand[:0], np.arange(3), np.arange(0)) == 0.0
 
 
-def test_map_is_in_unit_interval_and_float():
-    rng = np.random.default_rng(1)
-    value = utils.mean_average_precision(rng.normal(size=(20, 4)), rng.normal(size=(6, 4)),
-                                         rng.integers(0, 2, 20), rng.integers(0, 2, 6))
-    assert isinstance(value, float) and 0.0 <= value <= 1.0
+def test_ap_by_hand():
+    """Relevant at ranks 1 and 3 of 4: AP = (1/1 + 2/3) / 2; at ranks 2 and 4: (1/2 + 2/4) / 2."""
+    cand = np.array([[4.0], [3.0], [2.0], [1.0]], dtype=np.float32)       # ranked in this order
+    aps = utils.average_precisions(cand, np.array([[1.0], [1.0]], dtype=np.float32),
+                                   np.array([0, 1, 0, 1]), np.array([0, 1]))
+    assert aps.dtype == torch.float64
+    assert aps.tolist() == pytest.approx([(1 + 2 / 3) / 2, (1 / 2 + 2 / 4) / 2])
+    value = utils.mean_average_precision(cand, np.array([[1.0], [1.0]], dtype=np.float32),
+                                         np.array([0, 1, 0, 1]), np.array([0, 1]))
+    assert isinstance(value, float) and value == pytest.approx(((1 + 2 / 3) / 2 + 0.5) / 2)
+
+
+def loop_aps(cand_set, queries, c_gdtruth, q_gdtruth):
+    """Per-query AP, plainly: sort by similarity (no ties in the inputs), walk the ranking."""
+    out = []
+    for q in range(len(queries)):
+        sims = [float(np.dot(queries[q], c)) for c in cand_set]
+        order = sorted(range(len(cand_set)), key=lambda i: -sims[i])
+        hits, total = 0, 0.0
+        for rank, i in enumerate(order, start=1):
+            if c_gdtruth[i] == q_gdtruth[q]:
+                hits += 1
+                total += hits / rank
+        out.append(total / hits if hits else 0.0)
+    return out
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_per_query_aps_match_a_plain_loop(seed):
+    rng = np.random.default_rng(10 + seed)
+    n_cand, n_query = int(rng.integers(1, 30)), int(rng.integers(1, 9))
+    cand = rng.normal(size=(n_cand, 4)).astype(np.float32)
+    queries = rng.normal(size=(n_query, 4)).astype(np.float32)
+    c_gt, q_gt = rng.integers(0, 3, n_cand), rng.integers(0, 4, n_query)
+    got = utils.average_precisions(cand, queries, c_gt, q_gt, chunk_size=3)
+    assert got.tolist() == pytest.approx(loop_aps(cand, queries, c_gt, q_gt), abs=1e-12)
+
+
+def test_edge_rankings():
+    one = np.ones((1, 2), dtype=np.float32)
+    assert utils.average_precisions(one, one, [0], [0]).tolist() == [1.0]        # one candidate, relevant
+    assert utils.average_precisions(one, one, [1], [0]).tolist() == [0.0]        # one candidate, not
+    cand = np.array([[3.0], [2.0], [1.0]], dtype=np.float32)
+    assert utils.average_precisions(cand, one[:, :1], [0, 0, 0], [0]).tolist() == [1.0]  # all relevant
+    assert utils.average_precisions(cand, -one[:, :1], [0, 1, 1], [0]).tolist() == [pytest.approx(1 / 3)]  # last
+
+
+def test_query_without_relevant_candidate_counts_as_zero_as_in_the_authors_code():
+    """AP 0 for that query, and the query stays in the mean's denominator: the authors' loop
+    (bench_map.reference_map) skips it in the sum but divides by all queries."""
+    import bench_map
+    cand = np.eye(3, dtype=np.float32)
+    queries = cand[:2].copy()
+    c_gt, q_gt = np.array([0, 1, 2]), np.array([0, 7])                # query 2's value 7: no candidate
+    assert utils.average_precisions(cand, queries, c_gt, q_gt).tolist() == [1.0, 0.0]
+    assert utils.mean_average_precision(cand, queries, c_gt, q_gt) == 0.5
+    assert bench_map.reference_map(cand, queries, c_gt, q_gt) == 0.5
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_map_equals_the_authors_loop(seed):
+    import bench_map
+    rng = np.random.default_rng(20 + seed)
+    cand, queries = rng.normal(size=(50, 6)), rng.normal(size=(9, 6))
+    c_gt, q_gt = rng.integers(0, 4, 50), rng.integers(0, 5, 9)
+    assert utils.mean_average_precision(cand, queries, c_gt, q_gt) == pytest.approx(
+        bench_map.reference_map(cand, queries, c_gt, q_gt), abs=1e-12)
+
+
+def test_exact_ties_rank_the_relevant_candidates_first():
+    """Candidates with equal similarity: ranked_relevance puts the relevant ones first (the flag
+    sits in the lowest mantissa bit), so AP is the optimistic one whatever the candidates' order.
+    The authors' np.argsort(-sims) orders ties by its sort algorithm (by index for these small
+    inputs), so their AP depends on where the relevant tie sits: a known, documented difference
+    that only exact ties can show."""
+    import bench_map
+    cand = np.ones((4, 2), dtype=np.float32)                            # four equal scores
+    query = np.ones((1, 2), dtype=np.float32)
+    for c_gt in ([1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 1, 1]):
+        assert utils.average_precisions(cand, query, c_gt, [0]).tolist() == [1.0]
+    assert bench_map.reference_map(cand, query, [1, 1, 1, 0], [0]) == 0.25     # theirs: last of four
+
+
+# ----------------------------------------------------------------------------- MeanAP over attributes
+
+def entries(attrs, values):
+    """(N, 3) rows (image id, attribute, value), as the retrieval sets hold them."""
+    return np.array([[i, a, v] for i, (a, v) in enumerate(zip(attrs, values))], dtype=np.int64).reshape(-1, 3)
+
+
+def test_meanap_weights_each_attribute_by_its_number_of_queries():
+    """Attribute 0: one query, AP 1; attribute 1: three queries, AP 1/2 each (the relevant
+    candidate second of two). Per attribute [1, 0.5]; MeanAP = (1 * 1 + 3 * 0.5) / 4 = 0.625,
+    where the plain mean of the attributes would be 0.75."""
+    from lib.evaluation import retrieval_map
+    e0, e1 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    query_emb = torch.stack([e0, e1, e1, e1])
+    queries = entries([0, 1, 1, 1], [0, 0, 0, 0])
+    cand_emb = torch.stack([e0, e1, e1 * 0.5 + e0 * 0.1, e1 * 0.1])
+    candidates = entries([0, 1, 1, 1], [0, 1, 0, 2])                   # attr 1: value 0 ranks second
+    per_attribute, mean = retrieval_map(query_emb, queries, cand_emb, candidates, 2)
+    assert per_attribute == pytest.approx([1.0, 0.5])
+    assert mean == pytest.approx(0.625)
+
+
+def test_meanap_with_an_attribute_without_queries():
+    """An attribute with no query has mAP 0 and weight 0: it does not pull MeanAP down."""
+    from lib.evaluation import retrieval_map
+    emb = torch.eye(2)
+    per_attribute, mean = retrieval_map(emb, entries([0, 0], [0, 1]), emb, entries([0, 0], [0, 1]), 3)
+    assert per_attribute == [1.0, 0.0, 0.0]
+    assert mean == 1.0
+    assert retrieval_map(emb[:0], entries([], []), emb, entries([0, 0], [0, 1]), 2) == ([0.0, 0.0], 0.0)
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
@@ -69,3 +185,19 @@ def test_ranked_relevance_equals_argsort_then_gather(dtype):
     relevant = torch.rand(9, 50, generator=gen) < 0.3
     order = torch.argsort(sims, dim=1, descending=True)
     assert torch.equal(utils.ranked_relevance(sims, relevant), torch.gather(relevant, 1, order))
+
+
+def test_ranked_relevance_keeps_float64_precision():
+    """float64 similarities are ranked in float64: scores 1e-12 apart (equal once rounded to
+    float32) keep their order."""
+    sims = (1 + torch.tensor([[3.0, 0.0, 2.0, 1.0]], dtype=torch.float64) * 1e-12)
+    relevant = torch.tensor([[False, True, False, True]])
+    assert utils.ranked_relevance(sims, relevant).tolist() == [[False, False, True, True]]
+
+
+def test_ranked_relevance_of_half_precision_scores():
+    """float16 / bfloat16 similarities (embeddings under autocast) are ranked as float32."""
+    sims = torch.tensor([[0.5, -0.25, 0.75, 0.0]])
+    relevant = torch.tensor([[True, False, False, True]])
+    for dtype in (torch.float16, torch.bfloat16):
+        assert utils.ranked_relevance(sims.to(dtype), relevant).tolist() == [[False, True, True, False]]

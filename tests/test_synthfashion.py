@@ -70,8 +70,9 @@ def test_ensure_reuses_and_regenerates(tmp_path):
 
 
 def test_unknown_setting_is_rejected(tmp_path):
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"unknown SynthFashion settings: \['colour_count'\]"):
         synthfashion.ensure(tmp_path / "x", colour_count=3)
+    assert not (tmp_path / "x").exists()            # refused before anything is written
 
 
 def test_meta(dataset):

@@ -1,0 +1,100 @@
+"""The triplet ranking loss (model.triplet_loss) and what TripletWrapper feeds it: mean over the batch
+of max(0, s_an - s_ap + margin), s = <anchor, other> of the embeddings; with concat_forward the
+three images go through one pass as [anchor; negative; positive]."""
+import pytest
+import torch
+
+import model as models
+
+
+def hinge_reference(sim_an, sim_ap, margin):
+    return sum(max(0.0, an - ap + margin) for an, ap in zip(sim_an.tolist(), sim_ap.tolist())) / len(sim_an)
+
+
+def test_loss_values_by_hand():
+    # active: 0.5 - 0.2 + 0.2 = 0.5; inactive: 0.1 - 0.8 + 0.2 < 0; at the margin: 0.3 - 0.5 + 0.2 = 0
+    sim_an, sim_ap = torch.tensor([0.5, 0.1, 0.3]), torch.tensor([0.2, 0.8, 0.5])
+    assert models.triplet_loss(sim_an, sim_ap, 0.2).item() == pytest.approx(0.5 / 3)
+    assert models.triplet_loss(sim_an, sim_ap, 0.0).item() == pytest.approx(0.3 / 3)
+
+
+@pytest.mark.parametrize('margin', [0.0, 0.2, 1.0])
+def test_loss_equals_the_hinge_on_random_similarities(margin):
+    gen = torch.Generator().manual_seed(0)
+    sim_an, sim_ap = torch.rand(50, generator=gen) * 2 - 1, torch.rand(50, generator=gen) * 2 - 1
+    assert models.triplet_loss(sim_an, sim_ap, margin).item() == pytest.approx(hinge_reference(sim_an, sim_ap, margin),
+                                                                             abs=1e-6)
+
+
+def test_equal_similarities_cost_the_margin():
+    sims = torch.tensor([0.3, -0.7, 0.9])
+    assert models.triplet_loss(sims, sims, 0.25).item() == pytest.approx(0.25)
+
+
+def test_loss_is_not_symmetric_the_positive_must_win():
+    """A well-ordered triplet (positive much closer) costs nothing; the same triplet with positive
+    and negative swapped costs a lot."""
+    good_an, good_ap = torch.tensor([-0.5]), torch.tensor([0.9])
+    assert models.triplet_loss(good_an, good_ap, 0.2).item() == 0.0
+    assert models.triplet_loss(good_ap, good_an, 0.2).item() == pytest.approx(1.6)
+
+
+def test_gradient_pushes_the_positive_up_and_the_negative_down():
+    sim_an = torch.tensor([0.4, 0.0], requires_grad=True)
+    sim_ap = torch.tensor([0.3, 0.9], requires_grad=True)
+    models.triplet_loss(sim_an, sim_ap, 0.2).backward()
+    assert sim_an.grad.tolist() == pytest.approx([0.5, 0.0])       # 1/N on the active triplet only
+    assert sim_ap.grad.tolist() == pytest.approx([-0.5, 0.0])
+
+
+# ----------------------------------------------------------------------------- TripletWrapper
+
+class Tagging(torch.nn.Module):
+    """An embedding net that returns each image's pixels (flattened) scaled by attribute + 1, and
+    records the batches it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, images, attribute, norm=True):
+        self.calls.append((images.shape[0], attribute.clone()))
+        return images.flatten(1) * (attribute[:, None] + 1).float()
+
+
+def triplet_batch():
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randn(2, 1, 2, 2, generator=gen) for _ in range(3)]     # anchor, negative, positive
+
+
+@pytest.mark.parametrize('concat', [False, True])
+def test_tripletnet_returns_anchor_negative_then_anchor_positive(concat):
+    anchor, negative, positive = triplet_batch()
+    attr = torch.tensor([0, 2])
+    net = Tagging()
+    sim_an, sim_ap, _ = models.TripletWrapper(net, concat_forward=concat)(anchor, negative, positive, attr)
+    scale = (attr + 1).float() ** 2
+    emb = [x.flatten(1) for x in (anchor, negative, positive)]
+    assert torch.allclose(sim_an, (emb[0] * emb[1]).sum(1) * scale)
+    assert torch.allclose(sim_ap, (emb[0] * emb[2]).sum(1) * scale)
+    assert not torch.allclose(sim_an, sim_ap)
+    if concat:   # one pass of 3N images, the attribute repeated per chunk
+        assert len(net.calls) == 1 and net.calls[0][0] == 6
+        assert net.calls[0][1].tolist() == [0, 2, 0, 2, 0, 2]
+    else:
+        assert [n for n, _ in net.calls] == [2, 2, 2]
+
+
+def test_concat_forward_chunk_order_with_a_real_network():
+    """ASENet in eval mode (BatchNorm statistics fixed): one concatenated pass gives the same
+    similarities as three passes."""
+    torch.manual_seed(0)
+    net = models.build_model('ASENet', 3, 'resnet18', pretrained=False, dim_embed=8).eval()
+    x = [torch.randn(2, 3, 48, 48) for _ in range(3)]
+    attr = torch.tensor([0, 2])
+    with torch.no_grad():
+        separate = models.TripletWrapper(net)(*x, attr)
+        joint = models.TripletWrapper(net, concat_forward=True)(*x, attr)
+    for a, b in zip(separate[:2], joint[:2]):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(separate[0], separate[1], atol=1e-3)
