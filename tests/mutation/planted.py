@@ -24,7 +24,7 @@ D = [
  ('loss sign (target +1)', 'model.py', 'target = torch.full_like(sim_an, -1.0)', 'target = torch.full_like(sim_an, 1.0)', 'test_loss'),
  ('loss swaps positive and negative', 'model.py', 'F.margin_ranking_loss(sim_an, sim_ap, target', 'F.margin_ranking_loss(sim_ap, sim_an, target', 'test_loss'),
  ('loss ignores margin', 'model.py', 'target, margin=margin)', 'target, margin=0.0)', 'test_loss'),
- ('TripletNet returns (ap, an)', 'model.py', 'return (emb_a * emb_n).sum(dim=1), (emb_a * emb_p).sum(dim=1)', 'return (emb_a * emb_p).sum(dim=1), (emb_a * emb_n).sum(dim=1)', 'test_loss'),
+ ('TripletWrapper returns (ap, an)', 'model.py', 'TripletOutput((emb_a * emb_n).sum(dim=1), (emb_a * emb_p).sum(dim=1), passes)', 'TripletOutput((emb_a * emb_p).sum(dim=1), (emb_a * emb_n).sum(dim=1), passes)', 'test_loss'),
  ('concat chunk order a,p,n', 'model.py', 'emb_a, emb_n, emb_p = emb.chunk(3)  ', 'emb_a, emb_p, emb_n = emb.chunk(3)  ', 'test_loss'),
  ('concat attribute not repeated per chunk', 'model.py', 'attribute.repeat(3)', 'attribute.repeat_interleave(3)', 'test_loss'),
  ('distinct_pairs may repeat the anchor', 'datasets.py', 'positive += positive >= anchor', 'positive += positive > anchor', 'test_sampler'),
@@ -42,6 +42,10 @@ D = [
  ('crop threshold inclusive', 'lib/crop.py', 'mask = level > math.floor(255 * threshold)', 'mask = level >= math.floor(255 * threshold)', 'test_crop'),
  ('crop square on the shorter side', 'lib/crop.py', 'side = torch.maximum(w, h)', 'side = torch.minimum(w, h)', 'test_crop'),
  ('crop square not centred', 'lib/crop.py', 'centre = start + length // 2', 'centre = start', 'test_crop'),
+ ('StepLR gamma ignored', 'lib/commands.py', 'gamma=args.decay_rate)', 'gamma=1.0)', 'test_schedule'),
+ ('ASEN++ global branch at the local rate', 'model.py', "'lr': lr_global}]", "}]", 'test_schedule'),
+ ('model_best kept when worse', 'lib/commands.py', 'is_best = prec > best_prec', 'is_best = True', 'test_checkpoints'),
+ ('resume repeats the last epoch', 'lib/config.py', "int(checkpoint.get('epoch') or 0) + 1", "int(checkpoint.get('epoch') or 0) or 1", 'test_checkpoints'),
 ]
 only = sys.argv[1:]
 for name, f, old, new, test in D:
