@@ -12,11 +12,11 @@ import os
 import sys
 from typing import NamedTuple
 
-import datasets
 import model
 import utils
 from utils import UserError
 from lib import asenpp, checkpoints, commands, config, inputs, runfolder, runtime, tables
+from lib import images
 from lib.config import COMPILE_MODES, DATASETS
 from lib.runtime import is_main_process, local_first
 
@@ -267,7 +267,7 @@ def run(resolved):
     if args.collect:
         return tables.collect(args.collect, args.collect_out, args.collect_by)
     if args.allow_large_images:
-        datasets.allow_large_images(True)
+        images.allow_large_images(True)
     device = runtime.resolve_device(args.no_cuda)
     runtime.configure_backends(device, args.tf32)
     utils.seed_everything(args.seed)

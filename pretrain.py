@@ -26,6 +26,7 @@ import datasets
 import model
 import synthfashion
 from lib import runtime
+from lib.images import load_image
 import utils
 from utils import UserError
 from lib import inputs, runfolder
@@ -73,7 +74,7 @@ class LabelledImages(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image_id = self.ids[index]
-        image = datasets.load_image(os.path.join(self.root, self.filenames[image_id]))
+        image = load_image(os.path.join(self.root, self.filenames[image_id]))
         return self.transform(image), torch.from_numpy(self.labels[image_id])
 
 

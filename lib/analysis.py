@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from lib import checks
+from lib.images import load_image
 import datasets
 import utils
 from lib import visualize
@@ -55,7 +56,7 @@ def attention_localisation(net, retrieval_sets, n_attributes, regions, img_size,
         transform = dataset.transform
         for start in range(0, len(dataset), batch_size):
             rows = range(start, min(start + batch_size, len(dataset)))
-            images = [datasets.load_image(dataset.image_path(i)) for i in rows]
+            images = [load_image(dataset.image_path(i)) for i in rows]
             attrs = dataset.entries[list(rows), 1]
             batch = torch.stack([transform(img) for img in images]).to(device)
             maps = net.attention_maps(batch, torch.from_numpy(attrs).to(device)).float().cpu()
@@ -103,7 +104,7 @@ def embed_paths(net, paths, attr_index, transform, device, batch_size=64):
     net.eval()
     out = []
     for start in range(0, len(paths), batch_size):
-        images = torch.stack([transform(datasets.load_image(p)) for p in paths[start:start + batch_size]])
+        images = torch.stack([transform(load_image(p)) for p in paths[start:start + batch_size]])
         attr = torch.full((len(images),), attr_index, dtype=torch.long, device=device)
         out.append(net(images.to(device), attr).float().cpu())
     return torch.cat(out)

@@ -19,6 +19,7 @@ import torch
 
 import datasets
 from lib import config
+from lib.images import load_image
 from lib.config import flag_name
 from lib.crop import SourceImages
 from utils import UserError
@@ -167,7 +168,7 @@ class OriginalsMixin:
     originals = False
 
     def load_with_original(self, image_id):
-        image = datasets.load_image(os.path.join(self.root, self.filenames[image_id]))
+        image = load_image(os.path.join(self.root, self.filenames[image_id]))
         return self.transform(image), torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 

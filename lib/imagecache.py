@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import datasets
+from lib.images import load_image
 import utils
 from utils import UserError
 
@@ -102,7 +103,7 @@ class _Decoder(torch.utils.data.Dataset):
 
     def __getitem__(self, row):
         try:
-            image = datasets.load_image(self.paths[row])
+            image = load_image(self.paths[row])
         except UserError:
             if not self.skip_bad:
                 raise

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from lib import checks
+from lib.images import bad_image_ids, load_image
 import datasets
 from utils import UserError
 
@@ -98,7 +99,7 @@ def drop_bad_images(files, triplets, listing, skip_bad):
 
     Returns (kept triplets, number of bad images); without `skip_bad` a missing image is an error.
     """
-    bad = datasets.bad_image_ids(files.root, files.filenames(), triplets[:, :3].ravel(), listing, skip_bad)
+    bad = bad_image_ids(files.root, files.filenames(), triplets[:, :3].ravel(), listing, skip_bad)
     keep = ~np.isin(triplets[:, :3], bad).any(axis=1)
     return triplets[keep], len(bad)
 
@@ -180,7 +181,7 @@ class TripletEvalSet(datasets.CachedImages, torch.utils.data.Dataset):
         return os.path.join(self.root, self.filenames[self.entries[index, 0]])
 
     def __getitem__(self, index):
-        return self.transform(datasets.load_image(self.image_path(index))), int(self.entries[index, 1]), 0, index
+        return self.transform(load_image(self.image_path(index))), int(self.entries[index, 1]), 0, index
 
     def load_batch(self, indices):
         """Indices (B,) -> (pixels (B, 3, S, S) uint8, flips or None, conditions, zeros, indices)."""

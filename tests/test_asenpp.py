@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import asen
-from lib import asenpp
+from lib.images import load_image
 import datasets
 import model as models
 import original_asenpp as theirs
@@ -150,9 +150,9 @@ def test_authors_checkpoint_gives_their_map(trained_run, workdir):
     embedded = []
     for role in ('query', 'candidate'):
         dataset = datasets.RetrievalDataset(split, 'test', role, None)
-        images = [datasets.load_image(dataset.image_path(i)) for i in range(len(dataset))]
+        pictures = [load_image(dataset.image_path(i)) for i in range(len(dataset))]
         attrs = torch.from_numpy(dataset.entries[:, 1]).long()
-        embedded.append((theirs.embed(net, images, attrs, 64, 32, 0.1), dataset.entries))
+        embedded.append((theirs.embed(net, pictures, attrs, 64, 32, 0.1), dataset.entries))
     (q_emb, q_entries), (c_emb, c_entries) = embedded
     _, mean = evaluation.retrieval_map(q_emb, q_entries, c_emb, c_entries, len(split.attributes))
     assert result['MeanAP'] == pytest.approx(100 * mean, abs=1e-6)

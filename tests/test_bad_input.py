@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from lib import analysis
+from lib import images
 import asen
 import datasets
 import model
@@ -30,7 +31,7 @@ import synthfashion
 import utils
 from conftest import TINY
 from test_robustness import assert_one_line_error, run_cli
-from lib import checkpoints, engine, inputs, runfolder
+from lib import engine, inputs, runfolder
 
 NEW = TINY + ['--epochs', '1', '--no-cuda', '--name', 'new']     # a new run on the tiny data
 SHARED = 'runs/shared/checkpoint.pth.tar'
@@ -565,27 +566,27 @@ def test_sixteen_bit_grey_is_scaled(tmp_path, mode, value, expected):
     if mode == 'I':
         img = img.convert('I')
     assert img.mode == mode
-    assert pixel(datasets.to_rgb(img, path)) == (expected,) * 3
+    assert pixel(images.to_rgb(img, path)) == (expected,) * 3
     if mode != 'I':
-        assert pixel(datasets.load_image(path)) == (expected,) * 3
+        assert pixel(images.load_image(path)) == (expected,) * 3
 
 
 def test_transparency_is_laid_over_white(tmp_path):
     la = Image.fromarray(np.zeros((4, 4, 2), dtype=np.uint8), 'LA')        # black, fully transparent
     la.save(tmp_path / 'la.png')
-    assert pixel(datasets.load_image(tmp_path / 'la.png')) == (255, 255, 255)
+    assert pixel(images.load_image(tmp_path / 'la.png')) == (255, 255, 255)
     palette = Image.new('P', (4, 4), 0)
     palette.putpalette([0, 0, 0] + [200, 0, 0] * 255)
     palette.putpixel((1, 1), 1)
     palette.save(tmp_path / 'p.png', transparency=0)                       # index 0 (black) transparent
-    rgb = np.asarray(datasets.load_image(tmp_path / 'p.png'))
+    rgb = np.asarray(images.load_image(tmp_path / 'p.png'))
     assert tuple(rgb[0, 0]) == (255, 255, 255) and tuple(rgb[1, 1]) == (200, 0, 0)
 
 
 @pytest.mark.parametrize('mode', ['1', 'L', 'CMYK', 'P'])
 def test_plain_modes_load_as_rgb(tmp_path, mode):
     Image.new(mode, (4, 4)).save(tmp_path / 'x.tif')
-    img = datasets.load_image(tmp_path / 'x.tif')
+    img = images.load_image(tmp_path / 'x.tif')
     assert img.mode == 'RGB' and img.size == (4, 4)
 
 

@@ -23,6 +23,7 @@ import asen
 import build_fashionai
 import pretrain
 import synthfashion
+from lib import images
 from conftest import ROOT
 from test_bad_input import (BEST, NEW, RETRIEVE, SHARED, SYNTH, TEST, assert_kept, disk_full_on,  # noqa: F401
                             file_hash, link_or_copy, temporary_files, world)
@@ -492,20 +493,19 @@ def test_a_named_pipe_does_not_hang(world, argv, setup, needles):
 
 
 def test_large_images_load_once_allowed(tmp_path):
-    """datasets.allow_large_images (asen.py's --allow-large-images) lifts the refusal."""
-    import datasets
+    """images.allow_large_images (asen.py's --allow-large-images) lifts the refusal."""
     path = tmp_path / 'big.png'
     Image.new('L', (10, 10)).save(path)
     limit = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = 40                     # 100 pixels: over the limit here
-        assert 'decompression bomb' in datasets.image_problem(str(path))
-        with pytest.raises(datasets.UserError, match='--allow-large-images'):
-            datasets.load_image(str(path))
-        datasets.allow_large_images(True)
-        assert datasets.image_problem(str(path)) is None
-        assert datasets.load_image(str(path)).size == (10, 10)
+        assert 'decompression bomb' in images.image_problem(str(path))
+        with pytest.raises(images.UserError, match='--allow-large-images'):
+            images.load_image(str(path))
+        images.allow_large_images(True)
+        assert images.image_problem(str(path)) is None
+        assert images.load_image(str(path)).size == (10, 10)
     finally:
-        datasets.allow_large_images(False)
+        images.allow_large_images(False)
         Image.MAX_IMAGE_PIXELS = limit
-    assert Image.MAX_IMAGE_PIXELS == datasets.PIL_PIXEL_LIMIT
+    assert Image.MAX_IMAGE_PIXELS == images.PIL_PIXEL_LIMIT

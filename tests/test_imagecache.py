@@ -7,7 +7,7 @@ import torch
 
 import asen
 import datasets
-from lib import imagecache
+from lib import imagecache, images
 import synthfashion
 from conftest import TINY
 from utils import UserError
@@ -54,7 +54,7 @@ def test_train_items_equal_the_uncached_transform_flip_for_flip(split_files):
         b = fast[index]
         for image_a, image_b, image_id in zip(a[:3], b[:3], plain.triplets[index, :3]):
             assert torch.equal(image_a, image_b)
-            straight = unflipped(datasets.load_image(os.path.join(plain.root, plain.filenames[image_id])))
+            straight = unflipped(images.load_image(os.path.join(plain.root, plain.filenames[image_id])))
             flips.add(not torch.equal(image_a, straight))
         assert a[3] == b[3]
     assert flips == {True, False}
