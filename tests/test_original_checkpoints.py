@@ -10,7 +10,7 @@ import model as models
 import original_networks as orig
 import utils
 from utils import UserError
-from lib import checkpoints, commands, evaluation
+from lib import checkpoints, commands, config, evaluation, inputs
 
 KINDS = ['ASENet', 'ASENet_V2', 'ConditionalSimNet']
 # the tiny SynthFashion of tests/conftest.py's TINY, without the training flags
@@ -79,8 +79,17 @@ def test_resume_never_downloads_imagenet_weights(tmp_path, monkeypatch):
     assert args.pretrained and args.model == 'ASENet_V2'
 
 
+@pytest.fixture()
+def synth_workdir(workdir):
+    """`workdir` holding DATA's tiny SynthFashion, generated as a training run would (--test never
+    generates data)."""
+    inputs.prepare_dataset(config.from_flags(DATA))
+    return workdir
+
+
 @pytest.mark.parametrize('kind', ['ASENet_V2', 'ConditionalSimNet'])
-def test_cli_test_of_an_original_checkpoint_reports_its_map(kind, workdir):
+def test_cli_test_of_an_original_checkpoint_reports_its_map(kind, synth_workdir):
+    workdir = synth_workdir
     original = orig.build(kind, 5, seed=1)
     orig.save(original, workdir / 'theirs.pth.tar', legacy=True)
     assert asen.main(['--test', '--resume', str(workdir / 'theirs.pth.tar'), '--name', 'orig'] + DATA) == 0
@@ -103,7 +112,8 @@ def test_cli_test_of_an_original_checkpoint_reports_its_map(kind, workdir):
     assert 0 < result['MeanAP'] < 100
 
 
-def test_file_that_fits_no_model_is_one_clear_line(workdir, capsys):
+def test_file_that_fits_no_model_is_one_clear_line(synth_workdir, capsys):
+    workdir = synth_workdir
     # the attribute count of the file (8, like FashionAI) against SynthFashion's 5
     orig.save(orig.build('ASENet_V2', 8), workdir / 'fashionai.pth.tar')
     assert asen.main(['--test', '--resume', 'fashionai.pth.tar'] + DATA) == 2
