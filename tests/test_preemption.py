@@ -134,6 +134,25 @@ def test_resume_auto_refuses_another_runs_snapshot(trained_run, monkeypatch, cap
     assert sorted(os.listdir(run)) == before
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason='torch.distributed with gloo is not available')
+def test_torchrun_restart_after_a_killed_worker_continues_to_the_same_weights(tmp_path):
+    """2 processes (gloo), rank 1 SIGKILLed after step 2 of 3 (tests/elastic_worker.py): torchrun
+    --max-restarts 1 starts both again, --resume auto continues from rank 0's step snapshot, and
+    the run ends as an uninterrupted 2-process run."""
+    from test_distributed import torchrun
+    args = TINY + FAITHFUL + ['--workers', '0', '--batch-size', '4', '--epochs', '1', '--checkpoint-every', '1',
+                              '--resume', 'auto']                    # 12 triplets a rank: 3 steps
+    torchrun([os.path.join(ROOT, 'asen.py'), *args, '--name', 'straight'], tmp_path)
+    marker = tmp_path / 'killed.marker'
+    proc = torchrun(['--max-restarts=1', os.path.join(ROOT, 'tests', 'elastic_worker.py'), '2', str(marker),
+                     *args, '--name', 'killed'], tmp_path)
+    assert marker.exists(), proc.stderr[-2000:]                       # the first attempt did die
+    assert "--resume auto: --resume runs/killed/step.pth.tar" in proc.stdout
+    assert_same_run(tmp_path, 'straight', 'killed')
+
+
 def test_checkpoint_every_values(capsys):
     from lib.config import parse_interval
     assert parse_interval('500') == (500, None) and parse_interval('10m') == (None, 600.0)
