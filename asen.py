@@ -275,11 +275,25 @@ def run(resolved):
     with contextlib.ExitStack() as stack:
         checkpoints.make_run_dir(run_dir)
         if training:
-            if is_main_process():
-                stack.enter_context(checkpoints.run_lock(run_dir))
+            lock_run_folder(stack, run_dir, device)
             checkpoints.check_not_overwriting(run_dir, args)
         checkpoints.check_writable(run_dir)
         return dispatch(resolved, run_dir, device)
+
+
+def lock_run_folder(stack, run_dir, device):
+    """Rank 0 (the one that writes) locks the run folder for the body of `stack`. Under torchrun
+    every rank learns whether it could: a folder locked by another process stops them all at once,
+    where the other ranks would otherwise wait for rank 0 at their first barrier."""
+    failure = None
+    if is_main_process():
+        try:
+            stack.enter_context(checkpoints.run_lock(run_dir))
+        except UserError as err:
+            failure = err
+    if runtime.any_rank(failure is not None, device):
+        raise failure or UserError(f"rank 0 could not lock the run folder {run_dir} (its error says why); "
+                                   f"every rank stops")
 
 
 def dispatch(resolved, run_dir, device):

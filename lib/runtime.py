@@ -353,6 +353,12 @@ def max_of_ranks(values, device):
     return tensor.tolist()
 
 
+def any_rank(flag, device):
+    """Whether `flag` is true on any rank (one all-reduce; `flag` itself in a single process): a
+    failure on one rank that every rank must act on, as when rank 0 cannot lock the run folder."""
+    return bool(max_of_ranks([int(flag)], device)[0])
+
+
 def gather_from_ranks(tensor):
     """(world, *shape): every rank's `tensor` (of one shape), in rank order; (1, *shape) alone."""
     if not distributed():
