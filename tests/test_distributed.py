@@ -69,6 +69,7 @@ def test_gathered_evaluation_equals_one_process(ddp_run, monkeypatch):
         assert two['mAP'][name] == pytest.approx(value, abs=1e-9), name
 
 
+@pytest.mark.slow
 def test_a_run_folder_locked_by_another_process_stops_every_rank_at_once(tmp_path):
     """Rank 0 cannot lock runs/<name>/.lock (this process holds it): every rank stops with an
     error line, none waits for rank 0 at a barrier (60 minutes before the collective times out)."""
