@@ -22,8 +22,9 @@ class RunWriter:
     def __init__(self, run_dir):
         self.run_dir, self.error = run_dir, None
         self.writer = SummaryWriter(run_dir)
-        events = self.writer._get_file_writer().event_writer._ev_writer    # what the thread writes with
-        for name in ('write_event', 'flush'):
+        # what the thread writes with (tensorboardX's EventsWriter); another layout keeps its own ways
+        events = getattr(getattr(self.writer._get_file_writer(), 'event_writer', None), '_ev_writer', None)
+        for name in ('write_event', 'flush') if events is not None else ():
             setattr(events, name, self._keeping_errors(getattr(events, name)))
 
     def _keeping_errors(self, write):
