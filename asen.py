@@ -273,7 +273,7 @@ def run(resolved):
     utils.seed_everything(args.seed)
     run_dir = os.path.join('runs', args.name)
     training = config.is_training(args)
-    with runfolder.prepare(run_dir, args, training, is_main_process()):
+    with runfolder.prepare(run_dir, args, training, device):
         return dispatch(resolved, run_dir, device)
 
 

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import torch
 from PIL import Image
-from tensorboardX import SummaryWriter
 
 import model
 import utils
 from lib import analysis, asenpp, checkpoints, engine, evaluation, inputs, runfolder, runtime, tables, visualize
+from lib.eventlog import RunWriter
 from lib.engine import LossWeights
 from lib.runtime import is_main_process
 from utils import UserError
@@ -96,7 +96,7 @@ def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
             if aside:
                 logger.info(f'--overwrite: the earlier run of {run_dir} is kept in {aside}')
         utils.write_json(args.as_dict(), os.path.join(run_dir, 'args.json'))
-    writer = SummaryWriter(run_dir) if is_main_process() else runtime.NullWriter()
+    writer = RunWriter(run_dir) if is_main_process() else runtime.NullWriter()
     logger.info(f'Begin training on {args.dataset} dataset.')
     start, epoch = time.time(), args.start_epoch
     with runtime.StopSignals() as signals:

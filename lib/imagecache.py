@@ -127,33 +127,55 @@ def _check_space(directory, n_bytes, data_path):
 
 
 def build(paths, size, data_path, key_path, key, workers, skip_bad):
-    """Decode `paths` into a new cache file; returns the rows that could not be read (skip_bad)."""
+    """Decode `paths` into a new cache file; returns the rows that could not be read (skip_bad).
+    A build that fails, however (an unreadable image, a full disk, Ctrl-C), leaves nothing behind:
+    no temporary file, no data file without its key, not the cache folder it made."""
     n_bytes = len(paths) * size * size * 3
-    os.makedirs(os.path.dirname(data_path), exist_ok=True)
-    _check_space(os.path.dirname(data_path), n_bytes, data_path)
+    folder = os.path.dirname(data_path)
+    made_folder = not os.path.isdir(folder)
     tmp = f'{data_path}.tmp-{os.getpid()}'
-    bad_rows = []
+    done = False
     try:
-        array = np.memmap(tmp, dtype=np.uint8, mode='w+', shape=(len(paths), size, size, 3))
-        # its own generator: building must not move the global torch RNG (the flips draw from it)
-        loader = torch.utils.data.DataLoader(_Decoder(paths, size, skip_bad), batch_size=32, num_workers=workers,
-                                             generator=torch.Generator())
-        for rows, pixels, ok in loader:
-            array[rows.numpy()] = pixels.numpy()
-            bad_rows += rows[~ok].tolist()
-        array.flush()
-        del array
+        os.makedirs(folder, exist_ok=True)
+        _check_space(folder, n_bytes, data_path)
+        bad_rows = _decode_into(tmp, paths, size, workers, skip_bad)
         if os.path.exists(key_path):
             os.remove(key_path)                      # no valid-looking key beside a half-replaced file
         os.replace(tmp, data_path)
         utils.write_json(dict(key, uncached_rows=bad_rows), key_path)
+        done = True
     except OSError as err:
         raise UserError(f"cannot write image cache {data_path}: {err.strerror or err}; free space "
                         f"or drop --cache-images") from err
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if not done:
+            _remove_failed_build(tmp, data_path, key_path, folder if made_folder else None)
     return bad_rows
+
+
+def _decode_into(tmp, paths, size, workers, skip_bad):
+    """Decode `paths` into a new memory-mapped file `tmp`; returns the rows that could not be read."""
+    array = np.memmap(tmp, dtype=np.uint8, mode='w+', shape=(len(paths), size, size, 3))
+    # its own generator: building must not move the global torch RNG (the flips draw from it)
+    loader = torch.utils.data.DataLoader(_Decoder(paths, size, skip_bad), batch_size=32, num_workers=workers,
+                                         generator=torch.Generator())
+    bad_rows = []
+    for rows, pixels, ok in loader:
+        array[rows.numpy()] = pixels.numpy()
+        bad_rows += rows[~ok].tolist()
+    array.flush()
+    return bad_rows
+
+
+def _remove_failed_build(tmp, data_path, key_path, made_folder):
+    """Take away what a failed build wrote: its temporary file, a data file whose key could not be
+    written (the old key is gone: it is no cache), the cache folder if the build made it and it is
+    empty."""
+    for path in (tmp, data_path) if not os.path.exists(key_path) else (tmp,):
+        if os.path.exists(path):
+            os.remove(path)
+    if made_folder and os.path.isdir(made_folder) and not os.listdir(made_folder):
+        os.rmdir(made_folder)
 
 
 def ensure(split_files, split, ids, size, workers=0, skip_bad=False, may_build=True, log=print):

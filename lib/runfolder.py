@@ -25,6 +25,7 @@ import tempfile
 import time
 
 import utils
+from lib import runtime
 from utils import UserError
 
 # The files of a run folder that a new training run would replace.
@@ -47,21 +48,35 @@ TEMPORARY_SUFFIXES = ('.pth.tar.tmp',)
 # ----------------------------------------------------------------------------- one entry point
 
 @contextlib.contextmanager
-def prepare(run_dir, args, training, main_process=True):
+def prepare(run_dir, args, training, device):
     """The run folder checked for the command that will write in it, locked while training."""
     make_run_dir(run_dir)
     with contextlib.ExitStack() as stack:
         if training:
-            if main_process:
-                stack.enter_context(run_lock(run_dir))
+            lock_for_every_rank(stack, run_dir, device)
             check_not_overwriting(run_dir, args)
             check_not_going_back(run_dir, args)
         elif args.test:
             check_test_results(run_dir, args)
         check_writable(run_dir)
-        if training and main_process:
+        if training and runtime.is_main_process():
             remove_stale_temporaries(run_dir)          # we hold the lock: no save is under way
         yield
+
+
+def lock_for_every_rank(stack, run_dir, device):
+    """Rank 0 (the one that writes) locks the run folder for the body of `stack`. Under torchrun
+    every rank learns whether it could: a folder locked by another process stops them all at once,
+    where the other ranks would otherwise wait for rank 0 at their first barrier."""
+    failure = None
+    if runtime.is_main_process():
+        try:
+            stack.enter_context(run_lock(run_dir))
+        except UserError as err:
+            failure = err
+    if runtime.any_rank(failure is not None, device):
+        raise failure or UserError(f"rank 0 could not lock the run folder {run_dir} (its error says why); "
+                                   f"every rank stops")
 
 
 # ----------------------------------------------------------------------------- the folder itself

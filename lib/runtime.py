@@ -158,11 +158,26 @@ def distributed_session(no_cuda=False, sync_bn=False):
         torch.cuda.set_device(local_rank())
     elif sync_bn:
         raise UserError("--sync-bn needs GPUs (torch's SyncBatchNorm has no CPU kernel); drop it on CPUs")
-    dist.init_process_group('nccl' if use_cuda else 'gloo', timeout=timedelta(minutes=60))
+    store, rank, world = attempt_store(TIMEOUT)
+    dist.init_process_group('nccl' if use_cuda else 'gloo', store=store, rank=rank, world_size=world,
+                            timeout=TIMEOUT)
     try:
         yield
     finally:
         dist.destroy_process_group()
+
+
+# How long a collective waits for the other ranks before it fails.
+TIMEOUT = timedelta(minutes=60)
+
+
+def attempt_store(timeout):
+    """(store, rank, world size) of torchrun's env:// rendezvous, the store's keys prefixed by
+    torchrun's restart count. torchrun --max-restarts starts the workers again on the same agent
+    store: without the prefix the new process group reads the dead attempt's addresses and fails
+    to connect ("Gloo connectFullMesh failed ... Connection refused")."""
+    store, rank, world = next(dist.rendezvous('env://', timeout=timeout))
+    return dist.PrefixStore(f"asen/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store), rank, world
 
 
 def local_first(fn):
@@ -336,6 +351,12 @@ def max_of_ranks(values, device):
     tensor = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.tolist()
+
+
+def any_rank(flag, device):
+    """Whether `flag` is true on any rank (one all-reduce; `flag` itself in a single process): a
+    failure on one rank that every rank must act on, as when rank 0 cannot lock the run folder."""
+    return bool(max_of_ranks([int(flag)], device)[0])
 
 
 def gather_from_ranks(tensor):

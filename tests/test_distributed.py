@@ -21,12 +21,13 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward', '--workers', '0']
 
 
-def torchrun(args, cwd):
-    """`python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS` with one thread a process."""
+def torchrun(args, cwd, ok=True, timeout=300):
+    """`python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS` with one thread a
+    process; `ok`: it must succeed."""
     env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 or not ok, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -66,6 +67,24 @@ def test_gathered_evaluation_equals_one_process(ddp_run, monkeypatch):
     assert two['MeanAP'] == pytest.approx(one['MeanAP'], abs=1e-9)
     for name, value in one['mAP'].items():
         assert two['mAP'][name] == pytest.approx(value, abs=1e-9), name
+
+
+@pytest.mark.slow
+def test_a_run_folder_locked_by_another_process_stops_every_rank_at_once(tmp_path):
+    """Rank 0 cannot lock runs/<name>/.lock (this process holds it): every rank stops with an
+    error line, none waits for rank 0 at a barrier (60 minutes before the collective times out)."""
+    import fcntl
+    run = tmp_path / 'runs' / 'locked'
+    run.mkdir(parents=True)
+    with open(run / '.lock', 'a') as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = torchrun([os.path.join(ROOT, 'asen.py'), *TINY, *FAITHFUL, '--epochs', '1', '--name', 'locked'],
+                        tmp_path, ok=False, timeout=120)
+    assert proc.returncode != 0
+    assert 'error: runs/locked is in use by another training process' in proc.stderr
+    assert 'error: rank 0 could not lock the run folder runs/locked' in proc.stderr
+    assert f'File "{ROOT}' not in proc.stderr                  # no traceback of ours (torchrun prints its own)
+    assert sorted(p.name for p in run.iterdir()) == ['.lock']
 
 
 def assert_tensors_close(got, want, what, atol):

@@ -122,3 +122,44 @@ def test_training_on_the_cache_gives_the_same_weights(workdir):
     for key, value in plain['state_dict'].items():
         assert torch.equal(value, fast['state_dict'][key]), key
     assert plain['prec'] == fast['prec']
+
+
+def image_that_fails(split_files, row, error):
+    """Patch load_image to raise `error` for the image of `row` of the valid split."""
+    bad = os.path.join(split_files.root, split_files.filenames('valid')[row])
+    real = datasets.load_image
+
+    def load_image(path, *args, **kwargs):
+        if path == bad:
+            raise error
+        return real(path, *args, **kwargs)
+    return load_image
+
+
+@pytest.mark.parametrize('error, workers', [(UserError('cannot read image'), 2), (KeyboardInterrupt(), 0),
+                                            (OSError(28, 'No space left on device'), 0)],
+                         ids=['unreadable image, 2 workers', 'Ctrl-C', 'full disk'])
+def test_a_failed_build_leaves_nothing_behind(split_files, tmp_path, monkeypatch, error, workers):
+    """An unreadable image, Ctrl-C or a full disk in the middle of a build: no temporary file, no
+    cache file without its key, not even the cache folder the build made."""
+    monkeypatch.setattr(datasets, 'load_image', image_that_fails(split_files, 5, error))
+    filenames = split_files.filenames('valid')
+    paths = [os.path.join(split_files.root, filenames[i]) for i in range(8)]
+    (tmp_path / 'data').mkdir()
+    data_path, key_path = imagecache.cache_paths(str(tmp_path / 'data'), 'valid', SIZE)
+    with pytest.raises((UserError, KeyboardInterrupt, OSError)):
+        imagecache.build(paths, SIZE, data_path, key_path, {'size': SIZE}, workers, skip_bad=False)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == ['data']
+
+
+def test_a_key_that_cannot_be_written_takes_its_cache_file_away(split_files, tmp_path, monkeypatch):
+    def disk_full(*args):
+        raise UserError('cannot write file: No space left on device')
+    monkeypatch.setattr(imagecache.utils, 'write_json', disk_full)
+    filenames = split_files.filenames('valid')
+    paths = [os.path.join(split_files.root, filenames[i]) for i in range(4)]
+    (tmp_path / 'data').mkdir()
+    data_path, key_path = imagecache.cache_paths(str(tmp_path / 'data'), 'valid', SIZE)
+    with pytest.raises(UserError, match='No space left'):
+        imagecache.build(paths, SIZE, data_path, key_path, {'size': SIZE}, 0, skip_bad=False)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == ['data']

@@ -63,53 +63,74 @@ def assert_same_run(workdir, straight, resumed):
     assert not (b / 'step.pth.tar').exists()                    # stale once the last epoch is saved
 
 
-def kill_and_continue(workdir, args, name, seed):
-    """SIGKILL the run after a random step of its two epochs, then continue it with the same command."""
-    at = random.Random(seed).randint(2, 2 * STEPS_PER_EPOCH - 1)
-    proc = child(workdir, args + ['--name', name], at, signal.SIGKILL)
-    assert proc.returncode == -signal.SIGKILL, (at, proc.stderr[-2000:])
-    assert (workdir / 'runs' / name / 'step.pth.tar').exists() or at % STEPS_PER_EPOCH == 1, at
-    assert asen.main(args + ['--name', name]) == 0, at
-    return at
+def random_step(seed):
+    """A step of the two epochs after the first, before the last (the first epoch's step 1 and the
+    last step leave nothing to continue mid-epoch)."""
+    return random.Random(seed).randint(2, 2 * STEPS_PER_EPOCH - 1)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('extra', [['--workers', '0'], ['--workers', '2', '--cache-images']],
-                         ids=['0 workers', '2 workers, cached'])
-def test_sigkill_at_a_random_step_continues_to_the_same_weights(workdir, extra):
-    args = TINY + FAITHFUL + extra + ['--epochs', '2', '--checkpoint-every', '1', '--resume', 'auto']
+def test_sigkill_at_a_random_step_continues_to_the_same_weights(workdir):
+    """With 2 loader workers (each replays its flip stream) reading the image cache; 0 workers
+    (the main process's stream) are test_stop_signal_...[SIGTERM]'s."""
+    args = TINY + FAITHFUL + ['--workers', '2', '--cache-images', '--epochs', '2', '--checkpoint-every', '1',
+                              '--resume', 'auto']
     assert asen.main(args + ['--name', 'straight']) == 0          # the first start: no snapshot yet
-    kill_and_continue(workdir, args, 'killed', seed=len(extra))
+    at = random_step(seed=2)
+    proc = child(workdir, args + ['--name', 'killed'], at, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, (at, proc.stderr[-2000:])
+    assert (workdir / 'runs' / 'killed' / 'step.pth.tar').exists() or at % STEPS_PER_EPOCH == 1, at
+    assert asen.main(args + ['--name', 'killed']) == 0, at
     assert_same_run(workdir, 'straight', 'killed')
 
 
 @pytest.mark.slow
 def test_asenpp_stage2_killed_continues_to_the_same_weights(workdir):
+    """Stage 2's item loader (the originals) skips the items already trained; one epoch, killed after
+    step 2 (after step 1 no step snapshot is written yet, and --resume auto would start anew)."""
     base = TINY + FAITHFUL + ['--workers', '0', '--model', 'ASENpp']
     assert asen.main(base + ['--epochs', '1', '--name', 's1']) == 0
-    stage2 = base + ['--stage', '2', '--epochs', '2', '--checkpoint-every', '1']
+    stage2 = base + ['--stage', '2', '--epochs', '1', '--checkpoint-every', '1']
     first = ['--resume', 'runs/s1/checkpoint.pth.tar']
     assert asen.main(stage2 + first + ['--name', 'straight']) == 0
-    at = random.Random(5).randint(2, 2 * STEPS_PER_EPOCH - 1)
-    proc = child(workdir, stage2 + first + ['--name', 'killed'], at, signal.SIGKILL)
+    proc = child(workdir, stage2 + first + ['--name', 'killed'], 2, signal.SIGKILL)       # of 3 steps
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert asen.main(stage2 + ['--resume', 'auto', '--name', 'killed']) == 0
     assert_same_run(workdir, 'straight', 'killed')
 
 
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+    """(working dir, name) of the uninterrupted 2-epoch run of STOP_ARGS, computed once."""
+    root = tmp_path_factory.mktemp('straight')
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert asen.main(STOP_ARGS + ['--name', 'straight']) == 0
+    finally:
+        os.chdir(cwd)
+    return root, 'straight'
+
+
+STOP_ARGS = TINY + FAITHFUL + ['--workers', '0', '--epochs', '2', '--checkpoint-every', '0', '--resume', 'auto']
+
+
 @pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGUSR1], ids=['SIGTERM', 'SIGUSR1'])
-def test_stop_signal_writes_a_step_snapshot_and_exits_75(workdir, signal_number):
-    args = TINY + FAITHFUL + ['--workers', '0', '--epochs', '2', '--checkpoint-every', '0', '--resume', 'auto']
-    proc = child(workdir, args + ['--name', 'stop'], 2, signal_number)
+def test_stop_signal_writes_a_step_snapshot_and_exits_75(straight_run, monkeypatch, signal_number):
+    """Stopped after step 2 of 3; SIGTERM's run then continues (0 workers) to the straight run's
+    weights."""
+    root, straight = straight_run
+    monkeypatch.chdir(root)
+    name = signal.Signals(signal_number).name
+    proc = child(root, STOP_ARGS + ['--name', name], 2, signal_number)
     assert proc.returncode == runtime.REQUEUE_EXIT == 75, proc.stderr[-2000:]
-    assert_one_line_error(proc.returncode, proc.stderr, f'stopped by {signal.Signals(signal_number).name}',
+    assert_one_line_error(proc.returncode, proc.stderr, f'stopped by {name}',
                           'epoch 1, step 2 of 3', 'step.pth.tar', '--resume auto')
-    step = load(workdir / 'runs' / 'stop' / 'step.pth.tar')
+    step = load(root / 'runs' / name / 'step.pth.tar')
     assert step['epoch'] == 0 and step['step']['epoch'] == 1 and step['step']['batch'] == 2
     if signal_number == signal.SIGTERM:                            # it continues where it stopped
-        assert asen.main(args + ['--name', 'stop']) == 0
-        assert asen.main(args + ['--name', 'straight']) == 0
-        assert_same_run(workdir, 'straight', 'stop')
+        assert asen.main(STOP_ARGS + ['--name', name]) == 0
+        assert_same_run(root, straight, name)
 
 
 def test_second_signal_exits_at_once_and_keeps_the_last_snapshot(workdir):
@@ -132,6 +153,25 @@ def test_resume_auto_refuses_another_runs_snapshot(trained_run, monkeypatch, cap
     assert asen.main(['--name', 'shared', '--resume', 'auto', '--no-pretrained']) == 2    # FashionAI here
     assert '--dataset' in capsys.readouterr().err
     assert sorted(os.listdir(run)) == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+                    reason='torch.distributed with gloo is not available')
+def test_torchrun_restart_after_a_killed_worker_continues_to_the_same_weights(tmp_path):
+    """2 processes (gloo), rank 1 SIGKILLed after step 2 of 3 (tests/elastic_worker.py): torchrun
+    --max-restarts 1 starts both again, --resume auto continues from rank 0's step snapshot, and
+    the run ends as an uninterrupted 2-process run."""
+    from test_distributed import torchrun
+    args = TINY + FAITHFUL + ['--workers', '0', '--batch-size', '4', '--epochs', '1', '--checkpoint-every', '1',
+                              '--resume', 'auto']                    # 12 triplets a rank: 3 steps
+    torchrun([os.path.join(ROOT, 'asen.py'), *args, '--name', 'straight'], tmp_path)
+    marker = tmp_path / 'killed.marker'
+    proc = torchrun(['--max-restarts=1', os.path.join(ROOT, 'tests', 'elastic_worker.py'), '2', str(marker),
+                     *args, '--name', 'killed'], tmp_path)
+    assert marker.exists(), proc.stderr[-2000:]                       # the first attempt did die
+    assert "--resume auto: --resume runs/killed/step.pth.tar" in proc.stdout
+    assert_same_run(tmp_path, 'straight', 'killed')
 
 
 def test_checkpoint_every_values(capsys):
