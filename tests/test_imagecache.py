@@ -127,7 +127,7 @@ def test_training_on_the_cache_gives_the_same_weights(workdir):
 def image_that_fails(split_files, row, error):
     """Patch load_image to raise `error` for the image of `row` of the valid split."""
     bad = os.path.join(split_files.root, split_files.filenames('valid')[row])
-    real = datasets.load_image
+    real = imagecache.load_image
 
     def load_image(path, *args, **kwargs):
         if path == bad:
@@ -142,7 +142,7 @@ def image_that_fails(split_files, row, error):
 def test_a_failed_build_leaves_nothing_behind(split_files, tmp_path, monkeypatch, error, workers):
     """An unreadable image, Ctrl-C or a full disk in the middle of a build: no temporary file, no
     cache file without its key, not even the cache folder the build made."""
-    monkeypatch.setattr(datasets, 'load_image', image_that_fails(split_files, 5, error))
+    monkeypatch.setattr(imagecache, "load_image", image_that_fails(split_files, 5, error))
     filenames = split_files.filenames('valid')
     paths = [os.path.join(split_files.root, filenames[i]) for i in range(8)]
     (tmp_path / 'data').mkdir()
