@@ -386,6 +386,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); rerun the same command to continue", file=sys.stderr)
         return 130
+    except BrokenPipeError:             # the reader of our output (e.g. `| head`) has gone: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return 0
 
 
