@@ -29,7 +29,7 @@ import model
 import synthfashion
 import utils
 from conftest import TINY
-from test_robustness import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, link_or_copy, run_cli
 from lib import checkpoints, engine, inputs, runfolder
 
 NEW = TINY + ['--epochs', '1', '--no-cuda', '--name', 'new']     # a new run on the tiny data
@@ -39,7 +39,6 @@ TEST = ['--test', '--resume', BEST, '--no-cuda']
 RETRIEVE = ['--resume', BEST, '--no-cuda', '--retrieve', 'data/SynthFashion/images/test/000000.jpg',
             '--attribute', 'colour']
 SYNTH = 'data/SynthFashion'
-LINK_ABOVE = 1 << 20       # files larger than this are hard-linked into a case, the rest copied
 # no_training skips optimizer.step(), so the scheduler's step warns; that is the stub's doing
 pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
 
@@ -73,13 +72,6 @@ class World:
 
     def image(self, split, index):
         return f"{SYNTH}/{self.lines(f'{SYNTH}/filenames_{split}.txt')[index]}"
-
-
-def link_or_copy(src, dst):
-    if os.path.getsize(src) > LINK_ABOVE:
-        os.link(src, dst)
-    else:
-        shutil.copy2(src, dst)
 
 
 @pytest.fixture()

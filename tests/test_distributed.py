@@ -13,12 +13,13 @@ from lib import runtime
 import ddp_step
 import model as models
 from conftest import ROOT, TINY
+from helpers import FAITHFUL
 from lib import commands, engine
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason='torch.distributed with gloo is not available')
 
-FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward', '--workers', '0']
+DDP_FLAGS = FAITHFUL + ['--workers', '0']        # and no DataLoader workers under torchrun
 
 
 def torchrun(args, cwd):
@@ -34,7 +35,7 @@ def torchrun(args, cwd):
 def ddp_run(tmp_path_factory):
     """(working dir, torchrun process) of one tiny epoch trained by 2 processes."""
     root = tmp_path_factory.mktemp('ddp')
-    proc = torchrun([os.path.join(ROOT, 'asen.py'), *TINY, *FAITHFUL, '--epochs', '1', '--name', 'ddp'], root)
+    proc = torchrun([os.path.join(ROOT, 'asen.py'), *TINY, *DDP_FLAGS, '--epochs', '1', '--name', 'ddp'], root)
     return root, proc
 
 

@@ -8,12 +8,11 @@ import torch
 
 import asen
 from conftest import TINY
+from helpers import load
 from lib import config, inputs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 def test_train_then_test_then_resume(workdir, capsys):

@@ -14,33 +14,8 @@ import asen
 import model
 import utils
 from conftest import ROOT, TINY
+from helpers import FAITHFUL, assert_one_line_error, load, run_cli
 from lib import checkpoints, engine
-
-FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward']
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def cli(args, cwd, **kwargs):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'asen.py')] + args, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def run_cli(args, cwd):
-    proc = cli(args, cwd)
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code not in (0, None)
-    assert 'Traceback' not in err
-    assert err.strip().count('\n') == 0, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-
 
 # Runs asen.py's main in a child that SIGKILLs itself right after optimizer step KILL_AT_STEP:
 # no handler, no `finally`, no flush runs, as when the machine or a scheduler kills a job.

@@ -9,9 +9,9 @@ import model as models
 from lib import runtime
 import utils
 from conftest import TINY
+from helpers import FAITHFUL
 from lib import commands, config, engine, inputs
 
-FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward']
 CPU = torch.device('cpu')
 
 
