@@ -120,3 +120,39 @@ class InMemoryLoader:
 def device_batches(sizes, size=64, device='cuda'):
     """random_batches already on the device, as an InMemoryLoader."""
     return InMemoryLoader(random_batches(sizes, size, device))
+
+
+# ----------------------------------------------------------------------------- file hashes
+
+_HASHES = {}
+
+
+def file_hash(path):
+    """Content hash, memoised by inode and change time (hard-linked checkpoints are hashed once;
+    any write changes ctime, so a changed file is hashed again)."""
+    import hashlib
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _HASHES:
+        digest = hashlib.blake2b()
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def tree_hashes(root):
+    """{relative path: content hash, 'folder' or link target} of everything under root."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                found[rel] = 'link:' + os.readlink(path)
+            elif name in dirs:
+                found[rel] = 'folder'
+            else:
+                found[rel] = file_hash(path)
+    return found

@@ -214,14 +214,13 @@ def test_cuda_graph_step_does_not_recompile_for_the_last_partial_batch():
     assert torch.isfinite(torch.tensor([loss, loss_partial])).all()
 
 
-def test_eval_batch_size_does_not_change_embeddings_on_cuda(full_fp32, trained_run):
+def test_eval_batch_size_does_not_change_embeddings_on_cuda(full_fp32, tiny_data):
     """The valid split embedded 3 and 64 images at a time in fp32 (TF32 off) agrees to atol 1e-4:
     with cudnn.benchmark, cuDNN may pick another algorithm (FFT, Winograd) for each batch size, and
     their fp32 roundings differ more than the CPU's (1e-5 there)."""
-    root, _ = trained_run
     embeddings = []
     for size in (3, 64):
-        args = config.from_flags(TINY + ['--data_path', str(root / 'data'), '--amp', 'off', '--eval-batch-size',
+        args = config.from_flags(TINY + ['--data_path', str(tiny_data), '--amp', 'off', '--eval-batch-size',
                                        str(size)])
         split_files = inputs.prepare_dataset(args)
         torch.manual_seed(0)

@@ -13,7 +13,7 @@ from lib import runtime
 import ddp_step
 import model as models
 from conftest import ROOT, TINY
-from helpers import FAITHFUL
+from helpers import FAITHFUL, private_copy
 from lib import commands, engine
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -32,9 +32,10 @@ def torchrun(args, cwd):
 
 
 @pytest.fixture(scope='module')
-def ddp_run(tmp_path_factory):
+def ddp_run(tmp_path_factory, tiny_data):
     """(working dir, torchrun process) of one tiny epoch trained by 2 processes."""
     root = tmp_path_factory.mktemp('ddp')
+    private_copy(tiny_data, root / 'data')                             # nothing to generate
     proc = torchrun([os.path.join(ROOT, 'asen.py'), *TINY, *DDP_FLAGS, '--epochs', '1', '--name', 'ddp'], root)
     return root, proc
 
@@ -128,12 +129,11 @@ def test_ddp_step_with_batchnorm_equals_the_mean_loss_of_the_two_halves(ddp_step
     assert_same_step(got, want)
 
 
-def test_triplet_shards_partition_each_epochs_draw(trained_run):
+def test_triplet_shards_partition_each_epochs_draw(tiny_data):
     """Rank r keeps triplets r, r + W, ... of the same (seed, epoch) draw; W shards of equal length
     cover the first num_triplets // W * W triplets exactly once."""
     import datasets
-    root, _ = trained_run
-    split = datasets.SplitFiles(str(root / 'data'), 'SynthFashion')
+    split = datasets.SplitFiles(str(tiny_data), 'SynthFashion')
     transform = datasets.build_transform(32, train=False)
     full = datasets.TripletDataset(split, 11, transform, seed=4)
     full.set_epoch(3)

@@ -163,12 +163,11 @@ def test_tf32_flags_set_the_backends_as_stated(backends):
     assert torch.backends.cudnn.benchmark is True
 
 
-def test_embeddings_do_not_depend_on_the_eval_batch_size(trained_run):
+def test_embeddings_do_not_depend_on_the_eval_batch_size(tiny_data):
     """Evaluation-mode BatchNorm uses running statistics, so a batch's size changes only the float
     rounding of the convolutions: the valid split embedded 3 and 64 images at a time agrees to
     atol 1e-5 (unit-length fp32 embeddings)."""
-    root, _ = trained_run
-    base = TINY + ['--data_path', str(root / 'data')] + FAITHFUL
+    base = TINY + ['--data_path', str(tiny_data)] + FAITHFUL
     embeddings = []
     for size in (3, 64):
         args = config.from_flags(base + ['--eval-batch-size', str(size)])
