@@ -12,19 +12,13 @@ import datasets
 import model as models
 import original_asenpp as theirs
 from conftest import TINY
+from helpers import tiny_asenpp
 from lib import checkpoints, config, engine, evaluation
 
 # TINY at 32 px with one batch of triplets, small trunks for both branches and no bf16 (slow on
 # CPUs without bf16 kernels; test_bf16_channels_last_step covers it)
 PP = TINY + ['--model', 'ASENpp', '--local-backbone', 'resnet18', '--amp', 'off', '--epochs', '1',
              '--img-size', '32', '--num_triplets', '8']
-
-
-def tiny_asenpp(stage=2, **options):
-    torch.manual_seed(0)
-    return models.build_model('ASENpp', 5, 'resnet18', pretrained=False, dim_embed=16, stage=stage,
-                              local_backbone='resnet18', local_pretrained=False, view_size=32, local_size=32,
-                              **options)
 
 
 # ----------------------------------------------------------------------------- stages and flags

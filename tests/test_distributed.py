@@ -13,7 +13,7 @@ from lib import runtime
 import ddp_step
 import model as models
 from conftest import ROOT, TINY
-from helpers import FAITHFUL, private_copy
+from helpers import FAITHFUL, private_copy, tiny_tnet
 from lib import commands, engine
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -49,7 +49,7 @@ def test_torchrun_trains_evaluates_and_saves_once(ddp_run, monkeypatch):
     assert 'Train Epoch: 1 [0/12]' in proc.stdout                           # 24 triplets, 12 a rank
     assert len((run / 'metrics.jsonl').read_text().splitlines()) == 1
     ckpt = torch.load(run / 'checkpoint.pth.tar', weights_only=True)
-    single = models.TripletWrapper(models.build_model('ASENet', 5, 'resnet18', False, 16))
+    single = tiny_tnet()
     assert list(ckpt['state_dict']) == list(single.state_dict())            # the unwrapped layout
     monkeypatch.chdir(root)
     assert asen.main(['--test', '--resume', str(run / 'checkpoint.pth.tar'), '--name', 'single']) == 0

@@ -11,6 +11,7 @@ import original_networks as orig
 import utils
 from utils import UserError
 from lib import checkpoints, commands, evaluation
+from helpers import tiny_net, tiny_tnet
 
 KINDS = ['ASENet', 'ASENet_V2', 'ConditionalSimNet']
 # the tiny SynthFashion of tests/conftest.py's TINY, without the training flags
@@ -35,7 +36,7 @@ def test_original_state_dict_converts(kind):
     assert not any(k.startswith(('embeddingnet.backbonenet.', 'embeddingnet.embeddingnet.')) for k in converted)
     assert not any('.fc.' in k or 'layer4' in k for k in converted if k.startswith('embeddingnet.backbone.'))
     assert any('layer4' in k for k in state) == (kind == 'ConditionalSimNet')
-    ours = models.build_model(kind, 4, 'resnet18', pretrained=False, dim_embed=16)
+    ours = tiny_net(kind, 4, seed=None)
     assert set(converted) == {'embeddingnet.' + k for k in ours.state_dict()}
     # our own checkpoints are not in the original layout
     assert checkpoints.convert_original_state_dict(models.TripletWrapper(ours).state_dict()) is None
@@ -128,7 +129,7 @@ def test_file_that_fits_no_model_is_one_clear_line(workdir, capsys):
 
 
 def test_mismatch_line_names_keys_and_shapes():
-    net = models.TripletWrapper(models.build_model('TripletNet', 3, 'resnet18', pretrained=False, dim_embed=8))
+    net = tiny_tnet('TripletNet', seed=None, n_attributes=3, dim_embed=8)
     state = dict(net.state_dict())
     state['embeddingnet.embed_fc.weight'] = torch.zeros(4, 256)
     del state['embeddingnet.embed_fc.bias']

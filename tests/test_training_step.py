@@ -9,36 +9,10 @@ import model as models
 from lib import runtime
 import utils
 from conftest import TINY
-from helpers import FAITHFUL
+from helpers import FAITHFUL, InMemoryLoader, random_batches, tiny_tnet
 from lib import commands, config, engine, inputs
 
 CPU = torch.device('cpu')
-
-
-class InMemoryLoader:
-    """A list of batches that looks like a DataLoader to train_one_epoch."""
-
-    def __init__(self, batches):
-        self.batches = batches
-        self.dataset = range(sum(len(b[3]) for b in batches))
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
-def tiny_tnet():
-    torch.manual_seed(0)
-    return models.TripletWrapper(models.build_model('ASENet', 5, 'resnet18', False, 16))
-
-
-def batches(sizes=(4, 4, 4, 2), size=64):
-    """Random batches; the last one partial, as an epoch's last batch usually is."""
-    gen = torch.Generator().manual_seed(1)
-    return [(*[torch.randn(n, 3, size, size, generator=gen) for _ in range(3)],
-             torch.randint(0, 5, (n,), generator=gen)) for n in sizes]
 
 
 class Lines(logging.Handler):
@@ -55,7 +29,7 @@ def test_device_accumulation_equals_a_per_step_item_loop():
     the former loop, which read loss.item() and the accuracy every step (to 1e-12: both sum the
     same float32 values in float64)."""
     args = config.from_flags(TINY + FAITHFUL + ['--batch-size', '4', '--log-interval', '2'])
-    data = batches()
+    data = random_batches(size=32)                   # 32 px: the equalities hold at any size
 
     tnet = tiny_tnet()
     optimizer = torch.optim.Adam(tnet.parameters(), lr=1e-3)
@@ -220,6 +194,6 @@ def test_last_partial_batch_runs_eagerly_under_compile():
     stand_in = CompiledStandIn(tnet)
     optimizer = torch.optim.Adam(tnet.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
-    engine.train_one_epoch(stand_in, InMemoryLoader(batches(sizes=(4, 4, 2))), optimizer, scaler, CPU, 1, logger=logging.getLogger('test_training_step'),
+    engine.train_one_epoch(stand_in, InMemoryLoader(random_batches(sizes=(4, 4, 2), size=32)), optimizer, scaler, CPU, 1, logger=logging.getLogger('test_training_step'),
     **commands.train_settings(args))
     assert stand_in.sizes == [4, 4]
