@@ -8,7 +8,7 @@ import torch
 import asen
 import datasets
 from lib import imagecache
-import synthfashion
+from helpers import private_copy
 from conftest import TINY
 from utils import UserError
 
@@ -16,10 +16,11 @@ SIZE = 40
 
 
 @pytest.fixture(scope='module')
-def split_files(tmp_path_factory):
-    """A tiny SynthFashion folder of this module's own (the tests below alter its images)."""
+def split_files(tmp_path_factory, small_synth):
+    """A tiny SynthFashion folder of this module's own (the tests below alter its images): a copy
+    of the session's (conftest `small_synth`)."""
     root = tmp_path_factory.mktemp('cache') / 'data'
-    synthfashion.ensure(str(root / 'SynthFashion'), n_train=16, n_valid=12, n_test=12)
+    private_copy(small_synth, root / 'SynthFashion')
     return datasets.SplitFiles(str(root), 'SynthFashion')
 
 
