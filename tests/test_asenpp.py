@@ -109,6 +109,8 @@ def test_bf16_channels_last_step():
 
 # ----------------------------------------------------------------------------- end to end
 
+
+@pytest.mark.slow
 def test_both_stages_train_and_test(tiny_data, workdir):
     data = ['--data_path', str(tiny_data)]           # the shared tiny SynthFashion
     assert asen.main(PP + data + ['--name', 'pp']) == 0
@@ -128,6 +130,7 @@ def test_both_stages_train_and_test(tiny_data, workdir):
     assert json.loads((workdir / 'runs/pp/test_results.json').read_text())['model'] == 'ASENpp-global'
 
 
+@pytest.mark.slow
 def test_authors_checkpoint_gives_their_map(tiny_data, workdir):
     """Their stage-2 network, saved as their main.py does, tested through asen.py: the same MeanAP
     as their evaluation (global view, per-image PIL crop, [sqrt(.6) g; sqrt(.4) l]) computes."""

@@ -156,6 +156,7 @@ def heatmap_files(run):
     return sorted(p.name for p in (run / 'heatmaps').glob('valid_epoch*.png')) if (run / 'heatmaps').is_dir() else []
 
 
+@pytest.mark.slow
 def test_heatmap_every_decides_which_epochs_draw_and_visdom_is_accepted(synth_copy, monkeypatch, capsys):
     monkeypatch.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: (0.0, 0.0))   # evaluation only
     assert asen.main(TINY + ['--epochs', '3', '--heatmap-every', '2', '--name', 'every2', '--visdom',

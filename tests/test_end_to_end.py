@@ -2,6 +2,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 import asen
@@ -10,8 +11,7 @@ from helpers import load, run_main
 from lib import config, inputs
 
 
-
-
+@pytest.mark.slow
 def test_train_then_test_then_resume(workdir, capsys):
     assert asen.main(TINY + ['--epochs', '1', '--name', 'tiny']) == 0
     run = workdir / 'runs' / 'tiny'

@@ -43,6 +43,7 @@ def epochs_logged(run):
     return [json.loads(line)['epoch'] for line in (run / 'metrics.jsonl').read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_same_weights(workdir, capsys):
     """Killed in the middle of the last epoch (its first step done, the weights in memory already
     past the epoch-1 snapshot), the resumed run trains that epoch again and ends where an
@@ -91,9 +92,8 @@ def test_checkpoint_loading_runs_no_code(tmp_path):
         assert not target.exists()
 
 
-def test_corrupt_and_foreign_checkpoints(trained_run, tmp_path, monkeypatch, capsys):
-    root, run = trained_run
-    monkeypatch.chdir(root)
+def test_corrupt_and_foreign_checkpoints(trained_copy, tmp_path, capsys):
+    root, run = trained_copy                        # a refused --test still logs to test.log: a copy
     corrupt = tmp_path / 'corrupt.pth.tar'
     corrupt.write_bytes(b'\x80\x04not a checkpoint')
     code, _, err = run_main(['--test', '--resume', str(corrupt)], capsys)
@@ -142,6 +142,7 @@ def test_best_snapshot_stays_when_later_checkpoints_replace_it(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pth.tar', 'model_best.pth.tar']
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_snapshot(workdir, monkeypatch, capsys):
     assert asen.main(TINY + ['--epochs', '1', '--name', 'nan']) == 0
     real_loss, calls = model.triplet_loss, []
@@ -159,6 +160,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_snapshot(workdir, monkeypatch,
     assert not (workdir / 'runs/nan/interrupted.pth.tar').exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_snapshot(workdir, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -214,6 +216,7 @@ def test_malformed_line_and_value_out_of_range(data_copy, capsys):
     assert_one_line_error(code, err, 'query_valid.txt:2', 'value 9 out of range')
 
 
+@pytest.mark.slow
 def test_missing_image_is_named_and_can_be_skipped(data_copy, workdir, capsys):
     first = (data_copy / 'filenames_train.txt').read_text().splitlines()[0]
     (data_copy / first).unlink()
