@@ -24,6 +24,7 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@pytest.mark.slow
 def test_device_accumulation_equals_a_per_step_item_loop():
     """Loss and accuracy read at the log interval and returned at the epoch's end equal those of
     the former loop, which read loss.item() and the accuracy every step (to 1e-12: both sum the
@@ -186,6 +187,7 @@ class CompiledStandIn(torch.nn.Module):
         return self._orig_mod(anchor, *rest, **options)
 
 
+@pytest.mark.slow
 def test_last_partial_batch_runs_eagerly_under_compile():
     """A compiled step keeps one shape: the full batches go through it, the partial one through
     the module it wraps, on the same weights."""
