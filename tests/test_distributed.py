@@ -40,6 +40,7 @@ def ddp_run(tmp_path_factory, tiny_data):
     return root, proc
 
 
+@pytest.mark.slow
 def test_torchrun_trains_evaluates_and_saves_once(ddp_run, monkeypatch):
     root, proc = ddp_run
     run = root / 'runs' / 'ddp'
@@ -55,6 +56,7 @@ def test_torchrun_trains_evaluates_and_saves_once(ddp_run, monkeypatch):
     assert asen.main(['--test', '--resume', str(run / 'checkpoint.pth.tar'), '--name', 'single']) == 0
 
 
+@pytest.mark.slow
 def test_gathered_evaluation_equals_one_process(ddp_run, monkeypatch):
     """7 valid/test candidates per attribute are not all even: the shards are uneven and padded."""
     root, _ = ddp_run
@@ -92,6 +94,7 @@ def ddp_step_result(tmp_path_factory):
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.slow
 def test_ddp_step_with_frozen_batchnorm_equals_one_process_at_twice_the_batch(ddp_step_result):
     """Frozen BatchNorm makes each triplet's loss independent of its batch mates: 2 ranks x 4
     triplets must give the loss, gradients and SGD step (ddp_step.optimizer_of) of 1 process x 8
@@ -108,6 +111,7 @@ def test_ddp_step_with_frozen_batchnorm_equals_one_process_at_twice_the_batch(dd
                            ddp_step.network(True, args).state_dict()['embeddingnet.feature_fc.weight'])
 
 
+@pytest.mark.slow
 def test_ddp_step_with_batchnorm_equals_the_mean_loss_of_the_two_halves(ddp_step_result):
     """Training-mode BatchNorm normalises each rank's half by that half's statistics (no
     SyncBatchNorm on CPUs), so the reference is one process computing the mean of the two halves'
