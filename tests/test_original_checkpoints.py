@@ -11,7 +11,7 @@ import original_networks as orig
 import utils
 from utils import UserError
 from lib import checkpoints, commands, evaluation
-from helpers import tiny_net, tiny_tnet
+from helpers import private_copy, tiny_net, tiny_tnet
 
 KINDS = ['ASENet', 'ASENet_V2', 'ConditionalSimNet']
 # the tiny SynthFashion of tests/conftest.py's TINY, without the training flags
@@ -81,7 +81,8 @@ def test_resume_never_downloads_imagenet_weights(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize('kind', ['ASENet_V2', 'ConditionalSimNet'])
-def test_cli_test_of_an_original_checkpoint_reports_its_map(kind, workdir):
+def test_cli_test_of_an_original_checkpoint_reports_its_map(kind, workdir, tiny_data):
+    private_copy(tiny_data, workdir / 'data')                 # --test never generates the data
     original = orig.build(kind, 5, seed=1)
     orig.save(original, workdir / 'theirs.pth.tar', legacy=True)
     assert asen.main(['--test', '--resume', str(workdir / 'theirs.pth.tar'), '--name', 'orig'] + DATA) == 0
@@ -104,7 +105,8 @@ def test_cli_test_of_an_original_checkpoint_reports_its_map(kind, workdir):
     assert 0 < result['MeanAP'] < 100
 
 
-def test_file_that_fits_no_model_is_one_clear_line(workdir, capsys):
+def test_file_that_fits_no_model_is_one_clear_line(workdir, capsys, tiny_data):
+    private_copy(tiny_data, workdir / 'data')                 # --test never generates the data
     # the attribute count of the file (8, like FashionAI) against SynthFashion's 5
     orig.save(orig.build('ASENet_V2', 8), workdir / 'fashionai.pth.tar')
     assert asen.main(['--test', '--resume', 'fashionai.pth.tar'] + DATA) == 2
