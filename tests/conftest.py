@@ -6,6 +6,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from helpers import private_copy, tree_hashes  # noqa: E402
+
 # A tiny SynthFashion run: small images, few triplets, 16-d embeddings.
 TINY = ['--dataset', 'SynthFashion', '--synth-images', '48', '--img-size', '64', '--num_triplets', '24',
         '--batch-size', '8', '--dim_embed', '16', '--log-interval', '1', '--seed', '3']
@@ -19,17 +21,61 @@ def workdir(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope='session')
-def trained_run(tmp_path_factory):
-    """(working dir, run dir) of a tiny run trained for one epoch, shared by read-only tests."""
+def tiny_data(tmp_path_factory):
+    """The data folder of TINY (data/SynthFashion, as `asen.py TINY` generates it), made once a
+    session. Read-only: a test that writes into it takes `helpers.private_copy` of it first."""
+    import synthfashion
+    from lib import config, inputs
+    data = tmp_path_factory.mktemp('tiny_data') / 'data'
+    inputs.prepare_dataset(config.from_flags(TINY + ['--data_path', str(data)]))
+    assert (data / 'SynthFashion' / synthfashion.MARKER).is_file()
+    return data
+
+
+@pytest.fixture(scope='session')
+def small_synth(tmp_path_factory):
+    """A smaller SynthFashion folder (16 train, 12 valid, 12 test images) made once a session, for
+    the input-pipeline tests. Read-only: copy it (helpers.private_copy) before writing."""
+    import synthfashion
+    folder = tmp_path_factory.mktemp('small_synth') / 'SynthFashion'
+    synthfashion.ensure(str(folder), n_train=16, n_valid=12, n_test=12)
+    return folder
+
+
+@pytest.fixture(scope='session')
+def _trained_once(tmp_path_factory, tiny_data):
     import asen
     root = tmp_path_factory.mktemp('trained')
+    private_copy(tiny_data, root / 'data')
     cwd = os.getcwd()
     os.chdir(root)
     try:
         assert asen.main(TINY + ['--epochs', '1', '--name', 'shared', '--heatmap-every', '1']) == 0
     finally:
         os.chdir(cwd)
-    return root, root / 'runs' / 'shared'
+    return root, root / 'runs' / 'shared', tree_hashes(root)
+
+
+@pytest.fixture()
+def trained_run(_trained_once):
+    """(working dir, run dir) of a tiny run trained for one epoch, shared by read-only tests: a test
+    that adds, removes or changes a file under it fails here (take `trained_copy` to write)."""
+    root, run, expected = _trained_once
+    yield root, run
+    found = tree_hashes(root)
+    changed = sorted(rel for rel in set(expected) | set(found) if expected.get(rel) != found.get(rel))
+    assert not changed, f'this test changed the shared trained run (read-only; use trained_copy): {changed}'
+
+
+@pytest.fixture()
+def trained_copy(trained_run, tmp_path, monkeypatch):
+    """(working dir, run dir): a private copy of the trained run (data/ and runs/shared/; large files
+    hard-linked, so replace them rather than write into them), the working directory."""
+    root, _ = trained_run
+    private_copy(root / 'data', tmp_path / 'data')
+    private_copy(root / 'runs' / 'shared', tmp_path / 'runs' / 'shared')
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, tmp_path / 'runs' / 'shared'
 
 
 def pytest_configure(config):

@@ -24,9 +24,8 @@ def test_tensorboard_holds_the_scalars(trained_run):
     assert {'train/loss', 'train/triplet_accuracy', 'train/lr', 'valid/MeanAP', 'valid/mAP/colour'} <= tags
 
 
-def test_visualize_writes_overlays(trained_run, monkeypatch, capsys):
-    root, run = trained_run
-    monkeypatch.chdir(root)
+def test_visualize_writes_overlays(trained_copy, capsys):
+    root, run = trained_copy                      # it writes into the run folder: a copy
     assert asen.main(['--visualize', '--resume', str(run / 'checkpoint.pth.tar')]) == 0
     path = run / 'heatmaps' / 'attention_test.png'
     assert f'heatmaps: {os.path.join("runs", "shared", "heatmaps", "attention_test.png")}' in capsys.readouterr().out
@@ -34,9 +33,8 @@ def test_visualize_writes_overlays(trained_run, monkeypatch, capsys):
         assert img.mode == 'RGB'
 
 
-def test_test_reports_localisation_on_synthfashion(trained_run, monkeypatch, capsys):
-    root, run = trained_run
-    monkeypatch.chdir(root)
+def test_test_reports_localisation_on_synthfashion(trained_copy, capsys):
+    root, run = trained_copy                      # it writes into the run folder: a copy
     assert asen.main(['--test', '--resume', str(run / 'checkpoint.pth.tar')]) == 0
     out = capsys.readouterr().out
     assert 'sleeve_length attention in region: ' in out and '(uniform: ' in out
@@ -46,9 +44,8 @@ def test_test_reports_localisation_on_synthfashion(trained_run, monkeypatch, cap
         assert 0 <= scores['inside'] <= 100 and 0 < scores['uniform'] < 100
 
 
-def test_retrieve_ranks_and_caches(trained_run, monkeypatch, capsys):
-    root, run = trained_run
-    monkeypatch.chdir(root)
+def test_retrieve_ranks_and_caches(trained_copy, capsys):
+    root, run = trained_copy                      # it writes into the run folder: a copy
     data = root / 'data' / 'SynthFashion'
     first_candidate = int((data / 'candidate_test.txt').read_text().split()[0])
     query = data / (data / 'filenames_test.txt').read_text().splitlines()[first_candidate]
@@ -70,9 +67,8 @@ def test_retrieve_ranks_and_caches(trained_run, monkeypatch, capsys):
     assert os.listdir(run / 'retrieval_cache') == cached
 
 
-def test_retrieve_unknown_attribute(trained_run, monkeypatch, capsys):
-    root, run = trained_run
-    monkeypatch.chdir(root)
+def test_retrieve_unknown_attribute(trained_copy, capsys):
+    root, run = trained_copy                      # the refusal is logged to the run's test.log: a copy
     assert asen.main(['--retrieve', 'x.jpg', '--attribute', 'heel', '--resume', str(run / 'checkpoint.pth.tar')]) == 2
     err = capsys.readouterr().err
     assert "--attribute 'heel'" in err and 'sleeve_length' in err

@@ -12,19 +12,13 @@ import datasets
 import model as models
 import original_asenpp as theirs
 from conftest import TINY
+from helpers import tiny_asenpp
 from lib import checkpoints, config, engine, evaluation
 
 # TINY at 32 px with one batch of triplets, small trunks for both branches and no bf16 (slow on
 # CPUs without bf16 kernels; test_bf16_channels_last_step covers it)
 PP = TINY + ['--model', 'ASENpp', '--local-backbone', 'resnet18', '--amp', 'off', '--epochs', '1',
              '--img-size', '32', '--num_triplets', '8']
-
-
-def tiny_asenpp(stage=2, **options):
-    torch.manual_seed(0)
-    return models.build_model('ASENpp', 5, 'resnet18', pretrained=False, dim_embed=16, stage=stage,
-                              local_backbone='resnet18', local_pretrained=False, view_size=32, local_size=32,
-                              **options)
 
 
 # ----------------------------------------------------------------------------- stages and flags
@@ -115,8 +109,10 @@ def test_bf16_channels_last_step():
 
 # ----------------------------------------------------------------------------- end to end
 
-def test_both_stages_train_and_test(trained_run, workdir):
-    data = ['--data_path', str(trained_run[0] / 'data')]           # the shared tiny SynthFashion
+
+@pytest.mark.slow
+def test_both_stages_train_and_test(tiny_data, workdir):
+    data = ['--data_path', str(tiny_data)]           # the shared tiny SynthFashion
     assert asen.main(PP + data + ['--name', 'pp']) == 0
     s1 = torch.load(workdir / 'runs/pp/model_best.pth.tar', weights_only=True)
     assert s1['args']['stage'] == 1 and s1['args']['step_size'] == 3
@@ -134,12 +130,13 @@ def test_both_stages_train_and_test(trained_run, workdir):
     assert json.loads((workdir / 'runs/pp/test_results.json').read_text())['model'] == 'ASENpp-global'
 
 
-def test_authors_checkpoint_gives_their_map(trained_run, workdir):
+@pytest.mark.slow
+def test_authors_checkpoint_gives_their_map(tiny_data, workdir):
     """Their stage-2 network, saved as their main.py does, tested through asen.py: the same MeanAP
     as their evaluation (global view, per-image PIL crop, [sqrt(.6) g; sqrt(.4) l]) computes."""
     net = theirs.build(5, seed=2)
     theirs.save(net, workdir / 'theirs.pth.tar')
-    data_path = str(trained_run[0] / 'data')                       # the shared tiny SynthFashion
+    data_path = str(tiny_data)                       # the shared tiny SynthFashion
     data = ['--dataset', 'SynthFashion', '--synth-images', '48', '--img-size', '64', '--amp', 'off',
             '--data_path', data_path]
     assert asen.main(['--test', '--resume', 'theirs.pth.tar', '--name', 'orig'] + data) == 0

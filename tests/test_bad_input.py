@@ -9,7 +9,6 @@ fail while saving. `python -m pytest -q tests/test_bad_input.py` runs the table.
 """
 import errno
 import fcntl
-import hashlib
 import io
 import json
 import os
@@ -30,7 +29,7 @@ import model
 import synthfashion
 import utils
 from conftest import TINY
-from test_robustness import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, file_hash, link_or_copy, run_cli
 from lib import engine, inputs, runfolder
 
 NEW = TINY + ['--epochs', '1', '--no-cuda', '--name', 'new']     # a new run on the tiny data
@@ -40,7 +39,6 @@ TEST = ['--test', '--resume', BEST, '--no-cuda']
 RETRIEVE = ['--resume', BEST, '--no-cuda', '--retrieve', 'data/SynthFashion/images/test/000000.jpg',
             '--attribute', 'colour']
 SYNTH = 'data/SynthFashion'
-LINK_ABOVE = 1 << 20       # files larger than this are hard-linked into a case, the rest copied
 # no_training skips optimizer.step(), so the scheduler's step warns; that is the stub's doing
 pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
 
@@ -76,40 +74,12 @@ class World:
         return f"{SYNTH}/{self.lines(f'{SYNTH}/filenames_{split}.txt')[index]}"
 
 
-def link_or_copy(src, dst):
-    if os.path.getsize(src) > LINK_ABOVE:
-        os.link(src, dst)
-    else:
-        shutil.copy2(src, dst)
-
-
 @pytest.fixture()
-def world(trained_run, tmp_path, monkeypatch):
-    trained_root, _ = trained_run
-    shutil.copytree(trained_root / 'data', tmp_path / 'data', copy_function=link_or_copy)
-    shutil.copytree(trained_root / 'runs' / 'shared', tmp_path / 'runs' / 'shared', copy_function=link_or_copy)
-    monkeypatch.chdir(tmp_path)
-    w = World(tmp_path, monkeypatch)
+def world(trained_copy, monkeypatch):
+    w = World(trained_copy[0], monkeypatch)
     yield w
     for handle in w.handles:
         handle.close()
-
-
-_HASHES = {}
-
-
-def file_hash(path):
-    """Content hash, memoised by inode and change time (hard-linked checkpoints are hashed once;
-    any write changes ctime, so a changed file is hashed again)."""
-    st = os.stat(path)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if key not in _HASHES:
-        digest = hashlib.blake2b()
-        with open(path, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 20), b''):
-                digest.update(block)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
 
 
 def snapshot_tree(root):

@@ -27,7 +27,7 @@ from lib import images
 from conftest import ROOT
 from test_bad_input import (BEST, NEW, RETRIEVE, SHARED, SYNTH, TEST, assert_kept, disk_full_on,  # noqa: F401
                             file_hash, link_or_copy, temporary_files, world)
-from test_robustness import assert_one_line_error
+from helpers import assert_one_line_error
 from test_zappos import TINY_ZAPPOS, build_zappos
 
 pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')

@@ -9,11 +9,8 @@ import torch
 import asen
 import utils
 from conftest import TINY
+from helpers import load
 from lib import checkpoints, commands, engine, evaluation
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
 
 
 @pytest.fixture()

@@ -3,7 +3,6 @@ yields to every explicit flag and picks its precision for the device used, a too
 line, the original's --visdom flags are accepted, and --heatmap-every decides which epochs draw."""
 import argparse
 import re
-import shutil
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import asen
 import pretrain
 from lib import runtime
 from conftest import TINY
+from helpers import private_copy
 from lib import commands, config, engine
 
 
@@ -146,9 +146,9 @@ def test_heatmap_due():
 
 
 @pytest.fixture()
-def synth_copy(trained_run, workdir):
+def synth_copy(tiny_data, workdir):
     """The tiny SynthFashion data in a fresh working directory (nothing to generate)."""
-    shutil.copytree(trained_run[0] / 'data', workdir / 'data')
+    private_copy(tiny_data, workdir / 'data')
     return workdir
 
 
@@ -156,6 +156,7 @@ def heatmap_files(run):
     return sorted(p.name for p in (run / 'heatmaps').glob('valid_epoch*.png')) if (run / 'heatmaps').is_dir() else []
 
 
+@pytest.mark.slow
 def test_heatmap_every_decides_which_epochs_draw_and_visdom_is_accepted(synth_copy, monkeypatch, capsys):
     monkeypatch.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: (0.0, 0.0))   # evaluation only
     assert asen.main(TINY + ['--epochs', '3', '--heatmap-every', '2', '--name', 'every2', '--visdom',
@@ -170,9 +171,8 @@ def test_heatmap_every_decides_which_epochs_draw_and_visdom_is_accepted(synth_co
     assert '--visdom' not in capsys.readouterr().out
 
 
-def test_the_log_names_the_run_folder_a_resume_writes_to(trained_run, monkeypatch, capsys):
-    root, run = trained_run
-    monkeypatch.chdir(root)
+def test_the_log_names_the_run_folder_a_resume_writes_to(trained_copy, capsys):
+    root, run = trained_copy                          # --test writes into the run folder: a copy
     assert asen.main(['--test', '--resume', str(run / 'checkpoint.pth.tar'), '--visdom']) == 0
     out = capsys.readouterr().out
     assert 'writing to runs/shared/ (--name from the --resume checkpoint)' in out

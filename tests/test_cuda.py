@@ -19,6 +19,7 @@ import model as models
 from lib import runtime
 import utils
 from conftest import ROOT, TINY
+from helpers import device_batches, random_batches, tiny_tnet
 from lib import commands, config, engine, inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -35,16 +36,12 @@ def full_fp32():
 
 
 def tiny_net(channels_last=False, concat=False):
-    torch.manual_seed(0)
-    tnet = models.TripletWrapper(models.build_model('ASENet', 5, 'resnet18', False, 16), concat_forward=concat)
-    tnet = tnet.cuda()
+    tnet = tiny_tnet(concat_forward=concat).cuda()
     return tnet.to(memory_format=torch.channels_last) if channels_last else tnet
 
 
 def batch(n=4, size=64):
-    gen = torch.Generator().manual_seed(1)
-    images = [torch.randn(n, 3, size, size, generator=gen).cuda() for _ in range(3)]
-    return (*images, torch.randint(0, 5, (n,), generator=gen).cuda())
+    return random_batches([n], size, device='cuda')[0]
 
 
 # |AMP loss - fp32 loss| allowed on the first step (same weights, same batch). The loss is a mean of
@@ -151,22 +148,6 @@ def test_adam_is_fused_on_cuda():
     assert runtime.adam([torch.nn.Parameter(torch.ones(1, device=CUDA))], 1e-3, CUDA).defaults['fused']
 
 
-class DeviceBatches:
-    """Batches already on the GPU, shaped like a DataLoader for train_one_epoch."""
-
-    def __init__(self, sizes, size=64):
-        gen = torch.Generator().manual_seed(1)
-        self.batches = [(*[torch.randn(n, 3, size, size, generator=gen).cuda() for _ in range(3)],
-                         torch.randint(0, 5, (n,), generator=gen).cuda()) for n in sizes]
-        self.dataset = range(sum(sizes))
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
 def epoch_args(*flags):
     return config.from_flags(TINY + ['--amp', 'bf16', '--channels-last', '--concat-forward', '--batch-size', '4',
                                    '--log-interval', '1000', *flags])
@@ -179,7 +160,7 @@ def syncs_of_an_epoch(tnet, optimizer, steps, args):
         warnings.simplefilter('always')
         torch.cuda.set_sync_debug_mode('warn')
         try:
-            engine.train_one_epoch(tnet, DeviceBatches([4] * steps), optimizer, scaler, CUDA, 1, logger=logging.getLogger('test_cuda'), **commands.train_settings(args))
+            engine.train_one_epoch(tnet, device_batches([4] * steps), optimizer, scaler, CUDA, 1, logger=logging.getLogger('test_cuda'), **commands.train_settings(args))
         finally:
             torch.cuda.set_sync_debug_mode('default')
     return sum('synchroniz' in str(w.message) for w in caught)
@@ -207,21 +188,20 @@ def test_cuda_graph_step_does_not_recompile_for_the_last_partial_batch():
     scaler = torch.amp.GradScaler('cuda', enabled=False)
     model = engine.compiled(tnet, commands.compile_mode(args))
     logger = logging.getLogger('test_cuda')
-    loss, _ = engine.train_one_epoch(model, DeviceBatches([4, 4, 4]), optimizer, scaler, CUDA, 1, logger=logger, **commands.train_settings(args))
+    loss, _ = engine.train_one_epoch(model, device_batches([4, 4, 4]), optimizer, scaler, CUDA, 1, logger=logger, **commands.train_settings(args))
     graphs = counters['stats']['unique_graphs']
-    loss_partial, _ = engine.train_one_epoch(model, DeviceBatches([4, 4, 2]), optimizer, scaler, CUDA, 2, logger=logger, **commands.train_settings(args))
+    loss_partial, _ = engine.train_one_epoch(model, device_batches([4, 4, 2]), optimizer, scaler, CUDA, 2, logger=logger, **commands.train_settings(args))
     assert counters['stats']['unique_graphs'] == graphs
     assert torch.isfinite(torch.tensor([loss, loss_partial])).all()
 
 
-def test_eval_batch_size_does_not_change_embeddings_on_cuda(full_fp32, trained_run):
+def test_eval_batch_size_does_not_change_embeddings_on_cuda(full_fp32, tiny_data):
     """The valid split embedded 3 and 64 images at a time in fp32 (TF32 off) agrees to atol 1e-4:
     with cudnn.benchmark, cuDNN may pick another algorithm (FFT, Winograd) for each batch size, and
     their fp32 roundings differ more than the CPU's (1e-5 there)."""
-    root, _ = trained_run
     embeddings = []
     for size in (3, 64):
-        args = config.from_flags(TINY + ['--data_path', str(root / 'data'), '--amp', 'off', '--eval-batch-size',
+        args = config.from_flags(TINY + ['--data_path', str(tiny_data), '--amp', 'off', '--eval-batch-size',
                                        str(size)])
         split_files = inputs.prepare_dataset(args)
         torch.manual_seed(0)
@@ -248,13 +228,13 @@ def test_normalise_on_the_gpu_equals_the_transform():
 
 
 @pytest.mark.parametrize('cached', [False, True])
-def test_device_loader_on_cuda_equals_the_cpu_path(tmp_path, cached):
+def test_device_loader_on_cuda_equals_the_cpu_path(tmp_path, small_synth, cached):
     """Pinned memory, side stream, persistent workers: two epochs of batches equal the CPU path's
     (itself equal to the transform's, tests/test_gpuinput.py). The main stream sleeps before it
     copies each batch, so a missing wait_stream or record_stream would show as wrong pixels."""
     from lib import gpuinput
     from test_gpuinput import BATCH, assert_same_passes, device_passes, tiny_split, triplet_set
-    dataset = triplet_set(tiny_split(tmp_path / 'data'), cached, num_triplets=22)
+    dataset = triplet_set(tiny_split(tmp_path / 'data', small_synth), cached, num_triplets=22)
     want, want_state = device_passes(dataset, 2, epochs=(1, 2), channels_last=True)
     torch.manual_seed(5)
     loader = gpuinput.DeviceLoader(dataset, BATCH, torch.device('cuda'), workers=2, channels_last=True,

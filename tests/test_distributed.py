@@ -14,12 +14,13 @@ from lib import runtime
 import ddp_step
 import model as models
 from conftest import ROOT, TINY
+from helpers import FAITHFUL, private_copy, tiny_tnet
 from lib import commands, engine
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason='torch.distributed with gloo is not available')
 
-FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward', '--workers', '0']
+DDP_FLAGS = FAITHFUL + ['--workers', '0']        # and no DataLoader workers under torchrun
 
 
 def torchrun(args, cwd, ok=True, timeout=300):
@@ -33,13 +34,15 @@ def torchrun(args, cwd, ok=True, timeout=300):
 
 
 @pytest.fixture(scope='module')
-def ddp_run(tmp_path_factory):
+def ddp_run(tmp_path_factory, tiny_data):
     """(working dir, torchrun process) of one tiny epoch trained by 2 processes."""
     root = tmp_path_factory.mktemp('ddp')
-    proc = torchrun([os.path.join(ROOT, 'asen.py'), *TINY, *FAITHFUL, '--epochs', '1', '--name', 'ddp'], root)
+    private_copy(tiny_data, root / 'data')                             # nothing to generate
+    proc = torchrun([os.path.join(ROOT, 'asen.py'), *TINY, *DDP_FLAGS, '--epochs', '1', '--name', 'ddp'], root)
     return root, proc
 
 
+@pytest.mark.slow
 def test_torchrun_trains_evaluates_and_saves_once(ddp_run, monkeypatch):
     root, proc = ddp_run
     run = root / 'runs' / 'ddp'
@@ -49,12 +52,13 @@ def test_torchrun_trains_evaluates_and_saves_once(ddp_run, monkeypatch):
     assert 'Train Epoch: 1 [0/12]' in proc.stdout                           # 24 triplets, 12 a rank
     assert len((run / 'metrics.jsonl').read_text().splitlines()) == 1
     ckpt = torch.load(run / 'checkpoint.pth.tar', weights_only=True)
-    single = models.TripletWrapper(models.build_model('ASENet', 5, 'resnet18', False, 16))
+    single = tiny_tnet()
     assert list(ckpt['state_dict']) == list(single.state_dict())            # the unwrapped layout
     monkeypatch.chdir(root)
     assert asen.main(['--test', '--resume', str(run / 'checkpoint.pth.tar'), '--name', 'single']) == 0
 
 
+@pytest.mark.slow
 def test_gathered_evaluation_equals_one_process(ddp_run, monkeypatch):
     """7 valid/test candidates per attribute are not all even: the shards are uneven and padded."""
     root, _ = ddp_run
@@ -111,6 +115,7 @@ def ddp_step_result(tmp_path_factory):
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.slow
 def test_ddp_step_with_frozen_batchnorm_equals_one_process_at_twice_the_batch(ddp_step_result):
     """Frozen BatchNorm makes each triplet's loss independent of its batch mates: 2 ranks x 4
     triplets must give the loss, gradients and SGD step (ddp_step.optimizer_of) of 1 process x 8
@@ -127,6 +132,7 @@ def test_ddp_step_with_frozen_batchnorm_equals_one_process_at_twice_the_batch(dd
                            ddp_step.network(True, args).state_dict()['embeddingnet.feature_fc.weight'])
 
 
+@pytest.mark.slow
 def test_ddp_step_with_batchnorm_equals_the_mean_loss_of_the_two_halves(ddp_step_result):
     """Training-mode BatchNorm normalises each rank's half by that half's statistics (no
     SyncBatchNorm on CPUs), so the reference is one process computing the mean of the two halves'
@@ -148,12 +154,11 @@ def test_ddp_step_with_batchnorm_equals_the_mean_loss_of_the_two_halves(ddp_step
     assert_same_step(got, want)
 
 
-def test_triplet_shards_partition_each_epochs_draw(trained_run):
+def test_triplet_shards_partition_each_epochs_draw(tiny_data):
     """Rank r keeps triplets r, r + W, ... of the same (seed, epoch) draw; W shards of equal length
     cover the first num_triplets // W * W triplets exactly once."""
     import datasets
-    root, _ = trained_run
-    split = datasets.SplitFiles(str(root / 'data'), 'SynthFashion')
+    split = datasets.SplitFiles(str(tiny_data), 'SynthFashion')
     transform = datasets.build_transform(32, train=False)
     full = datasets.TripletDataset(split, 11, transform, seed=4)
     full.set_epoch(3)

@@ -1,21 +1,17 @@
 """A tiny SynthFashion run through the real entry point: train, test, resume, errors."""
 import json
 import os
-import subprocess
-import sys
 
+import pytest
 import torch
 
 import asen
 from conftest import TINY
+from helpers import load, run_main
 from lib import config, inputs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
+@pytest.mark.slow
 def test_train_then_test_then_resume(workdir, capsys):
     assert asen.main(TINY + ['--epochs', '1', '--name', 'tiny']) == 0
     run = workdir / 'runs' / 'tiny'
@@ -42,30 +38,24 @@ def test_train_then_test_then_resume(workdir, capsys):
     assert len((run / 'metrics.jsonl').read_text().splitlines()) == 2
 
 
-def run_cli(args, cwd):
-    return subprocess.run([sys.executable, os.path.join(ROOT, 'asen.py')] + args, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+def test_missing_resume_is_a_one_line_error(workdir, capsys):
+    code, _, err = run_main(['--test', '--resume', 'runs/nope/model_best.pth.tar'], capsys)
+    assert code != 0
+    assert 'Traceback' not in err
+    assert err.strip().count('\n') == 0 and 'runs/nope/model_best.pth.tar' in err
 
 
-def test_missing_resume_is_a_one_line_error(workdir):
-    proc = run_cli(['--test', '--resume', 'runs/nope/model_best.pth.tar'], workdir)
-    assert proc.returncode != 0
-    assert 'Traceback' not in proc.stderr
-    assert proc.stderr.strip().count('\n') == 0 and 'runs/nope/model_best.pth.tar' in proc.stderr
+def test_missing_dataset_is_a_one_line_error(workdir, capsys):
+    code, _, err = run_main(['--dataset', 'FashionAI', '--no-pretrained'], capsys)
+    assert code != 0 and 'Traceback' not in err
+    assert 'data/FashionAI' in err and 'README' in err
 
 
-def test_missing_dataset_is_a_one_line_error(workdir):
-    proc = run_cli(['--dataset', 'FashionAI', '--no-pretrained'], workdir)
-    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
-    assert 'data/FashionAI' in proc.stderr and 'README' in proc.stderr
-
-
-def test_workers_see_each_epochs_triplets(trained_run):
+def test_workers_see_each_epochs_triplets(tiny_data):
     """With persistent DataLoader workers (as run_training makes them), the batches of epoch 2 are
     epoch 2's triplets, not a stale copy."""
     import datasets
-    root, _ = trained_run
-    split = datasets.SplitFiles(str(root / 'data'), 'SynthFashion')
+    split = datasets.SplitFiles(str(tiny_data), 'SynthFashion')
     train_set = datasets.TripletDataset(split, 16, datasets.build_transform(32, train=True), seed=1)
     args = config.from_flags(['--batch-size', '8', '--workers', '1'])
     loader = inputs.make_loader(train_set, args.batch_size, torch.device('cpu'), args.workers, args.channels_last, persistent=True)

@@ -10,22 +10,22 @@ import torch
 import datasets
 from lib import gpuinput
 from lib import imagecache
-import synthfashion
+from helpers import private_copy
 from lib import zappos
 from lib import commands, config, engine, inputs, runtime
 
 SIZE, BATCH = 32, 4
 
 
-def tiny_split(root):
-    """A tiny SynthFashion folder under `root`."""
-    synthfashion.ensure(str(root / 'SynthFashion'), n_train=16, n_valid=12, n_test=12)
+def tiny_split(root, small_synth):
+    """A copy of the session's small SynthFashion folder (conftest `small_synth`) under `root`."""
+    private_copy(small_synth, root / 'SynthFashion')
     return datasets.SplitFiles(str(root), 'SynthFashion')
 
 
 @pytest.fixture(scope='module')
-def split_files(tmp_path_factory):
-    return tiny_split(tmp_path_factory.mktemp('gpuinput') / 'data')
+def split_files(tmp_path_factory, small_synth):
+    return tiny_split(tmp_path_factory.mktemp('gpuinput') / 'data', small_synth)
 
 
 def with_cache(dataset, split_files, split):

@@ -8,7 +8,7 @@ import torch
 import asen
 import datasets
 from lib import imagecache, images
-import synthfashion
+from helpers import FAITHFUL, private_copy
 from conftest import TINY
 from utils import UserError
 
@@ -16,10 +16,11 @@ SIZE = 40
 
 
 @pytest.fixture(scope='module')
-def split_files(tmp_path_factory):
-    """A tiny SynthFashion folder of this module's own (the tests below alter its images)."""
+def split_files(tmp_path_factory, small_synth):
+    """A tiny SynthFashion folder of this module's own (the tests below alter its images): a copy
+    of the session's (conftest `small_synth`)."""
     root = tmp_path_factory.mktemp('cache') / 'data'
-    synthfashion.ensure(str(root / 'SynthFashion'), n_train=16, n_valid=12, n_test=12)
+    private_copy(small_synth, root / 'SynthFashion')
     return datasets.SplitFiles(str(root), 'SynthFashion')
 
 
@@ -110,9 +111,11 @@ def test_unreadable_image_is_not_cached_with_skip_bad(split_files):
             f.write(original)
 
 
-def test_training_on_the_cache_gives_the_same_weights(workdir):
+@pytest.mark.slow
+def test_training_on_the_cache_gives_the_same_weights(workdir, tiny_data):
     """One epoch with and without --cache-images (fp32, the original path): identical checkpoints."""
-    flags = TINY + ['--epochs', '1', '--workers', '0', '--amp', 'off', '--no-channels-last', '--no-concat-forward']
+    private_copy(tiny_data, workdir / 'data')                # the session's data; the cache lands in the copy
+    flags = TINY + ['--epochs', '1', '--workers', '0'] + FAITHFUL
     assert asen.main(flags + ['--name', 'plain']) == 0
     assert asen.main(flags + ['--name', 'cached', '--cache-images']) == 0
     cache_dir = workdir / 'data' / 'SynthFashion' / 'cache'

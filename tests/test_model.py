@@ -199,9 +199,10 @@ def test_csn_regularisation_matches_the_plain_formula():
 
 
 @pytest.fixture(scope='module')
-def synth_data(tmp_path_factory):
-    """One tiny SynthFashion folder shared by the end-to-end runs of this module."""
-    return str(tmp_path_factory.mktemp('synth_data'))
+def synth_data(tmp_path_factory, tiny_data):
+    """The session's tiny SynthFashion (conftest `tiny_data`), copied for the runs of this module."""
+    from helpers import private_copy
+    return str(private_copy(tiny_data, tmp_path_factory.mktemp('synth_data') / 'data'))
 
 
 def test_csn_fixed_masks_survive_a_training_run(synth_data, workdir):

@@ -10,7 +10,8 @@ import model as models
 import original_networks as orig
 import utils
 from utils import UserError
-from lib import checkpoints, commands, config, evaluation, inputs
+from lib import checkpoints, commands, evaluation
+from helpers import private_copy, tiny_net, tiny_tnet
 
 KINDS = ['ASENet', 'ASENet_V2', 'ConditionalSimNet']
 # the tiny SynthFashion of tests/conftest.py's TINY, without the training flags
@@ -35,7 +36,7 @@ def test_original_state_dict_converts(kind):
     assert not any(k.startswith(('embeddingnet.backbonenet.', 'embeddingnet.embeddingnet.')) for k in converted)
     assert not any('.fc.' in k or 'layer4' in k for k in converted if k.startswith('embeddingnet.backbone.'))
     assert any('layer4' in k for k in state) == (kind == 'ConditionalSimNet')
-    ours = models.build_model(kind, 4, 'resnet18', pretrained=False, dim_embed=16)
+    ours = tiny_net(kind, 4, seed=None)
     assert set(converted) == {'embeddingnet.' + k for k in ours.state_dict()}
     # our own checkpoints are not in the original layout
     assert checkpoints.convert_original_state_dict(models.TripletWrapper(ours).state_dict()) is None
@@ -79,17 +80,9 @@ def test_resume_never_downloads_imagenet_weights(tmp_path, monkeypatch):
     assert args.pretrained and args.model == 'ASENet_V2'
 
 
-@pytest.fixture()
-def synth_workdir(workdir):
-    """`workdir` holding DATA's tiny SynthFashion, generated as a training run would (--test never
-    generates data)."""
-    inputs.prepare_dataset(config.from_flags(DATA))
-    return workdir
-
-
 @pytest.mark.parametrize('kind', ['ASENet_V2', 'ConditionalSimNet'])
-def test_cli_test_of_an_original_checkpoint_reports_its_map(kind, synth_workdir):
-    workdir = synth_workdir
+def test_cli_test_of_an_original_checkpoint_reports_its_map(kind, workdir, tiny_data):
+    private_copy(tiny_data, workdir / 'data')                 # --test never generates the data
     original = orig.build(kind, 5, seed=1)
     orig.save(original, workdir / 'theirs.pth.tar', legacy=True)
     assert asen.main(['--test', '--resume', str(workdir / 'theirs.pth.tar'), '--name', 'orig'] + DATA) == 0
@@ -112,8 +105,8 @@ def test_cli_test_of_an_original_checkpoint_reports_its_map(kind, synth_workdir)
     assert 0 < result['MeanAP'] < 100
 
 
-def test_file_that_fits_no_model_is_one_clear_line(synth_workdir, capsys):
-    workdir = synth_workdir
+def test_file_that_fits_no_model_is_one_clear_line(workdir, capsys, tiny_data):
+    private_copy(tiny_data, workdir / 'data')                 # --test never generates the data
     # the attribute count of the file (8, like FashionAI) against SynthFashion's 5
     orig.save(orig.build('ASENet_V2', 8), workdir / 'fashionai.pth.tar')
     assert asen.main(['--test', '--resume', 'fashionai.pth.tar'] + DATA) == 2
@@ -138,7 +131,7 @@ def test_file_that_fits_no_model_is_one_clear_line(synth_workdir, capsys):
 
 
 def test_mismatch_line_names_keys_and_shapes():
-    net = models.TripletWrapper(models.build_model('TripletNet', 3, 'resnet18', pretrained=False, dim_embed=8))
+    net = tiny_tnet('TripletNet', seed=None, n_attributes=3, dim_embed=8)
     state = dict(net.state_dict())
     state['embeddingnet.embed_fc.weight'] = torch.zeros(4, 256)
     del state['embeddingnet.embed_fc.bias']

@@ -12,7 +12,7 @@ import torch
 import asen
 from conftest import ROOT, TINY
 from lib import runtime
-from test_robustness import FAITHFUL, assert_one_line_error, load
+from helpers import FAITHFUL, assert_one_line_error, load
 
 STEPS_PER_EPOCH = 3                                         # TINY: 24 triplets, batches of 8
 

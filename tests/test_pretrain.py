@@ -37,6 +37,7 @@ def test_attribute_losses_ignore_unlabelled_against_loop():
     assert counted.tolist() == [4, 4] and correct.tolist() == right
 
 
+@pytest.mark.slow
 def test_pretrain_learns_and_its_trunk_loads(workdir, capsys):
     out = workdir / 'trunk.pth'
     assert pretrain.main(TINY_DATA + ['--epochs', '8', '--lr', '3e-3', '--out', str(out)]) == 0

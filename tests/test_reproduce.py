@@ -91,6 +91,7 @@ def test_rows_with_results_are_skipped_and_interrupted_ones_continue(workdir, ca
         asen_line('--test', '--resume', 'runs/darn-asen-s1/model_best.pth.tar', '--data_path', 'D')]
 
 
+@pytest.mark.slow
 def test_one_row_end_to_end_beside_finished_rows(workdir, capsys, in_process):
     """Triplet and CSN have results (skipped, not retrained); ASEN trains and tests on tiny
     SynthFashion; the table puts the CRL figures and the differences beside ours."""

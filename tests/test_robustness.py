@@ -14,33 +14,8 @@ import asen
 import model
 import utils
 from conftest import ROOT, TINY
+from helpers import FAITHFUL, assert_one_line_error, load, run_main
 from lib import checkpoints, engine
-
-FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward']
-
-
-def load(path):
-    return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def cli(args, cwd, **kwargs):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'asen.py')] + args, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def run_cli(args, cwd):
-    proc = cli(args, cwd)
-    out, err = proc.communicate(timeout=300)
-    return proc.returncode, out, err
-
-
-def assert_one_line_error(code, err, *needles):
-    assert code not in (0, None)
-    assert 'Traceback' not in err
-    assert err.strip().count('\n') == 0, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-
 
 # Runs asen.py's main in a child that SIGKILLs itself right after optimizer step KILL_AT_STEP:
 # no handler, no `finally`, no flush runs, as when the machine or a scheduler kills a job.
@@ -68,6 +43,7 @@ def epochs_logged(run):
     return [json.loads(line)['epoch'] for line in (run / 'metrics.jsonl').read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_to_the_same_weights(workdir, capsys):
     """Killed in the middle of the last epoch (its first step done, the weights in memory already
     past the epoch-1 snapshot), the resumed run trains that epoch again and ends where an
@@ -116,21 +92,21 @@ def test_checkpoint_loading_runs_no_code(tmp_path):
         assert not target.exists()
 
 
-def test_corrupt_and_foreign_checkpoints(trained_run, tmp_path):
-    root, run = trained_run
+def test_corrupt_and_foreign_checkpoints(trained_copy, tmp_path, capsys):
+    root, run = trained_copy                        # a refused --test still logs to test.log: a copy
     corrupt = tmp_path / 'corrupt.pth.tar'
     corrupt.write_bytes(b'\x80\x04not a checkpoint')
-    code, _, err = run_cli(['--test', '--resume', str(corrupt)], root)
+    code, _, err = run_main(['--test', '--resume', str(corrupt)], capsys)
     assert_one_line_error(code, err, 'corrupt.pth.tar', 'cannot be loaded')
     # another model: the ablation without ASA has no asa.* weights
-    code, _, err = run_cli(['--test', '--resume', str(run / 'checkpoint.pth.tar'), '--model', 'ASENet_noASA'], root)
+    code, _, err = run_main(['--test', '--resume', str(run / 'checkpoint.pth.tar'), '--model', 'ASENet_noASA'], capsys)
     assert_one_line_error(code, err, 'do not fit', 'ASENet')
     # another attribute count: weights of 5 attributes into a dataset of 2
     ckpt = load(run / 'checkpoint.pth.tar')
     state = {k: v for k, v in ckpt['state_dict'].items()}
     state['embeddingnet.asa.attr_proj.weight'] = state['embeddingnet.asa.attr_proj.weight'][:, :2]
     torch.save(dict(ckpt, state_dict=state), tmp_path / 'two.pth.tar')
-    code, _, err = run_cli(['--test', '--resume', str(tmp_path / 'two.pth.tar')], root)
+    code, _, err = run_main(['--test', '--resume', str(tmp_path / 'two.pth.tar')], capsys)
     assert_one_line_error(code, err, 'attribute count')
 
 
@@ -166,6 +142,7 @@ def test_best_snapshot_stays_when_later_checkpoints_replace_it(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pth.tar', 'model_best.pth.tar']
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_snapshot(workdir, monkeypatch, capsys):
     assert asen.main(TINY + ['--epochs', '1', '--name', 'nan']) == 0
     real_loss, calls = model.triplet_loss, []
@@ -183,6 +160,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_snapshot(workdir, monkeypatch,
     assert not (workdir / 'runs/nan/interrupted.pth.tar').exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_snapshot(workdir, monkeypatch, capsys):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -205,10 +183,10 @@ def test_ctrl_c_after_an_unchecked_non_finite_step_saves_nothing(workdir, monkey
     assert not (workdir / 'runs/nanc/interrupted.pth.tar').exists()
 
 
-def test_unknown_flags_values_are_one_line(tmp_path):
+def test_unknown_flags_values_are_one_line(workdir, capsys):
     for args, needle in ((['--dataset', 'Nope'], '--dataset'), (['--model', 'Nope'], '--model'),
                          (['--lr', '-1'], '--lr')):
-        code, _, err = run_cli(args, tmp_path)
+        code, _, err = run_main(args, capsys)
         assert_one_line_error(code, err, needle)
 
 
@@ -219,40 +197,41 @@ def break_line(path, number, text):
 
 
 @pytest.fixture()
-def tiny_data(trained_run, workdir):
+def data_copy(tiny_data, workdir):
     """A private copy of the tiny SynthFashion data that a test may damage."""
     import shutil
-    shutil.copytree(trained_run[0] / 'data', workdir / 'data')
+    shutil.copytree(tiny_data, workdir / 'data')
     return workdir / 'data' / 'SynthFashion'
 
 
 ARGS = TINY + ['--epochs', '1', '--no-cuda']
 
 
-def test_malformed_line_and_value_out_of_range(tiny_data, workdir):
-    break_line(tiny_data / 'query_valid.txt', 2, '3 x 1')
-    code, _, err = run_cli(ARGS, workdir)
+def test_malformed_line_and_value_out_of_range(data_copy, capsys):
+    break_line(data_copy / 'query_valid.txt', 2, '3 x 1')
+    code, _, err = run_main(ARGS, capsys)
     assert_one_line_error(code, err, 'query_valid.txt:2', 'malformed')
-    break_line(tiny_data / 'query_valid.txt', 2, '3 0 9')
-    code, _, err = run_cli(ARGS, workdir)
+    break_line(data_copy / 'query_valid.txt', 2, '3 0 9')
+    code, _, err = run_main(ARGS, capsys)
     assert_one_line_error(code, err, 'query_valid.txt:2', 'value 9 out of range')
 
 
-def test_missing_image_is_named_and_can_be_skipped(tiny_data, workdir):
-    first = (tiny_data / 'filenames_train.txt').read_text().splitlines()[0]
-    (tiny_data / first).unlink()
-    code, _, err = run_cli(ARGS, workdir)
+@pytest.mark.slow
+def test_missing_image_is_named_and_can_be_skipped(data_copy, workdir, capsys):
+    first = (data_copy / 'filenames_train.txt').read_text().splitlines()[0]
+    (data_copy / first).unlink()
+    code, _, err = run_main(ARGS, capsys)
     assert_one_line_error(code, err, first, '--skip-bad-images')
     # an unreadable one too, then skip both
-    second = (tiny_data / 'filenames_train.txt').read_text().splitlines()[1]
-    (tiny_data / second).write_bytes(b'not a jpeg')
-    code, out, err = run_cli(ARGS + ['--skip-bad-images', '--name', 'skip'], workdir)
+    second = (data_copy / 'filenames_train.txt').read_text().splitlines()[1]
+    (data_copy / second).write_bytes(b'not a jpeg')
+    code, out, err = run_main(ARGS + ['--skip-bad-images', '--name', 'skip'], capsys)
     assert code == 0, err
     assert 'left out 2 missing or unreadable image(s) of the training set' in \
         (workdir / 'runs' / 'skip' / 'train.log').read_text()
 
 
-def test_missing_meta_entry(workdir):
+def test_missing_meta_entry(workdir, capsys):
     (workdir / 'data' / 'DARN').mkdir(parents=True)
-    code, _, err = run_cli(['--dataset', 'DARN', '--no-pretrained'], workdir)
+    code, _, err = run_main(['--dataset', 'DARN', '--no-pretrained'], capsys)
     assert_one_line_error(code, err, 'meta.json', 'DARN')

@@ -13,7 +13,7 @@ import asen
 import utils
 from lib import engine, runfolder
 from test_bad_input import NEW, SHARED, TEST, snapshot_tree, temporary_files, world  # noqa: F401
-from test_robustness import assert_one_line_error
+from helpers import assert_one_line_error
 
 pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
 

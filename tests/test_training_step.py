@@ -9,36 +9,10 @@ import model as models
 from lib import runtime
 import utils
 from conftest import TINY
+from helpers import FAITHFUL, InMemoryLoader, random_batches, tiny_tnet
 from lib import commands, config, engine, inputs
 
-FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward']
 CPU = torch.device('cpu')
-
-
-class InMemoryLoader:
-    """A list of batches that looks like a DataLoader to train_one_epoch."""
-
-    def __init__(self, batches):
-        self.batches = batches
-        self.dataset = range(sum(len(b[3]) for b in batches))
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self):
-        return len(self.batches)
-
-
-def tiny_tnet():
-    torch.manual_seed(0)
-    return models.TripletWrapper(models.build_model('ASENet', 5, 'resnet18', False, 16))
-
-
-def batches(sizes=(4, 4, 4, 2), size=64):
-    """Random batches; the last one partial, as an epoch's last batch usually is."""
-    gen = torch.Generator().manual_seed(1)
-    return [(*[torch.randn(n, 3, size, size, generator=gen) for _ in range(3)],
-             torch.randint(0, 5, (n,), generator=gen)) for n in sizes]
 
 
 class Lines(logging.Handler):
@@ -50,12 +24,13 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
+@pytest.mark.slow
 def test_device_accumulation_equals_a_per_step_item_loop():
     """Loss and accuracy read at the log interval and returned at the epoch's end equal those of
     the former loop, which read loss.item() and the accuracy every step (to 1e-12: both sum the
     same float32 values in float64)."""
     args = config.from_flags(TINY + FAITHFUL + ['--batch-size', '4', '--log-interval', '2'])
-    data = batches()
+    data = random_batches(size=32)                   # 32 px: the equalities hold at any size
 
     tnet = tiny_tnet()
     optimizer = torch.optim.Adam(tnet.parameters(), lr=1e-3)
@@ -163,12 +138,11 @@ def test_tf32_flags_set_the_backends_as_stated(backends):
     assert torch.backends.cudnn.benchmark is True
 
 
-def test_embeddings_do_not_depend_on_the_eval_batch_size(trained_run):
+def test_embeddings_do_not_depend_on_the_eval_batch_size(tiny_data):
     """Evaluation-mode BatchNorm uses running statistics, so a batch's size changes only the float
     rounding of the convolutions: the valid split embedded 3 and 64 images at a time agrees to
     atol 1e-5 (unit-length fp32 embeddings)."""
-    root, _ = trained_run
-    base = TINY + ['--data_path', str(root / 'data')] + FAITHFUL
+    base = TINY + ['--data_path', str(tiny_data)] + FAITHFUL
     embeddings = []
     for size in (3, 64):
         args = config.from_flags(base + ['--eval-batch-size', str(size)])
@@ -213,6 +187,7 @@ class CompiledStandIn(torch.nn.Module):
         return self._orig_mod(anchor, *rest, **options)
 
 
+@pytest.mark.slow
 def test_last_partial_batch_runs_eagerly_under_compile():
     """A compiled step keeps one shape: the full batches go through it, the partial one through
     the module it wraps, on the same weights."""
@@ -221,6 +196,6 @@ def test_last_partial_batch_runs_eagerly_under_compile():
     stand_in = CompiledStandIn(tnet)
     optimizer = torch.optim.Adam(tnet.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
-    engine.train_one_epoch(stand_in, InMemoryLoader(batches(sizes=(4, 4, 2))), optimizer, scaler, CPU, 1, logger=logging.getLogger('test_training_step'),
+    engine.train_one_epoch(stand_in, InMemoryLoader(random_batches(sizes=(4, 4, 2), size=32)), optimizer, scaler, CPU, 1, logger=logging.getLogger('test_training_step'),
     **commands.train_settings(args))
     assert stand_in.sizes == [4, 4]

@@ -46,6 +46,7 @@ def is_multiple(value, step):
     return abs(value / step - round(value / step)) < 1e-6
 
 
+@pytest.mark.slow
 def test_train_then_test_through_main(zappos_dir, workdir, capsys):
     assert asen.main(TINY_ZAPPOS + ['--heatmap-every', '1']) == 0
     run = workdir / 'runs' / 'zap'

@@ -1,0 +1,158 @@
+"""What several test files share: loading a snapshot, running asen.py (as a real process or in this
+one), the one-line error check, the faithful flags, tiny networks and in-memory loaders, and
+private copies of shared folders. Fixtures live in conftest.py; plain functions here."""
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The paper's arithmetic: no mixed precision, NCHW, one forward per triplet branch.
+FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward']
+
+LINK_ABOVE = 1 << 20       # files larger than this are hard-linked into a private copy, the rest copied
+
+
+def load(path):
+    """A snapshot as asen.py loads it: on the CPU, weights only."""
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+# ----------------------------------------------------------------------------- running asen.py
+
+def cli(args, cwd, **kwargs):
+    """asen.py as a real process (for what only a process boundary shows: stderr, exit, signals)."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'asen.py')] + args, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def run_cli(args, cwd):
+    proc = cli(args, cwd)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def run_main(argv, capsys, main=None):
+    """asen.main(argv) (or another command's main) in this process: (exit code, stdout, stderr);
+    argparse's SystemExit counts as the exit code."""
+    if main is None:
+        import asen
+        main = asen.main
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *needles):
+    assert code not in (0, None)
+    assert 'Traceback' not in err
+    assert err.strip().count('\n') == 0, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+# ----------------------------------------------------------------------------- private copies
+
+def link_or_copy(src, dst):
+    if os.path.getsize(src) > LINK_ABOVE:
+        os.link(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def private_copy(src, dst):
+    """A copy of a shared folder a test may change: large files hard-linked (replace them, never
+    write into them), small ones copied."""
+    shutil.copytree(src, dst, copy_function=link_or_copy)
+    return dst
+
+
+# ----------------------------------------------------------------------------- tiny networks, loaders
+
+def tiny_net(kind='ASENet', n_attributes=5, dim_embed=16, seed=0, **options):
+    """A resnet18 network without pretrained weights, seeded (seed=None: not seeded)."""
+    import model as models
+    if seed is not None:
+        torch.manual_seed(seed)
+    return models.build_model(kind, n_attributes, 'resnet18', pretrained=False, dim_embed=dim_embed, **options)
+
+
+def tiny_tnet(kind='ASENet', concat_forward=False, seed=0, **options):
+    """tiny_net in a TripletWrapper, seeded."""
+    import model as models
+    return models.TripletWrapper(tiny_net(kind, seed=seed, **options), concat_forward=concat_forward)
+
+
+def tiny_asenpp(stage=2, **options):
+    return tiny_net('ASENpp', stage=stage, local_backbone='resnet18', local_pretrained=False, view_size=32,
+                    local_size=32, **options)
+
+
+def random_batches(sizes=(4, 4, 4, 2), size=64, device=None):
+    """Random (anchor, positive, negative, attribute) batches; seeded, one per size."""
+    gen = torch.Generator().manual_seed(1)
+    made = [(*[torch.randn(n, 3, size, size, generator=gen) for _ in range(3)],
+             torch.randint(0, 5, (n,), generator=gen)) for n in sizes]
+    return [tuple(t.to(device) for t in batch) for batch in made] if device is not None else made
+
+
+class InMemoryLoader:
+    """A list of batches that looks like a DataLoader to train_one_epoch."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.dataset = range(sum(len(b[3]) for b in batches))
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def device_batches(sizes, size=64, device='cuda'):
+    """random_batches already on the device, as an InMemoryLoader."""
+    return InMemoryLoader(random_batches(sizes, size, device))
+
+
+# ----------------------------------------------------------------------------- file hashes
+
+_HASHES = {}
+
+
+def file_hash(path):
+    """Content hash, memoised by inode and change time (hard-linked checkpoints are hashed once;
+    any write changes ctime, so a changed file is hashed again)."""
+    import hashlib
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _HASHES:
+        digest = hashlib.blake2b()
+        with open(path, 'rb') as f:
+            for block in iter(lambda: f.read(1 << 20), b''):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+def tree_hashes(root):
+    """{relative path: content hash, 'folder' or link target} of everything under root."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            rel = os.path.relpath(path, root)
+            if os.path.islink(path):
+                found[rel] = 'link:' + os.readlink(path)
+            elif name in dirs:
+                found[rel] = 'folder'
+            else:
+                found[rel] = file_hash(path)
+    return found
