@@ -115,6 +115,7 @@ def straight_run(tmp_path_factory):
 STOP_ARGS = TINY + FAITHFUL + ['--workers', '0', '--epochs', '2', '--checkpoint-every', '0', '--resume', 'auto']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGUSR1], ids=['SIGTERM', 'SIGUSR1'])
 def test_stop_signal_writes_a_step_snapshot_and_exits_75(straight_run, monkeypatch, signal_number):
     """Stopped after step 2 of 3; SIGTERM's run then continues (0 workers) to the straight run's
@@ -133,6 +134,7 @@ def test_stop_signal_writes_a_step_snapshot_and_exits_75(straight_run, monkeypat
         assert_same_run(root, straight, name)
 
 
+@pytest.mark.slow
 def test_second_signal_exits_at_once_and_keeps_the_last_snapshot(workdir):
     args = TINY + FAITHFUL + ['--workers', '0', '--epochs', '1', '--checkpoint-every', '1', '--name', 'twice']
     proc = child(workdir, args, 2, signal.SIGTERM, second=True)
