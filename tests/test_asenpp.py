@@ -152,6 +152,7 @@ def test_asenpp_default_sizes_are_the_authors():
     assert net.global_attn.feature_fc.weight.shape[0] == 1024 == net.local_attn.feature_fc.weight.shape[0]
     assert (net.view_size, net.local_size, net.threshold, net.beta) == (224, 112, 0.1, 0.6)
     assert models.ASENpp(trunk, 4).local_attn is None and models.ASENpp(trunk, 4).stage == 1 and net.stage == 2
+    assert net.has_spatial_attention                                        # --visualize draws its attention
 
 
 def test_stage2_losses_are_the_authors():
