@@ -178,12 +178,14 @@ def test_stage2_losses_are_the_authors():
     assert torch.allclose(emb[:, :16], 0.6 ** 0.5 * F.normalize(g), atol=1e-6)
 
 
-def test_stage1_embedding_is_the_normalised_global_branch():
+def test_stage1_embedding_is_the_normalised_global_branch_and_its_attention():
     net = tiny_asenpp(stage=1).eval()
     images, attr = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)), torch.tensor([4, 0])
     with torch.no_grad():
         emb, raw = net(images, attr), net(images, attr, norm=False)
-        glob, _ = net.global_branch(images, net.attr_embedding(attr))
+        glob, attention = net.global_branch(images, net.attr_embedding(attr))
+        maps = net.attention_maps(images, attr)                         # what --visualize draws
+    assert maps.shape == (2, 2, 2) and torch.equal(maps, attention)
     assert torch.allclose(raw, glob) and not torch.allclose(raw.norm(dim=1), torch.ones(2), atol=1e-2)
     assert torch.allclose(emb, F.normalize(glob), atol=1e-6)
 
