@@ -153,6 +153,8 @@ def test_asenpp_default_sizes_are_the_authors():
     assert (net.view_size, net.local_size, net.threshold, net.beta) == (224, 112, 0.1, 0.6)
     assert models.ASENpp(trunk, 4).local_attn is None and models.ASENpp(trunk, 4).stage == 1 and net.stage == 2
     assert net.has_spatial_attention                                        # --visualize draws its attention
+    built = models.build_asenpp(trunk, 4)                                   # what --model ASENpp builds
+    assert built.stage == 1 and built.global_attn.feature_fc.out_features == 1024
 
 
 def test_stage2_losses_are_the_authors():
@@ -188,6 +190,8 @@ def test_stage1_embedding_is_the_normalised_global_branch_and_its_attention():
     assert maps.shape == (2, 2, 2) and torch.equal(maps, attention)
     assert torch.allclose(raw, glob) and not torch.allclose(raw.norm(dim=1), torch.ones(2), atol=1e-2)
     assert torch.allclose(emb, F.normalize(glob), atol=1e-6)
+    trained, extras = net.train_outputs(images, attr)                   # stage 1 trains on l2norm(global)
+    assert extras == {} and torch.allclose(trained, F.normalize(glob), atol=1e-6)
 
 
 def test_param_groups_split_the_branches():
