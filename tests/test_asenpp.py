@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import asen
 from lib import asenpp
@@ -178,6 +179,16 @@ def test_stage2_losses_are_the_authors():
         g, att = net.global_branch(images[0], net.attr_embedding(attr))
     assert emb.shape == (3, 32) and torch.allclose(emb.norm(dim=1), torch.ones(3))
     assert torch.allclose(emb[:, :16], 0.6 ** 0.5 * F.normalize(g), atol=1e-6)
+
+
+def test_stage2_starts_a_fresh_imagenet_resnet34_local_trunk(monkeypatch):
+    """The authors' stage 2: the local branch a ResNet-34 with ImageNet weights (not downloaded here)."""
+    built = []
+    monkeypatch.setattr(models, 'build_backbone',
+                        lambda name, pretrained: built.append((name, pretrained)) or models.ResNetTrunk(
+                            torchvision.models.resnet18()))
+    net = models.build_asenpp(models.ResNetTrunk(torchvision.models.resnet18()), 4, stage=2)
+    assert built == [('resnet34', True)] and net.stage == 2
 
 
 def test_stage1_embedding_is_the_normalised_global_branch_and_its_attention():

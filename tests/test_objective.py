@@ -80,3 +80,16 @@ def test_weights_of_a_configuration(model, stage, csn_reg, want):
     args = SimpleNamespace(model=model, stage=stage, csn_reg=csn_reg, margin=0.2, local_weight=0.25,
                            align_weight=0.5)
     assert tuple(engine.LossWeights.of(args)) == pytest.approx(want, rel=0, abs=0)
+
+
+def test_the_extra_terms_are_computed_in_float32():
+    """Under autocast the branches' embeddings are bf16; their cosines and norms are taken in float32."""
+    out = outputs(seed=2)
+    half = models.TripletOutput(out.sim_an, out.sim_ap,
+                                tuple({k: v.bfloat16() for k, v in p.items()} for p in out.extras))
+    upcast = models.TripletOutput(out.sim_an, out.sim_ap,
+                                  tuple({k: v.float() for k, v in p.items()} for p in half.extras))
+    got = models.asenpp_local_terms(half.extras, 0.4) + models.csn_regularisers(half.extras)
+    want = by_hand(upcast, 0.4)[1:]
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and torch.allclose(g, w, rtol=1e-6, atol=1e-6)
