@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import asen
 from lib.images import load_image
@@ -63,6 +64,94 @@ def test_resume_of_another_model_is_one_line(trained_run, workdir, capsys):
 
 # ----------------------------------------------------------------------------- the network
 
+def scaled_(module, scale=3.0):
+    """Every parameter re-drawn from N(0, scale^2 / fan-in): each tanh, softmax and sigmoid then works
+    outside its linear range, so one dropped or a wrong scale changes the result a lot."""
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in module.parameters():
+            fan_in = p[0].numel() if p.dim() > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=gen) * scale / fan_in ** 0.5)
+    return module
+
+
+def attention_embedding_reference(m, fmap, attr_emb):
+    """AttentionEmbedding's equations one image and one position at a time, with its weights:
+    s = tanh(conv(I)) . tanh(W1 e) / sqrt(common), alpha = softmax over H*W, x = sum alpha I,
+    m = sigmoid(fc2(ReLU(fc1([x; ReLU(W2 e)])))), out = feature_fc(x * m)."""
+    n, c, h, w = fmap.shape
+    common = m.conv.weight.shape[0]
+    outs, alphas = [], torch.zeros(n, h, w)
+    for i in range(n):
+        attr = torch.tanh(m.attr_transform1.weight @ attr_emb[i] + m.attr_transform1.bias)
+        scores = torch.zeros(h, w)
+        for y in range(h):
+            for x in range(w):
+                img = torch.tanh(m.conv.weight[:, :, 0, 0] @ fmap[i, :, y, x] + m.conv.bias)
+                scores[y, x] = (img * attr).sum() / common ** 0.5
+        e = torch.exp(scores - scores.max())
+        alphas[i] = e / e.sum()
+        pooled = (fmap[i] * alphas[i]).sum(dim=(1, 2))
+        q = torch.relu(m.attr_transform2.weight @ attr_emb[i] + m.attr_transform2.bias)
+        hidden = torch.relu(m.fc1.weight @ torch.cat([pooled, q]) + m.fc1.bias)
+        mask = 1 / (1 + torch.exp(-(m.fc2.weight @ hidden + m.fc2.bias)))
+        outs.append(m.feature_fc.weight @ (pooled * mask) + m.feature_fc.bias)
+    return torch.stack(outs), alphas
+
+
+def test_attention_embedding_follows_its_equations():
+    torch.manual_seed(0)
+    m = scaled_(models.AttentionEmbedding(6, attr_dim=4, common=16, reduction=2, dim_embed=3))
+    fmap, attr_emb = torch.randn(2, 6, 3, 4), torch.randn(2, 4)
+    with torch.no_grad():
+        got, alpha = m(fmap, attr_emb)
+        assert torch.allclose(m.attention(fmap, attr_emb)[:, 0], alpha)
+    want, want_alpha = attention_embedding_reference(m, fmap, attr_emb)
+    assert alpha.shape == (2, 3, 4) and got.shape == (2, 3)
+    assert torch.allclose(alpha, want_alpha, atol=1e-6)
+    assert torch.allclose(alpha.sum(dim=(1, 2)), torch.ones(2)) and alpha.max() < 0.9
+    assert torch.allclose(got, want, atol=1e-5)
+    with torch.no_grad():                                                   # the attribute matters
+        assert not torch.allclose(m(fmap, attr_emb.flip(0))[0], got, atol=1e-3)
+
+
+def test_attention_embedding_is_the_authors_attn_embedding():
+    """The same weights give Maryeon/asenpp's AttnEmbedding's output and attention map."""
+    torch.manual_seed(1)
+    m = scaled_(models.AttentionEmbedding(8, attr_dim=6, common=5, reduction=4, dim_embed=3))
+    ref = theirs.AttnEmbedding(6, 8, 5, 4, 3)
+    ref.load_state_dict(m.state_dict())
+    fmap, attr_emb = torch.randn(3, 8, 2, 5), torch.randn(3, 6)
+    with torch.no_grad():
+        (got, alpha), (want, want_alpha) = m(fmap, attr_emb), ref(fmap, attr_emb)
+    assert torch.allclose(got, want, atol=1e-6) and torch.allclose(alpha, want_alpha, atol=1e-6)
+
+
+def test_asenpp_default_sizes_are_the_authors():
+    """Attribute embedding 512, common size 512 (global) and 256 (local), fc1 to C / 2, a 1024-d
+    embedding, crop 224 -> 112 at threshold 0.1, beta 0.6: the authors' config (their checkpoints
+    load only with these sizes)."""
+    alone = models.AttentionEmbedding(64)
+    assert alone.attr_transform1.weight.shape == (512, 512) and alone.conv.weight.shape[:2] == (512, 64)
+    assert alone.attr_transform2.weight.shape == (512, 512) and alone.fc1.weight.shape == (32, 64 + 512)
+    assert alone.fc2.weight.shape == (64, 32) and alone.feature_fc.weight.shape == (1024, 64)
+    assert alone.common == 512
+    trunk = models.build_backbone('resnet18', pretrained=False)
+    local = models.build_backbone('resnet18', pretrained=False)
+    net = models.ASENpp(trunk, 4, local_backbone=local)
+    assert net.attr_embedding.weight.shape == (4, 512)
+    assert net.global_attn.conv.weight.shape[0] == 512 and net.global_attn.common == 512
+    assert net.local_attn.conv.weight.shape[0] == 256 and net.local_attn.common == 256
+    assert net.global_attn.fc1.weight.shape[0] == trunk.out_channels // 2
+    assert net.local_attn.fc1.weight.shape[0] == local.out_channels // 2
+    assert net.global_attn.feature_fc.weight.shape[0] == 1024 == net.local_attn.feature_fc.weight.shape[0]
+    assert (net.view_size, net.local_size, net.threshold, net.beta) == (224, 112, 0.1, 0.6)
+    assert models.ASENpp(trunk, 4).local_attn is None and models.ASENpp(trunk, 4).stage == 1 and net.stage == 2
+    assert net.has_spatial_attention                                        # --visualize draws its attention
+    built = models.build_asenpp(trunk, 4)                                   # what --model ASENpp builds
+    assert built.stage == 1 and built.global_attn.feature_fc.out_features == 1024
+
+
 def test_stage2_losses_are_the_authors():
     net = tiny_asenpp()
     tnet = models.TripletWrapper(net).train()
@@ -84,6 +173,30 @@ def test_stage2_losses_are_the_authors():
         g, att = net.global_branch(images[0], net.attr_embedding(attr))
     assert emb.shape == (3, 32) and torch.allclose(emb.norm(dim=1), torch.ones(3))
     assert torch.allclose(emb[:, :16], 0.6 ** 0.5 * F.normalize(g), atol=1e-6)
+
+
+def test_stage2_starts_a_fresh_imagenet_resnet34_local_trunk(monkeypatch):
+    """The authors' stage 2: the local branch a ResNet-34 with ImageNet weights (not downloaded here)."""
+    built = []
+    monkeypatch.setattr(models, 'build_backbone',
+                        lambda name, pretrained: built.append((name, pretrained)) or models.ResNetTrunk(
+                            torchvision.models.resnet18()))
+    net = models.build_asenpp(models.ResNetTrunk(torchvision.models.resnet18()), 4, stage=2)
+    assert built == [('resnet34', True)] and net.stage == 2
+
+
+def test_stage1_embedding_is_the_normalised_global_branch_and_its_attention():
+    net = tiny_asenpp(stage=1).eval()
+    images, attr = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)), torch.tensor([4, 0])
+    with torch.no_grad():
+        emb, raw = net(images, attr), net(images, attr, norm=False)
+        glob, attention = net.global_branch(images, net.attr_embedding(attr))
+        maps = net.attention_maps(images, attr)                         # what --visualize draws
+    assert maps.shape == (2, 2, 2) and torch.equal(maps, attention)
+    assert torch.allclose(raw, glob) and not torch.allclose(raw.norm(dim=1), torch.ones(2), atol=1e-2)
+    assert torch.allclose(emb, F.normalize(glob), atol=1e-6)
+    trained, extras = net.train_outputs(images, attr)                   # stage 1 trains on l2norm(global)
+    assert extras == {} and torch.allclose(trained, F.normalize(glob), atol=1e-6)
 
 
 def test_param_groups_split_the_branches():

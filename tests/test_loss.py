@@ -98,3 +98,39 @@ def test_concat_forward_chunk_order_with_a_real_network():
     for a, b in zip(separate[:2], joint[:2]):
         assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(separate[0], separate[1], atol=1e-3)
+
+
+def test_three_passes_by_default_and_concat_chunks_a_batch_of_four():
+    """The default is the original's three passes; one concatenated pass of 3N = 12 images splits
+    back into three chunks of N = 4 (not four of 3)."""
+    gen = torch.Generator().manual_seed(5)
+    anchor, negative, positive = (torch.randn(4, 1, 2, 2, generator=gen) for _ in range(3))
+    attr = torch.tensor([0, 1, 2, 0])
+    net = Tagging()
+    assert models.TripletWrapper(net).concat_forward is False
+    separate = models.TripletWrapper(net)(anchor, negative, positive, attr)
+    assert [n for n, _ in net.calls] == [4, 4, 4]
+    joint = models.TripletWrapper(net, concat_forward=True)(anchor, negative, positive, attr)
+    assert [n for n, _ in net.calls] == [4, 4, 4, 12]
+    assert torch.allclose(separate.sim_an, joint.sim_an) and torch.allclose(separate.sim_ap, joint.sim_ap)
+
+
+class HalfPrecision(torch.nn.Module):
+    """Embeddings in bfloat16, as a network under autocast returns them."""
+
+    def forward(self, images, attribute, norm=True):
+        return images.flatten(1).bfloat16()
+
+
+@pytest.mark.parametrize('concat', [False, True])
+def test_similarities_are_float32_products_of_the_embeddings(concat):
+    """Under autocast the embeddings may be bf16: the similarities are computed in float32 (a bf16
+    dot product of 64 terms loses about 3 digits)."""
+    gen = torch.Generator().manual_seed(6)
+    anchor, negative, positive = (torch.randn(3, 1, 8, 8, generator=gen) for _ in range(3))
+    out = models.TripletWrapper(HalfPrecision(), concat_forward=concat)(anchor, negative, positive,
+                                                                        torch.tensor([0, 1, 2]))
+    emb = [x.flatten(1).bfloat16().float() for x in (anchor, negative, positive)]
+    assert out.sim_an.dtype == out.sim_ap.dtype == torch.float32
+    assert torch.allclose(out.sim_an, (emb[0] * emb[1]).sum(1), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(out.sim_ap, (emb[0] * emb[2]).sum(1), rtol=1e-6, atol=1e-6)

@@ -156,6 +156,9 @@ def test_csn_learned_masks_init_and_formula():
     with torch.no_grad():
         raw = net.embed_fc(net.backbone(images).mean(dim=(2, 3))) * torch.relu(weight[attr])
         assert torch.allclose(net(images, attr), raw / raw.norm(dim=1, keepdim=True), atol=1e-5)
+        trained, parts = net.train_outputs(images, attr)                  # trains on the normalised embedding
+        assert torch.allclose(trained, raw / raw.norm(dim=1, keepdim=True), atol=1e-5)
+        assert torch.allclose(parts['unmasked'] * parts['mask'], raw, atol=1e-5)
 
 
 def test_csn_fixed_masks_are_disjoint_and_not_trained():
@@ -232,3 +235,10 @@ def test_csn_flags_need_the_csn_model(workdir, capsys):
 def test_v2_fc_default_embedding_is_1024():
     net = models.ASENetV2(models.build_backbone('resnet18', pretrained=False), 3, feature_fc=True)
     assert net.feature_fc.weight.shape == (1024, 256)
+
+
+def test_csn_and_global_default_embedding_is_1024():
+    trunk = models.build_backbone('resnet18', pretrained=False)
+    net = models.ConditionalSimNet(trunk, 3)
+    assert net.embed_fc.weight.shape == (1024, 256) and net.masks.weight.shape == (3, 1024)
+    assert models.GlobalEmbeddingNet(trunk, 3).embed_fc.weight.shape == (1024, 256)

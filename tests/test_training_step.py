@@ -74,6 +74,91 @@ def test_device_accumulation_equals_a_per_step_item_loop():
         f'Acc: {100 * accs[2]:.2f}% ({100 * run_acc:.2f}%)']
 
 
+class Linear(torch.nn.Module):
+    """A one-layer embedding net, small enough to step by hand."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc = torch.nn.Linear(12, 4)
+
+    def forward(self, images, attribute, norm=True):
+        return self.fc(images.flatten(1)) * (attribute[:, None] + 1)
+
+
+def test_training_step_is_forward_objective_backward_and_one_step():
+    """One step: the objective of the batch (its triplet loss and total, returned detached with the
+    similarities) and one Adam step on its gradient alone; a second step does not accumulate the first's
+    gradient."""
+    gen = torch.Generator().manual_seed(4)
+    data = [(*[torch.randn(3, 3, 2, 2, generator=gen) for _ in range(3)], torch.tensor([0, 1, 2]), None)
+            for _ in range(2)]
+    weights = engine.LossWeights(0.5)
+    plain = models.TripletWrapper(Linear())
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=0.05)
+    want = []
+    for anchor, negative, positive, attr, _ in data:
+        out = plain(anchor, negative, positive, attr)
+        loss = models.triplet_loss(out.sim_an, out.sim_ap, 0.5)
+        plain_opt.zero_grad()
+        loss.backward()
+        plain_opt.step()
+        want.append((loss.detach(), out.sim_an.detach(), out.sim_ap.detach()))
+    tnet = models.TripletWrapper(Linear())
+    optimizer = torch.optim.Adam(tnet.parameters(), lr=0.05)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    for batch, (loss, sim_an, sim_ap) in zip(data, want):
+        got = engine.training_step(tnet, batch, optimizer, scaler, 'off', weights)
+        assert not any(t.requires_grad for t in got)
+        torch.testing.assert_close(got[0], loss, rtol=0, atol=0)
+        torch.testing.assert_close(got[1], loss, rtol=0, atol=0)          # no extra terms
+        torch.testing.assert_close(got[2], sim_an, rtol=0, atol=0)
+        torch.testing.assert_close(got[3], sim_ap, rtol=0, atol=0)
+    assert want[0][0] > 0.1                                              # the hinge is active
+    for got, want_p in zip(tnet.parameters(), plain.parameters()):
+        torch.testing.assert_close(got, want_p, rtol=0, atol=0)
+
+
+def test_training_step_minimises_the_total():
+    """The step follows the total, not the logged triplet loss: with a weighted extra term the
+    returned total exceeds the triplet loss by the term, and the parameters move along its gradient."""
+    class WithExtras(Linear):
+        def train_outputs(self, images, attribute):
+            emb = self.forward(images, attribute)
+            return emb, {'unmasked': emb, 'mask': emb.abs()}
+    gen = torch.Generator().manual_seed(5)
+    batch = (*[torch.randn(3, 3, 2, 2, generator=gen) for _ in range(3)], torch.tensor([0, 1, 2]), None)
+    weights = engine.LossWeights(0.5, csn_embed=1.0, csn_mask=1.0)
+    tnet = models.TripletWrapper(WithExtras())
+    before = [p.detach().clone() for p in tnet.parameters()]
+    out = tnet(*batch[:4])
+    triplet, total = engine.objective(out, weights)
+    grads = torch.autograd.grad(total, list(tnet.parameters()))
+    optimizer = torch.optim.SGD(tnet.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    loss, got_total, _, _ = engine.training_step(tnet, batch, optimizer, scaler, 'off', weights)
+    assert float(got_total) == pytest.approx(float(total.detach())) and float(loss) == pytest.approx(float(triplet.detach()))
+    assert float(got_total) > float(loss) + 0.1
+    for p, p0, g in zip(tnet.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), p0 - 0.1 * g)
+
+
+def test_batch_to_device_with_and_without_originals():
+    gen = torch.Generator().manual_seed(6)
+    images = [torch.randn(2, 3, 4, 4, generator=gen) for _ in range(3)]
+    attr = torch.tensor([1, 0])
+    anchor, negative, positive, got_attr, originals = engine.batch_to_device((*images, attr), CPU)
+    assert originals is None and torch.equal(got_attr, attr)
+    for got, want in zip((anchor, negative, positive), images):
+        assert torch.equal(got, want) and got.is_contiguous()
+    sources = [torch.full((2,), float(i)) for i in range(3)]
+    *views, _, originals = engine.batch_to_device((*images, attr, *sources), CPU, channels_last=True)
+    assert [o.tolist() for o in originals] == [s.tolist() for s in sources]
+    for got, want in zip(views, images):
+        assert torch.equal(got, want) and got.is_contiguous(memory_format=torch.channels_last)
+        assert not got.is_contiguous()
+
+
 def test_device_meter_reads_what_it_summed():
     meter = utils.DeviceMeter(CPU)
     for value, n in ((0.5, 4), (0.25, 2)):

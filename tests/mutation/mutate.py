@@ -1,6 +1,8 @@
 """A small mutation tester: standard operator mutations of chosen functions of one module, each
 run against a few test files in this process (the mutated module is exec'd over the imported
-one, so the tests see it; the original is exec'd back after each mutant).
+one, so the tests see it, and other modules' `from MODULE import name` bindings of the mutated
+functions and classes are pointed at the mutant's; the original namespace and bindings are put back
+after each mutant). MODULE is a path from the repository root: model.py, lib/engine.py, ...
 
     python tests/mutation/mutate.py MODULE.py --scope NAME [NAME ...] --tests FILE [FILE ...]
                                     [-k EXPR] [--list] [--only N ...]
@@ -18,6 +20,7 @@ import argparse
 import ast
 import copy
 import importlib
+import inspect
 import io
 import os
 import signal
@@ -153,6 +156,35 @@ def on_alarm(signum, frame):
     raise Timeout()
 
 
+def rebind(module, original):
+    """Point the other modules' `from module import name` bindings of the mutated functions and
+    classes at the mutant's; returns (module, name, original object) for each, for `restore`."""
+    changed = {id(old): module.__dict__[name] for name, old in original.items()
+               if (inspect.isfunction(old) or inspect.isclass(old)) and getattr(old, '__module__', None) == module.__name__
+               and module.__dict__.get(name) is not old}
+    out = []
+    for other in list(sys.modules.values()):
+        if other is None or other is module:
+            continue
+        space = getattr(other, '__dict__', None)
+        if not isinstance(space, dict):
+            continue
+        for key, value in list(space.items()):
+            if id(value) in changed and value is not None:
+                out.append((space, key, value))
+                space[key] = changed[id(value)]
+    return out
+
+
+def restore(module, original, rebound):
+    """The module's namespace and the other modules' bindings exactly as before the mutant (the
+    same objects, so isinstance and identity checks elsewhere keep working)."""
+    module.__dict__.clear()
+    module.__dict__.update(original)
+    for space, key, value in rebound:
+        space[key] = value
+
+
 def run_tests(args):
     import pytest
     argv = ['-x', '-q', '-p', 'no:cacheprovider', '-W', 'ignore'] + args.tests + (['-k', args.k] if args.k else [])
@@ -185,8 +217,9 @@ def main():
             print(f'{i:4d} {args.module}:{node.lineno}: {desc:24s} | {lines[node.lineno - 1].strip()[:90]}')
         print(f'{len(points)} mutants')
         return 0
-    module = importlib.import_module(os.path.splitext(os.path.basename(args.module))[0])
-    original = compile(tree, path, 'exec')
+    name = os.path.splitext(os.path.relpath(path, ROOT))[0].replace(os.sep, '.')    # lib/crop.py -> lib.crop
+    module = importlib.import_module(name)
+    original = dict(module.__dict__)
     signal.signal(signal.SIGALRM, on_alarm)
     if run_tests(args) != 0:
         print('the tests fail on the unmutated module')
@@ -202,8 +235,10 @@ def main():
         mutated = ast.fix_missing_locations(Replace(target, desc).visit(fresh))
         where = f'{args.module}:{node.lineno}: {desc} | {lines[node.lineno - 1].strip()[:90]}'
         signal.alarm(args.timeout)
+        rebound = []
         try:
             exec(compile(mutated, path, 'exec'), module.__dict__)
+            rebound = rebind(module, original)
             rc = run_tests(args)
         except Timeout:
             rc = 'timeout'
@@ -211,7 +246,7 @@ def main():
             rc = f'load: {type(err).__name__}'
         finally:
             signal.alarm(0)
-            exec(original, module.__dict__)
+            restore(module, original, rebound)
         if rc == 0:
             survived.append((i, where))
             print(f'SURVIVED {i:4d} {where}', flush=True)
