@@ -12,9 +12,12 @@ stray CRs and trailing whitespace; every reader here accepts them.
 `python build_fashionai.py --root data/FashionAI [--seed 0]` builds FashionAI split files in
 this format from the challenge's Annotations/label.csv.
 """
+
+if __name__ == '__main__':                       # run as a script: say what to run instead
+    print('error: datasets.py is a module, not a command; run python asen.py to train, or build a FashionAI split with python build_fashionai.py --root data/FashionAI', file=__import__('sys').stderr)
+    raise SystemExit(2)
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -22,7 +25,6 @@ from torchvision import transforms
 
 from lib import checks
 from lib.images import bad_image_ids, load_image
-import utils
 from utils import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -445,7 +447,3 @@ class IndexShard(torch.utils.data.Dataset):
         pixels, flips, attr, value, full_index = self.dataset.load_batch(np.asarray(indices) + self.start)
         return pixels, flips, attr, value, full_index - self.start
 
-
-if __name__ == '__main__':
-    sys.exit(utils.not_a_command('datasets.py', "run python asen.py to train, or build a FashionAI split "
-                                                "with python build_fashionai.py --root data/FashionAI"))

@@ -10,8 +10,11 @@ of attributes) all come from the input and the constructor; nothing assumes 224 
 Also here: the authors' ASENet_V2, the CSN and triplet-network baselines, and ASEN++ (ASENpp: Dong
 et al., IEEE TIP 2021, a global and a local branch; its crop is crop.py, its CLI side asenpp.py).
 """
+
+if __name__ == '__main__':                       # run as a script: say what to run instead
+    print('error: model.py is a module, not a command; run python asen.py to train or test the networks defined here', file=__import__('sys').stderr)
+    raise SystemExit(2)
 import os
-import sys
 import urllib.error
 from functools import partial
 from typing import NamedTuple
@@ -607,6 +610,3 @@ def param_groups(tnet, lr_global=None):
         return net.param_groups(lr_global)
     return [p for p in tnet.parameters() if p.requires_grad]
 
-
-if __name__ == '__main__':
-    sys.exit(utils.not_a_command('model.py', 'run python asen.py to train or test the networks defined here'))

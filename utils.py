@@ -4,6 +4,10 @@ The retrieval metric follows the authors' evaluation (Ma et al., AAAI 2020, Sec.
 attribute, its queries are ranked against its candidates by dot-product similarity, AP is taken
 over the full ranking and averaged over queries; MeanAP weights the attributes by query count.
 """
+
+if __name__ == '__main__':                       # run as a script: say what to run instead
+    print('error: utils.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
+    raise SystemExit(2)
 import argparse
 import contextlib
 import errno
@@ -400,13 +404,3 @@ def run_command(work, *args):
         print(f"error: {line}", file=sys.stderr)
         return 1
     return 0
-
-
-def not_a_command(module, instead):
-    """What a module that is not a command does when run as a script: one line, exit status 2."""
-    print(f"error: {module} is a module, not a command; {instead}", file=sys.stderr)
-    return 2
-
-
-if __name__ == '__main__':
-    sys.exit(not_a_command('utils.py', 'run python asen.py (see python asen.py --help)'))

@@ -424,6 +424,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow                   # the table as a whole: about half a minute of in-process cases
 @pytest.mark.parametrize('argv, setup, needles, code, allow, absent', CASES)
 def test_bad_input(world, capsys, argv, setup, needles, code, allow, absent):
     setup(world)
@@ -443,6 +444,7 @@ def test_bad_input(world, capsys, argv, setup, needles, code, allow, absent):
 
 # ----------------------------------------------------------------------------- a few as real processes
 
+@pytest.mark.slow                   # real processes (a fresh interpreter each)
 @pytest.mark.parametrize('argv, setup, needles', [
     (NEW + ['--decay_rate', 'nan'], nothing, ['--decay-rate']),
     (NEW, empty(f'{SYNTH}/query_valid.txt'), ['query_valid.txt']),

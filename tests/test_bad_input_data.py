@@ -27,7 +27,7 @@ from lib import images
 from conftest import ROOT
 from test_bad_input import (BEST, NEW, RETRIEVE, SHARED, SYNTH, TEST, assert_kept, disk_full_on,  # noqa: F401
                             file_hash, link_or_copy, temporary_files, world)
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, run_main
 from test_zappos import TINY_ZAPPOS, build_zappos
 
 pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
@@ -420,6 +420,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow                   # the table as a whole: about a minute of in-process cases
 @pytest.mark.parametrize('command, argv, setup, needles, code, allow', CASES)
 def test_bad_input(world, capsys, command, argv, setup, needles, code, allow):
     setup(world)
@@ -434,11 +435,6 @@ def test_bad_input(world, capsys, command, argv, setup, needles, code, allow):
     assert err.startswith('error: ')
     assert_kept(before, snapshot_tree(world.root), allow)
     assert not temporary_files(world.root)
-
-
-def test_the_two_tables_are_large_enough():
-    from test_bad_input import CASES as FIRST
-    assert len(FIRST) + len(CASES) >= 145
 
 
 # ----------------------------------------------------------------------------- as real processes
@@ -467,17 +463,19 @@ def test_a_module_run_as_a_script_says_so(tmp_path, script, needles):
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize('script, args, needles', [
-    ('synthfashion.py', ['out', '--seed', 'x'], ['--seed', 'invalid int']),
-    ('pretrain.py', ['--out', 'x', '--epochs', '0'], ['--epochs 0']),
-    ('build_fashionai.py', ['--seed', '-1'], ['--seed -1']),
+@pytest.mark.parametrize('command, args, needles', [
+    (synthfashion, ['out', '--seed', 'x'], ['--seed', 'invalid int']),
+    (pretrain, ['--out', 'x', '--epochs', '0'], ['--epochs 0']),
+    (build_fashionai, ['--seed', '-1'], ['--seed -1']),
 ], ids=['synthfashion', 'pretrain', 'build_fashionai'])
-def test_commands_print_no_usage_block(tmp_path, script, args, needles):
-    code, err = run_script(script, args, tmp_path)
+def test_commands_print_no_usage_block(workdir, capsys, command, args, needles):
+    code, _, err = run_main(args, capsys, command.main)
     assert code == 2
     assert_one_line_error(code, err, *needles)
+    assert not list(workdir.iterdir())
 
 
+@pytest.mark.slow                   # real processes, each with a timeout
 @pytest.mark.parametrize('argv, setup, needles', [
     (RETRIEVE + ['--gallery', 'gallery'], gallery_with(fifo_named_b), ['--gallery', 'b.jpg', 'named pipe']),
     (NEW, listed_image_fifo, ['000003.jpg', 'named pipe']),

@@ -123,6 +123,7 @@ def test_one_row_end_to_end_beside_finished_rows(workdir, capsys, in_process):
     assert '# skip synthfashion-asen-s1' in capsys.readouterr().out
 
 
+@pytest.mark.slow                   # real asen.py processes
 def test_a_failing_row_is_one_error_line_naming_row_and_log(workdir, capsys):
     assert reproduce.main(['darn', '--dataset', 'SynthFashion', '--extra', '--batch-size 0']) == 1
     err = capsys.readouterr().err
