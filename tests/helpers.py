@@ -2,6 +2,7 @@
 one), the one-line error check, the faithful flags, tiny networks and in-memory loaders, and
 private copies of shared folders. Fixtures live in conftest.py; plain functions here."""
 import os
+import stat
 import shutil
 import subprocess
 import sys
@@ -142,8 +143,10 @@ def file_hash(path):
     return _HASHES[key]
 
 
-def tree_hashes(root):
-    """{relative path: content hash, 'folder' or link target} of everything under root."""
+def tree_hashes(root, logs=False):
+    """{relative path: what it is} of everything under root, links not followed: 'link:<target>',
+    'folder', 'fifo' (a named pipe is never opened: that would block), with `logs` a log's bytes (a
+    log may grow, never change: compare with startswith), else the file's content hash."""
     found = {}
     for folder, dirs, files in os.walk(root):
         for name in dirs + files:
@@ -153,6 +156,11 @@ def tree_hashes(root):
                 found[rel] = 'link:' + os.readlink(path)
             elif name in dirs:
                 found[rel] = 'folder'
+            elif stat.S_ISFIFO(os.stat(path).st_mode):
+                found[rel] = 'fifo'
+            elif logs and name.endswith('.log'):
+                with open(path, 'rb') as f:
+                    found[rel] = f.read()
             else:
                 found[rel] = file_hash(path)
     return found

@@ -29,7 +29,7 @@ import model
 import synthfashion
 import utils
 from conftest import TINY
-from helpers import assert_one_line_error, file_hash, link_or_copy, run_cli
+from helpers import assert_one_line_error, link_or_copy, run_cli, tree_hashes
 from lib import engine, inputs, runfolder
 
 NEW = TINY + ['--epochs', '1', '--no-cuda', '--name', 'new']     # a new run on the tiny data
@@ -81,21 +81,6 @@ def world(trained_copy, monkeypatch):
     for handle in w.handles:
         handle.close()
 
-
-def snapshot_tree(root):
-    """{relative path: content hash (or link target)} of every file under root, links not followed."""
-    found = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, root)
-            if os.path.islink(path):
-                found[rel] = 'link:' + os.readlink(path)
-            elif name.endswith('.log'):
-                found[rel] = open(path, 'rb').read()       # a log may grow, never change
-            elif name in files:
-                found[rel] = file_hash(path)
-    return found
 
 
 def temporary_files(root):
@@ -428,7 +413,7 @@ CASES = [
 @pytest.mark.parametrize('argv, setup, needles, code, allow, absent', CASES)
 def test_bad_input(world, capsys, argv, setup, needles, code, allow, absent):
     setup(world)
-    before = snapshot_tree(world.root)
+    before = tree_hashes(world.root, logs=True)
     try:
         result = asen.main(argv)
     except SystemExit as exit_:             # argparse errors exit from parse_args
@@ -438,7 +423,7 @@ def test_bad_input(world, capsys, argv, setup, needles, code, allow, absent):
     assert_one_line_error(result, err, *needles)
     assert err.startswith('error: ')
     assert not [word for word in absent if word in err], err
-    assert_kept(before, snapshot_tree(world.root), allow)
+    assert_kept(before, tree_hashes(world.root, logs=True), allow)
     assert not temporary_files(world.root)
 
 
@@ -451,11 +436,11 @@ def test_bad_input(world, capsys, argv, setup, needles, code, allow, absent):
 ], ids=['flag', 'empty-query-file'])
 def test_no_traceback_reaches_stderr(world, argv, setup, needles):
     setup(world)
-    before = snapshot_tree(world.root)
+    before = tree_hashes(world.root, logs=True)
     code, _, err = run_cli(argv, world.root)
     assert code == 2
     assert_one_line_error(code, err, *needles)
-    assert_kept(before, snapshot_tree(world.root))
+    assert_kept(before, tree_hashes(world.root, logs=True))
 
 
 # ----------------------------------------------------------------------------- what is kept, what loads

@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 
@@ -26,8 +25,8 @@ import synthfashion
 from lib import images
 from conftest import ROOT
 from test_bad_input import (BEST, NEW, RETRIEVE, SHARED, SYNTH, TEST, assert_kept, disk_full_on,  # noqa: F401
-                            file_hash, link_or_copy, temporary_files, world)
-from helpers import assert_one_line_error, run_main
+                            link_or_copy, temporary_files, world)
+from helpers import assert_one_line_error, run_main, tree_hashes
 from test_zappos import TINY_ZAPPOS, build_zappos
 
 pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
@@ -40,23 +39,6 @@ RESULTS = 'runs/done/test_results.json'
 GOOD_RESULT = {'dataset': 'SynthFashion', 'model': 'ASENet', 'attributes': ['colour', 'pattern'],
                'mAP': {'colour': 0.5, 'pattern': 0.25}, 'MeanAP': 0.4}
 
-
-def snapshot_tree(root):
-    """test_bad_input.snapshot_tree, but a named pipe is recorded, not opened (that would block)."""
-    found = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = os.path.join(folder, name)
-            rel = os.path.relpath(path, root)
-            if os.path.islink(path):
-                found[rel] = 'link:' + os.readlink(path)
-            elif stat.S_ISFIFO(os.stat(path).st_mode):
-                found[rel] = 'fifo'
-            elif name.endswith('.log'):
-                found[rel] = open(path, 'rb').read()
-            elif name in files:
-                found[rel] = file_hash(path)
-    return found
 
 
 # ----------------------------------------------------------------------------- case set-ups
@@ -424,7 +406,7 @@ CASES = [
 @pytest.mark.parametrize('command, argv, setup, needles, code, allow', CASES)
 def test_bad_input(world, capsys, command, argv, setup, needles, code, allow):
     setup(world)
-    before = snapshot_tree(world.root)
+    before = tree_hashes(world.root, logs=True)
     try:
         result = command(argv)
     except SystemExit as exit_:             # argparse errors exit from parse_args
@@ -433,7 +415,7 @@ def test_bad_input(world, capsys, command, argv, setup, needles, code, allow):
     assert result == code, err
     assert_one_line_error(result, err, *needles)
     assert err.startswith('error: ')
-    assert_kept(before, snapshot_tree(world.root), allow)
+    assert_kept(before, tree_hashes(world.root, logs=True), allow)
     assert not temporary_files(world.root)
 
 
@@ -483,11 +465,11 @@ def test_commands_print_no_usage_block(workdir, capsys, command, args, needles):
 def test_a_named_pipe_does_not_hang(world, argv, setup, needles):
     """Opening a FIFO waits for a writer for ever: it must be refused before it is opened."""
     setup(world)
-    before = snapshot_tree(world.root)
+    before = tree_hashes(world.root, logs=True)
     code, err = run_script('asen.py', argv, world.root, timeout=240)
     assert code == 2
     assert_one_line_error(code, err, *needles)
-    assert_kept(before, snapshot_tree(world.root))
+    assert_kept(before, tree_hashes(world.root, logs=True))
 
 
 def test_large_images_load_once_allowed(tmp_path):

@@ -12,8 +12,8 @@ import torch
 import asen
 import utils
 from lib import engine, runfolder
-from test_bad_input import NEW, SHARED, TEST, snapshot_tree, temporary_files, world  # noqa: F401
-from helpers import assert_one_line_error
+from test_bad_input import NEW, SHARED, TEST, temporary_files, world  # noqa: F401
+from helpers import assert_one_line_error, tree_hashes
 
 pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
 
@@ -26,11 +26,11 @@ def skip_training(monkeypatch):
 
 def test_overwrite_moves_the_earlier_run_aside(world, monkeypatch, capsys):
     skip_training(monkeypatch)
-    before = {rel: digest for rel, digest in snapshot_tree(world.root).items() if rel.startswith('runs/shared/')}
+    before = {rel: digest for rel, digest in tree_hashes(world.root, logs=True).items() if rel.startswith('runs/shared/')}
     assert asen.main(NEW[:-1] + ['shared', '--overwrite']) == 0, capsys.readouterr().err
     aside = [name for name in os.listdir('runs') if name.startswith('shared.replaced-')]
     assert len(aside) == 1
-    after = snapshot_tree(world.root)
+    after = tree_hashes(world.root, logs=True)
     for rel, digest in before.items():                    # every earlier file, byte for byte, aside
         name = rel[len('runs/shared/'):]
         if name.endswith('.log') or name == '.lock':
