@@ -412,10 +412,17 @@ CASES = [
 @pytest.mark.slow                   # the table as a whole: about half a minute of in-process cases
 @pytest.mark.parametrize('argv, setup, needles, code, allow, absent', CASES)
 def test_bad_input(world, capsys, argv, setup, needles, code, allow, absent):
+    check_case(world, capsys, asen.main, argv, setup, needles, code, allow, absent)
+
+
+def check_case(world, capsys, command, argv, setup, needles, code, allow=(), absent=()):
+    """One case of a bad-input table: `command(argv)` in the world `setup` made gives exit `code`,
+    one `error:` line holding the `needles` (and none of `absent`), every file there before
+    unchanged (logs may grow; files named in `allow` may change) and no temporary file."""
     setup(world)
     before = tree_hashes(world.root, logs=True)
     try:
-        result = asen.main(argv)
+        result = command(argv)
     except SystemExit as exit_:             # argparse errors exit from parse_args
         result = exit_.code
     err = capsys.readouterr().err

@@ -24,8 +24,8 @@ import pretrain
 import synthfashion
 from lib import images
 from conftest import ROOT
-from test_bad_input import (BEST, NEW, RETRIEVE, SHARED, SYNTH, TEST, assert_kept, disk_full_on,  # noqa: F401
-                            link_or_copy, temporary_files, world)
+from test_bad_input import (BEST, NEW, RETRIEVE, SHARED, SYNTH, TEST, assert_kept, check_case, disk_full_on,  # noqa: F401
+                            link_or_copy, world)
 from helpers import assert_one_line_error, run_main, tree_hashes
 from test_zappos import TINY_ZAPPOS, build_zappos
 
@@ -405,18 +405,7 @@ CASES = [
 @pytest.mark.slow                   # the table as a whole: about a minute of in-process cases
 @pytest.mark.parametrize('command, argv, setup, needles, code, allow', CASES)
 def test_bad_input(world, capsys, command, argv, setup, needles, code, allow):
-    setup(world)
-    before = tree_hashes(world.root, logs=True)
-    try:
-        result = command(argv)
-    except SystemExit as exit_:             # argparse errors exit from parse_args
-        result = exit_.code
-    err = capsys.readouterr().err
-    assert result == code, err
-    assert_one_line_error(result, err, *needles)
-    assert err.startswith('error: ')
-    assert_kept(before, tree_hashes(world.root, logs=True), allow)
-    assert not temporary_files(world.root)
+    check_case(world, capsys, command, argv, setup, needles, code, allow)
 
 
 # ----------------------------------------------------------------------------- as real processes
