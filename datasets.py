@@ -70,11 +70,6 @@ def read_int_rows(path, pairs=False):
     return rows
 
 
-def load_meta(data_path, dataset):
-    """(ATTRIBUTES list, ATTRIBUTES_NUM list in that order) of `dataset`."""
-    return meta_entry(data_path, dataset)[:2]
-
-
 def meta_entry(data_path, dataset):
     """(ATTRIBUTES, ATTRIBUTES_NUM in that order, the meta.json they came from) of `dataset`."""
     candidates = [os.path.join(data_path, dataset, 'meta.json'), os.path.join(data_path, 'meta.json')]

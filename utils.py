@@ -28,13 +28,6 @@ class UserError(Exception):
     """A mistake in the user's input (flag, file, data): reported as one line, no traceback."""
 
 
-def check_positive(args, keys):
-    """A one-line error for the first flag of `keys` whose value is not positive."""
-    for key in keys:
-        if getattr(args, key) <= 0:
-            raise UserError(f"--{key} must be positive, got {getattr(args, key)}")
-
-
 # ----------------------------------------------------------------------------- metrics
 
 def _as_tensor(x):
