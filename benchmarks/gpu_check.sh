@@ -103,7 +103,7 @@ timeout --kill-after=5 $((200 * SCALE)) "$PY" benchmarks/authors_data.py "$DATA"
     --workers "$DATA_WORKERS" >"$OUT_DIR/authors_data.log" 2>&1 &
 DATA_PID=$!
 
-stage tests_cuda 150 "$PY" -m pytest -q tests/test_cuda.py
+stage tests_cuda 150 "$PY" -m pytest -q -o addopts= tests/test_cuda.py      # one process: no xdist there
 
 echo "== authors_data: waiting"
 wait "$DATA_PID"

@@ -1,7 +1,14 @@
 import os
 import sys
 
-import pytest
+# Under pytest-xdist (pytest.ini) each worker is a process of its own: each gets an equal share of
+# the cores for torch's threads, set before torch is imported so that the processes the tests
+# start inherit it too; workers that each used every core would oversubscribe them.
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+if 'PYTEST_XDIST_WORKER_COUNT' in os.environ and 'OMP_NUM_THREADS' not in os.environ:
+    os.environ['OMP_NUM_THREADS'] = str(max(1, CPUS // int(os.environ['PYTEST_XDIST_WORKER_COUNT'])))
+
+import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -80,3 +87,25 @@ def trained_copy(trained_run, tmp_path, monkeypatch):
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: a long end-to-end test (deselect with -m "not slow")')
+
+
+MAX_WORKERS = 4          # more: each worker makes the session's data and trained run again
+
+
+@pytest.hookimpl(optionalhook=True)             # a hook of pytest-xdist: none without it
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker a core, at most MAX_WORKERS."""
+    return min(CPUS, MAX_WORKERS)
+
+
+# The files that take longest (real processes, the bad-input tables), run first so that the
+# workers end together rather than one waiting on a long file started last.
+LONGEST_FIRST = ['test_preemption.py', 'test_distributed.py', 'test_bad_input_data.py', 'test_bad_input.py',
+                 'test_reproduce.py', 'test_robustness.py']
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = os.path.basename(str(item.path))
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+    items.sort(key=rank)                          # stable: the order within a file is kept

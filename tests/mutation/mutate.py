@@ -187,7 +187,7 @@ def restore(module, original, rebound):
 
 def run_tests(args):
     import pytest
-    argv = ['-x', '-q', '-p', 'no:cacheprovider', '-W', 'ignore'] + args.tests + (['-k', args.k] if args.k else [])
+    argv = ['-x', '-q', '-n', '0', '-p', 'no:cacheprovider', '-W', 'ignore'] + args.tests + (['-k', args.k] if args.k else [])
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return pytest.main(argv)
 

@@ -57,7 +57,7 @@ for name, f, old, new, test in D:
     if src.count(old) > 1: print("  (first of", src.count(old), ")")
     open(path, "w").write(src.replace(old, new, 1))
     try:
-        r = subprocess.run([PY, '-m', 'pytest', '-q', '-x', '-p', 'no:cacheprovider', f'tests/{test}.py'], cwd=ROOT,
+        r = subprocess.run([PY, '-m', 'pytest', '-q', '-x', '-n', '0', '-p', 'no:cacheprovider', f'tests/{test}.py'], cwd=ROOT,
                            capture_output=True, text=True)
     finally:
         open(path, 'w').write(src)
