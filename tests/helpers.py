@@ -126,21 +126,27 @@ def device_batches(sizes, size=64, device='cuda'):
 # ----------------------------------------------------------------------------- file hashes
 
 _HASHES = {}
+SETTLED_S = 2.0       # a file last written this long ago: a write now would give it a later mtime
 
 
 def file_hash(path):
-    """Content hash, memoised by inode and change time (hard-linked checkpoints are hashed once;
-    any write changes ctime, so a changed file is hashed again)."""
+    """Content hash, memoised by inode, size and modification time, so that the hard-linked
+    checkpoints of every private copy are hashed once (not by change time: each new hard link
+    changes it). Any write sets a new mtime, but only to the coarse clock's tick, so a file written
+    within the last SETTLED_S seconds is hashed every time and never memoised."""
     import hashlib
+    import time
     st = os.stat(path)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    if key not in _HASHES:
-        digest = hashlib.blake2b()
-        with open(path, 'rb') as f:
-            for block in iter(lambda: f.read(1 << 20), b''):
-                digest.update(block)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _HASHES:
+        return _HASHES[key]
+    digest = hashlib.blake2b()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    if time.time() - st.st_mtime > SETTLED_S:
         _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
+    return digest.hexdigest()
 
 
 def tree_hashes(root, logs=False):
