@@ -59,6 +59,29 @@ def assert_one_line_error(code, err, *needles):
         assert needle in err, (needle, err)
 
 
+def torchrun(args, cwd, ok=True, timeout=300):
+    """`python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS` with one thread a
+    process; `ok`: it must succeed."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0 or not ok, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def assert_same_run(straight, resumed):
+    """The run folder `resumed` (interrupted, then continued) ends as `straight`, run without a
+    stop, ended: same final weights, model_best and metrics.jsonl, bit for bit, and no step
+    snapshot left (it is stale once the last epoch is saved)."""
+    for name in ('checkpoint.pth.tar', 'model_best.pth.tar'):
+        want, got = load(straight / name), load(resumed / name)
+        assert want['epoch'] == got['epoch'] and want['best_prec'] == got['best_prec']
+        for key, value in want['state_dict'].items():
+            assert torch.equal(value, got['state_dict'][key]), (name, key)
+    assert (straight / 'metrics.jsonl').read_text() == (resumed / 'metrics.jsonl').read_text()
+    assert not (resumed / 'step.pth.tar').exists()
+
+
 # ----------------------------------------------------------------------------- private copies
 
 def link_or_copy(src, dst):

@@ -1,9 +1,8 @@
-"""torchrun with 2 CPU processes (gloo): training, one DDP step against one process, gathered evaluation."""
+"""torchrun with 2 CPU processes (gloo): training, one DDP step against one process, gathered evaluation,
+an elastic restart after a killed worker."""
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,28 +13,20 @@ from lib import runtime
 import ddp_step
 import model as models
 from conftest import ROOT, TINY
-from helpers import FAITHFUL, private_copy, tiny_tnet
+from helpers import FAITHFUL, assert_same_run, private_copy, tiny_tnet, torchrun
 from lib import commands, engine
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason='torch.distributed with gloo is not available')
 
-DDP_FLAGS = FAITHFUL + ['--workers', '0']        # and no DataLoader workers under torchrun
-
-
-def torchrun(args, cwd, ok=True, timeout=300):
-    """`python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS` with one thread a
-    process; `ok`: it must succeed."""
-    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0 or not ok, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+# No DataLoader workers under torchrun; 4 triplets a process and step: 12 a rank, 3 steps an epoch.
+# --checkpoint-every 1 and --resume auto: the uninterrupted run of the elastic-restart test.
+DDP_FLAGS = FAITHFUL + ['--workers', '0', '--batch-size', '4', '--checkpoint-every', '1', '--resume', 'auto']
 
 
 @pytest.fixture(scope='module')
 def ddp_run(tmp_path_factory, tiny_data):
-    """(working dir, torchrun process) of one tiny epoch trained by 2 processes."""
+    """(working dir, torchrun process) of one tiny epoch trained by 2 processes (runs/ddp)."""
     root = tmp_path_factory.mktemp('ddp')
     private_copy(tiny_data, root / 'data')                             # nothing to generate
     proc = torchrun([os.path.join(ROOT, 'asen.py'), *TINY, *DDP_FLAGS, '--epochs', '1', '--name', 'ddp'], root)
@@ -48,7 +39,7 @@ def test_torchrun_trains_evaluates_and_saves_once(ddp_run, monkeypatch):
     run = root / 'runs' / 'ddp'
     assert proc.stdout.count('Begin training on SynthFashion') == 1          # rank 0 alone logs
     assert proc.stdout.count('MeanAP: ') == 1
-    assert 'DistributedDataParallel: 2 processes (gloo), 8 triplets per process and step' in proc.stdout
+    assert 'DistributedDataParallel: 2 processes (gloo), 4 triplets per process and step' in proc.stdout
     assert 'Train Epoch: 1 [0/12]' in proc.stdout                           # 24 triplets, 12 a rank
     assert len((run / 'metrics.jsonl').read_text().splitlines()) == 1
     ckpt = torch.load(run / 'checkpoint.pth.tar', weights_only=True)
@@ -56,6 +47,21 @@ def test_torchrun_trains_evaluates_and_saves_once(ddp_run, monkeypatch):
     assert list(ckpt['state_dict']) == list(single.state_dict())            # the unwrapped layout
     monkeypatch.chdir(root)
     assert asen.main(['--test', '--resume', str(run / 'checkpoint.pth.tar'), '--name', 'single']) == 0
+
+
+@pytest.mark.slow
+def test_torchrun_restart_after_a_killed_worker_continues_to_the_same_weights(ddp_run, tmp_path, tiny_data):
+    """Rank 1 SIGKILLed after step 2 of 3 (tests/elastic_worker.py): torchrun --max-restarts 1
+    starts both ranks again, --resume auto continues from rank 0's step snapshot, and the run ends
+    as ddp_run's uninterrupted one."""
+    root, _ = ddp_run
+    private_copy(tiny_data, tmp_path / 'data')
+    marker = tmp_path / 'killed.marker'
+    proc = torchrun(['--max-restarts=1', os.path.join(ROOT, 'tests', 'elastic_worker.py'), '2', str(marker),
+                     *TINY, *DDP_FLAGS, '--epochs', '1', '--name', 'killed'], tmp_path)
+    assert marker.exists(), proc.stderr[-2000:]                       # the first attempt did die
+    assert "--resume auto: --resume runs/killed/step.pth.tar" in proc.stdout
+    assert_same_run(root / 'runs' / 'ddp', tmp_path / 'runs' / 'killed')
 
 
 @pytest.mark.slow

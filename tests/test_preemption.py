@@ -7,12 +7,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import asen
 from conftest import ROOT, TINY
 from lib import runtime
-from helpers import FAITHFUL, assert_one_line_error, load
+from helpers import FAITHFUL, assert_one_line_error, assert_same_run, load
 
 STEPS_PER_EPOCH = 3                                         # TINY: 24 triplets, batches of 8
 
@@ -51,18 +50,6 @@ def child(workdir, argv, at, signal_number, second=False):
     return subprocess.run([sys.executable, '-c', code], cwd=workdir, capture_output=True, text=True, timeout=300)
 
 
-def assert_same_run(workdir, straight, resumed):
-    """Same final weights, model_best and metrics.jsonl, bit for bit."""
-    a, b = workdir / 'runs' / straight, workdir / 'runs' / resumed
-    for name in ('checkpoint.pth.tar', 'model_best.pth.tar'):
-        want, got = load(a / name), load(b / name)
-        assert want['epoch'] == got['epoch'] and want['best_prec'] == got['best_prec']
-        for key, value in want['state_dict'].items():
-            assert torch.equal(value, got['state_dict'][key]), (name, key)
-    assert (a / 'metrics.jsonl').read_text() == (b / 'metrics.jsonl').read_text()
-    assert not (b / 'step.pth.tar').exists()                    # stale once the last epoch is saved
-
-
 def random_step(seed):
     """A step of the two epochs after the first, before the last (the first epoch's step 1 and the
     last step leave nothing to continue mid-epoch)."""
@@ -81,7 +68,7 @@ def test_sigkill_at_a_random_step_continues_to_the_same_weights(workdir):
     assert proc.returncode == -signal.SIGKILL, (at, proc.stderr[-2000:])
     assert (workdir / 'runs' / 'killed' / 'step.pth.tar').exists() or at % STEPS_PER_EPOCH == 1, at
     assert asen.main(args + ['--name', 'killed']) == 0, at
-    assert_same_run(workdir, 'straight', 'killed')
+    assert_same_run(workdir / 'runs' / 'straight', workdir / 'runs' / 'killed')
 
 
 @pytest.mark.slow
@@ -96,7 +83,7 @@ def test_asenpp_stage2_killed_continues_to_the_same_weights(workdir):
     proc = child(workdir, stage2 + first + ['--name', 'killed'], 2, signal.SIGKILL)       # of 3 steps
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert asen.main(stage2 + ['--resume', 'auto', '--name', 'killed']) == 0
-    assert_same_run(workdir, 'straight', 'killed')
+    assert_same_run(workdir / 'runs' / 'straight', workdir / 'runs' / 'killed')
 
 
 @pytest.fixture(scope='module')
@@ -131,7 +118,7 @@ def test_stop_signal_writes_a_step_snapshot_and_exits_75(straight_run, monkeypat
     assert step['epoch'] == 0 and step['step']['epoch'] == 1 and step['step']['batch'] == 2
     if signal_number == signal.SIGTERM:                            # it continues where it stopped
         assert asen.main(STOP_ARGS + ['--name', name]) == 0
-        assert_same_run(root, straight, name)
+        assert_same_run(root / 'runs' / straight, root / 'runs' / name)
 
 
 @pytest.mark.slow
@@ -155,25 +142,6 @@ def test_resume_auto_refuses_another_runs_snapshot(trained_run, monkeypatch, cap
     assert asen.main(['--name', 'shared', '--resume', 'auto', '--no-pretrained']) == 2    # FashionAI here
     assert '--dataset' in capsys.readouterr().err
     assert sorted(os.listdir(run)) == before
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
-                    reason='torch.distributed with gloo is not available')
-def test_torchrun_restart_after_a_killed_worker_continues_to_the_same_weights(tmp_path):
-    """2 processes (gloo), rank 1 SIGKILLed after step 2 of 3 (tests/elastic_worker.py): torchrun
-    --max-restarts 1 starts both again, --resume auto continues from rank 0's step snapshot, and
-    the run ends as an uninterrupted 2-process run."""
-    from test_distributed import torchrun
-    args = TINY + FAITHFUL + ['--workers', '0', '--batch-size', '4', '--epochs', '1', '--checkpoint-every', '1',
-                              '--resume', 'auto']                    # 12 triplets a rank: 3 steps
-    torchrun([os.path.join(ROOT, 'asen.py'), *args, '--name', 'straight'], tmp_path)
-    marker = tmp_path / 'killed.marker'
-    proc = torchrun(['--max-restarts=1', os.path.join(ROOT, 'tests', 'elastic_worker.py'), '2', str(marker),
-                     *args, '--name', 'killed'], tmp_path)
-    assert marker.exists(), proc.stderr[-2000:]                       # the first attempt did die
-    assert "--resume auto: --resume runs/killed/step.pth.tar" in proc.stdout
-    assert_same_run(tmp_path, 'straight', 'killed')
 
 
 def test_checkpoint_every_values(capsys):
