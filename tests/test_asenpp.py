@@ -199,6 +199,19 @@ def test_stage1_embedding_is_the_normalised_global_branch_and_its_attention():
     assert extras == {} and torch.allclose(trained, F.normalize(glob), atol=1e-6)
 
 
+def test_stage2_embedding_is_normalised_in_float32_under_bf16_autocast():
+    """The branches give bf16 under autocast; each half is normalised in float32, so its norm is
+    sqrt(beta) (global) and sqrt(1 - beta) (local) to float32's precision, not bf16's (~4e-3)."""
+    net = tiny_asenpp().eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        emb = net(images, torch.tensor([1, 3]))
+    assert emb.dtype == torch.float32
+    half = emb.shape[1] // 2
+    for part, norm in ((emb[:, :half], net.beta ** 0.5), (emb[:, half:], (1 - net.beta) ** 0.5)):
+        assert torch.allclose(part.norm(dim=1), torch.full((2,), norm), rtol=0, atol=1e-6)
+
+
 def test_param_groups_split_the_branches():
     net = tiny_asenpp()
     local, slow = net.param_groups(1e-5)
