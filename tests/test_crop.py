@@ -73,7 +73,8 @@ def test_resize_weights_are_pils():
     """The float weights resample a crop as PIL's bilinear resize does, up to its uint8 rounding."""
     rng = np.random.default_rng(4)
     img = theirs.random_image(rng, 45, 45)
-    for start, side, out in ((3, 37, 16), (0, 45, 45), (10, 7, 16), (2, 20, 20)):
+    # (5, 40, 10): a 4x downscale away from the edge, whose first window would reach before the box
+    for start, side, out in ((3, 37, 16), (0, 45, 45), (10, 7, 16), (2, 20, 20), (5, 40, 10)):
         w = crop.pil_bilinear_weights(torch.tensor([start]), torch.tensor([side]), out, 45)[0]
         pixels = torch.from_numpy(np.array(img)).permute(2, 0, 1).double()
         resized = w @ pixels @ w.T
