@@ -147,7 +147,7 @@ def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
                 logger.info(f'lr:{lr}')
                 schedule.restart()
                 if epoch < args.epochs and schedule.at_epoch_end():
-                    raise stopped(signals, f'after epoch {epoch}', os.path.join(run_dir, 'checkpoint.pth.tar'))
+                    raise stopped(signals, f'the end of epoch {epoch}', os.path.join(run_dir, 'checkpoint.pth.tar'))
         except KeyboardInterrupt:
             save_interrupted(tnet, optimizer, scheduler, scaler, best_prec, args, run_dir, epoch)
         finally:

@@ -1,6 +1,7 @@
 """A tiny SynthFashion run through the real entry point: train, test, resume, errors."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -9,6 +10,19 @@ import asen
 from conftest import TINY
 from helpers import load, run_main
 from lib import config, inputs
+
+
+def test_metrics_hold_the_epoch_means_the_log_shows(trained_run):
+    """metrics.jsonl's train_loss and train_acc (a percent) are the epoch's means, which the last
+    step's line shows as its running averages; the log ends with the training time."""
+    _, run = trained_run
+    metrics = json.loads((run / 'metrics.jsonl').read_text().splitlines()[-1])
+    log = (run / 'train.log').read_text().splitlines()
+    last_step = [line for line in log if 'Train Epoch: 1 [16/24]' in line][-1]      # 3 steps of 8
+    loss, acc = re.search(r'Loss: \S+ \((\S+)\).*Acc: \S+% \((\S+)%\)', last_step).groups()
+    assert metrics['train_loss'] == pytest.approx(float(loss), abs=5e-5)
+    assert metrics['train_acc'] == pytest.approx(float(acc), abs=5e-3)
+    assert log[-1].endswith(' - training time 0h 0min')                            # under a minute
 
 
 @pytest.mark.slow

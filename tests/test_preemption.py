@@ -10,8 +10,8 @@ import pytest
 
 import asen
 from conftest import ROOT, TINY
-from lib import runtime
-from helpers import FAITHFUL, assert_one_line_error, assert_same_run, load
+from lib import commands, runtime
+from helpers import FAITHFUL, assert_one_line_error, assert_same_run, load, run_main
 
 STEPS_PER_EPOCH = 3                                         # TINY: 24 triplets, batches of 8
 
@@ -130,6 +130,29 @@ def test_second_signal_exits_at_once_and_keeps_the_last_snapshot(workdir):
     run = workdir / 'runs' / 'twice'
     assert load(run / 'step.pth.tar')['step']['batch'] == 1          # step 1's, whole
     assert sorted(p.name for p in run.iterdir() if 'tmp' in p.name) == []
+
+
+def test_a_signal_during_evaluation_stops_after_the_epoch_not_after_the_last(tiny_data, workdir, monkeypatch,
+                                                                              capsys):
+    """SIGTERM while an epoch is evaluated (after its last step): the run stops once that epoch's
+    snapshot is saved (exit 75); in the last epoch nothing is left to continue, and the run ends."""
+    real_evaluate = commands.evaluate
+
+    def evaluate_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr(commands, 'evaluate', evaluate_then_signal)
+    # should training not handle SIGTERM, this handler keeps pytest alive (and the test fails)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        args = TINY + ['--data_path', str(tiny_data), '--epochs', '2', '--name', 'stop', '--resume', 'auto']
+        code, _, err = run_main(args, capsys)
+        assert_one_line_error(code, err, 'stopped by SIGTERM at the end of epoch 1', 'checkpoint.pth.tar')
+        assert code == 75 and load(workdir / 'runs/stop/checkpoint.pth.tar')['epoch'] == 1
+        assert run_main(args, capsys)[0] == 0                          # epoch 2, the last: it ends
+        assert load(workdir / 'runs/stop/checkpoint.pth.tar')['epoch'] == 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_resume_auto_refuses_another_runs_snapshot(trained_run, monkeypatch, capsys):
