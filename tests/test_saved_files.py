@@ -24,6 +24,18 @@ def skip_training(monkeypatch):
 
 # ----------------------------------------------------------------------------- --overwrite
 
+def test_without_overwrite_nothing_is_moved_aside(world, monkeypatch, capsys):
+    """A new run in a folder holding only an earlier run's curves and pictures (no snapshot, no
+    record: the guard lets it start) leaves them where they are; only --overwrite moves files."""
+    skip_training(monkeypatch)
+    extras = ['runs/new/heatmaps/epoch_1.png', 'runs/new/events.out.tfevents.1']
+    for rel in extras:
+        world.replace(rel, b'kept')
+    assert asen.main(NEW) == 0, capsys.readouterr().err
+    assert all(world.path(rel).read_bytes() == b'kept' for rel in extras)
+    assert not [p for p in os.listdir(world.root / 'runs') if '.replaced-' in p]
+
+
 def test_overwrite_moves_the_earlier_run_aside(world, monkeypatch, capsys):
     skip_training(monkeypatch)
     before = {rel: digest for rel, digest in tree_hashes(world.root, logs=True).items() if rel.startswith('runs/shared/')}
