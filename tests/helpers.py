@@ -1,11 +1,13 @@
 """What several test files share: loading a snapshot, running asen.py (as a real process or in this
 one), the one-line error check, the faithful flags, tiny networks and in-memory loaders, and
 private copies of shared folders. Fixtures live in conftest.py; plain functions here."""
+import hashlib
 import os
 import stat
 import shutil
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -157,8 +159,6 @@ def file_hash(path):
     checkpoints of every private copy are hashed once (not by change time: each new hard link
     changes it). Any write sets a new mtime, but only to the coarse clock's tick, so a file written
     within the last SETTLED_S seconds is hashed every time and never memoised."""
-    import hashlib
-    import time
     st = os.stat(path)
     key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key in _HASHES:
