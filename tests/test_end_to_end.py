@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import types
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 import asen
 from conftest import TINY
 from helpers import load, run_main
-from lib import config, inputs
+from lib import commands, config, inputs
 
 
 def test_metrics_hold_the_epoch_means_the_log_shows(trained_run):
@@ -23,6 +24,14 @@ def test_metrics_hold_the_epoch_means_the_log_shows(trained_run):
     assert metrics['train_loss'] == pytest.approx(float(loss), abs=5e-5)
     assert metrics['train_acc'] == pytest.approx(float(acc), abs=5e-3)
     assert log[-1].endswith(' - training time 0h 0min')                            # under a minute
+
+
+def test_training_time_is_logged_in_hours_and_minutes(tiny_data, workdir, monkeypatch, capsys):
+    """The run's last line: 3725 s of training (a stub clock) is 1 h 2 min."""
+    clock = iter([1000.0, 4725.0])                       # train's start, then its end
+    monkeypatch.setattr(commands, 'time', types.SimpleNamespace(time=lambda: next(clock)))
+    assert asen.main(TINY + ['--data_path', str(tiny_data), '--epochs', '1', '--name', 'clock']) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(' - training time 1h 2min')
 
 
 @pytest.mark.slow
