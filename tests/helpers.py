@@ -167,9 +167,10 @@ def file_hash(path):
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
             digest.update(block)
+    value = digest.hexdigest()
     if time.time() - st.st_mtime > SETTLED_S:
-        _HASHES[key] = digest.hexdigest()
-    return digest.hexdigest()
+        _HASHES[key] = value
+    return value
 
 
 def tree_hashes(root, logs=False):
