@@ -9,8 +9,11 @@
 A row is a list of asen.py flags: asen.py's defaults are the paper's recipe, so a row passes only
 what differs (--model, ASEN++'s --stage). Each row is trained once per seed as
 runs/<dataset>-<row>-s<seed>, then tested (`--test`, which writes test_results.json with the
-Random baseline); a run whose test_results.json exists is skipped, so an interrupted table
-continues (a run with a checkpoint but no test result resumes from its checkpoint). The collected
+Random baseline); a run whose test_results.json exists is skipped. Rows train with `--resume auto`,
+so the same command continues a table whatever state each row is in (not started, stopped before
+or after a snapshot, trained, tested). A stop signal to reproduce.py (SIGINT, SIGTERM, SIGUSR1) is
+passed to the running asen.py, which saves a snapshot; reproduce.py waits for it and exits with its
+status (75: requeue), and the same command continues the table. The collected
 table (runs/reproduce/<table>.md and .json) puts the paper's figures beside ours, with the
 difference, where a source for them was read; every figure names its source.
 """
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from datetime import datetime
@@ -29,6 +33,12 @@ from utils import UserError
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASEN = os.path.join(HERE, 'asen.py')
 LOGS = os.path.join('runs', 'reproduce')        # command logs and collected tables, beside the runs
+# asen.py's exit status for a run stopped by a signal after saving its snapshot (runtime.REQUEUE_EXIT,
+# not imported: that would load torch for a dry run); reproduce.py exits with it when stopped.
+REQUEUE_EXIT = 75
+STOP_SIGNALS = ('SIGINT', 'SIGTERM', 'SIGUSR1')
+# The snapshots `--resume auto` continues from (lib/runfolder.py's names).
+SNAPSHOTS = ('checkpoint.pth.tar', 'step.pth.tar')
 
 # ----------------------------------------------------------------------------- the recipes
 # A row: label (as in the paper), key (in the run name), flags (beyond asen.py's defaults, which
@@ -127,9 +137,11 @@ def plan(names, opts):
             for seed in opts.seeds:
                 run = run_name(dataset, row, seed)
                 train = ['--dataset', dataset, '--data_path', opts.data_path] + row['flags']
-                if row.get('resume'):
+                if row.get('resume'):       # started from stage 1's weights; continued by commands_for
                     first = run_name(dataset, row_by_key(table, row['resume']), seed)
                     train += ['--resume', os.path.join('runs', first, 'model_best.pth.tar')]
+                else:
+                    train += ['--resume', 'auto']
                 train += ['--seed', str(seed), '--name', run] + extra
                 test = ['--test', '--resume', os.path.join('runs', run, 'model_best.pth.tar'),
                         '--data_path', opts.data_path] + test_extra
@@ -138,27 +150,38 @@ def plan(names, opts):
 
 
 def state(run):
-    """'done' (test_results.json), 'trained' (trained by this script, untested), 'partial' (a
-    checkpoint of an interrupted training) or 'new'."""
-    if os.path.isfile(os.path.join('runs', run, tables.RESULTS)):
+    """'done' (test_results.json), 'trained' (trained by this script, untested), 'snapshot' (a
+    snapshot of a training to continue) or 'new' (nothing to continue: started, or started anew)."""
+    folder = os.path.join('runs', run)
+    if os.path.isfile(os.path.join(folder, tables.RESULTS)):
         return 'done'
-    if os.path.isfile(os.path.join(LOGS, f'{run}.trained')):
+    if os.path.isfile(os.path.join(LOGS, f'{run}.trained')) and \
+            os.path.isfile(os.path.join(folder, 'model_best.pth.tar')):
         return 'trained'
-    if os.path.isfile(os.path.join('runs', run, 'checkpoint.pth.tar')):
-        return 'partial'
+    if any(os.path.isfile(os.path.join(folder, name)) for name in SNAPSHOTS):
+        return 'snapshot'
     return 'new'
 
 
+def continued(train):
+    """The training argv with `--resume auto` in place of the file it started from (ASEN++ stage 2
+    starts from stage 1's model_best, then continues from its own snapshots)."""
+    at = train.index('--resume')
+    return train[:at + 1] + ['auto'] + train[at + 2:]
+
+
 def commands_for(step):
-    """The asen.py argv lists still to run for a step, by the run's state."""
+    """The asen.py argv lists still to run for a step, by the run's state. `--resume auto` starts a
+    run with no snapshot, continues one from its newest snapshot, and returns at once for one that
+    has finished (its .trained mark lost, say, when reproduce.py was killed as it finished)."""
     _, row, _, run, train, test = step
     now = state(run)
     if now == 'done':
         return []
     if now == 'trained':
         return [('test', test)]
-    if now == 'partial':       # continue the interrupted training from its own checkpoint
-        train = ['--resume', os.path.join('runs', run, 'checkpoint.pth.tar'), '--data_path', train[3]]
+    if now == 'snapshot' and row.get('resume'):
+        train = continued(train)
     return [('train', train), ('test', test)]
 
 
@@ -173,41 +196,147 @@ def last_error(log):
     return (errors or lines or [''])[-1]
 
 
-def run_asen(command, log):
-    """Run one asen.py command line, its output into the open file `log`; its exit status."""
-    return subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
+class Stopped(Exception):
+    """reproduce.py was asked to stop; .status is its exit status."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
+
+class PassOnSignals:
+    """While inside: a stop signal to reproduce.py (SIGINT, SIGTERM, SIGUSR1) is noted and passed
+    once to the running asen.py child, which finishes its step, saves a snapshot and exits 75;
+    reproduce.py waits for it, then stops. The child runs in a process group of its own (see
+    `start_child`), so a Ctrl-C to the terminal's group reaches it once, through here, not twice
+    (a second signal would stop it at once, without the snapshot)."""
+
+    def __init__(self):
+        self.signal_name, self.child, self.previous = None, None, {}
+
+    def __enter__(self):
+        for name in STOP_SIGNALS:
+            number = getattr(signal, name, None)
+            if number is not None:
+                self.previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number, frame):
+        self.signal_name = self.signal_name or signal.Signals(number).name
+        self.pass_on(number)
+
+    def pass_on(self, number):
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(number)
+
+    def started(self, child):
+        """Note the running child; a signal that came while it started is passed on now."""
+        self.child = child
+        if self.signal_name is not None:
+            self.pass_on(getattr(signal, self.signal_name))
+
+
+def child_setup(parent):
+    """What the child does before asen.py starts: a process group of its own (the terminal's Ctrl-C
+    goes to reproduce.py, which passes it on once) and, on Linux, a SIGTERM when reproduce.py dies
+    (SIGKILL, say): asen.py then saves its snapshot and exits rather than train on as an orphan."""
+    def setup():
+        os.setpgid(0, 0)
+        if sys.platform.startswith('linux'):
+            import ctypes
+            pr_set_pdeathsig = 1
+            ctypes.CDLL(None).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+            if os.getppid() != parent:                   # reproduce.py died before prctl took effect
+                os.kill(os.getpid(), signal.SIGTERM)
+    return setup
+
+
+def run_asen(command, log, signals):
+    """Run one asen.py command line, its output into the open file `log`, a stop signal passed on
+    to it (`signals`, a PassOnSignals); its exit status once it has ended."""
+    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=child_setup(os.getpid()))
+    signals.started(child)
+    try:
+        return child.wait()
+    finally:
+        signals.child = None
+
+
+def exit_status(rc):
+    """A child's exit status as a shell reports it: 128 + N for a child ended by signal N."""
+    return 128 - rc if rc < 0 else rc
+
+
+def stopped_for_the_signal(rc):
+    """Whether a child's status says it stopped for a stop signal: 75 once its snapshot is saved, or,
+    for a signal that came before asen.py handles them, 130 (Ctrl-C) or killed by the signal."""
+    return rc in (REQUEUE_EXIT, 130) or -rc in {int(getattr(signal, n)) for n in STOP_SIGNALS if hasattr(signal, n)}
 
 
 def execute(steps, dry_run):
-    """Run (or print) every command still to run; a failure raises a one-line UserError."""
-    done_seen = set()
-    for i, step in enumerate(steps, 1):
-        table, row, seed, run, _, _ = step
-        if run in done_seen:
-            continue
-        done_seen.add(run)
-        todo = commands_for(step)
-        if not todo:
-            print(f"# skip {run}: runs/{run}/{tables.RESULTS} exists")
-            continue
-        for kind, argv in todo:
-            command = asen_command(argv)
-            if dry_run:
-                print(shlex.join(command))
+    """Run (or print) every command still to run; a failure raises a one-line UserError, a stop
+    signal a Stopped once the running command has ended."""
+    with (PassOnSignals() if not dry_run else _no_signals()) as signals:
+        done_seen = set()
+        for step in steps:
+            table, row, seed, run, _, _ = step
+            if run in done_seen:
                 continue
-            os.makedirs(LOGS, exist_ok=True)
-            log = os.path.join(LOGS, f'{run}.{kind}.log')
-            print(f"[{datetime.now():%H:%M:%S}] {run}: {kind} (log {log})", flush=True)
-            with open(log, 'w') as f:
-                f.write(shlex.join(command) + '\n')
-                f.flush()
-                rc = run_asen(command, f)
-            if rc != 0:
-                why = last_error(log)
-                raise UserError(f"table {table}, row {row['label']} (seed {seed}, run {run}): {kind} failed "
-                                f"(exit {rc}{'; ' + why if why else ''}); see {log}")
-            if kind == 'train':
-                open(os.path.join(LOGS, f'{run}.trained'), 'w').close()
+            done_seen.add(run)
+            todo = commands_for(step)
+            if not todo:
+                print(f"# skip {run}: runs/{run}/{tables.RESULTS} exists")
+                continue
+            for kind, argv in todo:
+                command = asen_command(argv)
+                if dry_run:
+                    print(shlex.join(command))
+                    continue
+                check_not_stopped(signals, f"before {run}'s {kind}")
+                run_one(step, kind, command, signals)
+
+
+def run_one(step, kind, command, signals):
+    """One asen.py command of a step, its output in runs/reproduce/<run>.<kind>.log."""
+    table, row, seed, run, _, _ = step
+    os.makedirs(LOGS, exist_ok=True)
+    log = os.path.join(LOGS, f'{run}.{kind}.log')
+    print(f"[{datetime.now():%H:%M:%S}] {run}: {kind} (log {log})", flush=True)
+    with open(log, 'w') as f:
+        f.write(shlex.join(command) + '\n')
+        f.flush()
+        rc = run_asen(command, f, signals)
+    if rc == 0 and kind == 'train':
+        open(os.path.join(LOGS, f'{run}.trained'), 'w').close()
+    where = f"table {table}, row {row['label']} (seed {seed}, run {run})"
+    if signals.signal_name is not None and (rc == 0 or stopped_for_the_signal(rc)):
+        raise Stopped(f"stopped by {signals.signal_name} in {where}: asen.py {kind} "
+                      f"{'ended' if rc == 0 else f'exited {exit_status(rc)}'}; see {log}; rerun the same "
+                      f"command to continue (exit status {REQUEUE_EXIT}: requeue)", REQUEUE_EXIT)
+    if rc != 0:
+        why = last_error(log)
+        raise UserError(f"{where}: {kind} failed (exit {exit_status(rc)}{'; ' + why if why else ''}); see {log}")
+
+
+def check_not_stopped(signals, where):
+    if signals.signal_name is not None:
+        raise Stopped(f"stopped by {signals.signal_name} {where}; rerun the same command to continue (exit "
+                      f"status {REQUEUE_EXIT}: requeue)", REQUEUE_EXIT)
+
+
+class _no_signals:
+    """A dry run's stand-in for PassOnSignals: nothing is started, nothing to pass on."""
+    signal_name = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
 
 
 # ----------------------------------------------------------------------------- the collected table
@@ -280,6 +409,35 @@ def collect(names, steps):
             f.write(text + '\n')
         with open(os.path.join(LOGS, f'{name}.json'), 'w') as f:
             json.dump(data, f, indent=1, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- checking the flags first
+
+def check_flags(opts, steps):
+    """What asen.py would refuse, refused here in one line before any command runs or is printed:
+    each --seeds value, then each command's flags (--extra's and --test-extra's among them) by
+    asen.py's own parser and checks, those that need no file."""
+    import asen
+    from lib import config
+    seed_test, allowed = next((test, allowed) for dest, test, allowed in config.FLAG_RANGES if dest == 'seed')
+    for seed in opts.seeds:
+        utils.check_range('--seeds', seed, allowed, seed_test(seed))
+    parser = asen.get_args_parser()
+    checked = set()
+    for table, row, seed, run, train, test in steps:
+        for kind, argv, origin in (('train', train, '--extra'), ('test', test, '--test-extra')):
+            if tuple(argv) in checked:
+                continue
+            checked.add(tuple(argv))
+            where = f"asen.py would refuse the {kind} command of table {table}, row {row['label']} (seed {seed})"
+
+            def refuse(message, where=where, origin=origin):
+                raise UserError(f"{where}: {message} (check {origin})")
+            parser.error = refuse
+            try:
+                config.check_values(vars(parser.parse_args(argv)), config.given_flags(parser, argv))
+            except UserError as err:
+                raise UserError(str(err) if str(err).startswith(where) else f"{where}: {err} (check {origin})")
 
 
 # ----------------------------------------------------------------------------- what a table costs
@@ -369,6 +527,7 @@ def main(argv=None):
         shlex.split(opts.extra)
         shlex.split(opts.test_extra)
         steps = plan(names, opts)
+        check_flags(opts, steps)
         if opts.cost or opts.dry_run:
             if opts.dry_run:
                 execute(steps, dry_run=True)
@@ -383,6 +542,9 @@ def main(argv=None):
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except Stopped as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        return stop.status
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); rerun the same command to continue", file=sys.stderr)
         return 130

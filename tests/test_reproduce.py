@@ -52,13 +52,13 @@ def test_dry_run_prints_the_exact_commands(workdir, capsys):
     for key, model in (('triplet', 'TripletNet'), ('csn', 'ConditionalSimNet'), ('asen', 'ASENet')):
         for seed in (1, 2):
             run = f'deepfashion-{key}-s{seed}'
-            expected += [asen_line('--dataset', 'DeepFashion', '--data_path', 'D', '--model', model, '--seed',
-                                   str(seed), '--name', run, '--workers', '2'),
+            expected += [asen_line('--dataset', 'DeepFashion', '--data_path', 'D', '--model', model, '--resume',
+                                   'auto', '--seed', str(seed), '--name', run, '--workers', '2'),
                          asen_line('--test', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
     for seed in (1, 2):
         run = f'fashionai-asenpp1-s{seed}'
         expected += [asen_line('--dataset', 'FashionAI', '--data_path', 'D', '--model', 'ASENpp', '--stage', '1',
-                               '--seed', str(seed), '--name', run, '--workers', '2'),
+                               '--resume', 'auto', '--seed', str(seed), '--name', run, '--workers', '2'),
                      asen_line('--test', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
     for seed in (1, 2):
         run = f'fashionai-asenpp2-s{seed}'
@@ -77,18 +77,40 @@ def test_a_run_shared_by_two_tables_is_listed_once(workdir, capsys):
 
 
 def test_rows_with_results_are_skipped_and_interrupted_ones_continue(workdir, capsys):
+    """Each state a row can be in: tested (skipped), trained (tested only), stopped with a step or
+    an epoch snapshot or before any (the same training command, which --resume auto continues or
+    starts), an ASEN++ stage 2 with a snapshot (its own, not stage 1's)."""
     fake_result(workdir, 'darn-triplet-s1', 'TripletNet', [1, 2, 3, 4, 5])
-    (workdir / 'runs' / 'reproduce').mkdir()
-    (workdir / 'runs' / 'reproduce' / 'darn-csn-s1.trained').touch()          # trained, not tested
-    (workdir / 'runs' / 'darn-asen-s1').mkdir()
-    (workdir / 'runs' / 'darn-asen-s1' / 'checkpoint.pth.tar').touch()        # interrupted training
-    assert reproduce.main(['darn', '--dry-run', '--data-path', 'D']) == 0
+    runs, logs = workdir / 'runs', workdir / 'runs' / 'reproduce'
+    logs.mkdir()
+    (logs / 'darn-csn-s1.trained').touch()                                    # trained, not tested
+    (runs / 'darn-csn-s1').mkdir()
+    (runs / 'darn-csn-s1' / 'model_best.pth.tar').touch()
+    (runs / 'darn-asen-s1').mkdir()
+    (runs / 'darn-asen-s1' / 'step.pth.tar').touch()                          # stopped in epoch 1
+    (runs / 'fashionai-asenpp2-s1').mkdir()
+    (runs / 'fashionai-asenpp2-s1' / 'checkpoint.pth.tar').touch()            # stage 2, stopped
+    assert reproduce.main(['darn', 'asenpp-fashionai', '--dry-run', '--data-path', 'D']) == 0
     out = capsys.readouterr().out
     assert '# skip darn-triplet-s1: runs/darn-triplet-s1/test_results.json exists' in out
+
+    def test(run):
+        return asen_line('--test', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')
     assert commands(out) == [
-        asen_line('--test', '--resume', 'runs/darn-csn-s1/model_best.pth.tar', '--data_path', 'D'),
-        asen_line('--resume', 'runs/darn-asen-s1/checkpoint.pth.tar', '--data_path', 'D'),
-        asen_line('--test', '--resume', 'runs/darn-asen-s1/model_best.pth.tar', '--data_path', 'D')]
+        test('darn-csn-s1'),
+        asen_line('--dataset', 'DARN', '--data_path', 'D', '--model', 'ASENet', '--resume', 'auto', '--seed', '1',
+                  '--name', 'darn-asen-s1'),
+        test('darn-asen-s1'),
+        asen_line('--dataset', 'FashionAI', '--data_path', 'D', '--model', 'ASENpp', '--stage', '1', '--resume',
+                  'auto', '--seed', '1', '--name', 'fashionai-asenpp1-s1'),
+        test('fashionai-asenpp1-s1'),
+        asen_line('--dataset', 'FashionAI', '--data_path', 'D', '--model', 'ASENpp', '--stage', '2', '--resume',
+                  'auto', '--seed', '1', '--name', 'fashionai-asenpp2-s1'),
+        test('fashionai-asenpp2-s1')]
+    # a .trained mark whose run folder has lost its model_best: trained again (--resume auto)
+    (runs / 'darn-csn-s1' / 'model_best.pth.tar').unlink()
+    assert reproduce.main(['darn', '--dry-run', '--data-path', 'D']) == 0
+    assert '--name darn-csn-s1' in commands(capsys.readouterr().out)[0]
 
 
 @pytest.mark.slow
@@ -125,11 +147,13 @@ def test_one_row_end_to_end_beside_finished_rows(workdir, capsys, in_process):
 
 @pytest.mark.slow                   # real asen.py processes
 def test_a_failing_row_is_one_error_line_naming_row_and_log(workdir, capsys):
-    assert reproduce.main(['darn', '--dataset', 'SynthFashion', '--extra', '--batch-size 0']) == 1
+    """A failure only the run meets (the flags pass the up-front check): --data-path is a file."""
+    (workdir / 'notafolder').touch()
+    assert reproduce.main(['darn', '--dataset', 'SynthFashion', '--data-path', 'notafolder']) == 1
     err = capsys.readouterr().err
     log = os.path.join('runs', 'reproduce', 'synthfashion-triplet-s1.train.log')
     assert err.count('\n') == 1 and err.startswith('error: table darn, row Triplet (seed 1')
-    assert f'see {log}' in err and 'batch' in err                     # asen.py's own error line
+    assert f'see {log}' in err and '--data_path notafolder is a file' in err      # asen.py's own error line
     assert (workdir / log).read_text().startswith(sys.executable)      # the log starts with its command
 
 
@@ -146,6 +170,22 @@ def test_bad_flags_are_one_line(workdir, capsys):
     assert capsys.readouterr().err.count('\n') == 1
     assert reproduce.main(['darn', '--cost', '--rates', 'nowhere']) == 1
     assert 'nowhere' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('flags, needles', [
+    (['--seeds', '1', '-1'], ['error: --seeds -1: must be a whole number from 0']),
+    (['--extra', '--batch-size 0'], ['train command of table darn, row Triplet (seed 1)', '--batch-size 0',
+                                     '(check --extra)']),
+    (['--extra=--no-such-flag'], ['train command', 'unrecognized arguments: --no-such-flag', '(check --extra)']),
+    (['--test-extra', '--topk 0'], ['test command', '--topk 0', '(check --test-extra)']),
+], ids=['seeds', 'extra-range', 'extra-unknown', 'test-extra'])
+def test_flags_asen_would_refuse_are_refused_before_anything_runs(workdir, capsys, flags, needles):
+    """A dry run prints no command asen.py would refuse; a real run starts none: one line."""
+    for mode in (['--dry-run'], []):
+        assert reproduce.main(['darn'] + mode + flags) == 1
+        out, err = capsys.readouterr()
+        assert err.count('\n') == 1 and all(n in err for n in needles), err
+        assert commands(out) == [] and not (workdir / 'runs').exists()
 
 
 def fake_fashionai(root, queries=10, candidates=30, train=100):
