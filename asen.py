@@ -236,6 +236,7 @@ def resolve_configuration(argv=None):
         original = checkpoints.adopt_original(checkpoint, draft.resume)
         if original is not None:
             config.adopt_original_settings(draft, original, f"--resume {draft.resume} (the authors' layout)")
+        config.name_after_checkpoint(draft, f'--resume {draft.resume} (a file outside runs/)')
     starts_stage2 = asenpp.prepare(draft, checkpoint, original, config.is_training(draft))
     config.derive(draft, checkpoint, starts_stage2)
     return Resolved(draft.freeze(from_checkpoint, draft.resume, config.flag_kinds(parser)), checkpoint, starts_stage2, draft.describe(),

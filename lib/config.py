@@ -342,6 +342,43 @@ def derive(draft, checkpoint, starts_stage2):
                             f"to evaluate it")
 
 
+# File names of the project's own snapshots: a copy of one outside runs/ says nothing of its model by
+# its name alone, so the folder that holds it names its results too.
+SNAPSHOT_STEMS = ('checkpoint', 'model_best', 'step', 'interrupted')
+CHECKPOINT_SUFFIXES = ('.pth.tar', '.pth', '.pt', '.tar', '.ckpt')
+
+
+def checkpoint_run_name(path):
+    """The run folder name of a checkpoint file outside runs/: its file name less the extension
+    (their_asen.pth.tar -> their_asen); for a file named as our snapshots are, its folder's name
+    first (downloads/fashionai/model_best.pth.tar -> fashionai-model_best)."""
+    base = os.path.basename(os.path.normpath(path))
+    stem = next((base[:-len(s)] for s in CHECKPOINT_SUFFIXES if base.endswith(s) and len(base) > len(s)), base)
+    if stem in SNAPSHOT_STEMS:
+        folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+        stem = f'{folder}-{stem}' if folder not in ('', '.', '..') else stem
+    return stem
+
+
+def name_after_checkpoint(draft, step):
+    """--test, --visualize or --retrieve of a file outside runs/ with no --name: its results go to
+    runs/<checkpoint_run_name>/, so that each tested file keeps its own (the name the file was saved
+    under would put two files of one run, or every authors' file, in one folder). A file in a run
+    folder (runs/<name>/, this one's or another working directory's) keeps its run's name; a training
+    run keeps the name it resumes."""
+    if 'name' in draft.explicit or is_training(draft) or not draft.resume or draft.resume == AUTO_RESUME:
+        return
+    if in_a_run_folder(draft.resume):
+        return
+    draft.set('name', checkpoint_run_name(draft.resume), step)
+
+
+def in_a_run_folder(path):
+    """Whether file `path` lies in runs/<name>/ (of any working directory)."""
+    run_folder = os.path.dirname(os.path.abspath(path))
+    return os.path.basename(os.path.dirname(run_folder)) == 'runs'
+
+
 def checkpoint_interval(text):
     """--checkpoint-every's value: N (steps), Nm (minutes) or 0 (off), kept as given; see
     `parse_interval`. Raises ValueError (argparse's one line) for anything else."""
