@@ -232,12 +232,23 @@ class PassOnSignals:
     def pass_on(self, number):
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(number)
+            say(f"[{datetime.now():%H:%M:%S}] {signal.Signals(number).name} passed on to asen.py (pid "
+                f"{self.child.pid}); waiting for it to save its snapshot")
 
     def started(self, child):
         """Note the running child; a signal that came while it started is passed on now."""
         self.child = child
         if self.signal_name is not None:
             self.pass_on(getattr(signal, self.signal_name))
+
+
+def say(line):
+    """A line on stdout from a signal handler: os.write, as the handler may run while the main thread
+    is inside print; a stdout that is gone (or not a file, under a test's capture) is let be."""
+    try:
+        os.write(sys.stdout.fileno(), (line + '\n').encode())
+    except (OSError, ValueError):
+        pass
 
 
 def child_setup(parent):
