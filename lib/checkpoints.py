@@ -132,12 +132,13 @@ def progress(checkpoint):
 def newest_snapshot(run_dir):
     """(path, loaded snapshot) of the most advanced complete snapshot of runs/<name>/
     (checkpoint.pth.tar or step.pth.tar), or None when there is none. Both are written whole or not
-    at all, so any file present is complete."""
+    at all, so any file present is complete; each is checked whole (`validate`) before it is read."""
     found = []
     for name in ('checkpoint.pth.tar', STEP_SNAPSHOT):
         path = os.path.join(run_dir, name)
         if os.path.isfile(path):
             checkpoint = load(path)
+            validate(checkpoint, path)
             found.append((progress(checkpoint), path, checkpoint))
     if not found:
         return None
