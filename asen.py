@@ -336,10 +336,19 @@ def log_invocation(resolved, run_dir, logger):
 def main(argv=None):
     """The command line; every user mistake and machine failure is one `error:` line."""
     def work():
-        runtime.check_torch_version()
-        resolved = resolve_configuration(argv)
-        with runtime.distributed_session(resolved.args.no_cuda, resolved.args.sync_bn):
-            run(resolved)
+        # the stop signals from the first moment, before any file is written: a stop before the
+        # first snapshot exits 75 too, and the same command starts the run (runtime.StopSignals)
+        with runtime.StopSignals() as signals:
+            try:
+                runtime.check_torch_version()
+                resolved = resolve_configuration(argv)
+                with runtime.distributed_session(resolved.args.no_cuda, resolved.args.sync_bn):
+                    run(resolved)
+            except (UserError, KeyboardInterrupt, OSError) as err:
+                if signals.requested and not isinstance(err, runtime.Stopped):
+                    # what the signal broke on its way (a read wrapped in its own error line)
+                    raise signals.stopped_outside_training() from err
+                raise
     return utils.run_command(work)
 
 
