@@ -153,7 +153,8 @@ def get_args_parser():
                      help='checkpoint to resume training from or to test; every flag not given is taken from '
                           'it, --name (so the run folder runs/<name>/ it writes to) and --data_path included. '
                           '"auto": continue from the newest complete snapshot in runs/<name>/ (step or epoch), '
-                          'or start the run when there is none; a snapshot of other settings is refused. A '
+                          'or start the run when there is none, or return at once (exit 0) when it has finished; a '
+                          'snapshot of other settings is refused (docs/reliability.md: one run a folder). A '
                           'run stopped by SIGTERM, SIGUSR1 or Ctrl-C finishes its step, writes a step snapshot '
                           'and exits with status 75 (requeue); see docs/preemption.md')
     run.add_argument('--checkpoint-every', '--checkpoint_every', dest='checkpoint_every', default='5m',
@@ -210,6 +211,7 @@ class Resolved(NamedTuple):
     starts_stage2: bool        # ASENpp stage 2 starting from the weights of a stage-1 checkpoint
     notes: list                # one line per resolution step that changed flags not given
     original: dict = None      # what an authors' checkpoint's keys told of its network, else None
+    finished: str = None       # --resume auto of a finished run: the line to say, and nothing to do
 
 
 def resolve_configuration(argv=None):
@@ -227,7 +229,9 @@ def resolve_configuration(argv=None):
         draft.apply(asenpp.stage_defaults(draft.stage or 1, preset), f'ASEN++ stage {draft.stage or 1} defaults')
     checkpoint, from_checkpoint, original = None, set(), None
     if draft.resume == config.AUTO_RESUME:
-        checkpoint = continuation(draft)
+        checkpoint, finished = continuation(draft)
+        if finished:                                    # a requeue of a finished run: nothing to do
+            return Resolved(draft.freeze(), None, False, [], finished=finished)
     elif draft.resume:
         checkpoint = checkpoints.load(draft.resume)
     if checkpoint is not None:
@@ -244,19 +248,22 @@ def resolve_configuration(argv=None):
 
 
 def continuation(draft):
-    """--resume auto: the newest complete snapshot of runs/<name>/ (loaded), its path now --resume;
-    or None, and no --resume, when the folder holds none (the run starts)."""
-    if not config.is_training(draft):
-        raise UserError("--resume auto continues a training run; give a checkpoint file to --test, "
-                        "--visualize or --retrieve")
-    found = checkpoints.newest_snapshot(os.path.join('runs', draft.name))
+    """--resume auto (the rule of lib/runfolder.py): (the newest complete snapshot of runs/<name>/,
+    loaded and now --resume; None) to continue it, (None, None) with no --resume when the folder holds
+    none (the run starts), or (the snapshot, the line to say) when the run already finished."""
+    config.check_auto_resume(draft)
+    run_dir = os.path.join('runs', draft.name)
+    found = checkpoints.newest_snapshot(run_dir)
     if found is None:
         draft.set('resume', None, '--resume auto (no snapshot yet: a new run)')
-        return None
+        return None, None
     path, checkpoint = found
-    config.check_continuation(draft, checkpoint.get('args'), path)
+    runfolder.check_same_run(draft, checkpoint.get('args'), path, run_dir, prefix='--resume auto: ')
     draft.set('resume', path, '--resume auto')
-    return checkpoint
+    epoch, steps = checkpoints.progress(checkpoint)
+    if steps == 0 and epoch >= draft.epochs:
+        return checkpoint, runfolder.finished_line(run_dir, path, epoch, draft.epochs)
+    return checkpoint, None
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -267,6 +274,10 @@ def run(resolved):
     args = resolved.args
     if args.collect:
         return tables.collect(args.collect, args.collect_out, args.collect_by)
+    if resolved.finished:                   # the run folder is not touched: no lock, no log line
+        if is_main_process():
+            print(resolved.finished)
+        return None
     if args.allow_large_images:
         images.allow_large_images(True)
     device = runtime.resolve_device(args.no_cuda)
@@ -274,7 +285,7 @@ def run(resolved):
     utils.seed_everything(args.seed)
     run_dir = os.path.join('runs', args.name)
     training = config.is_training(args)
-    with runfolder.prepare(run_dir, args, training, device):
+    with runfolder.prepare(run_dir, args, training, device, resolved.checkpoint):
         return dispatch(resolved, run_dir, device)
 
 
@@ -326,10 +337,19 @@ def log_invocation(resolved, run_dir, logger):
 def main(argv=None):
     """The command line; every user mistake and machine failure is one `error:` line."""
     def work():
-        runtime.check_torch_version()
-        resolved = resolve_configuration(argv)
-        with runtime.distributed_session(resolved.args.no_cuda, resolved.args.sync_bn):
-            run(resolved)
+        # the stop signals from the first moment, before any file is written: a stop before the
+        # first snapshot exits 75 too, and the same command starts the run (runtime.StopSignals)
+        with runtime.StopSignals() as signals:
+            try:
+                runtime.check_torch_version()
+                resolved = resolve_configuration(argv)
+                with runtime.distributed_session(resolved.args.no_cuda, resolved.args.sync_bn):
+                    run(resolved)
+            except (UserError, KeyboardInterrupt, OSError) as err:
+                if signals.requested and not isinstance(err, runtime.Stopped):
+                    # what the signal broke on its way (a read wrapped in its own error line)
+                    raise signals.stopped_outside_training() from err
+                raise
     return utils.run_command(work)
 
 

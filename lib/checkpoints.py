@@ -73,6 +73,11 @@ def restore_training_state(checkpoint, optimizer, scheduler, scaler):
         return 0.0
     from lib import runtime
     runtime.load_optimizer_state(optimizer, checkpoint['optimizer'])
+    if checkpoint['optimizer'].get('state'):
+        # the optimiser has stepped, in the process that saved it: PyTorch's check that the schedule
+        # steps after the optimiser only sees this process, and warns ("lr_scheduler.step() before
+        # optimizer.step()") when a resumed epoch ends before its first step (a stop at its last)
+        optimizer._opt_called = True
     scheduler.load_state_dict(checkpoint['scheduler'])
     scaler.load_state_dict(checkpoint['scaler'])
     utils.set_rng_state(checkpoint['rng'])
@@ -132,12 +137,13 @@ def progress(checkpoint):
 def newest_snapshot(run_dir):
     """(path, loaded snapshot) of the most advanced complete snapshot of runs/<name>/
     (checkpoint.pth.tar or step.pth.tar), or None when there is none. Both are written whole or not
-    at all, so any file present is complete."""
+    at all, so any file present is complete; each is checked whole (`validate`) before it is read."""
     found = []
     for name in ('checkpoint.pth.tar', STEP_SNAPSHOT):
         path = os.path.join(run_dir, name)
         if os.path.isfile(path):
             checkpoint = load(path)
+            validate(checkpoint, path)
             found.append((progress(checkpoint), path, checkpoint))
     if not found:
         return None

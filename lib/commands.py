@@ -99,7 +99,7 @@ def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
     writer = RunWriter(run_dir) if is_main_process() else runtime.NullWriter()
     logger.info(f'Begin training on {args.dataset} dataset.')
     start, epoch = time.time(), args.start_epoch
-    with runtime.StopSignals() as signals:
+    with runtime.stop_signals_deferred() as signals:
         schedule = engine.SnapshotSchedule(args.checkpoint_every, signals, device)
         try:
             for epoch in range(args.start_epoch, args.epochs + 1):

@@ -400,22 +400,33 @@ def parse_interval(text):
     return (steps or None), None
 
 
-def check_continuation(draft, saved, path):
-    """`--resume auto` found `path` in the run folder: it must be a snapshot of the run this command
-    starts, so each setting that shapes the weights must be the snapshot's. One line names the first
-    that differs."""
-    if not isinstance(saved, dict):
-        raise UserError(f"--resume auto: {path} holds no settings ('args'); it is not a snapshot of this run; "
-                        f"move it away or choose another --name")
-    first = ('dataset', 'model', 'stage', 'backbone')          # what tells runs apart most plainly
-    for key, value in sorted(saved.items(), key=lambda item: (item[0] not in first, first.index(item[0])
-                                                                if item[0] in first else 0, item[0])):
-        if key in CONTINUATION_MAY_CHANGE or key not in vars(draft):
+# What tells runs apart most plainly: named first when several settings differ.
+IDENTITY_FIRST = ('dataset', 'model', 'stage', 'backbone')
+
+
+def first_difference(settings, saved):
+    """(flag, saved value, this value) of the first setting that shapes the weights (not in
+    CONTINUATION_MAY_CHANGE) where `settings` (a Config or Draft) differs from the `saved` flags of a
+    run (a snapshot's 'args', args.json), or None when they describe the same run."""
+    def order(key):
+        return (key not in IDENTITY_FIRST, IDENTITY_FIRST.index(key) if key in IDENTITY_FIRST else 0, key)
+    for key in sorted((k for k in saved if isinstance(k, str)), key=order):
+        if key in CONTINUATION_MAY_CHANGE or key not in vars(settings):
             continue
-        if getattr(draft, key) != value:
-            raise UserError(f"--resume auto: {path} is a snapshot of another run: its {flag_name(key)} is "
-                            f"{value!r}, this command's is {getattr(draft, key)!r}; give the same settings, "
-                            f"or choose another --name")
+        if getattr(settings, key) != saved[key]:
+            return key, saved[key], getattr(settings, key)
+    return None
+
+
+def check_auto_resume(draft):
+    """--resume auto continues the run of runs/<name>/: a training run, and not with --overwrite,
+    which would move that run aside."""
+    if not is_training(draft):
+        raise UserError("--resume auto continues a training run; give a checkpoint file to --test, "
+                        "--visualize or --retrieve")
+    if draft.overwrite:
+        raise UserError("--overwrite with --resume auto: --resume auto continues the run in runs/<name>/, "
+                        "--overwrite would move it aside and start anew; drop one of them")
 
 
 def from_flags(argv):

@@ -115,6 +115,7 @@ class _BatchTasks(torch.utils.data.Sampler):
 
     def __init__(self, dataset, batch_size, workers):
         self.dataset, self.batch_size, self.streams = dataset, batch_size, max(workers, 1)
+        self.in_process = workers == 0          # the flips are drawn from this process's generator
         self.pass_number, self.base_seed, self.first_batch = 0, None, 0
 
     def begin_pass(self, base_seed, first_batch=0):
@@ -133,6 +134,12 @@ class _BatchTasks(torch.utils.data.Sampler):
             # the first batch of each stream in this pass replays that stream's skipped draws
             skip = skipped.pop(stream, 0)
             yield _Task(self.pass_number, self.base_seed, slices[index], stream, skip)
+        if self.in_process:
+            # a pass resumed after its last batch (a stop at an epoch's last step) has no batch to
+            # replay the draws on: this process's generator must still end the pass where an
+            # uninterrupted one leaves it (the next epoch's flips and seeds are drawn from it)
+            for _ in range(sum(skipped.values())):
+                torch.rand(1)
 
     def _draws_skipped(self, slices):
         """{stream: random draws its batches before `first_batch` took} (nothing from a pass's start)."""

@@ -1,13 +1,32 @@
 """The run folder runs/<name>/ and the one rule for what is saved in it.
 
-The invariant (docs/reliability.md): a command changes a run folder's snapshots, metrics.jsonl,
-args.json or test_results.json only by adding what it produced, or by replacing them with a complete
-newer version of the same run. Every command that writes there goes through `prepare` first:
+THE RULE. A run folder holds one run, identified by the settings that shape its weights (every flag
+but those in config.CONTINUATION_MAY_CHANGE: --epochs may grow, and the flags of an invocation,
+--workers, --data_path, --checkpoint-every, ..., may change). The same command line may always:
 
-  training   the folder is locked; a new run refuses a folder holding an earlier run's files
-             unless --overwrite, which moves them aside (`set_aside_previous_run`, never a delete);
-             a --resume of a snapshot older than the folder's newest epoch is refused; temporary
-             files a killed save left behind are removed
+  start it      when the folder holds no snapshot yet, even if an earlier attempt left args.json
+                (of the same run) and train.log: nothing is lost, the run starts from its beginning;
+  continue it   (--resume auto) from its newest complete snapshot, step or epoch, bit-identically;
+  return        at once, exit 0 and one line, when the run has already finished its --epochs
+                (`finished`); nothing in the folder is touched.
+
+A command of another run's settings is refused with one line naming the first setting that differs
+(`check_same_run`): for --resume auto against the snapshot it found, and for any training command
+against the folder's args.json and, for an explicit --resume of a snapshot of this folder, against
+that snapshot's saved settings (so --resume FILE --dataset OTHER cannot mix two datasets in one
+metrics.jsonl). An explicit --resume of a file of another folder starts a new run from its weights
+in this one. --overwrite (move the earlier run aside, start anew) contradicts --resume auto
+(continue it): the two together are refused.
+
+The invariant it serves (docs/reliability.md): a command changes a run folder's snapshots,
+metrics.jsonl, args.json or test_results.json only by adding what it produced, or by replacing
+them with a complete newer version of the same run. Every command that writes there goes through
+`prepare` first:
+
+  training   the folder is locked; the rule above; a new run refuses a folder holding an earlier
+             run's snapshots or records unless --overwrite, which moves them aside
+             (`set_aside_previous_run`, never a delete); a --resume of a snapshot older than the
+             folder's newest epoch is refused; temporary files a killed save left behind are removed
   --test     test_results.json is replaced only by a test of the same checkpoint or of a snapshot
              of this folder (--overwrite moves the earlier file aside)
   --visualize, --retrieve   add images of their own; they only need a writable folder
@@ -25,7 +44,7 @@ import tempfile
 import time
 
 import utils
-from lib import runtime
+from lib import config, runtime
 from utils import UserError
 
 # The files of a run folder that a new training run would replace.
@@ -48,13 +67,15 @@ TEMPORARY_SUFFIXES = ('.pth.tar.tmp',)
 # ----------------------------------------------------------------------------- one entry point
 
 @contextlib.contextmanager
-def prepare(run_dir, args, training, device):
-    """The run folder checked for the command that will write in it, locked while training."""
+def prepare(run_dir, args, training, device, checkpoint=None):
+    """The run folder checked for the command that will write in it, locked while training.
+    `checkpoint`: the loaded --resume file, if any."""
     make_run_dir(run_dir)
     with contextlib.ExitStack() as stack:
         if training:
             lock_for_every_rank(stack, run_dir, device)
             check_not_overwriting(run_dir, args)
+            check_recorded_run(run_dir, args, checkpoint)
             check_not_going_back(run_dir, args)
         elif args.test:
             check_test_results(run_dir, args)
@@ -137,6 +158,47 @@ def remove_stale_temporaries(run_dir):
                     os.remove(path)
 
 
+# ----------------------------------------------------------------------------- the rule
+
+def check_same_run(settings, saved, source, run_dir, what='a snapshot', prefix=''):
+    """`settings` (a Config, or a Draft while resolving) must describe the run whose saved settings
+    `saved` (a dict of flags) `source` holds: one line names the first setting that shapes the
+    weights and differs (config.first_difference)."""
+    if not isinstance(saved, dict):
+        raise UserError(f"{prefix}{source} holds no settings ('args'); it is not {what} of this run; move it "
+                        f"away or choose another --name")
+    difference = config.first_difference(settings, saved)
+    if difference is not None:
+        key, theirs, ours = difference
+        raise UserError(f"{prefix}{source} is {what} of another run: its {config.flag_name(key)} is {theirs!r}, "
+                        f"this command's is {ours!r}; {run_dir} holds one run: give the same settings, or "
+                        f"choose another --name")
+
+
+def check_recorded_run(run_dir, args, checkpoint=None):
+    """A training command in a folder that records a run (args.json; the --resume snapshot when it
+    is one of this folder's) must be that run. --overwrite starts another one: not checked."""
+    if args.overwrite:
+        return
+    path = os.path.join(run_dir, 'args.json')
+    if os.path.exists(path):
+        try:
+            with open(path, encoding='utf-8') as handle:
+                saved = json.load(handle)
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path} cannot be read ({type(err).__name__}), so this folder's run is unknown; "
+                            f"pass --overwrite to move it aside, or choose another --name") from err
+        check_same_run(args, saved, path, run_dir, what='the record')
+    if checkpoint is not None and resumes_in(run_dir, args.resume) and isinstance(checkpoint.get('args'), dict):
+        check_same_run(args, checkpoint['args'], f'--resume {args.resume}', run_dir)
+
+
+def finished_line(run_dir, path, epoch, epochs):
+    """What a requeue of a finished run says (exit status 0, nothing changed)."""
+    return (f"{run_dir} already finished: {os.path.basename(path)} is at epoch {epoch} of --epochs {epochs}; "
+            f"nothing to do (a larger --epochs continues it)")
+
+
 # ----------------------------------------------------------------------------- training
 
 def resumes_in(run_dir, checkpoint_path):
@@ -151,11 +213,14 @@ def earlier_run_files(run_dir):
 
 def check_not_overwriting(run_dir, args):
     """A new run (not --resume of a snapshot in this folder) may not replace an earlier run's
-    snapshots or records (metrics.jsonl, args.json: a run stopped before its first snapshot)
-    unless --overwrite says so; --overwrite moves them aside, see set_aside_previous_run."""
+    snapshots or records (metrics.jsonl, test_results.json) unless --overwrite says so; --overwrite
+    moves them aside, see set_aside_previous_run. A folder holding only args.json is an attempt
+    stopped before its first snapshot: the same run starts again there (nothing is lost)."""
     held = earlier_run_files(run_dir)
     if not held or args.overwrite or resumes_in(run_dir, args.resume):
         return
+    if held == ['args.json']:            # an attempt stopped before its first snapshot: start the run
+        return                           # again, if it is this one (check_recorded_run)
     snapshot = next((name for name in held if name in SNAPSHOTS), None)
     way_on = f"continue it with --resume {os.path.join(run_dir, snapshot)}, " if snapshot else ''
     raise UserError(f"{run_dir} already holds {', '.join(held)} of an earlier run; {way_on}pass --overwrite "

@@ -308,14 +308,24 @@ class Stopped(Interrupted):
 
 
 class StopSignals:
-    """While inside: the first SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) only notes the request, so the
-    training loop finishes its step, writes a step snapshot and raises Stopped; a second one raises
-    Stopped at once, wherever the main thread is (a snapshot being written is abandoned: its
-    temporary file is removed, the previous snapshot stays). Outside a main thread, nothing is
-    installed (Python delivers signals to the main thread only)."""
+    """The stop signals SIGTERM, SIGUSR1 and SIGINT (Ctrl-C), handled from the first moment of a
+    command (asen.main installs them before any file is written) to its end.
+
+    Inside `deferred()` (the training loop, commands.train) the first signal only notes the request,
+    so the loop finishes its step, writes a step snapshot and raises Stopped. Outside it (the
+    start: reading the data, building the network; the end) the first signal raises Stopped at once:
+    no training step was taken since the last snapshot, so there is nothing to save, and the same
+    command starts (or continues) the run. A second signal raises Stopped at once wherever the main
+    thread is (a snapshot being written is abandoned: its temporary file is removed, the previous
+    snapshot stays). Each exits with REQUEUE_EXIT. Outside a main thread nothing is installed
+    (Python delivers signals to the main thread only); a child process forked while they are
+    installed (a multiprocessing pool) gets the signal's default action, as before."""
+
+    active = None                       # the instance installed in this process, if any
 
     def __init__(self):
-        self.signal_name, self.previous = None, {}
+        self.signal_name, self.previous, self.deferring = None, {}, False
+        self.pid, self.outer = None, None
 
     @property
     def requested(self):
@@ -323,24 +333,65 @@ class StopSignals:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
+            self.pid, self.outer = os.getpid(), StopSignals.active
             for name in STOP_SIGNALS:
                 number = getattr(signal, name, None)
                 if number is not None:
                     self.previous[number] = signal.signal(number, self._handle)
+            StopSignals.active = self
         return self
 
     def __exit__(self, *exc):
+        self._restore()
+        if StopSignals.active is self:
+            StopSignals.active = self.outer
+
+    def _restore(self):
         for number, handler in self.previous.items():
             signal.signal(number, handler)
         self.previous = {}
 
+    @contextmanager
+    def deferred(self):
+        """While inside: the first signal waits for the training loop's next step boundary."""
+        before, self.deferring = self.deferring, True
+        try:
+            yield self
+        finally:
+            self.deferring = before
+
     def _handle(self, number, frame):
         name = signal.Signals(number).name
+        if os.getpid() != self.pid:             # a forked child (a pool's worker): the default action
+            signal.signal(number, signal.SIG_DFL)
+            os.kill(os.getpid(), number)
+            return
         if self.signal_name is not None:
-            self.__exit__()                      # a third one gets the default handling
+            self._restore()                      # a third one gets the default handling
             raise Stopped(f"stopped at once by a second signal ({self.signal_name}, then {name}); the last "
-                          f"complete snapshot is kept; continue with the same command and --resume auto")
+                          f"complete snapshot is kept; continue with the same command and --resume auto "
+                          f"(exit status {REQUEUE_EXIT}: requeue)")
         self.signal_name = name
+        if not self.deferring:
+            raise self.stopped_outside_training()
+
+    def stopped_outside_training(self):
+        """The Stopped error of a signal served outside the training steps."""
+        return Stopped(f"stopped by {self.signal_name} outside the training steps: nothing new to save (the "
+                       f"run folder's snapshots, if any, are kept); the same command with --resume auto starts "
+                       f"or continues the run (exit status {REQUEUE_EXIT}: requeue)")
+
+
+@contextmanager
+def stop_signals_deferred():
+    """The training loop's stop signals: the command's StopSignals (asen.main installs it) in its
+    deferred mode, or one installed for the loop alone when the loop runs without asen.main."""
+    if StopSignals.active is not None and StopSignals.active.pid == os.getpid():
+        with StopSignals.active.deferred() as signals:
+            yield signals
+        return
+    with StopSignals() as signals, signals.deferred():
+        yield signals
 
 
 def max_of_ranks(values, device):

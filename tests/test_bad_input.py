@@ -355,6 +355,10 @@ CASES = [
     case('resume-with-bad-saved-settings', ['--resume', 'old/c.pth.tar', '--epochs', '2'],
          ['--margin -5', 'from --resume old/c.pth.tar'], checkpoint_with_bad_margin),
     case('resume-finished-run', ['--resume', SHARED, '--epochs', '1'], ['epoch 1', '--epochs', 'nothing to train']),
+    # the rule of lib/runfolder.py: one run a folder
+    case('resume-of-another-dataset', ['--resume', SHARED, '--epochs', '2', '--dataset', 'DARN'],
+         ['--dataset', "'SynthFashion'", "'DARN'", 'another run']),
+    case('overwrite-with-resume-auto', NEW + ['--resume', 'auto', '--overwrite'], ['--overwrite', '--resume auto']),
     # the run folder: never overwritten by accident, never written by two at once
     case('new-run-over-snapshots', NEW[:-1] + ['shared'], ['runs/shared', '--resume', '--overwrite']),
     case('default-name-twice', NEW[:-2], ['runs/ASEN', 'checkpoint.pth.tar', '--overwrite'], snapshots_in('ASEN')),

@@ -5,6 +5,7 @@ import random
 import signal
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -48,6 +49,45 @@ sys.exit(asen.main({argv!r}))
 def child(workdir, argv, at, signal_number, second=False):
     code = CHILD.format(root=ROOT, at=at, signal=int(signal_number), second=second, argv=argv)
     return subprocess.run([sys.executable, '-c', code], cwd=workdir, capture_output=True, text=True, timeout=300)
+
+
+# asen.main in a child whose `module.function` (looked up when called) first runs SIGNALS: code that
+# sends the signals at a chosen moment, with `real` the function itself.
+PATCHED_CHILD = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+import asen
+from lib import {module}
+real = {module}.{function}
+
+def patched(*args, **kwargs):
+    patched.calls += 1
+    if patched.calls == 1:
+{signals}
+    return real(*args, **kwargs)
+patched.calls = 0
+{module}.{function} = patched
+sys.exit(asen.main({argv!r}))
+"""
+
+
+def patched_child(workdir, argv, module, function, signals):
+    code = PATCHED_CHILD.format(root=ROOT, module=module, function=function, argv=argv,
+                                signals='\n'.join('        ' + line for line in signals.strip().splitlines()))
+    return subprocess.run([sys.executable, '-c', code], cwd=workdir, capture_output=True, text=True, timeout=300)
+
+
+# the signals at the start of the command: while the data is prepared, before any step
+ONE_SIGTERM = "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(5)"
+# a second SIGTERM while the first one's stop unwinds through code that catches everything
+TWO_SIGTERMS = """
+try:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+except BaseException:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+"""
 
 
 def random_step(seed):
@@ -175,3 +215,73 @@ def test_checkpoint_every_values(capsys):
         with pytest.raises(SystemExit):
             asen.get_args_parser().parse_args(['--checkpoint-every', bad])
     assert '--checkpoint-every' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the rule's seams
+
+def run_files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.slow
+def test_sigkill_before_the_first_snapshot_then_the_same_command_starts_the_run(straight_run, monkeypatch):
+    """Killed after step 1 with no snapshot yet (--checkpoint-every 0): args.json and train.log are
+    left; the same command starts the run again and ends as the uninterrupted one."""
+    root, straight = straight_run
+    monkeypatch.chdir(root)
+    proc = child(root, STOP_ARGS + ['--name', 'killed-early'], 1, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    left = run_files(root / 'runs' / 'killed-early')
+    assert 'args.json' in left and 'train.log' in left and not [name for name in left if '.pth' in name], left
+    assert asen.main(STOP_ARGS + ['--name', 'killed-early']) == 0
+    assert_same_run(root / 'runs' / straight, root / 'runs' / 'killed-early')
+
+
+@pytest.mark.slow
+def test_sigterm_before_the_first_snapshot_exits_75_and_the_same_command_starts_the_run(straight_run,
+                                                                                      monkeypatch):
+    root, straight = straight_run
+    monkeypatch.chdir(root)
+    proc = patched_child(root, STOP_ARGS + ['--name', 'early'], 'inputs', 'prepare_dataset', ONE_SIGTERM)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert_one_line_error(proc.returncode, proc.stderr, 'stopped by SIGTERM', 'nothing new to save', '--resume auto')
+    assert not (root / 'runs' / 'early' / 'checkpoint.pth.tar').exists()
+    assert asen.main(STOP_ARGS + ['--name', 'early']) == 0
+    assert_same_run(root / 'runs' / straight, root / 'runs' / 'early')
+
+
+def test_a_second_signal_early_exits_75(tiny_data, workdir):
+    args = TINY + ['--data_path', str(tiny_data), '--epochs', '1', '--name', 'twice-early']
+    proc = patched_child(workdir, args, 'inputs', 'prepare_dataset', TWO_SIGTERMS)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert_one_line_error(proc.returncode, proc.stderr, 'second signal', 'SIGTERM, then SIGTERM')
+    assert not (workdir / 'runs' / 'twice-early' / 'args.json').exists()
+
+
+@pytest.mark.slow
+def test_sigterm_at_an_epochs_last_step_continues_exactly(straight_run, monkeypatch):
+    """Stopped after the last step of epoch 1 (its step snapshot is at batch 3 of 3): the resumed
+    pass has no batch left, yet leaves the RNG where the uninterrupted pass did."""
+    root, straight = straight_run
+    monkeypatch.chdir(root)
+    proc = child(root, STOP_ARGS + ['--name', 'last-step'], STEPS_PER_EPOCH, signal.SIGTERM)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert_one_line_error(proc.returncode, proc.stderr, f'epoch 1, step {STEPS_PER_EPOCH} of {STEPS_PER_EPOCH}')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        assert asen.main(STOP_ARGS + ['--name', 'last-step']) == 0
+    # the resumed epoch took no optimizer step before the schedule's: no PyTorch warning for it
+    assert not [w for w in caught if 'lr_scheduler.step()' in str(w.message)]
+    assert_same_run(root / 'runs' / straight, root / 'runs' / 'last-step')
+
+
+@pytest.mark.slow
+def test_sigterm_during_validation_continues_exactly(straight_run, monkeypatch):
+    root, straight = straight_run
+    monkeypatch.chdir(root)
+    proc = patched_child(root, STOP_ARGS + ['--name', 'in-validation'], 'commands', 'evaluate',
+                         "os.kill(os.getpid(), signal.SIGTERM)")
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert_one_line_error(proc.returncode, proc.stderr, 'stopped by SIGTERM at the end of epoch 1')
+    assert asen.main(STOP_ARGS + ['--name', 'in-validation']) == 0
+    assert_same_run(root / 'runs' / straight, root / 'runs' / 'in-validation')
