@@ -148,10 +148,14 @@ def get_args_parser():
                            'not available on CPUs (torch has no CPU kernel); no effect in one process')
 
     run = parser.add_argument_group('run')
-    run.add_argument('--name', default='ASEN', help='run folder runs/<name>/ for snapshots and logs')
+    run.add_argument('--name', default='ASEN',
+                     help='run folder runs/<name>/ for snapshots and logs (with --resume, the checkpoint\'s run; '
+                          'for --test, --visualize or --retrieve of a file outside a run folder, the file\'s name)')
     run.add_argument('--resume', default=None, metavar='CHECKPOINT',
                      help='checkpoint to resume training from or to test; every flag not given is taken from '
-                          'it, --name (so the run folder runs/<name>/ it writes to) and --data_path included. '
+                          'it, --name (so the run folder runs/<name>/ it writes to) and --data_path included, '
+                          'except that --test, --visualize and --retrieve of a file outside a run folder write to '
+                          'runs/<the file\'s name>/ (runs/<its folder>-model_best/ for a model_best.pth.tar). '
                           '"auto": continue from the newest complete snapshot in runs/<name>/ (step or epoch), '
                           'or start the run when there is none, or return at once (exit 0) when it has finished; a '
                           'snapshot of other settings is refused (docs/reliability.md: one run a folder). A '

@@ -208,7 +208,7 @@ class PassOnSignals:
     """While inside: a stop signal to reproduce.py (SIGINT, SIGTERM, SIGUSR1) is noted and passed
     once to the running asen.py child, which finishes its step, saves a snapshot and exits 75;
     reproduce.py waits for it, then stops. The child runs in a process group of its own (see
-    `start_child`), so a Ctrl-C to the terminal's group reaches it once, through here, not twice
+    `child_setup`), so a Ctrl-C to the terminal's group reaches it once, through here, not twice
     (a second signal would stop it at once, without the snapshot)."""
 
     def __init__(self):
@@ -324,8 +324,10 @@ def run_one(step, kind, command, signals):
     if rc == 0 and kind == 'train':
         open(os.path.join(LOGS, f'{run}.trained'), 'w').close()
     where = f"table {table}, row {row['label']} (seed {seed}, run {run})"
-    if signals.signal_name is not None and (rc == 0 or stopped_for_the_signal(rc)):
-        raise Stopped(f"stopped by {signals.signal_name} in {where}: asen.py {kind} "
+    # asen.py's 75 is a stop to requeue, whoever signalled it (a scheduler may signal it alone)
+    if rc == REQUEUE_EXIT or (signals.signal_name is not None and (rc == 0 or stopped_for_the_signal(rc))):
+        by = f" by {signals.signal_name}" if signals.signal_name else ''
+        raise Stopped(f"stopped{by} in {where}: asen.py {kind} "
                       f"{'ended' if rc == 0 else f'exited {exit_status(rc)}'}; see {log}; rerun the same "
                       f"command to continue (exit status {REQUEUE_EXIT}: requeue)", REQUEUE_EXIT)
     if rc != 0:

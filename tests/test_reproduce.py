@@ -10,7 +10,7 @@ import pytest
 
 import reproduce
 from conftest import ROOT
-from helpers import assert_same_run
+from helpers import assert_same_run, file_hash
 from lib import costs
 from test_zappos import build_zappos
 
@@ -25,7 +25,7 @@ def in_process(monkeypatch):
     import contextlib
     import asen
 
-    def run_asen(command, log):
+    def run_asen(command, log, signals):
         assert command[:2] == [sys.executable, reproduce.asen_command([])[1]]
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
             return asen.main(command[2:])
@@ -148,6 +148,16 @@ def test_one_row_end_to_end_beside_finished_rows(workdir, capsys, in_process):
     # run again: everything is skipped, the table is the same
     assert reproduce.main(['deepfashion', '--dataset', 'SynthFashion', '--extra', TINY_EXTRA]) == 0
     assert '# skip synthfashion-asen-s1' in capsys.readouterr().out
+    # a finished row whose test result and .trained mark are lost (reproduce.py killed as its
+    # training ended): the same command's --resume auto returns at once, the row is tested again
+    run = workdir / 'runs' / 'synthfashion-asen-s1'
+    weights = {name: file_hash(run / name) for name in ('checkpoint.pth.tar', 'model_best.pth.tar')}
+    (run / 'test_results.json').unlink()
+    (workdir / 'runs' / 'reproduce' / 'synthfashion-asen-s1.trained').unlink()
+    assert reproduce.main(['deepfashion', '--dataset', 'SynthFashion', '--extra', TINY_EXTRA]) == 0
+    assert 'already finished' in (workdir / 'runs' / 'reproduce' / 'synthfashion-asen-s1.train.log').read_text()
+    assert json.loads((run / 'test_results.json').read_text()) == ours
+    assert weights == {name: file_hash(run / name) for name in weights}
 
 
 @pytest.mark.slow                   # real asen.py processes
@@ -448,3 +458,32 @@ def test_a_stopped_table_continues_to_the_uninterrupted_one(tmp_path, tiny_data,
     assert (continued / ROW / 'test_results.json').read_text() == (straight / ROW / 'test_results.json').read_text()
     assert (continued / 'reproduce' / 'deepfashion.json').read_text() == \
         (straight / 'reproduce' / 'deepfashion.json').read_text()
+
+
+@pytest.mark.parametrize('signalled, rc, status, needle', [
+    ('SIGTERM', 75, 75, 'stopped by SIGTERM in table darn, row Triplet (seed 1, run darn-triplet-s1): '
+                        'asen.py train exited 75'),
+    ('SIGTERM', -signal.SIGTERM, 75, 'asen.py train exited 143'),      # before asen.py handled it
+    ('SIGINT', -signal.SIGINT, 75, 'stopped by SIGINT'),
+    ('SIGINT', 0, 75, 'asen.py train ended'),                          # it had finished: stop after it
+    (None, 75, 75, 'stopped in table darn'),                           # signalled alone, by another
+    ('SIGTERM', 2, 1, 'train failed (exit 2'),                         # a failure stays a failure
+], ids=['75', 'killed-by-SIGTERM', 'killed-by-SIGINT', 'ended', 'child-alone', 'failed'])
+def test_the_exit_status_of_a_stopped_table(workdir, capsys, monkeypatch, signalled, rc, status, needle):
+    """reproduce.py's status once its asen.py child ended while a stop signal was noted (the
+    signals themselves: test_a_stopped_table_continues_to_the_uninterrupted_one)."""
+    started = []
+
+    def run_asen(command, log, signals):
+        started.append(command)
+        signals.signal_name = signalled
+        return rc
+    monkeypatch.setattr(reproduce, 'run_asen', run_asen)
+    assert reproduce.main(['darn', '--data-path', 'D']) == status
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and needle in err, err
+    assert len(started) == 1                                  # nothing more was started
+    trained = workdir / 'runs' / 'reproduce' / 'darn-triplet-s1.trained'
+    assert trained.exists() == (rc == 0)
+    if status == 75:
+        assert 'rerun the same command to continue (exit status 75: requeue)' in err
