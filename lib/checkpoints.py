@@ -171,6 +171,8 @@ def validate(checkpoint, path):
                         f"dict of flags; the file is damaged")
     if 'optimizer' in checkpoint:                          # a snapshot: its training state is restored
         check_training_state(checkpoint, where)
+    if 'step' in checkpoint:
+        check_step_entry(checkpoint, where)
 
 
 def check_weights(state, what):
@@ -227,6 +229,39 @@ def check_training_state(checkpoint, where):
             raise UserError(f"{where}: '{name}' is a {type(checkpoint.get(name)).__name__}, not a state dict; "
                             f"the file is damaged")
     check_rng(checkpoint.get('rng'), where)
+
+
+STEP_KEYS = ('epoch', 'batch', 'meters', 'streams', 'world')
+
+
+def check_step_entry(checkpoint, where):
+    """A step snapshot's 'step' entry, whole: the epoch in progress (the one after the snapshot's
+    'epoch'), the steps done, the loader streams, the processes and their meter rows ((world, width)
+    finite floats, the width lib/engine's). Its sizes against the run's own (steps per epoch, the
+    meters' counts, --epochs) are checked by commands.check_step_position once the run is built."""
+    from lib import engine                          # engine imports this module
+    step = checkpoint['step']
+    damaged = "the file is damaged; move it away to continue from the epoch snapshot, or start anew"
+    if not isinstance(step, dict) or any(key not in step for key in STEP_KEYS):
+        raise UserError(f"{where}: its step entry 'step' is {'a ' + type(step).__name__ if step is not None else 'None'}"
+                        f"{'' if not isinstance(step, dict) else ' without ' + ', '.join(k for k in STEP_KEYS if k not in step)}"
+                        f", not the position of a step snapshot; {damaged}")
+    for key in ('epoch', 'batch', 'streams', 'world'):
+        value = step[key]
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            raise UserError(f"{where}: its step entry's {key} is {value!r}, not a whole number >= 1; {damaged}")
+    epoch = checkpoint.get('epoch')
+    if isinstance(epoch, int) and step['epoch'] != epoch + 1:
+        raise UserError(f"{where}: a step snapshot of epoch {step['epoch']} holds the weights of epoch {epoch} "
+                        f"(it must be epoch {epoch + 1}'s); {damaged}")
+    meters, width = step['meters'], engine.meter_width()
+    if not (isinstance(meters, torch.Tensor) and meters.is_floating_point() and meters.dim() == 2
+            and tuple(meters.shape) == (step['world'], width)):
+        shape = tuple(meters.shape) if isinstance(meters, torch.Tensor) else type(meters).__name__
+        raise UserError(f"{where}: its step entry's meters are {shape}, not ({step['world']}, {width}) floats "
+                        f"(a row of {', '.join(engine.METER_FIELDS)} a process); {damaged}")
+    if not bool(torch.isfinite(meters).all()):
+        raise UserError(f"{where}: its step entry's meters are not finite; {damaged}")
 
 
 def check_rng(rng, where):

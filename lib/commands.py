@@ -87,6 +87,7 @@ def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
     valid = inputs.evaluation_of(split_files, 'valid', args, logger)
     train_loader = inputs.make_loader(train_set, args.batch_size, device, args.workers, args.channels_last,
                                       persistent=True)
+    check_step_sizes(position, args, len(train_loader), len(train_set), rank, args.resume)
     train_net = runtime.distributed_model(tnet, device, args.sync_bn, logger, args.batch_size)
     train_net = engine.compiled(train_net, compile_mode(args))
     eval_net = engine.compiled(tnet.embeddingnet, compile_mode(args), evaluation_only=True)
@@ -95,6 +96,10 @@ def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
             aside = runfolder.set_aside_previous_run(run_dir)      # moved, never deleted
             if aside:
                 logger.info(f'--overwrite: the earlier run of {run_dir} is kept in {aside}')
+        torn = runfolder.cut_torn_metrics_line(run_dir)
+        if torn:
+            logger.info(f'metrics.jsonl ended in a torn line ({torn} bytes of a record cut short); cut off '
+                        f'before this run appends')
         utils.write_json(args.as_dict(), os.path.join(run_dir, 'args.json'))
     writer = RunWriter(run_dir) if is_main_process() else runtime.NullWriter()
     logger.info(f'Begin training on {args.dataset} dataset.')
@@ -170,6 +175,29 @@ def check_step_position(position, streams, world, path):
         raise UserError(f"--resume {path}: a step snapshot of a run with {workers if workers > 1 else '0 or 1'} "
                         f"loader worker(s) (--workers), this run has {streams if streams > 1 else '0 or 1'}; the "
                         f"random flips would differ: pass the same --workers")
+
+
+def check_step_sizes(position, args, steps_per_epoch, triplets, rank, path):
+    """A step snapshot's position against this run's own sizes, before anything is written: its
+    epoch is the one this run starts (and within --epochs), its steps within the epoch's, and this
+    rank's meter row the running sums of exactly the triplets of those steps."""
+    if position is None:
+        return
+    damaged = f"--resume {path}: a step snapshot"
+    epoch, batch = position['epoch'], position['batch']
+    if epoch > args.epochs or epoch != args.start_epoch:
+        raise UserError(f"{damaged} of epoch {epoch}, but this run trains epochs {args.start_epoch} to {args.epochs}; "
+                        f"the file is damaged, or give the --epochs it was written with")
+    if batch > steps_per_epoch:
+        raise UserError(f"{damaged} after step {batch} of epoch {epoch}, but an epoch of this run has "
+                        f"{steps_per_epoch} steps; the file is damaged, or give the --num_triplets and "
+                        f"--batch-size it was written with")
+    row = dict(zip(engine.METER_FIELDS, position['meters'][rank].tolist()))
+    seen = min(batch * args.batch_size, triplets)
+    if row['count'] != seen or not (0 <= row['acc_sum'] <= seen and 0 <= row['acc_last'] <= 1):
+        raise UserError(f"{damaged}: its meters (count {row['count']:g}, accuracy sum {row['acc_sum']:g}, loss "
+                        f"sum {row['loss_sum']:g}) are not those of {seen} triplets in {batch} step(s); the file is "
+                        f"damaged; continue from the epoch snapshot or start anew")
 
 
 def batches_from(loader, first_batch):

@@ -117,9 +117,20 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, *, amp, weig
     return losses.read()[1], accs.read()[1]
 
 
+# The columns of a step snapshot's meter row (`meter_row`), in order: a snapshot's rows are checked
+# against them (commands.check_step_position), so a column added here is checked as well.
+METER_FIELDS = ('loss_last', 'loss_sum', 'acc_last', 'acc_sum', 'count')
+
+
+def meter_width():
+    """The width of a meter row: len(METER_FIELDS)."""
+    return len(METER_FIELDS)
+
+
 def meter_row(losses, accs, device):
-    """(5,) float64 on `device`: a rank's running loss and accuracy (last, sum each) and count, as a
-    step snapshot keeps them (counts are whole numbers far below 2**53: exact in float64)."""
+    """(meter_width(),) float64 on `device`: a rank's running loss and accuracy (last, sum each) and
+    count, in the order of METER_FIELDS, as a step snapshot keeps them (counts are whole numbers far
+    below 2**53: exact in float64)."""
     return torch.stack([losses.last, losses.sum, accs.last, accs.sum,
                         torch.tensor(float(losses.count), dtype=torch.float64, device=device)])
 

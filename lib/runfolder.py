@@ -227,6 +227,28 @@ def check_not_overwriting(run_dir, args):
                     f"to move it aside to {run_dir}.replaced-<time>, or choose another --name")
 
 
+def cut_torn_metrics_line(run_dir):
+    """metrics.jsonl ending in a torn line (a process killed, or a disk full, mid-append): the
+    fragment is cut off before this run appends its first record, which would otherwise be glued
+    onto it. Returns the fragment's size in bytes (0: nothing to cut)."""
+    path = os.path.join(run_dir, 'metrics.jsonl')
+    try:
+        with open(path, 'rb+') as handle:
+            data = handle.read()
+            if not data or data.endswith(b'\n'):
+                return 0
+            keep = data.rfind(b'\n') + 1                # 0 when the whole file is one torn line
+            handle.truncate(keep)
+            handle.flush()
+            os.fsync(handle.fileno())
+            return len(data) - keep
+    except FileNotFoundError:
+        return 0
+    except OSError as err:
+        raise UserError(f"cannot repair {path} (it ends in a torn line): {err.strerror or err}; "
+                        f"remove its last, incomplete line yourself") from err
+
+
 def newest_epoch(run_dir):
     """The last epoch the run in `run_dir` finished, from metrics.jsonl (0 when none is recorded)."""
     path = os.path.join(run_dir, 'metrics.jsonl')

@@ -216,6 +216,40 @@ def snapshots_in(name):
     return setup
 
 
+STEPPED = TINY + ['--epochs', '1', '--heatmap-every', '1', '--name', 'stepped', '--resume', 'auto']
+
+
+def step_snapshot_with(**changes):
+    """runs/stepped/step.pth.tar: the shared run's snapshot made a step snapshot of epoch 1 after
+    step 2 of 3 (16 triplets seen), then `changes` to its entries ('epoch' the snapshot's own)."""
+    def setup(w):
+        state = torch.load(w.path(SHARED), weights_only=True)
+        state['epoch'] = changes.pop('snapshot_epoch', 0)
+        width = engine.meter_width()
+        meters = torch.zeros(1, width, dtype=torch.float64)
+        meters[0, engine.METER_FIELDS.index('count')] = 16
+        state['step'] = {'epoch': 1, 'batch': 2, 'meters': meters, 'streams': 1, 'world': 1}
+        step = changes.pop('step', state['step'])
+        if isinstance(step, dict):
+            step.update(changes)
+        state['step'] = step
+        w.path('runs/stepped').mkdir(parents=True)
+        torch.save(state, w.path('runs/stepped/step.pth.tar'))
+    return setup
+
+
+def counted_meters(count, acc_sum=0.0):
+    meters = torch.zeros(1, engine.meter_width(), dtype=torch.float64)
+    meters[0, engine.METER_FIELDS.index('count')] = count
+    meters[0, engine.METER_FIELDS.index('acc_sum')] = acc_sum
+    return meters
+
+
+def pickled_list_snapshot(w):
+    w.path('runs/listed').mkdir(parents=True)
+    torch.save([1, 2, 3], w.path('runs/listed/checkpoint.pth.tar'))
+
+
 def gallery_folder(files):
     def setup(w):
         w.path('gallery').mkdir()
@@ -358,6 +392,28 @@ CASES = [
     # the rule of lib/runfolder.py: one run a folder
     case('resume-of-another-dataset', ['--resume', SHARED, '--epochs', '2', '--dataset', 'DARN'],
          ['--dataset', "'SynthFashion'", "'DARN'", 'another run']),
+    # damaged step snapshots (--resume auto): checked whole, against the run's own sizes, before anything is written
+    case('step-entry-none', STEPPED, ["'step' is None", 'step.pth.tar'], step_snapshot_with(step=None)),
+    case('step-entry-not-a-position', STEPPED, ["'step' is a list", 'step.pth.tar'], step_snapshot_with(step=[1, 2])),
+    case('step-epoch-past-the-snapshot', STEPPED, ['step snapshot of epoch 5', 'weights of epoch 0'],
+         step_snapshot_with(epoch=5)),
+    case('step-epoch-past-epochs', STEPPED, ['epoch 1', '--epochs is 1', 'nothing to train'],
+         step_snapshot_with(snapshot_epoch=1, epoch=2)),
+    case('step-batch-past-the-epoch', STEPPED, ['after step 7 of epoch 1', 'has 3 steps'],
+         step_snapshot_with(batch=7, meters=counted_meters(24))),
+    case('step-batch-zero', STEPPED, ["batch is 0", 'whole number >= 1'], step_snapshot_with(batch=0)),
+    case('step-meters-garbage', STEPPED, ['meters', 'not those of 16 triplets'],
+         step_snapshot_with(meters=counted_meters(999))),
+    case('step-meters-accuracy-garbage', STEPPED, ['meters', 'not those of 16 triplets'],
+         step_snapshot_with(meters=counted_meters(16, acc_sum=1e9))),
+    case('step-meters-wrong-width', STEPPED, ['meters are (1, 3)', f'(1, {engine.meter_width()})'],
+         step_snapshot_with(meters=torch.zeros(1, 3, dtype=torch.float64))),
+    case('step-meters-not-a-tensor', STEPPED, ['meters are str'], step_snapshot_with(meters='garbage')),
+    case('step-meters-not-finite', STEPPED, ['meters are not finite'],
+         step_snapshot_with(meters=counted_meters(float('nan')))),
+    case('step-world-mismatch', STEPPED, ['meters are (1,', '(2,'], step_snapshot_with(world=2)),
+    case('resume-auto-of-a-pickled-list', NEW[:-1] + ['listed', '--resume', 'auto'],
+         ['runs/listed/checkpoint.pth.tar', 'holds a list'], pickled_list_snapshot),
     case('overwrite-with-resume-auto', NEW + ['--resume', 'auto', '--overwrite'], ['--overwrite', '--resume auto']),
     # the run folder: never overwritten by accident, never written by two at once
     case('new-run-over-snapshots', NEW[:-1] + ['shared'], ['runs/shared', '--resume', '--overwrite']),

@@ -91,3 +91,18 @@ def test_overwrite_with_resume_auto_is_refused(world, capsys):
     code, _, err = run_main(SHARED_RUN + ['--resume', 'auto', '--overwrite'], capsys)
     assert_one_line_error(code, err, '--overwrite', '--resume auto', 'drop one')
     assert tree_hashes(world.root, logs=True) == before
+
+
+@pytest.mark.parametrize('resume', [['--resume', SHARED], ['--resume', 'auto', '--heatmap-every', '1', '--name',
+                                                             'shared'] + TINY], ids=['resume', 'resume-auto'])
+def test_a_torn_last_line_of_metrics_is_cut_before_the_next_record(world, monkeypatch, capsys, resume):
+    """A record cut short (a process killed mid-append) is cut off; the next one gets its own line."""
+    skip_training(monkeypatch)
+    path = world.path('runs/shared/metrics.jsonl')
+    first = path.read_text()
+    world.replace('runs/shared/metrics.jsonl', first + '{"epoch": 2, "train_lo')
+    code, _, err = run_main(resume + ['--epochs', '2'], capsys)
+    assert code == 0, err
+    lines = path.read_text().splitlines()
+    assert lines[0] == first.strip() and [json.loads(line)['epoch'] for line in lines] == [1, 2]
+    assert 'torn line' in world.path('runs/shared/train.log').read_text()
