@@ -317,7 +317,8 @@ mark, pause_at = os.environ.get('PAUSE_MARK'), int(os.environ.get('PAUSE_AT', '-
 def pause():
     with open(mark, 'w') as f:
         f.write(str(os.getpid()))
-    while not os.path.exists(mark + '.go'):
+    deadline = time.monotonic() + 600          # should the test itself be killed: no process left
+    while not os.path.exists(mark + '.go') and time.monotonic() < deadline:
         time.sleep(0.02)
 
 if pause_at == 0 and '--test' not in sys.argv:
@@ -416,6 +417,8 @@ def stopped_reproduce(root, data, pause_at, how, check_paused, label):
     finally:
         if proc.poll() is None:
             proc.kill()
+        if mark.exists() and mark.read_text() and alive(int(mark.read_text())):
+            os.kill(int(mark.read_text()), signal.SIGKILL)
     return proc.returncode, err, child
 
 
