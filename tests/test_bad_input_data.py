@@ -211,6 +211,12 @@ def run_records(*names):
     return setup
 
 
+def another_runs_args_json(w):
+    """runs/new/args.json of a run with another --lr, stopped before its first snapshot."""
+    saved = json.loads(w.path('runs/shared/args.json').read_text())
+    w.replace('runs/new/args.json', json.dumps(dict(saved, lr=0.5)))
+
+
 def checkpoint_further_on(w):
     """runs/long: model_best of epoch 1, checkpoint.pth.tar and metrics.jsonl at epoch 2."""
     shutil.copytree(w.path('runs/shared'), w.path('runs/long'), copy_function=link_or_copy)
@@ -372,7 +378,10 @@ CASES = [
     # the run folder: a command only adds, or replaces with a newer version of the same run
     case('new-run-over-metrics-and-args', NEW, ['runs/new', 'metrics.jsonl', 'args.json', '--overwrite'],
          run_records('metrics.jsonl', 'args.json')),
-    case('new-run-over-args-json', NEW, ['runs/new', 'args.json', '--overwrite'], run_records('args.json')),
+    # args.json of the same run alone (an attempt stopped before its first snapshot) starts the run
+    # again (the rule of lib/runfolder.py; tests/test_run_rule.py); another run's is refused
+    case('new-run-over-another-runs-args-json', NEW, ['runs/new/args.json', 'another run', '--lr', '0.5'],
+         another_runs_args_json),
     case('resume-older-model-best', ['--resume', 'runs/long/model_best.pth.tar', '--epochs', '3', '--no-cuda', '--name', 'long'],
          ['already recorded epoch 2', 'runs/long/checkpoint.pth.tar', '--name'], checkpoint_further_on),
     case('test-over-another-models-results', TEST + ['--name', 'other'],

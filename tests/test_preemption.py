@@ -250,6 +250,7 @@ def test_sigterm_before_the_first_snapshot_exits_75_and_the_same_command_starts_
     assert_same_run(root / 'runs' / straight, root / 'runs' / 'early')
 
 
+@pytest.mark.slow
 def test_a_second_signal_early_exits_75(tiny_data, workdir):
     args = TINY + ['--data_path', str(tiny_data), '--epochs', '1', '--name', 'twice-early']
     proc = patched_child(workdir, args, 'inputs', 'prepare_dataset', TWO_SIGTERMS)
