@@ -374,12 +374,38 @@ def environment_error(err):
     if is_disk_full(err):
         return f"no space left on device ({' '.join(str(err).split())[:200]}); free disk space; files " \
                f"already saved are kept"
+    if isinstance(err, MemoryError):
+        return ("out of memory (in this process or a data loading worker); lower --batch-size, "
+                "--eval-batch-size or --workers; files already saved are kept")
+    if isinstance(err, RuntimeError) and str(err).startswith('DataLoader worker'):
+        # torch's words for a worker that died (killed by the kernel's OOM killer, or by hand)
+        return (f"{' '.join(str(err).split())[:160].rstrip('. ')}: a data loading worker died, most often "
+                f"killed when memory ran out; lower --workers or --batch-size, or pass --workers 0; files "
+                f"already saved are kept")
     return None
+
+
+_COMMAND_END = []          # what every command does when it ends, however (at_command_end)
+
+
+def at_command_end(cleanup):
+    """Run `cleanup()` whenever a command of run_command ends, failed or not (gpuinput ends the data
+    loading workers a failed pass left: they must not outlive the command)."""
+    if cleanup not in _COMMAND_END:
+        _COMMAND_END.append(cleanup)
 
 
 def run_command(work, *args):
     """`work(*args)` behind the one-line boundary of a command: its exit status (0, or 2 for a
     UserError, 130 for Ctrl-C, 1 for a failure of the machine), with one `error:` line on stderr."""
+    try:
+        return _run_reporting(work, *args)
+    finally:
+        for cleanup in _COMMAND_END:
+            cleanup()
+
+
+def _run_reporting(work, *args):
     try:
         work(*args)
     except UserError as err:
@@ -390,7 +416,7 @@ def run_command(work, *args):
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); the files saved before are kept", file=sys.stderr)
         return 130
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, MemoryError) as err:
         line = environment_error(err)
         if line is None:
             raise

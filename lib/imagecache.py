@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import datasets
+from lib import gpuinput
 from lib.images import load_image
 import utils
 from utils import UserError
@@ -160,7 +161,7 @@ def _decode_into(tmp, paths, size, workers, skip_bad):
     loader = torch.utils.data.DataLoader(_Decoder(paths, size, skip_bad), batch_size=32, num_workers=workers,
                                          generator=torch.Generator())
     bad_rows = []
-    for rows, pixels, ok in loader:
+    for rows, pixels, ok in gpuinput.shut_down_on_error(loader):
         array[rows.numpy()] = pixels.numpy()
         bad_rows += rows[~ok].tolist()
     array.flush()
