@@ -44,8 +44,9 @@ def get_args_parser():
                       help='DataLoader worker processes; they decode and resize, the device normalises, and '
                            'the training ones persist across epochs (default: 4 on CUDA, 0 on CPU, as the original)')
     data.add_argument('--allow-large-images', dest='allow_large_images', action='store_true',
-                      help="decode images over PIL's pixel limit (its decompression-bomb guard, about 179 "
-                           "megapixels); only for images you trust")
+                      help="decode images of more than PIL's Image.MAX_IMAGE_PIXELS (89,478,485 pixels, about "
+                           "89 megapixels; without it they are refused by name: PIL itself only warns there and "
+                           "refuses from twice that); only for images you trust")
     data.add_argument('--cache-images', '--cache_images', dest='cache_images', action='store_true',
                       help='decode and resize each split\'s images once into a uint8 memory-mapped file '
                            'data/<Dataset>/cache/<split>_<img-size>.u8 (N x S x S x 3 bytes), rebuilt '
@@ -273,6 +274,7 @@ def run(resolved):
     utils.seed_everything(args.seed)
     run_dir = os.path.join('runs', args.name)
     training = config.is_training(args)
+    inputs.check_data_folder(args)              # before the run folder is made
     with runfolder.prepare(run_dir, args, training, device):
         return dispatch(resolved, run_dir, device)
 
@@ -289,7 +291,7 @@ def dispatch(resolved, run_dir, device):
                                   local_imagenet=resolved.starts_stage2)
     logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
     if resolved.starts_stage2:
-        checkpoints.load_stage1_weights(tnet, checkpoint, args.resume)
+        checkpoints.load_stage1_weights(tnet, checkpoint, args.resume, split_files)
         logger.info(f"=> stage 2 starts from the stage-1 weights of '{args.resume}'")
         checkpoint = None                     # its optimizer, epoch and RNG belong to stage 1
     if checkpoint is not None:

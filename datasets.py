@@ -89,14 +89,28 @@ def meta_entry(data_path, dataset):
 
 # ----------------------------------------------------------------------------- dataset files
 
+def missing_dataset_message(root):
+    """The line for a dataset folder that is not there (relative paths count from the working
+    directory, which a command run from elsewhere changes)."""
+    where = '' if os.path.isabs(root) else f' (relative to the working directory {os.getcwd()})'
+    return (f"dataset folder {root} not found{where}; prepare it as docs/datasets.md says "
+            f"(\"The authors' format\") or pass --data_path the folder that holds it")
+
+
+def check_dataset_folder(data_path, dataset):
+    """A one-line error before anything is written when `<data_path>/<dataset>` is not a folder."""
+    root = os.path.join(data_path, dataset)
+    if not os.path.isdir(root):
+        raise UserError(missing_dataset_message(root))
+
+
 class SplitFiles:
     """The meta data, file lists and labels of one dataset folder, validated on load."""
 
     def __init__(self, data_path, dataset):
         self.root = os.path.join(data_path, dataset)
         if not os.path.isdir(self.root):
-            raise UserError(f"dataset folder {self.root} not found; prepare it as the README's "
-                            f"'Datasets' section says or pass --data_path")
+            raise UserError(missing_dataset_message(self.root))
         self.dataset = dataset
         self.attributes, self.values_per_attribute, self.meta_path = meta_entry(data_path, dataset)
         self._filenames = {}

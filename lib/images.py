@@ -7,6 +7,7 @@ if __name__ == '__main__':                       # run as a script: say what to 
     raise SystemExit(2)
 import contextlib
 import os
+import re
 import warnings
 
 import numpy as np
@@ -28,7 +29,7 @@ def load_image(path):
             raise UserError(f"image {path} is listed but missing; restore it or fix the filenames file") from err
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise UserError(f"image {path}: {too_large_message(err)}") from err
+        raise UserError(f"image {path}: {too_large_message(bomb_detail(err))}") from err
     except (OSError, ValueError) as err:
         raise UserError(f"image {path} cannot be read ({err}); replace it") from err
 
@@ -59,6 +60,15 @@ def too_large_message(detail):
             f"--allow-large-images if it is wanted")
 
 
+def bomb_detail(err):
+    """PIL's decompression-bomb message with the limit that is refused here: PIL's error above twice
+    Image.MAX_IMAGE_PIXELS names that double; its warning, raised as an error here, names the limit."""
+    found = re.search(r'\((\d+) pixels\)', str(err))
+    if found is None or Image.MAX_IMAGE_PIXELS is None:
+        return str(err)
+    return f"{found.group(1)} pixels, over PIL's limit of {Image.MAX_IMAGE_PIXELS} (Image.MAX_IMAGE_PIXELS)"
+
+
 @contextlib.contextmanager
 def refusing_large_images():
     """PIL's DecompressionBombWarning raised as an error inside the block."""
@@ -72,7 +82,8 @@ def pixel_limit_problem(width, height):
     limit = Image.MAX_IMAGE_PIXELS
     if limit is None or width * height <= limit:
         return None
-    return too_large_message(f"{width}x{height} = {width * height} pixels, PIL's limit is {limit}")
+    return too_large_message(f"{width}x{height} = {width * height} pixels, over PIL's limit of {limit} "
+                             f"(Image.MAX_IMAGE_PIXELS)")
 
 
 if os.environ.get(ALLOW_LARGE_IMAGES_ENV) == '1':
@@ -124,7 +135,7 @@ def image_problem(path):
                 with Image.open(path) as img:
                     img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        return too_large_message(err)
+        return too_large_message(bomb_detail(err))
     except (OSError, SyntaxError, ValueError) as err:
         return f'unreadable: {err}'
     if mode in REFUSED_MODES:

@@ -37,6 +37,32 @@ def prepare_dataset(args):
     return datasets.SplitFiles(args.data_path, args.dataset)
 
 
+def check_data_folder(args):
+    """Before the run folder is made: the dataset's folder is there (or will be generated), so a
+    mistyped --data_path or --dataset leaves no empty runs/<name>/ behind."""
+    if os.path.exists(args.data_path) and not os.path.isdir(args.data_path):
+        raise UserError(f"--data_path {args.data_path} is a file, not a folder; pass the folder holding the datasets")
+    if args.dataset == 'SynthFashion' and generates_data(args):
+        return                                    # training generates it on first use
+    if args.dataset == 'SynthFashion':
+        missing_synth_folder(args)
+        return
+    datasets.check_dataset_folder(args.data_path, args.dataset)
+
+
+def missing_synth_folder(args):
+    """One line when a command that never generates SynthFashion finds no folder at all: the
+    --data_path (often a checkpoint's, or relative to another working directory) is wrong."""
+    root = os.path.join(args.data_path, 'SynthFashion')
+    if os.path.isdir(root):
+        return
+    origin = '' if 'data_path' in getattr(args, 'explicit', ()) or not getattr(args, 'resume', None) else \
+        f' (--data_path {args.data_path} as saved in --resume {args.resume})'
+    where = '' if os.path.isabs(root) else f', relative to the working directory {os.getcwd()}'
+    raise UserError(f"dataset folder {root} not found{origin}{where}; pass --data_path the folder that "
+                    f"holds the SynthFashion the model was trained on (testing never generates data)")
+
+
 def generates_data(args):
     """Only training (asen.py, pretrain.py) may generate or regenerate SynthFashion: --test,
     --visualize and --retrieve read the data a model was trained on, or stop."""
@@ -45,6 +71,7 @@ def generates_data(args):
 
 def check_synth_generated(args, n_eval):
     """SynthFashion as --synth-images asks, already there; else one line (nothing is generated)."""
+    missing_synth_folder(args)
     root = os.path.join(args.data_path, 'SynthFashion')
     if synthfashion.is_generated(root, n_train=args.synth_images, n_valid=n_eval, n_test=n_eval):
         return
