@@ -16,7 +16,7 @@ import model
 import utils
 from utils import UserError
 from lib import asenpp, checkpoints, commands, config, inputs, runfolder, runtime, tables
-from lib import images
+from lib import datacheck, images
 from lib.config import COMPILE_MODES, DATASETS
 from lib.runtime import is_main_process, local_first
 
@@ -40,6 +40,11 @@ def get_args_parser():
     data.add_argument('--skip-bad-images', dest='skip_bad_images', action='store_true',
                       help='skip listed images that are missing or unreadable, and say how many (without '
                            'it: stop and name the first one)')
+    data.add_argument('--check-data', '--check_data', dest='check_data', action='store_true',
+                      help="count the images the split files name that are missing or cannot be read, per "
+                           "split and per attribute, in --workers processes (default: one a core, up to 8), "
+                           "print the report and exit (writes nothing); with --skip-bad-images a training "
+                           "run logs the same report before it starts. See docs/datasets.md")
     data.add_argument('--workers', type=int, default=None,
                       help='DataLoader worker processes; they decode and resize, the device normalises, and '
                            'the training ones persist across epochs (default: 4 on CUDA, 0 on CPU, as the original)')
@@ -269,6 +274,8 @@ def run(resolved):
         return tables.collect(args.collect, args.collect_out, args.collect_by)
     if args.allow_large_images:
         images.allow_large_images(True)
+    if args.check_data:
+        return datacheck.run(args)
     device = runtime.resolve_device(args.no_cuda)
     runtime.configure_backends(device, args.tf32)
     utils.seed_everything(args.seed)

@@ -404,7 +404,7 @@ class RetrievalDataset(CachedImages, torch.utils.data.Dataset):
         entries = split_files.retrieval_entries(split, role)
         bad = bad_image_ids(self.root, self.filenames, entries[:, 0], split_files.path(f'{role}_{split}.txt'), skip_bad)
         self.entries = entries[~np.isin(entries[:, 0], bad)]
-        self.skipped = len(bad)
+        self.skipped, self.listed = len(bad), len(entries)     # images left out, entries the file lists
         if not len(self.entries):
             left = f' left once --skip-bad-images dropped {len(bad)} image(s)' if len(bad) else ''
             raise UserError(f"{split_files.path(f'{role}_{split}.txt')}: no {role} entries{left}; the {split} "
