@@ -332,6 +332,8 @@ CASES = [
          results(dict(GOOD_RESULT, MeanAP=None))),
     case('collect-attributes-mismatch', ['--collect', 'runs/done'], ['test_results.json', "'attributes'"],
          results(dict(GOOD_RESULT, attributes=['colour']))),
+    case('collect-scored-not-a-share', ['--collect', 'runs/done'], ['test_results.json', "'scored'", 'share'],
+         results(dict(GOOD_RESULT, scored={'share': 'most'}))),
     case('collect-results-bom', ['--collect', 'runs/done'], ['test_results.json:1', 'BOM'],
          results(b'\xef\xbb\xbf' + json.dumps(GOOD_RESULT).encode())),
     # synthfashion.py
