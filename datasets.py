@@ -84,7 +84,7 @@ def meta_entry(data_path, dataset):
         if entry is not None:
             return entry[0], entry[1], path
     raise UserError(f"no meta.json entry for dataset {dataset!r} in {' or '.join(candidates)}; "
-                    f"unpack the authors' split archive into {data_path}/ (see README, 'Datasets')")
+                    f"unpack the authors' split archive into {data_path}/ (docs/datasets.md, \"The authors' format\")")
 
 
 # ----------------------------------------------------------------------------- dataset files

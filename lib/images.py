@@ -197,5 +197,5 @@ def bad_image_ids(root, filenames, ids, listing, skip_bad):
     if bad and not skip_bad:
         raise UserError(f"{len(bad)} image(s) listed in {listing} are missing or unreadable under {root}, e.g. "
                         f"{filenames[bad[0]]} ({first_problem}); restore or download the images as the "
-                        f"README says, or pass --skip-bad-images to leave them out")
+                        f"docs/datasets.md says (python asen.py --check-data counts them), or pass --skip-bad-images to leave them out")
     return np.asarray(bad, dtype=np.int64)
