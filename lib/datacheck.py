@@ -86,7 +86,9 @@ def check(split_files, workers):
     for split in ('train', 'valid', 'test'):
         filenames = split_files.filenames(split)
         paths = [os.path.join(split_files.root, filenames[i]) for i in wanted[split]]
-        problems[split] = dict(zip(wanted[split].tolist(), image_problems(paths, workers, f'{split} images')))
+        found = image_problems(paths, workers, f'{split} images')
+        images.remember_problems(paths, found)
+        problems[split] = dict(zip(wanted[split].tolist(), found))
     report = {'root': split_files.root, 'splits': {}, 'entries': {}, 'examples': []}
     for split, found in problems.items():
         bad = {i: p for i, p in found.items() if p is not None}

@@ -116,8 +116,32 @@ def to_rgb(img, path):
     return img.convert('RGB')
 
 
+_CHECKED = {}        # path: (its stat signature, image_problem's answer), filled by remember_problems
+
+
+def _signature(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino, Image.MAX_IMAGE_PIXELS      # the limit changes the answer
+
+
+def remember_problems(paths, problems):
+    """Keep what a check (lib/datacheck.py, in other processes) found, so that the datasets' own
+    scan of the same images, before training, does not read every header again; an image changed
+    since (size, mtime or inode), or a changed pixel limit, reads it again."""
+    for path, problem in zip(paths, problems):
+        signature = _signature(path)
+        if signature is not None:
+            _CHECKED[path] = (signature, problem)
+
+
 def image_problem(path):
     """None if `path` is an image load_image can use (judged from its header), else why not."""
+    known = _CHECKED.get(path)
+    if known is not None and known[0] == _signature(path):
+        return known[1]
     if not os.path.lexists(path) or not os.path.exists(path):
         return 'missing'
     kind = checks.file_kind(path)

@@ -2,6 +2,7 @@
 the images the split files name that are missing or unreadable, per split and per attribute; the
 share of a split that was scored, in test_results.json and the collected tables."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -122,3 +123,16 @@ def test_tables_mark_a_partly_scored_row():
     assert '*' not in whole
     assert '| ASENet * |' in part and 'ASENet 90.0% of its queries' in part
     assert np.isclose(tables.table_of([('r', dict(result, scored={'share': 0.9}))])['rows'][0]['scored_share'], 0.9)
+
+
+def test_the_scan_before_training_reuses_the_check_but_not_for_a_changed_image(damaged):
+    from lib import images
+    data, _ = damaged
+    split_files = datasets.SplitFiles(str(data), 'SynthFashion')
+    datacheck.check(split_files, 0)
+    path = str(data / 'SynthFashion' / split_files.filenames('train')[1])
+    assert images.image_problem(path) is None
+    os.unlink(path)                                    # (maybe hard-linked to the shared data)
+    with open(path, 'wb') as f:                        # cut short after the check: read again
+        f.write(b'\xff\xd8\xff')
+    assert images.image_problem(path) is not None
