@@ -51,8 +51,10 @@ def check_data_folder(args):
         return                                    # training generates it on first use
     if args.dataset == 'SynthFashion':
         missing_synth_folder(args)
-        return
-    datasets.check_dataset_folder(args.data_path, args.dataset)
+    elif args.dataset == 'Zappos50k':
+        zappos.ZapposFiles(args.data_path)         # its folders, named as its own layout wants
+    else:
+        datasets.check_dataset_folder(args.data_path, args.dataset)
 
 
 def missing_synth_folder(args):
