@@ -67,7 +67,7 @@ def missing_synth_folder(args):
         f' (--data_path {args.data_path} as saved in --resume {args.resume})'
     where = '' if os.path.isabs(root) else f', relative to the working directory {os.getcwd()}'
     raise UserError(f"dataset folder {root} not found{origin}{where}; pass --data_path the folder that "
-                    f"holds the SynthFashion the model was trained on (testing never generates data)")
+                    f"holds the SynthFashion the model was trained on (testing never (re)generates data)")
 
 
 def generates_data(args):
