@@ -16,7 +16,7 @@ import model
 import utils
 from utils import UserError
 from lib import asenpp, checkpoints, commands, config, inputs, runfolder, runtime, tables
-from lib import images
+from lib import datacheck, images
 from lib.config import COMPILE_MODES, DATASETS
 from lib.runtime import is_main_process, local_first
 
@@ -40,12 +40,18 @@ def get_args_parser():
     data.add_argument('--skip-bad-images', dest='skip_bad_images', action='store_true',
                       help='skip listed images that are missing or unreadable, and say how many (without '
                            'it: stop and name the first one)')
+    data.add_argument('--check-data', '--check_data', dest='check_data', action='store_true',
+                      help="count the images the split files name that are missing or cannot be read, per "
+                           "split and per attribute, in --workers processes (default: one a core, up to 8), "
+                           "print the report and exit (writes nothing); with --skip-bad-images a training "
+                           "run logs the same report before it starts. See docs/datasets.md")
     data.add_argument('--workers', type=int, default=None,
                       help='DataLoader worker processes; they decode and resize, the device normalises, and '
                            'the training ones persist across epochs (default: 4 on CUDA, 0 on CPU, as the original)')
     data.add_argument('--allow-large-images', dest='allow_large_images', action='store_true',
-                      help="decode images over PIL's pixel limit (its decompression-bomb guard, about 179 "
-                           "megapixels); only for images you trust")
+                      help="decode images of more than PIL's Image.MAX_IMAGE_PIXELS (89,478,485 pixels, about "
+                           "89 megapixels; without it they are refused by name: PIL itself only warns there and "
+                           "refuses from twice that); only for images you trust")
     data.add_argument('--cache-images', '--cache_images', dest='cache_images', action='store_true',
                       help='decode and resize each split\'s images once into a uint8 memory-mapped file '
                            'data/<Dataset>/cache/<split>_<img-size>.u8 (N x S x S x 3 bytes), rebuilt '
@@ -284,11 +290,14 @@ def run(resolved):
         return None
     if args.allow_large_images:
         images.allow_large_images(True)
+    if args.check_data:
+        return datacheck.run(args)
     device = runtime.resolve_device(args.no_cuda)
     runtime.configure_backends(device, args.tf32)
     utils.seed_everything(args.seed)
     run_dir = os.path.join('runs', args.name)
     training = config.is_training(args)
+    inputs.check_data_folder(args)              # before the run folder is made
     with runfolder.prepare(run_dir, args, training, device, resolved.checkpoint):
         return dispatch(resolved, run_dir, device)
 
@@ -305,7 +314,7 @@ def dispatch(resolved, run_dir, device):
                                   local_imagenet=resolved.starts_stage2)
     logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
     if resolved.starts_stage2:
-        checkpoints.load_stage1_weights(tnet, checkpoint, args.resume)
+        checkpoints.load_stage1_weights(tnet, checkpoint, args.resume, split_files)
         logger.info(f"=> stage 2 starts from the stage-1 weights of '{args.resume}'")
         checkpoint = None                     # its optimizer, epoch and RNG belong to stage 1
     if checkpoint is not None:

@@ -145,6 +145,17 @@ def split_file_texts(images, splits, queries):
     return texts
 
 
+def check_no_empty_split(label_files, images, texts):
+    """Refuse a split with an empty file (too few usable rows: the valid and test splits of an
+    attribute take a tenth of its images each, and a fifth of those are queries), which asen.py
+    would refuse later in a less telling way."""
+    empty = [name for name, text in texts.items() if not text]
+    if empty:
+        raise UserError(f"{', '.join(p for p, _ in label_files)}: only {len(images)} usable image(s), too few "
+                        f"for a split ({', '.join(sorted(empty))} would be empty); an attribute needs about "
+                        f"25 labelled images for its valid and test queries: unpack all the annotations")
+
+
 def fashionai_meta_entry():
     """The FashionAI entry of meta.json, in the authors' attribute order."""
     return {'ATTRIBUTES': [n for n, _ in FASHIONAI_ATTRIBUTES], 'ATTRIBUTES_NUM': dict(FASHIONAI_ATTRIBUTES)}
@@ -195,6 +206,7 @@ def build_fashionai(root, seed=0, force=False):
         raise UserError(f"{', '.join(p for p, _ in label_files)}: no usable row")
     splits, queries = assign_splits(images, seed)
     texts = split_file_texts(images, splits, queries)
+    check_no_empty_split(label_files, images, texts)
     texts['meta.json'] = meta_text(root)
     write_files_atomically(root, texts)
     return {'images': {s: len(p) for s, p in splits.items()}, 'queries': {s: len(q) for s, q in queries.items()},

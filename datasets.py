@@ -84,10 +84,25 @@ def meta_entry(data_path, dataset):
         if entry is not None:
             return entry[0], entry[1], path
     raise UserError(f"no meta.json entry for dataset {dataset!r} in {' or '.join(candidates)}; "
-                    f"unpack the authors' split archive into {data_path}/ (see README, 'Datasets')")
+                    f"unpack the authors' split archive into {data_path}/ (docs/datasets.md, \"The authors' format\")")
 
 
 # ----------------------------------------------------------------------------- dataset files
+
+def missing_dataset_message(root):
+    """The line for a dataset folder that is not there (relative paths count from the working
+    directory, which a command run from elsewhere changes)."""
+    where = '' if os.path.isabs(root) else f' (relative to the working directory {os.getcwd()})'
+    return (f"dataset folder {root} not found{where}; prepare it as docs/datasets.md says "
+            f"(\"The authors' format\") or pass --data_path the folder that holds it")
+
+
+def check_dataset_folder(data_path, dataset):
+    """A one-line error before anything is written when `<data_path>/<dataset>` is not a folder."""
+    root = os.path.join(data_path, dataset)
+    if not os.path.isdir(root):
+        raise UserError(missing_dataset_message(root))
+
 
 class SplitFiles:
     """The meta data, file lists and labels of one dataset folder, validated on load."""
@@ -95,8 +110,7 @@ class SplitFiles:
     def __init__(self, data_path, dataset):
         self.root = os.path.join(data_path, dataset)
         if not os.path.isdir(self.root):
-            raise UserError(f"dataset folder {self.root} not found; prepare it as the README's "
-                            f"'Datasets' section says or pass --data_path")
+            raise UserError(missing_dataset_message(self.root))
         self.dataset = dataset
         self.attributes, self.values_per_attribute, self.meta_path = meta_entry(data_path, dataset)
         self._filenames = {}
@@ -390,7 +404,7 @@ class RetrievalDataset(CachedImages, torch.utils.data.Dataset):
         entries = split_files.retrieval_entries(split, role)
         bad = bad_image_ids(self.root, self.filenames, entries[:, 0], split_files.path(f'{role}_{split}.txt'), skip_bad)
         self.entries = entries[~np.isin(entries[:, 0], bad)]
-        self.skipped = len(bad)
+        self.skipped, self.listed = len(bad), len(entries)     # images left out, entries the file lists
         if not len(self.entries):
             left = f' left once --skip-bad-images dropped {len(bad)} image(s)' if len(bad) else ''
             raise UserError(f"{split_files.path(f'{role}_{split}.txt')}: no {role} entries{left}; the {split} "

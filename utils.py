@@ -299,6 +299,33 @@ class StrictFileHandler(logging.FileHandler):
         raise                                       # the exception being handled in emit()
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """The console's log handler. A console that went away (stdout piped into `head`, which exits)
+    does not stop the run, nor print logging's 'Logging error' traceback for every record: stdout
+    is pointed at /dev/null, one line says where the log goes on, and the log file keeps every
+    record."""
+
+    def __init__(self, stream, log_file=None):
+        super().__init__(stream)
+        self.log_file = log_file
+
+    def handleError(self, record):
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            silence_stdout()
+            where = f'; the log goes on in {self.log_file}' if self.log_file else ''
+            print(f'note: standard output was closed (a pipe into head?){where}', file=sys.stderr)
+            return
+        super().handleError(record)
+
+
+def silence_stdout():
+    """Point stdout (the file descriptor) at /dev/null: what is still buffered, and every later
+    write, goes nowhere instead of raising BrokenPipeError again (also at the interpreter's exit)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def setup_logger(log_file=None):
     """Console logger in the original's format, also writing to `log_file` when given."""
     logger = logging.getLogger('asen')
@@ -308,7 +335,7 @@ def setup_logger(log_file=None):
         logger.removeHandler(handler)
         handler.close()
     formatter = logging.Formatter('%(asctime)s - %(name)s - %(levelname)s - %(message)s')
-    handlers = [logging.StreamHandler(sys.stdout)]
+    handlers = [ConsoleHandler(sys.stdout, log_file)]
     if log_file:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
         handlers.append(StrictFileHandler(log_file))
@@ -342,14 +369,37 @@ class HelpFormatter(argparse.HelpFormatter):
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose bad flag is one `error:` line on stderr (exit 2) rather than the usage block."""
+    """argparse whose bad flag is one `error:` line on stderr (exit 2) rather than the usage block,
+    and which refuses a value holding bytes that are not UTF-8 (run folders, logs, args.json and
+    the result files are UTF-8 text: such a --name would fail in the middle of writing them)."""
 
     def __init__(self, *args, command, **kwargs):
         super().__init__(*args, **kwargs)
         self.command = command
 
+    def parse_known_args(self, args=None, namespace=None):
+        words = sys.argv[1:] if args is None else list(args)
+        for index, word in enumerate(words):
+            if isinstance(word, str) and not is_utf8(word):
+                flag = words[index - 1] + ' ' if index and words[index - 1].startswith('-') else ''
+                shown = str(os.fsencode(word))[2:-1]
+                self.error(f"{flag}'{shown}' holds a byte that is not UTF-8; run folders, logs and "
+                           f"args.json are UTF-8 text: give it in UTF-8 (e.g. rename the file or choose "
+                           f"another --name)")
+        return super().parse_known_args(args, namespace)
+
     def error(self, message):
         self.exit(2, f'error: {message} (see python {self.command} --help)\n')
+
+
+def is_utf8(text):
+    """False for a str holding lone surrogates: bytes that were not UTF-8 in a command line or a
+    file name (Python decodes those with surrogateescape)."""
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_range(name, value, allowed, ok):
@@ -374,12 +424,38 @@ def environment_error(err):
     if is_disk_full(err):
         return f"no space left on device ({' '.join(str(err).split())[:200]}); free disk space; files " \
                f"already saved are kept"
+    if isinstance(err, MemoryError):
+        return ("out of memory (in this process or a data loading worker); lower --batch-size, "
+                "--eval-batch-size or --workers; files already saved are kept")
+    if isinstance(err, RuntimeError) and str(err).startswith('DataLoader worker'):
+        # torch's words for a worker that died (killed by the kernel's OOM killer, or by hand)
+        return (f"{' '.join(str(err).split())[:160].rstrip('. ')}: a data loading worker died, most often "
+                f"killed when memory ran out; lower --workers or --batch-size, or pass --workers 0; files "
+                f"already saved are kept")
     return None
+
+
+_COMMAND_END = []          # what every command does when it ends, however (at_command_end)
+
+
+def at_command_end(cleanup):
+    """Run `cleanup()` whenever a command of run_command ends, failed or not (gpuinput ends the data
+    loading workers a failed pass left: they must not outlive the command)."""
+    if cleanup not in _COMMAND_END:
+        _COMMAND_END.append(cleanup)
 
 
 def run_command(work, *args):
     """`work(*args)` behind the one-line boundary of a command: its exit status (0, or 2 for a
     UserError, 130 for Ctrl-C, 1 for a failure of the machine), with one `error:` line on stderr."""
+    try:
+        return _run_reporting(work, *args)
+    finally:
+        for cleanup in _COMMAND_END:
+            cleanup()
+
+
+def _run_reporting(work, *args):
     try:
         work(*args)
     except UserError as err:
@@ -390,7 +466,7 @@ def run_command(work, *args):
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); the files saved before are kept", file=sys.stderr)
         return 130
-    except (OSError, RuntimeError) as err:
+    except (OSError, RuntimeError, MemoryError) as err:
         line = environment_error(err)
         if line is None:
             raise

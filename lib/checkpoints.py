@@ -314,9 +314,13 @@ def weights_mismatch(tnet, state, path, dataset=None):
                        f"(--backbone, --dim_embed or --model differ from the file's?): {detail}")
 
 
-def load_stage1_weights(tnet, checkpoint, path):
+def load_stage1_weights(tnet, checkpoint, path, dataset=None):
     """A stage-1 ASENpp checkpoint into a stage-2 network: every key but the local branch's must fit."""
-    result = tnet.load_state_dict(checkpoint['state_dict'], strict=False)
+    try:
+        result = tnet.load_state_dict(checkpoint['state_dict'], strict=False)
+    except RuntimeError as err:                  # shapes differ (strict=False checks only names)
+        raise UserError(weights_mismatch(tnet, checkpoint['state_dict'], path, dataset) or
+                        f"--resume {path}: does not fit this ASENpp: {' '.join(str(err).split())[:300]}") from err
     local = ('embeddingnet.local_backbone.', 'embeddingnet.local_attn.')
     missing = [k for k in result.missing_keys if not k.startswith(local)]
     if missing or result.unexpected_keys:

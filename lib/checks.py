@@ -109,6 +109,9 @@ def check_meta(path, meta, dataset):
             or not isinstance(entry.get('ATTRIBUTES_NUM'), dict):
         raise UserError(needs)
     names = entry['ATTRIBUTES']
+    if not names:
+        raise UserError(f"{path}: entry {dataset!r} has no ATTRIBUTES (an empty list); list the dataset's "
+                        f"attribute names in ATTRIBUTES and their value counts in ATTRIBUTES_NUM")
     if not all(isinstance(name, str) and name for name in names):
         raise UserError(f"{needs}; ATTRIBUTES holds something other than names")
     repeated = sorted({name for name in names if names.count(name) > 1})

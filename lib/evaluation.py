@@ -106,9 +106,26 @@ def retrieval_map(query_emb, query_entries, cand_emb, cand_entries, n_attributes
 
 
 def percent(evaluation, scores):
-    """{'mAP': {attribute: %}, 'MeanAP': %} (Zappos50k: 'accuracy', 'Accuracy')."""
-    return {evaluation.per_key: {name: 100 * value for name, value in scores.per.items()},
-            evaluation.total_key: 100 * scores.total}
+    """{'mAP': {attribute: %}, 'MeanAP': %} (Zappos50k: 'accuracy', 'Accuracy'), and 'scored' when
+    --skip-bad-images left entries of the split out (see `scored_share`)."""
+    result = {evaluation.per_key: {name: 100 * value for name, value in scores.per.items()},
+              evaluation.total_key: 100 * scores.total}
+    share = scored_share(evaluation)
+    if share is not None:
+        result['scored'] = share
+    return result
+
+
+def scored_share(evaluation):
+    """{'queries': [scored, listed], 'candidates': [kept, listed], 'share': scored / listed queries}
+    when --skip-bad-images left queries or candidates of the split out (their images missing or
+    unreadable), else None: a score computed on part of a split says so."""
+    sets = {'queries': getattr(evaluation, 'queries', None), 'candidates': getattr(evaluation, 'candidates', None)}
+    counts = {role: [len(d), int(getattr(d, 'listed', len(d)))] for role, d in sets.items() if d is not None}
+    if len(counts) < 2 or all(kept == listed for kept, listed in counts.values()):
+        return None
+    scored, listed = counts['queries']
+    return dict(counts, share=scored / max(listed, 1))
 
 
 def log_scores(logger, evaluation, scores, epoch=None):

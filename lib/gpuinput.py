@@ -35,10 +35,15 @@ items, build_transform), for any number of workers, persistent or not:
 if __name__ == '__main__':                       # run as a script: say what to run instead
     print('error: lib/gpuinput.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
     raise SystemExit(2)
+import atexit
+import multiprocessing
+import warnings
+import weakref
 from functools import lru_cache
 
 import torch
 
+import utils
 from datasets import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -180,6 +185,49 @@ def ignore_stop_signals(worker_id=None):
             signal.signal(number, signal.SIG_IGN)
 
 
+def stop_workers(kill_leftovers=False):
+    """End the workers of every DeviceLoader alive (their persistent workers too); with
+    `kill_leftovers`, at the interpreter's exit, also SIGKILL any daemonic child left: the workers
+    ignore SIGTERM (`ignore_stop_signals`), so multiprocessing's own exit hook, which sends SIGTERM
+    and then waits, would wait for ever. Registered with atexit below, so it runs before torch's
+    exit hook turns the DataLoaders' own shutdown into a no-op."""
+    for loader in list(_LOADERS):
+        loader.close()
+    if kill_leftovers:
+        for child in multiprocessing.active_children():
+            if child.daemon:
+                child.kill()
+                child.join(timeout=5)
+
+
+def shut_down_on_error(loader):
+    """The batches of one pass of a torch DataLoader, its workers ended as soon as the pass fails (an
+    unreadable image, a worker out of memory or killed) rather than when the garbage collector
+    finds the iterator, which a failed pass's frames keep alive; a pass left early (GeneratorExit)
+    is no failure. The pass starts here, as `for batch in loader` starts it (its workers prefetch)."""
+    return _ending_workers_on_error(loader, iter(loader))
+
+
+def _ending_workers_on_error(loader, iterator):
+    try:
+        yield from iterator
+    except Exception:
+        if hasattr(iterator, '_shutdown_workers'):
+            iterator._shutdown_workers()
+        if getattr(loader, '_iterator', None) is iterator:
+            loader._iterator = None
+        raise
+
+
+# torch warns when --workers exceeds the cores it counts; the user chose the number (and the
+# warning would break the promise of one line on stderr for a failed run)
+warnings.filterwarnings('ignore', message='This DataLoader will create', category=UserWarning)
+
+_LOADERS = weakref.WeakSet()           # the DeviceLoaders alive, for stop_workers
+atexit.register(stop_workers, kill_leftovers=True)   # after torch's hook (imported above): atexit runs last first
+utils.at_command_end(stop_workers)     # and at the end of each command, for in-process callers
+
+
 def _as_is(batch):
     """The batch as `load_batch` made it (no collation: it is one already)."""
     return batch
@@ -207,6 +255,7 @@ class DeviceLoader:
             collate_fn=_as_is, pin_memory=self.device.type == 'cuda', generator=torch.Generator(),
             persistent_workers=persistent and workers > 0, worker_init_fn=ignore_stop_signals)
         self.first_batch = 0                      # the next pass starts here (a resumed epoch)
+        _LOADERS.add(self)
 
     def __len__(self):
         return len(self.tasks)
@@ -222,7 +271,14 @@ class DeviceLoader:
         self.first_batch = 0
         if self.device.type == 'cuda':
             return self._prefetched()
-        return (self._ready(batch) for batch in self.loader)
+        return (self._ready(batch) for batch in shut_down_on_error(self.loader))
+
+    def close(self):
+        """End the workers now (the persistent ones too); a later pass starts new ones."""
+        iterator = getattr(self.loader, '_iterator', None)
+        self.loader._iterator = None
+        if iterator is not None and hasattr(iterator, '_shutdown_workers'):
+            iterator._shutdown_workers()
 
     def _ready(self, batch):
         """A worker's batch on the device: the images normalised, the labels moved."""
@@ -244,7 +300,7 @@ class DeviceLoader:
         main, side = torch.cuda.current_stream(self.device), self.side_stream
         side.wait_stream(main)                    # nothing of the side stream's runs before what is queued
         pending = None
-        for batch in self.loader:
+        for batch in shut_down_on_error(self.loader):
             with torch.cuda.stream(side):
                 ready = self._ready(batch)
             if pending is not None:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import datasets
+from lib import gpuinput
 from lib.images import load_image
 import utils
 from utils import UserError
@@ -132,6 +133,9 @@ def build(paths, size, data_path, key_path, key, workers, skip_bad):
     no temporary file, no data file without its key, not the cache folder it made."""
     n_bytes = len(paths) * size * size * 3
     folder = os.path.dirname(data_path)
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{folder} is a file where the image cache's folder should be; move it away, "
+                        f"or drop --cache-images")
     made_folder = not os.path.isdir(folder)
     tmp = f'{data_path}.tmp-{os.getpid()}'
     done = False
@@ -145,7 +149,8 @@ def build(paths, size, data_path, key_path, key, workers, skip_bad):
         utils.write_json(dict(key, uncached_rows=bad_rows), key_path)
         done = True
     except OSError as err:
-        raise UserError(f"cannot write image cache {data_path}: {err.strerror or err}; free space "
+        hint = 'free space' if utils.is_disk_full(err) else 'check the folder and its permissions'
+        raise UserError(f"cannot write image cache {data_path}: {err.strerror or err}; {hint} "
                         f"or drop --cache-images") from err
     finally:
         if not done:
@@ -160,7 +165,7 @@ def _decode_into(tmp, paths, size, workers, skip_bad):
     loader = torch.utils.data.DataLoader(_Decoder(paths, size, skip_bad), batch_size=32, num_workers=workers,
                                          generator=torch.Generator())
     bad_rows = []
-    for rows, pixels, ok in loader:
+    for rows, pixels, ok in gpuinput.shut_down_on_error(loader):
         array[rows.numpy()] = pixels.numpy()
         bad_rows += rows[~ok].tolist()
     array.flush()

@@ -7,6 +7,7 @@ if __name__ == '__main__':                       # run as a script: say what to 
     raise SystemExit(2)
 import contextlib
 import os
+import re
 import warnings
 
 import numpy as np
@@ -28,7 +29,7 @@ def load_image(path):
             raise UserError(f"image {path} is listed but missing; restore it or fix the filenames file") from err
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise UserError(f"image {path}: {too_large_message(err)}") from err
+        raise UserError(f"image {path}: {too_large_message(bomb_detail(err))}") from err
     except (OSError, ValueError) as err:
         raise UserError(f"image {path} cannot be read ({err}); replace it") from err
 
@@ -59,6 +60,15 @@ def too_large_message(detail):
             f"--allow-large-images if it is wanted")
 
 
+def bomb_detail(err):
+    """PIL's decompression-bomb message with the limit that is refused here: PIL's error above twice
+    Image.MAX_IMAGE_PIXELS names that double; its warning, raised as an error here, names the limit."""
+    found = re.search(r'\((\d+) pixels\)', str(err))
+    if found is None or Image.MAX_IMAGE_PIXELS is None:
+        return str(err)
+    return f"{found.group(1)} pixels, over PIL's limit of {Image.MAX_IMAGE_PIXELS} (Image.MAX_IMAGE_PIXELS)"
+
+
 @contextlib.contextmanager
 def refusing_large_images():
     """PIL's DecompressionBombWarning raised as an error inside the block."""
@@ -72,7 +82,8 @@ def pixel_limit_problem(width, height):
     limit = Image.MAX_IMAGE_PIXELS
     if limit is None or width * height <= limit:
         return None
-    return too_large_message(f"{width}x{height} = {width * height} pixels, PIL's limit is {limit}")
+    return too_large_message(f"{width}x{height} = {width * height} pixels, over PIL's limit of {limit} "
+                             f"(Image.MAX_IMAGE_PIXELS)")
 
 
 if os.environ.get(ALLOW_LARGE_IMAGES_ENV) == '1':
@@ -105,8 +116,32 @@ def to_rgb(img, path):
     return img.convert('RGB')
 
 
+_CHECKED = {}        # path: (its stat signature, image_problem's answer), filled by remember_problems
+
+
+def _signature(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino, Image.MAX_IMAGE_PIXELS      # the limit changes the answer
+
+
+def remember_problems(paths, problems):
+    """Keep what a check (lib/datacheck.py, in other processes) found, so that the datasets' own
+    scan of the same images, before training, does not read every header again; an image changed
+    since (size, mtime or inode), or a changed pixel limit, reads it again."""
+    for path, problem in zip(paths, problems):
+        signature = _signature(path)
+        if signature is not None:
+            _CHECKED[path] = (signature, problem)
+
+
 def image_problem(path):
     """None if `path` is an image load_image can use (judged from its header), else why not."""
+    known = _CHECKED.get(path)
+    if known is not None and known[0] == _signature(path):
+        return known[1]
     if not os.path.lexists(path) or not os.path.exists(path):
         return 'missing'
     kind = checks.file_kind(path)
@@ -124,7 +159,7 @@ def image_problem(path):
                 with Image.open(path) as img:
                     img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        return too_large_message(err)
+        return too_large_message(bomb_detail(err))
     except (OSError, SyntaxError, ValueError) as err:
         return f'unreadable: {err}'
     if mode in REFUSED_MODES:
@@ -186,5 +221,5 @@ def bad_image_ids(root, filenames, ids, listing, skip_bad):
     if bad and not skip_bad:
         raise UserError(f"{len(bad)} image(s) listed in {listing} are missing or unreadable under {root}, e.g. "
                         f"{filenames[bad[0]]} ({first_problem}); restore or download the images as the "
-                        f"README says, or pass --skip-bad-images to leave them out")
+                        f"docs/datasets.md says (python asen.py --check-data counts them), or pass --skip-bad-images to leave them out")
     return np.asarray(bad, dtype=np.int64)

@@ -4,6 +4,7 @@ triplets, the evaluation sets, their loaders and image caches."""
 if __name__ == '__main__':                       # run as a script: say what to run instead
     print('error: lib/inputs.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
     raise SystemExit(2)
+import logging
 import os
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 import datasets
 import synthfashion
-from lib import asenpp, evaluation, gpuinput, imagecache, runtime, zappos
+from lib import asenpp, datacheck, evaluation, gpuinput, imagecache, runtime, zappos
 from lib.config import TRIPLET_DATASETS
 from lib.runtime import local_first
 from utils import UserError
@@ -34,7 +35,39 @@ def prepare_dataset(args):
                                 n_valid=n_eval, n_test=n_eval)
         except synthfashion.NotOurFolder as err:
             raise UserError(f"{err} (or pass another --data_path)") from err
-    return datasets.SplitFiles(args.data_path, args.dataset)
+    split_files = datasets.SplitFiles(args.data_path, args.dataset)
+    if getattr(args, 'skip_bad_images', False) and runtime.is_main_process():
+        # what --skip-bad-images will leave out, said before a long run starts (docs/datasets.md)
+        datacheck.log_before_training(split_files, args, logging.getLogger('asen').info)
+    return split_files
+
+
+def check_data_folder(args):
+    """Before the run folder is made: the dataset's folder is there (or will be generated), so a
+    mistyped --data_path or --dataset leaves no empty runs/<name>/ behind."""
+    if os.path.exists(args.data_path) and not os.path.isdir(args.data_path):
+        raise UserError(f"--data_path {args.data_path} is a file, not a folder; pass the folder holding the datasets")
+    if args.dataset == 'SynthFashion' and generates_data(args):
+        return                                    # training generates it on first use
+    if args.dataset == 'SynthFashion':
+        missing_synth_folder(args)
+    elif args.dataset == 'Zappos50k':
+        zappos.ZapposFiles(args.data_path)         # its folders, named as its own layout wants
+    else:
+        datasets.check_dataset_folder(args.data_path, args.dataset)
+
+
+def missing_synth_folder(args):
+    """One line when a command that never generates SynthFashion finds no folder at all: the
+    --data_path (often a checkpoint's, or relative to another working directory) is wrong."""
+    root = os.path.join(args.data_path, 'SynthFashion')
+    if os.path.isdir(root):
+        return
+    origin = '' if 'data_path' in getattr(args, 'explicit', ()) or not getattr(args, 'resume', None) else \
+        f' (--data_path {args.data_path} as saved in --resume {args.resume})'
+    where = '' if os.path.isabs(root) else f', relative to the working directory {os.getcwd()}'
+    raise UserError(f"dataset folder {root} not found{origin}{where}; pass --data_path the folder that "
+                    f"holds the SynthFashion the model was trained on (testing never (re)generates data)")
 
 
 def generates_data(args):
@@ -45,6 +78,7 @@ def generates_data(args):
 
 def check_synth_generated(args, n_eval):
     """SynthFashion as --synth-images asks, already there; else one line (nothing is generated)."""
+    missing_synth_folder(args)
     root = os.path.join(args.data_path, 'SynthFashion')
     if synthfashion.is_generated(root, n_train=args.synth_images, n_valid=n_eval, n_test=n_eval):
         return
@@ -79,6 +113,7 @@ def evaluation_of(split_files, split, args, logger):
     queries = dataset_class(split_files, split, 'query', transform, args.skip_bad_images)
     candidates = dataset_class(split_files, split, 'candidate', transform, args.skip_bad_images)
     report_skipped(logger, f'{split} split', queries.skipped + candidates.skipped)
+    report_dropped(logger, split, queries, candidates)
     if args.cache_images:
         attach_image_cache([queries, candidates], split_files, split, args, logger)
     return evaluation.RetrievalEvaluation(queries, candidates, split_files.attributes)
@@ -87,6 +122,15 @@ def evaluation_of(split_files, split, args, logger):
 def report_skipped(logger, what, count):
     if count:
         logger.info(f'--skip-bad-images: left out {count} missing or unreadable image(s) of the {what}')
+
+
+def report_dropped(logger, split, queries, candidates):
+    """The queries and candidates --skip-bad-images left out, counted (their scores cover the rest:
+    evaluation.percent records the share in test_results.json)."""
+    listed = [getattr(d, 'listed', len(d)) for d in (queries, candidates)]
+    if listed != [len(queries), len(candidates)]:
+        logger.info(f'--skip-bad-images: the {split} split is scored on {len(queries)} of {listed[0]} queries '
+                    f'and {len(candidates)} of {listed[1]} candidates')
 
 
 def default_workers(workers, device):

@@ -81,6 +81,10 @@ def check_result(file, result):
     for key in ('model', 'dataset'):
         if key in result and not isinstance(result[key], str):
             raise UserError(f"{file}: {key!r} is {result[key]!r}, not a name; {rerun}")
+    scored = result.get('scored')
+    if scored is not None and not (isinstance(scored, dict) and is_score(scored.get('share'))
+                                   and 0 <= scored['share'] <= 1):
+        raise UserError(f"{file}: 'scored' is {scored!r}, not the share of the split scored; {rerun}")
 
 
 def columns_of(result):
@@ -131,8 +135,12 @@ def table_of(loaded, by='model'):
     for label, results in group_rows(loaded, by):
         cells = {c: summarise([r[per][c] for r in results]) for c in columns}
         cells[total] = summarise([r[total] for r in results])
-        rows.append({'row': label, 'runs': len(results), 'mean': {k: v[0] for k, v in cells.items()},
-                     'std': {k: v[1] for k, v in cells.items()}})
+        row = {'row': label, 'runs': len(results), 'mean': {k: v[0] for k, v in cells.items()},
+               'std': {k: v[1] for k, v in cells.items()}}
+        shares = [r['scored']['share'] for r in results if r.get('scored')]
+        if shares:                      # --skip-bad-images left part of the split out of some run
+            row['scored_share'] = min(shares)
+        rows.append(row)
     randoms = [r[f'Random {total}'] for _, r in loaded if f'Random {total}' in r]
     if randoms:
         mean, std = summarise(randoms)
@@ -153,9 +161,16 @@ def markdown(table, runs_column=True):
     runs = ['runs'] if runs_column else []
     lines = ['| ' + ' | '.join([table.get('by', 'model'), *runs, *table['columns']]) + ' |',
              '|' + ' --- |' * (len(table['columns']) + 1 + len(runs))]
+    partial = []
     for row in table['rows']:
         count = [str(row['runs'])] if runs_column else []
-        lines.append('| ' + ' | '.join([row['row'], *count, *(cell(row, c) for c in table['columns'])]) + ' |')
+        label = row['row'] + (' *' if 'scored_share' in row else '')
+        lines.append('| ' + ' | '.join([label, *count, *(cell(row, c) for c in table['columns'])]) + ' |')
+        if 'scored_share' in row:
+            partial.append(f"{row['row']} {100 * row['scored_share']:.1f}%")
+    if partial:
+        lines.append(f"\n\\* scored on part of the split (--skip-bad-images left out queries whose images "
+                     f"are missing or unreadable): {', '.join(partial)} of its queries")
     return '\n'.join(lines)
 
 

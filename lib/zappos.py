@@ -47,7 +47,7 @@ class ZapposFiles:
             if not os.path.isdir(path):
                 raise UserError(f"Zappos50k folder {path} not found; put ut-zap50k-images/, filenames.json "
                                 f"and tripletlists/ of Conditional Similarity Networks into {self.folder} "
-                                f"(README, 'Datasets') or pass --data_path")
+                                f"(docs/datasets.md, 'Zappos50k') or pass --data_path")
         self._filenames = None
 
     def path(self, name):

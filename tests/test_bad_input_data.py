@@ -239,11 +239,41 @@ def chained_disk_full(message):
     return disk_full_on('save', error)
 
 
+def stage1_with_attributes(n_attributes):
+    """old/s1.pth.tar: a stage-1 ASENpp snapshot of the tiny settings with `n_attributes` attributes."""
+    def setup(w):
+        from conftest import TINY
+        from lib import commands, config
+        args = config.from_flags(TINY + ['--model', 'ASENpp', '--stage', '1', '--no-cuda'])
+        tnet = commands.build_network(args, n_attributes, torch.device('cpu'), imagenet=False)
+        w.path('old').mkdir(exist_ok=True)
+        torch.save({'epoch': 1, 'state_dict': tnet.state_dict(), 'args': args.as_dict()}, w.path('old/s1.pth.tar'))
+    return setup
+
+
+def run_from(folder):
+    """The command runs from `folder` (made), a relative data_path then points elsewhere."""
+    def setup(w):
+        w.path(folder).mkdir()
+        w.mp.chdir(w.path(folder))
+    return setup
+
+
+def no_attributes(meta):
+    meta['SynthFashion']['ATTRIBUTES'], meta['SynthFashion']['ATTRIBUTES_NUM'] = [], {}
+    return meta
+
+
+def file_at_cache_folder(w):
+    w.replace(f'{SYNTH}/cache', 'not a folder')
+
+
 # ----------------------------------------------------------------------------- the table
 
-def case(name, argv, needles, setup=nothing, code=2, command=asen.main, allow=()):
-    """`allow`: log files that may grow (the command logs before it stops), as in test_bad_input."""
-    return pytest.param(command, argv, setup, needles, code, allow, id=name)
+def case(name, argv, needles, setup=nothing, code=2, command=asen.main, allow=(), absent=()):
+    """`allow`: log files that may grow (the command logs before it stops), as in test_bad_input;
+    `absent`: words the line must not hold (the misleading ones it held before)."""
+    return pytest.param(command, argv, setup, needles, code, allow, absent, id=name)
 
 
 ZLIST = 'data/Zappos50k/tripletlists/heel_tripletlist_train.txt'
@@ -308,6 +338,8 @@ CASES = [
          results(dict(GOOD_RESULT, MeanAP=None))),
     case('collect-attributes-mismatch', ['--collect', 'runs/done'], ['test_results.json', "'attributes'"],
          results(dict(GOOD_RESULT, attributes=['colour']))),
+    case('collect-scored-not-a-share', ['--collect', 'runs/done'], ['test_results.json', "'scored'", 'share'],
+         results(dict(GOOD_RESULT, scored={'share': 'most'}))),
     case('collect-results-bom', ['--collect', 'runs/done'], ['test_results.json:1', 'BOM'],
          results(b'\xef\xbb\xbf' + json.dumps(GOOD_RESULT).encode())),
     # synthfashion.py
@@ -400,6 +432,26 @@ CASES = [
          ['--collect-out runs/shared', 'is a folder'], results(GOOD_RESULT)),
     case('pretrain-overwrite-a-snapshot', PRETRAIN[:-1] + [BEST, '--overwrite'],
          ['--out', 'model_best.pth.tar', 'does not replace'], command=pretrain.main),
+    # issue 26: the remaining tracebacks and misleading lines
+    case('name-not-utf8', NEW[:-1] + ['caf\udce9'], ["--name 'caf\\xe9'", 'not UTF-8', 'another --name']),
+    case('stage2-from-stage1-of-other-attribute-count',
+         ['--stage', '2', '--resume', 'old/s1.pth.tar', '--no-cuda', '--name', 's2', '--epochs', '1'],
+         ['old/s1.pth.tar', 'attribute count 3', 'SynthFashion has 5'], stage1_with_attributes(3)),
+    case('checkpoint-data-path-missing', TEST_OLD, ['gone/SynthFashion', 'not found', 'as saved in --resume',
+                                                   '--data_path'], saved_arg('data_path', 'gone'),
+         absent=('--synth-images',)),
+    case('checkpoint-relative-data-path-elsewhere', ['--test', '--resume', f'../{BEST}', '--no-cuda'],
+         ['data/SynthFashion', 'not found', 'working directory', 'elsewhere', '--data_path'], run_from('elsewhere'),
+         absent=('--synth-images',)),
+    case('file-where-the-image-cache-folder-goes', NEW + ['--cache-images'],
+         ['SynthFashion/cache', "image cache's folder", '--cache-images'], file_at_cache_folder,
+         absent=('space',)),
+    case('meta-json-no-attributes', NEW, ['meta.json', 'no ATTRIBUTES', 'ATTRIBUTES_NUM'], edit_meta(no_attributes),
+         absent=('out of range',)),
+    case('dataset-folder-not-found', ['--dataset', 'DARN', '--no-cuda', '--name', 'darn', '--epochs', '1'],
+         ['data/DARN', 'not found', 'docs/datasets.md', '--data_path'], absent=('README',)),
+    case('build-one-usable-row', ['--root', 'data/FashionAI'], ['label.csv', 'only 1 usable image', 'would be empty'],
+         label_csv(LABEL_CSV_ROW), command=build_fashionai.main),
     # a real full disk: torch.save's RuntimeError chained on ENOSPC
     case('disk-full-unexpected-pos', ['--resume', SHARED, '--epochs', '2', '--no-cuda'],
          ['checkpoint.pth.tar', 'No space left'], chained_disk_full('[enforce fail at inline_container.cc:603] . '
@@ -412,9 +464,27 @@ CASES = [
 
 
 @pytest.mark.slow                   # the table as a whole: about a minute of in-process cases
-@pytest.mark.parametrize('command, argv, setup, needles, code, allow', CASES)
-def test_bad_input(world, capsys, command, argv, setup, needles, code, allow):
-    check_case(world, capsys, command, argv, setup, needles, code, allow)
+@pytest.mark.parametrize('command, argv, setup, needles, code, allow, absent', CASES)
+def test_bad_input(world, capsys, command, argv, setup, needles, code, allow, absent):
+    check_case(world, capsys, command, argv, setup, needles, code, allow, absent)
+
+
+def test_a_missing_dataset_makes_no_run_folder(workdir, capsys):
+    """The dataset folder is looked for before runs/<name>/ is made: a mistyped --dataset or
+    --data_path leaves nothing behind."""
+    code, _, err = run_main(['--dataset', 'DeepFashion', '--no-cuda', '--data_path', 'nowhere'], capsys)
+    assert_one_line_error(code, err, 'nowhere/DeepFashion', 'not found')
+    assert not list(workdir.iterdir())
+
+
+def test_the_pixel_limit_is_the_same_in_help_and_refusal(capsys):
+    """--help and the refusal name the limit the code applies (PIL's MAX_IMAGE_PIXELS, refused
+    above it, not PIL's error threshold of twice it)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    help_text = ' '.join(asen.get_args_parser().format_help().split())
+    assert f'{limit:,}' in help_text and f'{2 * limit:,}' not in help_text
+    assert str(limit) in images.pixel_limit_problem(limit + 1, 1)
+    assert images.pixel_limit_problem(limit, 1) is None
 
 
 # ----------------------------------------------------------------------------- as real processes

@@ -71,7 +71,7 @@ def test_missing_resume_is_a_one_line_error(workdir, capsys):
 def test_missing_dataset_is_a_one_line_error(workdir, capsys):
     code, _, err = run_main(['--dataset', 'FashionAI', '--no-pretrained'], capsys)
     assert code != 0 and 'Traceback' not in err
-    assert 'data/FashionAI' in err and 'README' in err
+    assert 'data/FashionAI' in err and 'docs/datasets.md' in err     # the README's section is gone
 
 
 def test_workers_see_each_epochs_triplets(tiny_data):

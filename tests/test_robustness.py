@@ -14,7 +14,7 @@ import asen
 import model
 import utils
 from conftest import ROOT, TINY
-from helpers import FAITHFUL, assert_one_line_error, load, run_main
+from helpers import FAITHFUL, assert_one_line_error, load, private_copy, run_main
 from lib import checkpoints, engine
 
 # Runs asen.py's main in a child that SIGKILLs itself right after optimizer step KILL_AT_STEP:
@@ -235,3 +235,18 @@ def test_missing_meta_entry(workdir, capsys):
     (workdir / 'data' / 'DARN').mkdir(parents=True)
     code, _, err = run_main(['--dataset', 'DARN', '--no-pretrained'], capsys)
     assert_one_line_error(code, err, 'meta.json', 'DARN')
+
+
+@pytest.mark.slow                   # a real process: its stdout is a pipe closed early, as `| head` does
+def test_stdout_closed_early_does_not_spam_and_the_log_goes_on(tiny_data, workdir):
+    private_copy(tiny_data, workdir / 'data')
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'asen.py')] + ARGS + ['--name', 'piped'],
+                            cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()                  # the first log line, then the reader goes away
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert 'Traceback' not in err and 'Logging error' not in err, err
+    assert err.strip().splitlines() == ['note: standard output was closed (a pipe into head?); the log goes on in '
+                                        'runs/piped/train.log']
+    assert 'training time' in (workdir / 'runs' / 'piped' / 'train.log').read_text()

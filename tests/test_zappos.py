@@ -144,7 +144,7 @@ def test_errors_through_main_are_one_line(zappos_dir, workdir, capsys):
 def test_missing_folder_is_one_line(workdir, capsys):
     assert asen.main(TINY_ZAPPOS) == 2
     err = capsys.readouterr().err
-    assert err.count('\n') == 1 and 'data/Zappos50k' in err and 'README' in err
+    assert err.count('\n') == 1 and 'data/Zappos50k' in err and 'docs/datasets.md' in err
     (workdir / 'data' / 'Zappos50k' / 'ut-zap50k-images').mkdir(parents=True)
     assert asen.main(TINY_ZAPPOS) == 2
     assert 'tripletlists' in capsys.readouterr().err
