@@ -85,7 +85,7 @@ def step_snapshot(epoch, steps_done, meters, pass_rng, streams, tnet, optimizer,
                   args):
     """An epoch snapshot of the last finished epoch (epoch - 1: code that knows no step snapshots
     resumes it by training epoch `epoch` again) plus 'step', where epoch `epoch` stands after
-    `steps_done` optimizer steps: {'epoch', 'batch': steps_done, 'meters': (world, 5) float64, every
+    `steps_done` optimizer steps: {'epoch', 'batch': steps_done, 'meters': (world, engine.METER_ROW_WIDTH) float64, every
     rank's running loss and accuracy (engine.meter_row), 'streams': the loader's flip streams,
     'world': the processes}.
 
@@ -243,7 +243,7 @@ def load(path):
 
 
 def model_name(tnet):
-    return getattr(tnet.embeddingnet, 'model_name', type(tnet.embeddingnet).__name__)
+    return tnet.embeddingnet.model_name
 
 
 def load_weights(tnet, checkpoint, path, dataset=None):
@@ -421,8 +421,9 @@ def convert_original_asenpp(state):
 
 def attribute_count(state):
     """Number of attributes of an embedding network's state dict in our names (None if unknown)."""
-    for key, dim in (('embeddingnet.asa.attr_proj.weight', 1), ('embeddingnet.aca.attr_proj.weight', 1),
-                     ('embeddingnet.attr_embedding.weight', 0), ('embeddingnet.masks.weight', 0)):
+    # a learned attribute embedding first: ASENet_V2's asa.attr_proj reads that embedding, not a one-hot
+    for key, dim in (('embeddingnet.attr_embedding.weight', 0), ('embeddingnet.asa.attr_proj.weight', 1),
+                     ('embeddingnet.aca.attr_proj.weight', 1), ('embeddingnet.masks.weight', 0)):
         if key in state and hasattr(state[key], 'shape'):
             return int(state[key].shape[dim])
     return None

@@ -160,7 +160,7 @@ def syncs_of_an_epoch(tnet, optimizer, steps, args):
         warnings.simplefilter('always')
         torch.cuda.set_sync_debug_mode('warn')
         try:
-            engine.train_one_epoch(tnet, device_batches([4] * steps), optimizer, scaler, CUDA, 1, logger=logging.getLogger('test_cuda'), **commands.train_settings(args))
+            engine.train_one_epoch(tnet, device_batches([4] * steps), optimizer, scaler, CUDA, 1, logger=logging.getLogger('test_cuda'), **commands.train_settings(args, tnet.embeddingnet))
         finally:
             torch.cuda.set_sync_debug_mode('default')
     return sum('synchroniz' in str(w.message) for w in caught)
@@ -188,9 +188,9 @@ def test_cuda_graph_step_does_not_recompile_for_the_last_partial_batch():
     scaler = torch.amp.GradScaler('cuda', enabled=False)
     model = engine.compiled(tnet, commands.compile_mode(args))
     logger = logging.getLogger('test_cuda')
-    loss, _ = engine.train_one_epoch(model, device_batches([4, 4, 4]), optimizer, scaler, CUDA, 1, logger=logger, **commands.train_settings(args))
+    loss = engine.train_one_epoch(model, device_batches([4, 4, 4]), optimizer, scaler, CUDA, 1, logger=logger, **commands.train_settings(args, tnet.embeddingnet))['train_loss']
     graphs = counters['stats']['unique_graphs']
-    loss_partial, _ = engine.train_one_epoch(model, device_batches([4, 4, 2]), optimizer, scaler, CUDA, 2, logger=logger, **commands.train_settings(args))
+    loss_partial = engine.train_one_epoch(model, device_batches([4, 4, 2]), optimizer, scaler, CUDA, 2, logger=logger, **commands.train_settings(args, tnet.embeddingnet))['train_loss']
     assert counters['stats']['unique_graphs'] == graphs
     assert torch.isfinite(torch.tensor([loss, loss_partial])).all()
 

@@ -129,9 +129,9 @@ def test_ddp_step_with_frozen_batchnorm_equals_one_process_at_twice_the_batch(dd
     args = ddp_step.settings()
     tnet = ddp_step.network(True, args)
     optimizer = ddp_step.optimizer_of(tnet, args)
-    loss, _ = engine.train_one_epoch(tnet, ddp_step.loader(ddp_step.global_batch(), slice(None), 2 * ddp_step.BATCH),
+    loss = engine.train_one_epoch(tnet, ddp_step.loader(ddp_step.global_batch(), slice(None), 2 * ddp_step.BATCH),
                                    optimizer, torch.amp.GradScaler('cpu', enabled=False), torch.device('cpu'), 1, logger=runtime.silent_logger(),
-    **commands.train_settings(args))
+    **commands.train_settings(args, tnet.embeddingnet))['train_loss']
     want, got = ddp_step.outcome(tnet, loss), ddp_step_result['frozen_bn']
     assert_same_step(got, want)
     assert not torch.equal(got['weights']['embeddingnet.feature_fc.weight'],
