@@ -11,7 +11,7 @@ import torch.distributed as dist
 import asen
 from lib import runtime
 import ddp_step
-import model as models
+import losses
 from conftest import ROOT, TINY
 from helpers import FAITHFUL, assert_same_run, private_copy, tiny_tnet, torchrun
 from lib import commands, engine
@@ -152,7 +152,7 @@ def test_ddp_step_with_batchnorm_equals_the_mean_loss_of_the_two_halves(ddp_step
     for rank in range(2):
         anchor, negative, positive, attr = (t[rank::2] for t in batch)
         out = tnet(anchor, negative, positive, attr)
-        loss = models.triplet_loss(out.sim_an, out.sim_ap, args.margin) / 2
+        loss = losses.triplet_loss(out.sim_an, out.sim_ap, args.margin) / 2
         loss.backward()
         total += loss.item()
     optimizer.step()
