@@ -9,6 +9,10 @@ of attributes) all come from the input and the constructor; nothing assumes 224 
 
 Also here: the authors' ASENet_V2, the CSN and triplet-network baselines, and ASEN++ (ASENpp: Dong
 et al., IEEE TIP 2021, a global and a local branch; its crop is crop.py, its CLI side asenpp.py).
+
+Reading order: EmbeddingNetwork, what every network provides; SpatialAttention and ChannelAttention,
+ASA and ACA once, each difference between the authors' three codes an argument; the networks;
+TripletWrapper, which feeds the loss (losses.py); MODELS, the registry build_model reads.
 """
 
 if __name__ == '__main__':                       # run as a script: say what to run instead
