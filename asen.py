@@ -5,13 +5,14 @@
     python asen.py --dataset SynthFashion                                # offline CPU demo
 
 This file holds the flags, the resolution of the configuration and the dispatch to the commands
-(lib/commands.py); the loops are lib/engine.py, the networks and losses model.py.
+(lib/commands.py); the loops are lib/engine.py, the networks model.py, the loss losses.py.
 """
 import argparse
 import os
 import sys
 from typing import NamedTuple
 
+import losses
 import model
 import utils
 from utils import UserError
@@ -78,8 +79,15 @@ def get_args_parser():
                      help='ConditionalSimNet: fixed disjoint 0/1 masks, not trained (without it: learned '
                           'masks initialised N(0.9, 0.7))')
     net.add_argument('--csn-reg', dest='csn_reg', action='store_true',
-                     help='ConditionalSimNet: add the CSN regularisers to the loss, 5e-3 x embedding L2 norm '
-                          '+ 5e-4 x mask L1 norm (without it: none, as the ASEN authors\' CSN baseline)')
+                     help='ConditionalSimNet: add the CSN regularisers to the loss, --csn-embed-weight x '
+                          'embedding L2 norm + --csn-mask-weight x mask L1 norm (without it: none, as the ASEN '
+                          'authors\' CSN baseline)')
+    net.add_argument('--csn-embed-weight', dest='csn_embed_weight', type=float, default=losses.CSN_EMBED_WEIGHT,
+                     help='ConditionalSimNet with --csn-reg: weight of the embedding L2 norm (default: the CSN '
+                          'authors\' %(default)s)')
+    net.add_argument('--csn-mask-weight', dest='csn_mask_weight', type=float, default=losses.CSN_MASK_WEIGHT,
+                     help='ConditionalSimNet with --csn-reg: weight of the mask L1 norm (default: the CSN '
+                          'authors\' %(default)s)')
     net.add_argument('--stage', type=int, choices=(1, 2), default=None,
                      help='ASENpp: 1 trains the global branch alone (and brings --epochs 50 --step_size 3 '
                           '--decay_rate 0.9); 2 starts from a stage-1 --resume and trains both branches '

@@ -9,11 +9,16 @@ of attributes) all come from the input and the constructor; nothing assumes 224 
 
 Also here: the authors' ASENet_V2, the CSN and triplet-network baselines, and ASEN++ (ASENpp: Dong
 et al., IEEE TIP 2021, a global and a local branch; its crop is crop.py, its CLI side asenpp.py).
+
+Reading order: EmbeddingNetwork, what every network provides; SpatialAttention and ChannelAttention,
+ASA and ACA once, each difference between the authors' three codes an argument; the networks;
+TripletWrapper, which feeds the loss (losses.py); MODELS, the registry build_model reads.
 """
 
 if __name__ == '__main__':                       # run as a script: say what to run instead
     print('error: model.py is a module, not a command; run python asen.py to train or test the networks defined here', file=__import__('sys').stderr)
     raise SystemExit(2)
+import abc
 import os
 import urllib.error
 from functools import partial
@@ -23,17 +28,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torchvision.models.resnet import Bottleneck
 
 from lib import crop
 import utils
 from utils import UserError
 
-BACKBONES = ('resnet18', 'resnet34', 'resnet50')
-_WEIGHTS = {
-    'resnet18': torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-    'resnet34': torchvision.models.ResNet34_Weights.IMAGENET1K_V1,
-    'resnet50': torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+# --backbone name -> (torchvision constructor, its ImageNet weights)
+_RESNETS = {
+    'resnet18': (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
+    'resnet34': (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1),
+    'resnet50': (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V1),
 }
+BACKBONES = tuple(_RESNETS)
 
 
 def l2norm(x):
@@ -62,8 +69,8 @@ class ResNetTrunk(nn.Module):
         super().__init__()
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
         self.layer1, self.layer2, self.layer3 = resnet.layer1, resnet.layer2, resnet.layer3
-        last_block = resnet.layer3[-1]
-        self.out_channels = (last_block.conv3 if hasattr(last_block, 'conv3') else last_block.conv2).out_channels
+        last_block = resnet.layer3[-1]           # resnet50's Bottleneck ends in conv3, BasicBlock in conv2
+        self.out_channels = (last_block.conv3 if isinstance(last_block, Bottleneck) else last_block.conv2).out_channels
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -72,7 +79,7 @@ class ResNetTrunk(nn.Module):
 
 def _load_imagenet_state(name):
     """ImageNet weights for `name` from the torch hub cache, downloading if possible."""
-    weights = _WEIGHTS[name]
+    weights = _RESNETS[name][1]
     cache_dir = os.path.join(torch.hub.get_dir(), 'checkpoints')
     cached = os.path.join(cache_dir, os.path.basename(weights.url))
     try:
@@ -88,7 +95,7 @@ def build_backbone(name='resnet50', pretrained=True, weights_file=None):
     keys of the state dict in `weights_file` (--backbone-weights), when given, replace either."""
     if name not in BACKBONES:
         raise UserError(f"--backbone {name}: unknown; choose one of {', '.join(BACKBONES)}")
-    resnet = getattr(torchvision.models, name)(weights=None)
+    resnet = _RESNETS[name][0](weights=None)
     if pretrained:
         resnet.load_state_dict(_load_imagenet_state(name))
     trunk = ResNetTrunk(resnet)
@@ -115,53 +122,150 @@ def load_trunk_weights(trunk, path, backbone):
     trunk.load_state_dict(state)
 
 
-class AttributeSpatialAttention(nn.Module):
-    """ASA (Eq. 1-3): attribute-guided softmax attention over the positions of a feature map.
+# ----------------------------------------------------------------------------- the network interface
 
-    p_a = tanh(W1 a), p_I = tanh(conv1x1(I)), s = tanh(conv1x1(p_a * p_I)),
-    alpha = softmax of s over all H*W positions, output sum_positions alpha * I.
+class EmbeddingNetwork(nn.Module, abc.ABC):
+    """What every network here provides, and all that the rest of the project asks of one.
+
+    A network maps (N, 3, S, S) images and (N,) attribute indices to (N, D) embeddings (`forward`);
+    says whether it learns where to look (`has_spatial_attention`) and shows it (`attention_maps`,
+    uniform maps for a network that pools everything); gives training what its loss needs
+    (`train_outputs`, and `loss_terms`: the extra terms of losses.objective those outputs feed);
+    and splits its parameters into the optimiser's groups (`param_groups`, derived from the
+    modules: every trainable parameter is in exactly one group, at the base rate unless its module
+    is named in `slow_modules`). `model_name` is its --model name (set by build_model).
+
+    A new network is one subclass and one entry in MODELS; forgetting an abstract method fails at
+    construction, and tests/test_interface.py checks every registered network against this contract.
     """
 
-    def __init__(self, in_channels, n_attributes, hidden=512):
-        super().__init__()
-        self.attr_proj = nn.Linear(n_attributes, hidden, bias=False)      # original: mask_fc1
-        self.img_proj = nn.Conv2d(in_channels, hidden, kernel_size=1)     # original: conv1
-        self.score = nn.Conv2d(hidden, 1, kernel_size=1)                  # original: conv2
+    loss_terms = ()       # LossWeights fields (losses.py) beside the triplet loss that train_outputs feeds
+    slow_modules = ()     # names of child modules trained at --lr-global instead of --lr
 
-    def attention(self, feature_map, attr_onehot):
-        """(N, C, H, W), (N, n_attr) -> attention weights (N, 1, H, W) summing to 1 over H*W."""
+    def __init__(self, n_attributes):
+        super().__init__()
+        self.n_attributes = n_attributes
+        self.model_name = type(self).__name__
+
+    @property
+    @abc.abstractmethod
+    def has_spatial_attention(self):
+        """True when attention_maps are learned; False when they are uniform (a declared 'none')."""
+
+    @abc.abstractmethod
+    def forward(self, images, attribute, norm=True):
+        """(N, 3, S, S) images and (N,) attribute indices -> (N, D) embeddings (unit rows if `norm`)."""
+
+    @abc.abstractmethod
+    def attention_maps(self, images, attribute):
+        """(N, 3, S, S), (N,) -> (N, h, w) spatial attention over the trunk's grid, summing to 1."""
+
+    def train_outputs(self, images, attribute):
+        """Training: ((N, D) unit embeddings for the triplet loss, {extras for `loss_terms`})."""
+        return self(images, attribute), {}
+
+    def param_groups(self, lr_global):
+        """The optimiser's parameter groups: the trainable parameters of `slow_modules` at
+        `lr_global` (in that order), every other trainable parameter at the base rate (module order)."""
+        slow = [p for name in self.slow_modules for p in self.get_submodule(name).parameters() if p.requires_grad]
+        slow_ids = {id(p) for p in slow}
+        base = [p for p in self.parameters() if p.requires_grad and id(p) not in slow_ids]
+        return [{'params': base}, {'params': slow, 'lr': lr_global}] if slow else [{'params': base}]
+
+
+def rename_on_load(module, renames):
+    """Rename, when a state dict is loaded into `module`, the keys of its earlier layer names
+    (`renames`: old child name -> new child path), so that snapshots written before a rename load."""
+    def hook(module, state_dict, prefix, *_):
+        for old, new in renames.items():
+            for key in [k for k in state_dict if k.startswith(f'{prefix}{old}.')]:
+                state_dict[f'{prefix}{new}.{key[len(prefix) + len(old) + 1:]}'] = state_dict.pop(key)
+    module.register_load_state_dict_pre_hook(hook)
+
+
+# ----------------------------------------------------------------------------- attention, once
+
+class SpatialAttention(nn.Module):
+    """ASA, attribute-aware spatial attention (Ma et al., AAAI 2020, Sec. 3.2, Eq. 1-3).
+
+    p_a = tanh(attr_proj(a)) (N, hidden), p_I = tanh([bn](img_proj(I))) (N, hidden, H, W),
+    s = score(p_a * p_I) over the H x W positions, alpha = softmax of s over all H*W positions,
+    output: the pooled x = sum_positions alpha * I (N, C) and alpha (N, 1, H, W).
+
+    The real differences between the authors' three codes are arguments:
+      attr_dim     the attribute input: n_attributes (a one-hot, ASENet) or the size of a learned
+                   attribute embedding (ASENet_V2's 512, ASEN++'s 512);
+      hidden       the common size of p_a and p_I (512 in all three; ASEN++'s local branch 256,
+                   Dong et al., TIP 2021, Sec. IV-A);
+      attr_bias    attr_proj's bias: none in the paper's Eq. 1 and ASENet's mask_fc1, present in
+                   ASENet_V2's and ASEN++'s attr_transform1;
+      score        'conv': s = tanh(conv1x1(p_a * p_I)) to one channel (Eq. 2, ASENet's conv2);
+                   'scaled_dot': s = sum_channels(p_a * p_I) / sqrt(hidden) (ASENet_V2, ASEN++);
+      batchnorm    BatchNorm on img_proj's output before the tanh (ASENet_V2's img_bn1 only).
+    Layer names: attr_proj, img_proj, bn, score (the authors' names are in each network's
+    ORIGINAL_NAMES and LEGACY_NAMES).
+    """
+
+    def __init__(self, channels, attr_dim, hidden=512, *, attr_bias, score, batchnorm=False):
+        super().__init__()
+        if score not in ('conv', 'scaled_dot'):
+            raise ValueError(f"score must be 'conv' or 'scaled_dot', not {score!r}")
+        self.hidden = hidden
+        self.attr_proj = nn.Linear(attr_dim, hidden, bias=attr_bias)
+        self.img_proj = nn.Conv2d(channels, hidden, kernel_size=1)
+        self.bn = nn.BatchNorm2d(hidden) if batchnorm else None
+        self.score = nn.Conv2d(hidden, 1, kernel_size=1) if score == 'conv' else None
+
+    def attention(self, feature_map, attr):
+        """(N, C, H, W), (N, attr_dim) -> attention weights (N, 1, H, W) summing to 1 over H*W."""
         n, _, h, w = feature_map.shape
-        p_attr = torch.tanh(self.attr_proj(attr_onehot))[:, :, None, None]  # (N, hidden, 1, 1)
-        p_img = torch.tanh(self.img_proj(feature_map))                       # (N, hidden, H, W)
-        scores = torch.tanh(self.score(p_attr * p_img))                      # (N, 1, H, W)
-        alpha = F.softmax(scores.reshape(n, 1, h * w), dim=2)                # (N, 1, H*W)
-        return alpha.reshape(n, 1, h, w)                                     # (N, 1, H, W)
+        p_attr = torch.tanh(self.attr_proj(attr))[:, :, None, None]             # (N, hidden, 1, 1)
+        p_img = self.img_proj(feature_map)                                       # (N, hidden, H, W)
+        if self.bn is not None:
+            p_img = self.bn(p_img)
+        p_img = torch.tanh(p_img)
+        if self.score is not None:
+            scores = torch.tanh(self.score(p_attr * p_img))                      # (N, 1, H, W)
+        else:
+            scores = (p_img * p_attr).sum(dim=1, keepdim=True) / self.hidden ** 0.5  # (N, 1, H, W)
+        alpha = F.softmax(scores.reshape(n, 1, h * w), dim=2)                    # (N, 1, H*W)
+        return alpha.reshape(n, 1, h, w)                                         # (N, 1, H, W)
 
-    def forward(self, feature_map, attr_onehot):
-        alpha = self.attention(feature_map, attr_onehot)
-        return (feature_map * alpha).sum(dim=(2, 3)), alpha                  # (N, C), (N, 1, H, W)
+    def forward(self, feature_map, attr):
+        alpha = self.attention(feature_map, attr)
+        return (feature_map * alpha).sum(dim=(2, 3)), alpha                      # (N, C), (N, 1, H, W)
 
 
-class AttributeChannelAttention(nn.Module):
-    """ACA (Eq. 4-5): an attribute-conditioned sigmoid mask over the pooled channels.
+class ChannelAttention(nn.Module):
+    """ACA, attribute-aware channel attention (Ma et al., AAAI 2020, Sec. 3.3, Eq. 4-5).
 
-    q = ReLU(W2 a), m = sigmoid(fc2(ReLU(fc1([x; q])))), output x * m.
+    q = ReLU(attr_proj(a)) (N, query_dim), m = sigmoid(fc2(ReLU(fc1([x; q])))) (N, C), output x * m.
+
+    The real differences are arguments:
+      attr_dim, query_dim  ASENet: the one-hot (n_attributes) to C, as the paper's Eq. 4 (mask_fc2);
+                           ASENet_V2 and ASEN++: the learned embedding to its own size (512 -> 512);
+      hidden               fc1's width: 512 (ASENet, ASENet_V2), C / 2 (ASEN++, its reduction rate 2);
+      attr_bias            attr_proj's bias: none in ASENet's mask_fc2, present in attr_transform2.
     """
 
-    def __init__(self, channels, n_attributes, hidden=512):
+    def __init__(self, channels, attr_dim, query_dim, hidden=512, *, attr_bias):
         super().__init__()
-        self.attr_proj = nn.Linear(n_attributes, channels, bias=False)    # original: mask_fc2
-        self.fc1 = nn.Linear(2 * channels, hidden)
+        self.attr_proj = nn.Linear(attr_dim, query_dim, bias=attr_bias)
+        self.fc1 = nn.Linear(channels + query_dim, hidden)
         self.fc2 = nn.Linear(hidden, channels)
 
-    def forward(self, pooled, attr_onehot):
-        q = F.relu(self.attr_proj(attr_onehot))                              # (N, C)
-        mask = torch.sigmoid(self.fc2(F.relu(self.fc1(torch.cat([pooled, q], dim=1)))))
-        return pooled * mask                                                 # (N, C)
+    def forward(self, pooled, attr):
+        """(N, C) pooled features, (N, attr_dim) -> (N, C) reweighted features."""
+        q = F.relu(self.attr_proj(attr))                                         # (N, query_dim)
+        mask = torch.sigmoid(self.fc2(F.relu(self.fc1(torch.cat([pooled, q], dim=1)))))  # (N, C)
+        return pooled * mask                                                     # (N, C)
 
 
-class ASENet(nn.Module):
-    """The attribute-specific embedding network: trunk -> ASA -> ACA -> Linear -> L2 norm.
+# ----------------------------------------------------------------------------- the networks
+
+class ASENet(EmbeddingNetwork):
+    """The attribute-specific embedding network (Ma et al., AAAI 2020, Sec. 3, Fig. 2):
+    trunk -> ASA -> ACA -> Linear -> L2 norm, the attribute given as a one-hot vector.
 
     `use_asa=False` replaces ASA by global average pooling and `use_aca=False` drops the channel
     mask: the paper's ablations (Table 5).
@@ -175,14 +279,16 @@ class ASENet(nn.Module):
     }
 
     def __init__(self, backbone, n_attributes, dim_embed=1024, use_asa=True, use_aca=True):
-        super().__init__()
+        super().__init__(n_attributes)
         channels = backbone.out_channels
         self.backbone = backbone
-        self.n_attributes = n_attributes
-        self.has_spatial_attention = use_asa
-        self.asa = AttributeSpatialAttention(channels, n_attributes) if use_asa else None
-        self.aca = AttributeChannelAttention(channels, n_attributes) if use_aca else None
+        self.asa = SpatialAttention(channels, n_attributes, attr_bias=False, score='conv') if use_asa else None
+        self.aca = ChannelAttention(channels, n_attributes, channels, attr_bias=False) if use_aca else None
         self.feature_fc = nn.Linear(channels, dim_embed)
+
+    @property
+    def has_spatial_attention(self):
+        return self.asa is not None
 
     def attention_maps(self, images, attribute):
         """Spatial attention (N, H, W) of each image under its attribute (uniform without ASA)."""
@@ -201,12 +307,12 @@ class ASENet(nn.Module):
         else:
             pooled = feature_map.mean(dim=(2, 3))                            # (N, C)
         if self.aca is not None:
-            pooled = self.aca(pooled, attr)
-        embedding = self.feature_fc(pooled)
+            pooled = self.aca(pooled, attr)                                  # (N, C)
+        embedding = self.feature_fc(pooled)                                  # (N, dim_embed)
         return l2norm(embedding) if norm else embedding
 
 
-class ASENetV2(nn.Module):
+class ASENetV2(EmbeddingNetwork):
     """ASENet_V2, the authors' later variant of ASEN (Maryeon/asen, model.py, class ASENet_V2).
 
     Same pipeline as ASENet (Ma et al., AAAI 2020, Sec. 3), with a learned attribute embedding
@@ -218,96 +324,69 @@ class ASENetV2(nn.Module):
     embedding: l2norm(x * m). Like the authors' final code there is no feature_fc, so the embedding
     size is the trunk's channel count C (1024 for resnet50) and `dim_embed` is ignored, unless
     `feature_fc=True` (the authors' earlier V2 code: a Linear C -> dim_embed before l2norm).
-
-    Submodule names are the authors', so their state-dict keys map 1:1 (backbonenet -> backbone).
     """
 
+    # the authors' layer names (inside their `embeddingnet.`) -> ours
     ORIGINAL_NAMES = {'backbonenet': 'backbone', 'attr_embedding': 'attr_embedding',
-                      'attr_transform1': 'attr_transform1', 'attr_transform2': 'attr_transform2',
-                      'conv1': 'conv1', 'img_bn1': 'img_bn1', 'fc1': 'fc1', 'fc2': 'fc2',
+                      'attr_transform1': 'asa.attr_proj', 'conv1': 'asa.img_proj', 'img_bn1': 'asa.bn',
+                      'attr_transform2': 'aca.attr_proj', 'fc1': 'aca.fc1', 'fc2': 'aca.fc2',
                       'feature_fc': 'feature_fc'}
+    # our snapshots before ASA and ACA were shared modules used the authors' flat names
+    LEGACY_NAMES = {k: v for k, v in ORIGINAL_NAMES.items() if '.' in v}
     has_spatial_attention = True
 
     def __init__(self, backbone, n_attributes, dim_embed=1024, hidden=512, feature_fc=False):
-        super().__init__()
+        super().__init__(n_attributes)
         channels = backbone.out_channels
         self.backbone = backbone
-        self.n_attributes = n_attributes
-        self.hidden = hidden
         self.attr_embedding = nn.Embedding(n_attributes, hidden)
-        self.attr_transform1 = nn.Linear(hidden, hidden)                   # ASA attribute branch
-        self.conv1 = nn.Conv2d(channels, hidden, kernel_size=1)           # ASA image branch
-        self.img_bn1 = nn.BatchNorm2d(hidden)
-        self.attr_transform2 = nn.Linear(hidden, hidden)                   # ACA attribute branch
-        self.fc1 = nn.Linear(channels + hidden, hidden)
-        self.fc2 = nn.Linear(hidden, channels)
+        self.asa = SpatialAttention(channels, hidden, hidden, attr_bias=True, score='scaled_dot', batchnorm=True)
+        self.aca = ChannelAttention(channels, hidden, hidden, hidden, attr_bias=True)
         self.feature_fc = nn.Linear(channels, dim_embed) if feature_fc else None
-
-    def _attention(self, feature_map, attribute):
-        """(N, C, H, W), (N,) -> attention weights (N, 1, H, W) summing to 1 over H*W."""
-        n, _, h, w = feature_map.shape
-        img = torch.tanh(self.img_bn1(self.conv1(feature_map)))                       # (N, hidden, H, W)
-        attr = torch.tanh(self.attr_transform1(self.attr_embedding(attribute)))       # (N, hidden)
-        scores = (img * attr[:, :, None, None]).sum(dim=1, keepdim=True)              # (N, 1, H, W)
-        scores = scores / self.hidden ** 0.5
-        alpha = F.softmax(scores.reshape(n, 1, h * w), dim=2)                          # (N, 1, H*W)
-        return alpha.reshape(n, 1, h, w)                                               # (N, 1, H, W)
+        rename_on_load(self, self.LEGACY_NAMES)
 
     def attention_maps(self, images, attribute):
         """Spatial attention (N, H, W) of each image under its attribute."""
-        return self._attention(self.backbone(images), attribute)[:, 0]
+        return self.asa.attention(self.backbone(images), self.attr_embedding(attribute))[:, 0]
 
     def forward(self, images, attribute, norm=True):
         """(N, 3, S, S) images and (N,) attribute indices -> (N, C) embeddings ((N, dim_embed)
         with feature_fc)."""
-        feature_map = self.backbone(images)                                            # (N, C, H, W)
-        pooled = (feature_map * self._attention(feature_map, attribute)).sum(dim=(2, 3))  # (N, C)
-        q = F.relu(self.attr_transform2(self.attr_embedding(attribute)))              # (N, hidden)
-        mask = torch.sigmoid(self.fc2(F.relu(self.fc1(torch.cat([pooled, q], dim=1)))))  # (N, C)
-        embedding = pooled * mask
+        feature_map = self.backbone(images)                                  # (N, C, H, W)
+        # the embedding is looked up once per attention, as the authors do: the gradient sums the same
+        pooled, _ = self.asa(feature_map, self.attr_embedding(attribute))    # (N, C)
+        embedding = self.aca(pooled, self.attr_embedding(attribute))         # (N, C)
         if self.feature_fc is not None:
-            embedding = self.feature_fc(embedding)
+            embedding = self.feature_fc(embedding)                           # (N, dim_embed)
         return l2norm(embedding) if norm else embedding
 
 
 class AttentionEmbedding(nn.Module):
     """One ASEN++ branch after its trunk (Dong et al., TIP 2021, Sec. III-B; the authors'
-    AttnEmbedding in Maryeon/asenpp, modules/model/model.py, whose submodule names these are).
-
-    Spatial attention (ASA): s = sum_channels(tanh(conv(I)) * tanh(attr_transform1(e))) / sqrt(common),
-    alpha = softmax of s over the H*W positions, pooled x = sum_positions alpha * I.
-    Channel attention (ACA): m = sigmoid(fc2(ReLU(fc1([x; ReLU(attr_transform2(e))])))), fc1 to C / 2.
-    Output feature_fc(x * m): no BatchNorm in the attention and no normalisation (unlike ASENet_V2).
+    AttnEmbedding in Maryeon/asenpp, modules/model/model.py): ASA with the scaled dot-product score
+    and no BatchNorm, ACA with fc1 to C / `reduction`, then feature_fc(x * m) (N, dim_embed), not
+    normalised (unlike ASENet_V2). `common` is ASA's hidden size (512 global, 256 local).
     """
+
+    # the authors' AttnEmbedding layer names -> ours (also our snapshots' names before ASA and ACA
+    # were shared modules)
+    LEGACY_NAMES = {'attr_transform1': 'asa.attr_proj', 'conv': 'asa.img_proj',
+                    'attr_transform2': 'aca.attr_proj', 'fc1': 'aca.fc1', 'fc2': 'aca.fc2'}
 
     def __init__(self, channels, attr_dim=512, common=512, reduction=2, dim_embed=1024):
         super().__init__()
-        self.common = common
-        self.attr_transform1 = nn.Linear(attr_dim, common)                 # ASA attribute branch
-        self.conv = nn.Conv2d(channels, common, kernel_size=1)             # ASA image branch
-        self.attr_transform2 = nn.Linear(attr_dim, attr_dim)               # ACA attribute branch
-        self.fc1 = nn.Linear(channels + attr_dim, channels // reduction)
-        self.fc2 = nn.Linear(channels // reduction, channels)
+        self.asa = SpatialAttention(channels, attr_dim, common, attr_bias=True, score='scaled_dot')
+        self.aca = ChannelAttention(channels, attr_dim, attr_dim, channels // reduction, attr_bias=True)
         self.feature_fc = nn.Linear(channels, dim_embed)
-
-    def attention(self, feature_map, attr_emb):
-        """(N, C, H, W), (N, attr_dim) -> attention weights (N, 1, H, W) summing to 1 over H*W."""
-        n, _, h, w = feature_map.shape
-        img = torch.tanh(self.conv(feature_map))                                    # (N, common, H, W)
-        attr = torch.tanh(self.attr_transform1(attr_emb))[:, :, None, None]         # (N, common, 1, 1)
-        scores = (img * attr).sum(dim=1, keepdim=True) / self.common ** 0.5        # (N, 1, H, W)
-        return F.softmax(scores.reshape(n, 1, h * w), dim=2).reshape(n, 1, h, w)
+        rename_on_load(self, self.LEGACY_NAMES)
 
     def forward(self, feature_map, attr_emb):
-        """-> (N, dim_embed) un-normalised embeddings and the (N, H, W) spatial attention."""
-        alpha = self.attention(feature_map, attr_emb)
-        pooled = (feature_map * alpha).sum(dim=(2, 3))                              # (N, C)
-        q = F.relu(self.attr_transform2(attr_emb))                                  # (N, attr_dim)
-        mask = torch.sigmoid(self.fc2(F.relu(self.fc1(torch.cat([pooled, q], dim=1)))))  # (N, C)
-        return self.feature_fc(pooled * mask), alpha[:, 0]
+        """(N, C, H, W), (N, attr_dim) -> (N, dim_embed) un-normalised embeddings, (N, H, W) attention."""
+        pooled, alpha = self.asa(feature_map, attr_emb)                      # (N, C), (N, 1, H, W)
+        return self.feature_fc(self.aca(pooled, attr_emb)), alpha[:, 0]
 
 
-class ASENpp(nn.Module):
+class ASENpp(EmbeddingNetwork):
     """ASEN++ (Dong et al., TIP 2021): a global and a local attribute-specific branch.
 
     Global branch: the trunk (ResNet-50 to layer3 at 224 px in the paper) and an AttentionEmbedding
@@ -317,8 +396,10 @@ class ASENpp(nn.Module):
     embedding (nn.Embedding, 512) serves both branches.
 
     Embedding: stage 1, l2norm(global); stage 2, [sqrt(beta) l2norm(global); sqrt(1 - beta)
-    l2norm(local)] (unit norm, beta 0.6). Training (`train_outputs`) ranks with l2norm(global) and
-    hands both branches' embeddings to the loss, whose stage-2 terms are `asenpp_local_terms`.
+    l2norm(local)] (unit norm, beta 0.6; Sec. III-C). Training (`train_outputs`) ranks with
+    l2norm(global) and, in stage 2, hands both branches' embeddings to the loss's local triplet and
+    alignment terms (losses.asenpp_local_terms, Sec. III-D); stage 2 trains the global branch and
+    the attribute embedding at --lr-global (the authors' BASE_LR_SLOW), the local branch at --lr.
 
     `originals` (crop.SourceImages) are the full-resolution images the authors crop from; without
     them the crop is taken from the input view (the shortcut, e.g. for --visualize).
@@ -331,8 +412,7 @@ class ASENpp(nn.Module):
     def __init__(self, backbone, n_attributes, dim_embed=1024, local_backbone=None, attr_dim=512,
                  global_common=512, local_common=256, reduction=2, view_size=224, local_size=112,
                  threshold=0.1, beta=0.6):
-        super().__init__()
-        self.n_attributes = n_attributes
+        super().__init__(n_attributes)
         self.backbone = backbone
         self.attr_embedding = nn.Embedding(n_attributes, attr_dim)
         self.global_attn = AttentionEmbedding(backbone.out_channels, attr_dim, global_common, reduction, dim_embed)
@@ -344,6 +424,14 @@ class ASENpp(nn.Module):
     @property
     def stage(self):
         return 1 if self.local_backbone is None else 2
+
+    @property
+    def loss_terms(self):
+        return () if self.stage == 1 else ('local_triplet', 'align')
+
+    @property
+    def slow_modules(self):
+        return () if self.stage == 1 else ('backbone', 'global_attn', 'attr_embedding')
 
     def global_branch(self, images, attr_emb):
         """-> (N, D) un-normalised global embeddings, (N, h, w) attention."""
@@ -374,25 +462,13 @@ class ASENpp(nn.Module):
 
     def train_outputs(self, images, attribute, originals=None):
         """Training: (l2norm(global) (N, D), the triplet loss's embedding; {'global', 'local'}
-        un-normalised (N, D) each, for asenpp_local_terms, in stage 2 only)."""
+        un-normalised (N, D) each, for losses.asenpp_local_terms, in stage 2 only)."""
         attr_emb = self.attr_embedding(attribute)
         glob, attention = self.global_branch(images, attr_emb)
         if self.local_backbone is None:
             return l2norm(glob), {}
         local = self.local_branch(images, attention, attr_emb, originals)
         return l2norm(glob), {'global': glob, 'local': local}
-
-    def param_groups(self, lr_global):
-        """Adam parameter groups: stage 1 all at the base rate; stage 2 the local branch at the base
-        rate and the global branch with the shared attribute embedding at `lr_global` (the
-        authors' BASE_LR_SLOW)."""
-        if self.local_backbone is None:
-            return [{'params': [p for p in self.parameters() if p.requires_grad]}]
-        local = list(self.local_backbone.parameters()) + list(self.local_attn.parameters())
-        slow = list(self.backbone.parameters()) + list(self.global_attn.parameters()) + \
-            list(self.attr_embedding.parameters())
-        return [{'params': [p for p in local if p.requires_grad]},
-                {'params': [p for p in slow if p.requires_grad], 'lr': lr_global}]
 
 
 def build_asenpp(backbone, n_attributes, dim_embed=1024, stage=1, local_backbone='resnet34',
@@ -419,7 +495,7 @@ def disjoint_masks(n_attributes, dim_embed):
     return masks
 
 
-class ConditionalSimNet(nn.Module):
+class ConditionalSimNet(EmbeddingNetwork):
     """Conditional Similarity Network (Veit et al., CVPR 2017) on the ASEN trunk, as the ASEN paper's
     CSN baseline (Maryeon/asen, model.py, class ConditionalSimNet).
 
@@ -428,16 +504,17 @@ class ConditionalSimNet(nn.Module):
     trained (requires_grad False; the ReLU leaves them unchanged).
 
     `train_outputs` also returns the un-masked embeddings and the masks of the batch, from which
-    the loss takes CSN's regularisers (`csn_regularisers`) when --csn-reg asks for them.
+    the loss takes CSN's regularisers (losses.csn_regularisers) when --csn-reg asks for them.
+    No spatial attention: the whole feature map is pooled.
     """
 
     ORIGINAL_NAMES = {'embeddingnet': 'backbone', 'embed_fc': 'embed_fc', 'masks': 'masks'}
     has_spatial_attention = False
+    loss_terms = ('csn_embed', 'csn_mask')
 
     def __init__(self, backbone, n_attributes, dim_embed=1024, fixed_masks=False, mask_mean=0.9, mask_std=0.7):
-        super().__init__()
+        super().__init__(n_attributes)
         self.backbone = backbone
-        self.n_attributes = n_attributes
         self.embed_fc = nn.Linear(backbone.out_channels, dim_embed)
         self.masks = nn.Embedding(n_attributes, dim_embed)
         self.fixed_masks = fixed_masks
@@ -472,7 +549,7 @@ class ConditionalSimNet(nn.Module):
         return embedded * mask, {'unmasked': embedded, 'mask': mask}
 
 
-class GlobalEmbeddingNet(nn.Module):
+class GlobalEmbeddingNet(EmbeddingNetwork):
     """The Triplet Network baseline of the ASEN paper (Sec. 4.2): one embedding for all attributes.
 
     trunk -> global average pool -> embed_fc (C -> dim_embed) -> l2norm; the attribute is ignored,
@@ -482,9 +559,8 @@ class GlobalEmbeddingNet(nn.Module):
     has_spatial_attention = False
 
     def __init__(self, backbone, n_attributes, dim_embed=1024):
-        super().__init__()
+        super().__init__(n_attributes)
         self.backbone = backbone
-        self.n_attributes = n_attributes
         self.embed_fc = nn.Linear(backbone.out_channels, dim_embed)
 
     def attention_maps(self, images, attribute):
@@ -498,10 +574,16 @@ class GlobalEmbeddingNet(nn.Module):
 
 
 class TripletOutput(NamedTuple):
-    """What the training loss reads of a batch of triplets."""
-    sim_an: torch.Tensor        # (N,) anchor-negative similarities, float32
-    sim_ap: torch.Tensor        # (N,) anchor-positive similarities, float32
-    extras: tuple               # the embedding network's extra outputs (dicts), one per forward pass
+    """What the training loss (losses.objective) reads of a batch of triplets: the embeddings, the
+    two similarities the ranking loss compares, and the networks' extra outputs. A loss that needs
+    more than the similarities (in-batch negatives, say) reads the embeddings: one function in
+    losses.py."""
+    anchor: torch.Tensor        # (N, D) anchor embeddings, float32 (unit rows for every network here)
+    negative: torch.Tensor      # (N, D) negative embeddings, float32
+    positive: torch.Tensor      # (N, D) positive embeddings, float32
+    sim_an: torch.Tensor        # (N,) anchor-negative similarities <anchor, negative>, float32
+    sim_ap: torch.Tensor        # (N,) anchor-positive similarities <anchor, positive>, float32
+    extras: tuple               # the network's extra outputs (dicts), one per forward pass
 
 
 class TripletWrapper(nn.Module):
@@ -512,18 +594,15 @@ class TripletWrapper(nn.Module):
     so the original's three separate passes are the default.
     """
 
-    def __init__(self, embeddingnet, concat_forward=False):
+    def __init__(self, embeddingnet: EmbeddingNetwork, concat_forward=False):
         super().__init__()
         self.embeddingnet = embeddingnet
         self.concat_forward = concat_forward
 
     def _embed(self, images, attribute, originals):
-        """(embeddings, extras) of one forward pass; extras are {} for networks with none."""
-        net = self.embeddingnet
+        """(embeddings, extras) of one forward pass (extras: {} for a network without any)."""
         extra = {} if originals is None else {'originals': originals}
-        if hasattr(net, 'train_outputs'):
-            return net.train_outputs(images, attribute, **extra)
-        return net(images, attribute, **extra), {}
+        return self.embeddingnet.train_outputs(images, attribute, **extra)
 
     def forward(self, anchor, negative, positive, attribute, originals=None):
         """Images (N, 3, S, S) x 3 and (N,) attributes -> TripletOutput. `originals`: None, or the
@@ -541,42 +620,10 @@ class TripletWrapper(nn.Module):
             emb_p, extras_p = self._embed(positive, attribute, source_p)
             passes = (extras_a, extras_n, extras_p)
         emb_a, emb_n, emb_p = emb_a.float(), emb_n.float(), emb_p.float()     # fp32 similarities under autocast
-        return TripletOutput((emb_a * emb_n).sum(dim=1), (emb_a * emb_p).sum(dim=1), passes)
+        return TripletOutput(emb_a, emb_n, emb_p, (emb_a * emb_n).sum(dim=1), (emb_a * emb_p).sum(dim=1), passes)
 
 
-# ----------------------------------------------------------------------------- losses
-
-def triplet_loss(sim_an, sim_ap, margin):
-    """The ranking loss (Eq. 6): MarginRankingLoss with target -1, mean of max(0, s_an - s_ap + margin)."""
-    target = torch.full_like(sim_an, -1.0)
-    return F.margin_ranking_loss(sim_an, sim_ap, target, margin=margin)
-
-
-def asenpp_local_terms(passes, margin):
-    """ASEN++ stage 2's extra terms (Dong et al., TIP 2021, Sec. III-D; Maryeon/asenpp trainer.py) from
-    the passes' {'global', 'local'} embeddings, which hold anchor, negative, positive in that order:
-    (the local branch's triplet loss on cosine similarities, the alignment: the sum over anchor,
-    negative and positive of the batch mean of max(0, 1 - cos(global, local)))."""
-    glob = torch.cat([p['global'] for p in passes]).float()                  # (3N, D)
-    local = torch.cat([p['local'] for p in passes]).float()                  # (3N, D)
-    g_a, g_n, g_p = glob.chunk(3)
-    l_a, l_n, l_p = local.chunk(3)
-    cos = partial(F.cosine_similarity, dim=1)
-    local_triplet = triplet_loss(cos(l_a, l_n), cos(l_a, l_p), margin)
-    align = sum((1 - cos(g, loc)).clamp(min=0).mean() for g, loc in ((g_a, l_a), (g_n, l_n), (g_p, l_p)))
-    return local_triplet, align
-
-
-def csn_regularisers(passes):
-    """CSN's regularisers (andreasveit/conditional-similarity-networks, main.py), each the mean over
-    the forward passes: (the L2 norm of the un-masked embeddings / sqrt(batch), the L1 norm of the
-    masks / batch)."""
-    embed = torch.stack([p['unmasked'].float().norm(2) / p['unmasked'].shape[0] ** 0.5 for p in passes])
-    mask = torch.stack([p['mask'].float().norm(1) / p['mask'].shape[0] for p in passes])
-    return embed.mean(), mask.mean()
-
-
-# --model name -> builder(backbone trunk, n_attributes, dim_embed, **options) -> embedding network
+# --model name -> builder(backbone trunk, n_attributes, dim_embed, **options) -> EmbeddingNetwork
 MODELS = {
     'ASENet': ASENet,
     'ASENet_noASA': partial(ASENet, use_asa=False),
@@ -603,10 +650,5 @@ def build_model(name, n_attributes, backbone='resnet50', pretrained=True, dim_em
 
 
 def param_groups(tnet, lr_global=None):
-    """The optimiser's parameter groups: ASENpp's own (stage 2: the global branch at `lr_global`),
-    else one group of every trainable parameter."""
-    net = tnet.embeddingnet
-    if hasattr(net, 'param_groups'):
-        return net.param_groups(lr_global)
-    return [p for p in tnet.parameters() if p.requires_grad]
-
+    """The optimiser's parameter groups of a TripletWrapper's network (EmbeddingNetwork.param_groups)."""
+    return tnet.embeddingnet.param_groups(lr_global)

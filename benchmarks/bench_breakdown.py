@@ -38,6 +38,7 @@ from _common import markdown_table, print_json
 import torch  # noqa: E402
 
 from lib import runtime  # noqa: E402
+import losses  # noqa: E402
 import utils  # noqa: E402
 from lib import checkpoints, commands, config, engine, evaluation, inputs  # noqa: E402
 
@@ -76,7 +77,7 @@ def real_pass(setup, loader, epoch):
     setup.sync()
     start = time.perf_counter()
     engine.train_one_epoch(setup.train_model, loader, setup.optimizer, setup.scaler, setup.device, epoch,
-                           logger=setup.logger, **commands.train_settings(setup.args))
+                           logger=setup.logger, **commands.train_settings(setup.args, setup.tnet.embeddingnet))
     setup.sync()
     return time.perf_counter() - start
 
@@ -84,9 +85,9 @@ def real_pass(setup, loader, epoch):
 def phases_pass(setup, loader, epoch):
     """Seconds per part of the step, the device synchronised after each part."""
     args, device, net = setup.args, setup.device, setup.train_model
-    weights = engine.LossWeights.of(args)
+    weights = losses.LossWeights.of(args, setup.tnet.embeddingnet.loss_terms)
     parts = dict.fromkeys(('data', 'copy', 'forward', 'backward', 'optimizer', 'logging'), 0.0)
-    losses, accs = utils.DeviceMeter(device), utils.DeviceMeter(device)
+    meters = engine.TrainMeters(device)
     net.train()
     clock = time.perf_counter
     batches = iter(loader)
@@ -101,7 +102,7 @@ def phases_pass(setup, loader, epoch):
             torch.compiler.cudagraph_mark_step_begin()
         with runtime.autocast(device, args.amp):
             out = net(anchor, negative, positive, attr, originals=originals)
-            loss, objective = engine.objective(out, weights)
+            objective, terms = losses.objective(out, weights)
         setup.sync()
         t3 = clock()
         setup.optimizer.zero_grad(set_to_none=True)
@@ -110,13 +111,13 @@ def phases_pass(setup, loader, epoch):
         t4 = clock()
         setup.scaler.step(setup.optimizer)
         setup.scaler.update()
-        losses.update(loss.detach(), anchor.size(0))
-        accs.update(utils.triplet_accuracy(out.sim_an.detach(), out.sim_ap.detach()), anchor.size(0))
+        meters.update({k: v.detach() for k, v in terms.items()}, objective.detach(),
+                      utils.triplet_accuracy(out.sim_an.detach(), out.sim_ap.detach()), anchor.size(0))
         setup.sync()
         t5 = clock()
         if batch_idx % args.log_interval == 0:
             engine.log_training(setup.logger, None, epoch, batch_idx, anchor.size(0), len(loader),
-                              len(loader.dataset), losses, accs)
+                              len(loader.dataset), meters, weights.computed())
         t6 = clock()
         for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
             parts[name] += seconds
@@ -128,7 +129,7 @@ def steps_alone(setup, steps, per_step_reads):
     `per_step_reads`, each step also reads its loss and accuracy (`.item()`), as asen did before."""
     args, device = setup.args, setup.device
     batch = engine.batch_to_device(next(iter(setup.loader(1, 0))), device, args.channels_last)
-    weights = engine.LossWeights.of(args)
+    weights = losses.LossWeights.of(args, setup.tnet.embeddingnet.loss_terms)
     compiled = setup.train_model is not getattr(setup.train_model, '_orig_mod', setup.train_model)
     setup.train_model.train()
     setup.sync()
@@ -136,10 +137,10 @@ def steps_alone(setup, steps, per_step_reads):
     for _ in range(steps):
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        loss, _, sim_an, sim_ap = engine.training_step(setup.train_model, batch, setup.optimizer, setup.scaler,
-                                                       args.amp, weights)
+        terms, _, sim_an, sim_ap = engine.training_step(setup.train_model, batch, setup.optimizer, setup.scaler,
+                                                        args.amp, weights)
         if per_step_reads:
-            loss.item()
+            terms['triplet'].item()
             utils.triplet_accuracy(sim_an, sim_ap).item()
     setup.sync()
     return time.perf_counter() - start

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import model as models  # noqa: E402
 import utils  # noqa: E402
 from lib import checkpoints, config, engine, runtime  # noqa: E402
-from lib.engine import LossWeights  # noqa: E402
+from losses import LossWeights  # noqa: E402
 
 N_ATTRIBUTES = 8                                           # FashionAI's
 
@@ -82,13 +82,13 @@ def main():
     timed(lambda: steps(args.warmup), device)
     _, seconds = timed(lambda: steps(args.steps), device)
     step_seconds = seconds / args.steps
-    meters = utils.DeviceMeter(device), utils.DeviceMeter(device)
+    meters = engine.TrainMeters(device)
     os.makedirs('runs', exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir or 'runs', prefix='bench_snapshot-') as folder:
         costs = []
         for _ in range(args.repeats):
             def write():
-                rows = runtime.gather_from_ranks(engine.meter_row(*meters, device)).cpu()
+                rows = runtime.gather_from_ranks(engine.meter_row(meters, device)).cpu()
                 state = checkpoints.step_snapshot(1, 1, rows, utils.rng_state(), 1, tnet, optimizer, scheduler,
                                                   scaler, 0.0, settings)
                 return checkpoints.save_step_snapshot(state, folder)

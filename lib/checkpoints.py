@@ -90,7 +90,7 @@ def step_snapshot(epoch, steps_done, meters, pass_rng, streams, tnet, optimizer,
                   args):
     """An epoch snapshot of the last finished epoch (epoch - 1: code that knows no step snapshots
     resumes it by training epoch `epoch` again) plus 'step', where epoch `epoch` stands after
-    `steps_done` optimizer steps: {'epoch', 'batch': steps_done, 'meters': (world, 5) float64, every
+    `steps_done` optimizer steps: {'epoch', 'batch': steps_done, 'meters': (world, engine.METER_ROW_WIDTH) float64, every
     rank's running loss and accuracy (engine.meter_row), 'streams': the loader's flip streams,
     'world': the processes}.
 
@@ -256,7 +256,7 @@ def check_step_entry(checkpoint, where):
                         f"(it must be epoch {epoch + 1}'s); {damaged}")
     meters, width = step['meters'], engine.meter_width()
     if not (isinstance(meters, torch.Tensor) and meters.is_floating_point() and meters.dim() == 2
-            and tuple(meters.shape) == (step['world'], width)):
+            and meters.shape[0] == step['world'] and meters.shape[1] in (width, engine.LEGACY_METER_ROW_WIDTH)):
         shape = tuple(meters.shape) if isinstance(meters, torch.Tensor) else type(meters).__name__
         raise UserError(f"{where}: its step entry's meters are {shape}, not ({step['world']}, {width}) floats "
                         f"(a row of {', '.join(engine.METER_FIELDS)} a process); {damaged}")
@@ -284,7 +284,7 @@ def load(path):
 
 
 def model_name(tnet):
-    return getattr(tnet.embeddingnet, 'model_name', type(tnet.embeddingnet).__name__)
+    return tnet.embeddingnet.model_name
 
 
 def load_weights(tnet, checkpoint, path, dataset=None):
@@ -466,8 +466,9 @@ def convert_original_asenpp(state):
 
 def attribute_count(state):
     """Number of attributes of an embedding network's state dict in our names (None if unknown)."""
-    for key, dim in (('embeddingnet.asa.attr_proj.weight', 1), ('embeddingnet.aca.attr_proj.weight', 1),
-                     ('embeddingnet.attr_embedding.weight', 0), ('embeddingnet.masks.weight', 0)):
+    # a learned attribute embedding first: ASENet_V2's asa.attr_proj reads that embedding, not a one-hot
+    for key, dim in (('embeddingnet.attr_embedding.weight', 0), ('embeddingnet.asa.attr_proj.weight', 1),
+                     ('embeddingnet.aca.attr_proj.weight', 1), ('embeddingnet.masks.weight', 0)):
         if key in state and hasattr(state[key], 'shape'):
             return int(state[key].shape[dim])
     return None

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+import losses
 import model
 import utils
 from lib import analysis, asenpp, checkpoints, engine, evaluation, inputs, runfolder, runtime, tables, visualize
 from lib.eventlog import RunWriter
-from lib.engine import LossWeights
 from lib.runtime import is_main_process
 from utils import UserError
 
@@ -45,9 +45,9 @@ def compile_mode(args):
     return args.compile_mode if args.compile else None
 
 
-def train_settings(args):
-    """engine.train_one_epoch's settings from the configuration."""
-    return dict(amp=args.amp, weights=LossWeights.of(args), batch_size=args.batch_size,
+def train_settings(args, net):
+    """engine.train_one_epoch's settings from the configuration, for the embedding network `net`."""
+    return dict(amp=args.amp, weights=losses.LossWeights.of(args, net.loss_terms), batch_size=args.batch_size,
                 log_interval=args.log_interval)
 
 
@@ -115,22 +115,23 @@ def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
                 loader = batches_from(train_loader, first_batch)
                 pass_rng = utils.rng_state()                 # what the pass's draws start from
 
-                def after_step(steps_done, losses, accs, check_finite, epoch=epoch, pass_rng=pass_rng):
+                def after_step(steps_done, meters, check_finite, epoch=epoch, pass_rng=pass_rng):
                     snapshot_now, stop = schedule.after_step()
                     if snapshot_now:
                         check_finite()
-                        meter_rows = runtime.gather_from_ranks(engine.meter_row(losses, accs, device)).cpu()
+                        meter_rows = runtime.gather_from_ranks(engine.meter_row(meters, device)).cpu()
                         path = save_step(run_dir, checkpoints.step_snapshot(
                             epoch, steps_done, meter_rows, pass_rng, streams, tnet, optimizer, scheduler, scaler,
                             best_prec, args))
                         schedule.restart()
                         if stop:
                             raise stopped(signals, f'epoch {epoch}, step {steps_done} of {len(loader)}', path)
-                loss, acc = engine.train_one_epoch(train_net, loader, optimizer, scaler, device, epoch,
-                                                   logger=logger, writer=writer, run_dir=run_dir,
-                                                   first_batch=first_batch, meters=meters, after_step=after_step,
-                                                   **train_settings(args))
-                loss, acc = runtime.global_mean([loss, acc], device)
+                means = engine.train_one_epoch(train_net, loader, optimizer, scaler, device, epoch,
+                                               logger=logger, writer=writer, run_dir=run_dir,
+                                               first_batch=first_batch, meters=meters, after_step=after_step,
+                                               **train_settings(args, tnet.embeddingnet))
+                means = dict(zip(means, runtime.global_mean(list(means.values()), device)))
+                loss, acc = means.pop('train_loss'), means.pop('train_acc')
                 runtime.broadcast_buffers(tnet)
                 scores, _ = evaluate(eval_net, valid, device, args)
                 evaluation.log_scores(logger, valid, scores, epoch)
@@ -144,7 +145,7 @@ def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
                                                                    best_prec, args), run_dir, is_best)
                     checkpoints.remove_step_snapshot(run_dir)
                     result = evaluation.percent(valid, scores)
-                    append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, lr=lr, **result))
+                    append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, **means, lr=lr, **result))
                     log_epoch(writer, epoch, lr, valid, result)
                     if heatmap_due(epoch, args.heatmap_every, args.epochs):
                         valid_heatmaps(tnet.embeddingnet, valid.images, split_files.attributes, run_dir, epoch,

@@ -201,6 +201,9 @@ FLAG_RANGES = [
     ('beta', _finite(lambda v: 0 <= v <= 1), 'a finite number from 0 to 1 (the authors use 0.6)'),
     ('local_weight', _finite(lambda v: v >= 0), 'a finite number >= 0'),
     ('align_weight', _finite(lambda v: v >= 0), 'a finite number >= 0'),
+    # CSN's own (with --csn-reg)
+    ('csn_embed_weight', _finite(lambda v: v >= 0), 'a finite number >= 0'),
+    ('csn_mask_weight', _finite(lambda v: v >= 0), 'a finite number >= 0'),
     ('lr_global', _finite(lambda v: v > 0), 'a finite number > 0'),
     ('local_size', _whole(1, MAX_IMG_SIZE), f'a whole number from 1 to {MAX_IMG_SIZE}'),
 ]
@@ -291,6 +294,9 @@ def check_values(values, explicit, checkpoint_keys=(), resume=None):
     for dest, model_name in MODEL_FLAGS.items():
         if values.get(dest) and values['model'] != model_name:
             raise UserError(f"{flag_name(dest)} applies only to --model {model_name}")
+    for dest in ('csn_embed_weight', 'csn_mask_weight'):
+        if dest in explicit and not values['csn_reg']:
+            raise UserError(f"{flag_name(dest)} applies only with --csn-reg (--model ConditionalSimNet)")
     for flag in ('test', 'visualize', 'retrieve'):
         if values[flag] and not values['resume']:
             raise UserError(f"--{flag} needs --resume CHECKPOINT (e.g. runs/<name>/model_best.pth.tar)")

@@ -1,5 +1,5 @@
-"""The training and evaluation loops: `train_one_epoch` with its `training_step` and the whole
-`objective`, and `evaluate`. Everything they use comes in as an argument.
+"""The training and evaluation loops: `train_one_epoch` with its `training_step` (the loss is
+losses.objective), and `evaluate`. Everything they use comes in as an argument.
 
 The step keeps the host ahead of the device: no host sync per step. The loss and accuracy
 accumulate on the device (utils.DeviceMeter) and the non-finite-loss flag is a device tensor; all
@@ -17,68 +17,105 @@ import torch
 from tqdm import tqdm
 
 import datasets
-import model
+import losses
 import utils
 from lib import checkpoints, inputs, runtime
 from lib.config import CUDA_GRAPH_MODES
 from lib.runtime import autocast, distributed, to_device
 from utils import UserError
 
-# CSN's regulariser weights (andreasveit/conditional-similarity-networks, main.py: --embed_loss 5e-3,
-# --mask_loss 5e-4), used with --csn-reg.
-CSN_EMBED_WEIGHT, CSN_MASK_WEIGHT = 5e-3, 5e-4
-
-
-class LossWeights(NamedTuple):
-    """The weights of the objective's terms; a term of weight 0 is not computed."""
-    margin: float               # the triplet ranking margin (both triplet losses)
-    local_triplet: float = 0.0  # ASEN++ stage 2: the local branch's triplet loss
-    align: float = 0.0          # ASEN++ stage 2: global-local alignment
-    csn_embed: float = 0.0      # CSN: L2 norm of the un-masked embeddings
-    csn_mask: float = 0.0       # CSN: L1 norm of the masks
-
-    @classmethod
-    def of(cls, args):
-        """The weights a configuration asks for."""
-        asenpp_stage2 = args.model == 'ASENpp' and args.stage == 2
-        csn = args.model == 'ConditionalSimNet' and args.csn_reg
-        return cls(args.margin,
-                   args.local_weight if asenpp_stage2 else 0.0, args.align_weight if asenpp_stage2 else 0.0,
-                   CSN_EMBED_WEIGHT if csn else 0.0, CSN_MASK_WEIGHT if csn else 0.0)
-
-
-def objective(out, w):
-    """The whole training loss of a batch (model.TripletOutput `out`): the triplet ranking loss
-    (Eq. 6), ASEN++ stage 2's local triplet and alignment terms, CSN's regularisers. Returns
-    (the triplet loss alone, as logged; the total that is minimised)."""
-    triplet = model.triplet_loss(out.sim_an, out.sim_ap, w.margin)
-    local_triplet, align = model.asenpp_local_terms(out.extras, w.margin) if w.local_triplet or w.align \
-        else (0.0, 0.0)
-    embed_norm, mask_norm = model.csn_regularisers(out.extras) if w.csn_embed or w.csn_mask else (0.0, 0.0)
-    total = triplet + w.local_triplet * local_triplet + w.align * align \
-        + w.csn_embed * embed_norm + w.csn_mask * mask_norm
-    return triplet, total
-
-
 def training_step(tnet, batch, optimizer, scaler, amp, weights):
-    """Forward, objective, backward and optimizer step of one batch already on the device (see
-    batch_to_device); returns (triplet loss, total, sim_an, sim_ap) as device tensors, unread."""
+    """Forward, objective (losses.objective under `weights`), backward and optimizer step of one
+    batch already on the device (see batch_to_device); returns (the terms {name: loss}, the total,
+    sim_an, sim_ap) as detached device tensors, unread."""
     anchor, negative, positive, attr, originals = batch
     with autocast(anchor.device, amp):
         out = tnet(anchor, negative, positive, attr, originals=originals)
-        loss, total = objective(out, weights)
+        total, terms = losses.objective(out, weights)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
     scaler.step(optimizer)
     scaler.update()
-    return loss.detach(), total.detach(), out.sim_an.detach(), out.sim_ap.detach()
+    return {name: t.detach() for name, t in terms.items()}, total.detach(), out.sim_an.detach(), out.sim_ap.detach()
+
+
+class TrainMeters:
+    """The running meters of an epoch, on the device (utils.DeviceMeter): the triplet loss (the log's
+    "Loss" and metrics.jsonl's train_loss), the triplet accuracy, the total that is minimised and
+    each term of losses.TERMS (those the objective does not compute stay empty)."""
+
+    def __init__(self, device):
+        self.loss, self.acc, self.total = (utils.DeviceMeter(device) for _ in range(3))
+        self.terms = {name: utils.DeviceMeter(device) for name in losses.TERMS}
+
+    def update(self, terms, total, acc, n):
+        self.loss.update(terms['triplet'], n)
+        self.acc.update(acc, n)
+        self.total.update(total, n)
+        for name, value in terms.items():
+            if name != 'triplet':
+                self.terms[name].update(value, n)
+
+    def extra(self, names):
+        """[(label, meter)] of the total and the computed terms `names` (LossWeights.computed())."""
+        return [('total', self.total)] + [(name, self.terms[name]) for name in names]
+
+
+# A step snapshot's meter row: the triplet loss (last, sum), the accuracy (last, sum), their count, then
+# (last, sum, count) of the total and of each term of losses.TERMS. The first LEGACY_METER_ROW_WIDTH
+# values are the row of the snapshots written before the total and the terms were kept.
+# The names of its columns, in order: a snapshot's rows are checked against them
+# (checkpoints.check_step_entry, commands.check_step_sizes), so a column added here is checked too.
+METER_FIELDS = ('loss_last', 'loss_sum', 'acc_last', 'acc_sum', 'count') + tuple(
+    f'{name}_{part}' for name in ('total', *losses.TERMS) for part in ('last', 'sum', 'count'))
+LEGACY_METER_ROW_WIDTH = 5
+METER_ROW_WIDTH = len(METER_FIELDS)
+
+
+def meter_width():
+    """The width of a meter row this version writes: len(METER_FIELDS)."""
+    return METER_ROW_WIDTH
+
+
+def meter_row(meters, device):
+    """(METER_ROW_WIDTH,) float64 on `device`: a rank's TrainMeters, as a step snapshot keeps them
+    (counts are whole numbers far below 2**53: exact in float64)."""
+    count = lambda meter: torch.tensor(float(meter.count), dtype=torch.float64, device=device)
+    values = [meters.loss.last, meters.loss.sum, meters.acc.last, meters.acc.sum, count(meters.loss)]
+    for meter in (meters.total, *meters.terms.values()):
+        values += [meter.last, meter.sum, count(meter)]
+    return torch.stack(values)
+
+
+def set_meter(meter, last, total, count):
+    """Put a saved (last, sum, count) into a DeviceMeter."""
+    meter.last, meter.sum, meter.count = last.clone(), total.clone(), int(count.item())
+
+
+def meters_from_row(row, device):
+    """The TrainMeters `meter_row` saved. A row of a snapshot written before the total and the terms
+    were kept (LEGACY_METER_ROW_WIDTH) restores the loss and accuracy exactly, the total as the loss
+    (they are equal unless a term weighs) and the terms empty: they count from the resumed step."""
+    row = row.to(device=device, dtype=torch.float64)
+    meters = TrainMeters(device)
+    set_meter(meters.loss, row[0], row[1], row[4])
+    set_meter(meters.acc, row[2], row[3], row[4])
+    if row.shape[0] == LEGACY_METER_ROW_WIDTH:
+        set_meter(meters.total, row[0], row[1], row[4])
+        return meters
+    for i, meter in enumerate((meters.total, *meters.terms.values())):
+        at = LEGACY_METER_ROW_WIDTH + 3 * i
+        set_meter(meter, row[at], row[at + 1], row[at + 2])
+    return meters
 
 
 def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, *, amp, weights, batch_size,
                     log_interval, logger, writer=None, run_dir=None, first_batch=0, meters=None, after_step=None):
-    """One pass over the epoch's triplets; returns (mean loss, mean triplet accuracy). `loader`
-    yields (anchor, negative, positive, attribute[, originals x 3]) on `device`, the images
-    normalised, flipped and channels_last when asked (inputs.make_loader).
+    """One pass over the epoch's triplets; returns the epoch's means {'train_loss': the triplet loss,
+    'train_acc': the triplet accuracy (a fraction), 'train_total': the total minimised, 'train_<term>'
+    for each other term the objective computes}. `loader` yields (anchor, negative, positive,
+    attribute[, originals x 3]) on `device`, the images normalised, flipped and channels_last when
+    asked (inputs.make_loader).
 
     A non-finite loss stops the run at the next log interval, not at its own step: the steps in
     between have updated the weights in memory, but none of it is saved, as the epoch's snapshot
@@ -88,12 +125,13 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, *, amp, weig
     graph.
 
     A resumed epoch starts at `first_batch` (the loader yields the batches from there on) with the
-    running `meters` (loss, accuracy) of the steps before it. `after_step(steps done, losses, accs,
-    check)` runs after each step (`check()` raises the non-finite-loss error if one is pending): the
-    step snapshots and the stop signals (commands.train).
+    running TrainMeters `meters` of the steps before it. `after_step(steps done, meters, check)` runs
+    after each step (`check()` raises the non-finite-loss error if one is pending): the step
+    snapshots and the stop signals (commands.train).
     """
     eager = getattr(tnet, '_orig_mod', tnet)                # the module torch.compile wraps, if any
-    losses, accs = meters or (utils.DeviceMeter(device), utils.DeviceMeter(device))
+    meters = meters or TrainMeters(device)
+    computed = weights.computed()
     non_finite = runtime.NonFiniteTracker(device)
     tnet.train()
     progress = tqdm(loader, desc=f'epoch {epoch}', disable=not sys.stderr.isatty(), leave=False)
@@ -103,45 +141,18 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, *, amp, weig
         net = tnet if n == batch_size else eager
         if net is not eager:
             torch.compiler.cudagraph_mark_step_begin()     # a new training step for CUDA graphs
-        loss, total, sim_an, sim_ap = training_step(net, batch, optimizer, scaler, amp, weights)
+        terms, total, sim_an, sim_ap = training_step(net, batch, optimizer, scaler, amp, weights)
         non_finite.update(total, batch_idx)
-        losses.update(loss, n)
-        accs.update(utils.triplet_accuracy(sim_an, sim_ap), n)
+        meters.update(terms, total, utils.triplet_accuracy(sim_an, sim_ap), n)
         if batch_idx % log_interval == 0:
             stop_if_non_finite(non_finite, epoch, amp, run_dir, weights)
-            log_training(logger, writer, epoch, batch_idx, n, len(loader), len(loader.dataset), losses, accs)
+            log_training(logger, writer, epoch, batch_idx, n, len(loader), len(loader.dataset), meters, computed)
         if after_step is not None:
-            after_step(batch_idx + 1, losses, accs,
-                       lambda: stop_if_non_finite(non_finite, epoch, amp, run_dir, weights))
+            after_step(batch_idx + 1, meters, lambda: stop_if_non_finite(non_finite, epoch, amp, run_dir, weights))
     stop_if_non_finite(non_finite, epoch, amp, run_dir, weights)
-    return losses.read()[1], accs.read()[1]
-
-
-# The columns of a step snapshot's meter row (`meter_row`), in order: a snapshot's rows are checked
-# against them (commands.check_step_position), so a column added here is checked as well.
-METER_FIELDS = ('loss_last', 'loss_sum', 'acc_last', 'acc_sum', 'count')
-
-
-def meter_width():
-    """The width of a meter row: len(METER_FIELDS)."""
-    return len(METER_FIELDS)
-
-
-def meter_row(losses, accs, device):
-    """(meter_width(),) float64 on `device`: a rank's running loss and accuracy (last, sum each) and
-    count, in the order of METER_FIELDS, as a step snapshot keeps them (counts are whole numbers far
-    below 2**53: exact in float64)."""
-    return torch.stack([losses.last, losses.sum, accs.last, accs.sum,
-                        torch.tensor(float(losses.count), dtype=torch.float64, device=device)])
-
-
-def meters_from_row(row, device):
-    """(losses, accs) DeviceMeters holding what `meter_row` saved."""
-    row = row.to(device=device, dtype=torch.float64)
-    losses, accs = utils.DeviceMeter(device), utils.DeviceMeter(device)
-    for meter, (last, total) in ((losses, row[0:2]), (accs, row[2:4])):
-        meter.last, meter.sum, meter.count = last.clone(), total.clone(), int(row[4].item())
-    return losses, accs
+    means = {'train_loss': meters.loss.read()[1], 'train_acc': meters.acc.read()[1]}
+    means.update((f'train_{label}', meter.read()[1]) for label, meter in meters.extra(computed))
+    return means
 
 
 class SnapshotSchedule:
@@ -207,16 +218,22 @@ def stop_if_non_finite(non_finite, epoch, amp, run_dir, weights=None):
         raise UserError(f"non-finite loss at epoch {epoch}, batch {bad}; {kept}; {hint}")
 
 
-def log_training(logger, writer, epoch, batch_idx, batch_size, n_batches, n_triplets, losses, accs):
-    """The log line and TensorBoard scalars of a log interval (reads the device meters: one sync)."""
-    (loss, loss_avg), (acc, acc_avg) = losses.read(), accs.read()
+def log_training(logger, writer, epoch, batch_idx, batch_size, n_batches, n_triplets, meters, computed=()):
+    """The log line and TensorBoard scalars of a log interval (reads the device meters: a sync each):
+    the triplet loss ("Loss", TensorBoard train/loss) and the accuracy, then the total minimised and
+    each other term the objective computes (`computed`: LossWeights.computed()), last (mean)."""
+    (loss, loss_avg), (acc, acc_avg) = meters.loss.read(), meters.acc.read()
+    extra = [(label, *meter.read()) for label, meter in meters.extra(computed)]
     logger.info(f'Train Epoch: {epoch} [{batch_idx * batch_size}/{n_triplets}]\t'
                 f'Loss: {loss:.4f} ({loss_avg:.4f}) \t'
-                f'Acc: {100 * acc:.2f}% ({100 * acc_avg:.2f}%)')
+                f'Acc: {100 * acc:.2f}% ({100 * acc_avg:.2f}%) \t'
+                + ' '.join(f'{label}: {last:.4f} ({avg:.4f})' for label, last, avg in extra))
     if writer is not None:
         step = (epoch - 1) * n_batches + batch_idx
         writer.add_scalar('train/loss', loss, step)
         writer.add_scalar('train/triplet_accuracy', 100 * acc, step)
+        for label, last, _ in extra:
+            writer.add_scalar(f'train/{label}', last, step)
 
 
 def compiled(module, compile_mode, evaluation_only=False):

@@ -84,8 +84,8 @@ def distributed_step(frozen_bn, args):
     optimizer = optimizer_of(tnet, args)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     rows = slice(dist.get_rank(), None, dist.get_world_size())
-    loss, _ = engine.train_one_epoch(model, loader(global_batch(), rows, BATCH), optimizer, scaler,
-                                   torch.device('cpu'), 1, logger=runtime.silent_logger(), **commands.train_settings(args))
+    loss = engine.train_one_epoch(model, loader(global_batch(), rows, BATCH), optimizer, scaler,
+                                   torch.device('cpu'), 1, logger=runtime.silent_logger(), **commands.train_settings(args, tnet.embeddingnet))['train_loss']
     loss, = runtime.global_mean([loss], torch.device('cpu'))
     return outcome(tnet, loss)
 

@@ -11,6 +11,8 @@ import time
 
 import torch
 
+import model as models
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The paper's arithmetic: no mixed precision, NCHW, one forward per triplet branch.
@@ -101,6 +103,19 @@ def private_copy(src, dst):
 
 
 # ----------------------------------------------------------------------------- tiny networks, loaders
+
+class StandInNet(models.EmbeddingNetwork):
+    """A test double of an embedding network (a subclass gives `forward`): no spatial attention,
+    uniform maps over the input's grid."""
+    has_spatial_attention = False
+
+    def __init__(self, n_attributes=5):
+        super().__init__(n_attributes)
+
+    def attention_maps(self, images, attribute):
+        n, _, h, w = images.shape
+        return images.new_full((n, h, w), 1.0 / (h * w))
+
 
 def tiny_net(kind='ASENet', n_attributes=5, dim_embed=16, seed=0, **options):
     """A resnet18 network without pretrained weights, seeded (seed=None: not seeded)."""

@@ -10,11 +10,12 @@ import torchvision
 import asen
 from lib.images import load_image
 import datasets
+import losses
 import model as models
 import original_asenpp as theirs
 from conftest import TINY
 from helpers import tiny_asenpp
-from lib import checkpoints, config, engine, evaluation
+from lib import checkpoints, config, evaluation
 
 # TINY at 32 px with one batch of triplets, small trunks for both branches and no bf16 (slow on
 # CPUs without bf16 kernels; test_bf16_channels_last_step covers it)
@@ -80,21 +81,22 @@ def attention_embedding_reference(m, fmap, attr_emb):
     s = tanh(conv(I)) . tanh(W1 e) / sqrt(common), alpha = softmax over H*W, x = sum alpha I,
     m = sigmoid(fc2(ReLU(fc1([x; ReLU(W2 e)])))), out = feature_fc(x * m)."""
     n, c, h, w = fmap.shape
-    common = m.conv.weight.shape[0]
+    asa, aca = m.asa, m.aca
+    common = asa.img_proj.weight.shape[0]
     outs, alphas = [], torch.zeros(n, h, w)
     for i in range(n):
-        attr = torch.tanh(m.attr_transform1.weight @ attr_emb[i] + m.attr_transform1.bias)
+        attr = torch.tanh(asa.attr_proj.weight @ attr_emb[i] + asa.attr_proj.bias)
         scores = torch.zeros(h, w)
         for y in range(h):
             for x in range(w):
-                img = torch.tanh(m.conv.weight[:, :, 0, 0] @ fmap[i, :, y, x] + m.conv.bias)
+                img = torch.tanh(asa.img_proj.weight[:, :, 0, 0] @ fmap[i, :, y, x] + asa.img_proj.bias)
                 scores[y, x] = (img * attr).sum() / common ** 0.5
         e = torch.exp(scores - scores.max())
         alphas[i] = e / e.sum()
         pooled = (fmap[i] * alphas[i]).sum(dim=(1, 2))
-        q = torch.relu(m.attr_transform2.weight @ attr_emb[i] + m.attr_transform2.bias)
-        hidden = torch.relu(m.fc1.weight @ torch.cat([pooled, q]) + m.fc1.bias)
-        mask = 1 / (1 + torch.exp(-(m.fc2.weight @ hidden + m.fc2.bias)))
+        q = torch.relu(aca.attr_proj.weight @ attr_emb[i] + aca.attr_proj.bias)
+        hidden = torch.relu(aca.fc1.weight @ torch.cat([pooled, q]) + aca.fc1.bias)
+        mask = 1 / (1 + torch.exp(-(aca.fc2.weight @ hidden + aca.fc2.bias)))
         outs.append(m.feature_fc.weight @ (pooled * mask) + m.feature_fc.bias)
     return torch.stack(outs), alphas
 
@@ -105,7 +107,7 @@ def test_attention_embedding_follows_its_equations():
     fmap, attr_emb = torch.randn(2, 6, 3, 4), torch.randn(2, 4)
     with torch.no_grad():
         got, alpha = m(fmap, attr_emb)
-        assert torch.allclose(m.attention(fmap, attr_emb)[:, 0], alpha)
+        assert torch.allclose(m.asa.attention(fmap, attr_emb)[:, 0], alpha)
     want, want_alpha = attention_embedding_reference(m, fmap, attr_emb)
     assert alpha.shape == (2, 3, 4) and got.shape == (2, 3)
     assert torch.allclose(alpha, want_alpha, atol=1e-6)
@@ -116,11 +118,18 @@ def test_attention_embedding_follows_its_equations():
 
 
 def test_attention_embedding_is_the_authors_attn_embedding():
-    """The same weights give Maryeon/asenpp's AttnEmbedding's output and attention map."""
+    """The same weights give Maryeon/asenpp's AttnEmbedding's output and attention map; their layer
+    names (also our snapshots' before ASA and ACA were shared) load into ours (LEGACY_NAMES)."""
     torch.manual_seed(1)
     m = scaled_(models.AttentionEmbedding(8, attr_dim=6, common=5, reduction=4, dim_embed=3))
     ref = theirs.AttnEmbedding(6, 8, 5, 4, 3)
-    ref.load_state_dict(m.state_dict())
+    to_theirs = {f'{ours}.': f'{old}.' for old, ours in models.AttentionEmbedding.LEGACY_NAMES.items()}
+    rename = lambda key: next((theirs_ + key[len(ours):] for ours, theirs_ in to_theirs.items()
+                               if key.startswith(ours)), key)
+    ref.load_state_dict({rename(k): v for k, v in m.state_dict().items()})
+    again = models.AttentionEmbedding(8, attr_dim=6, common=5, reduction=4, dim_embed=3)
+    again.load_state_dict(ref.state_dict())                                 # strict: every key renamed
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), m.state_dict().values()))
     fmap, attr_emb = torch.randn(3, 8, 2, 5), torch.randn(3, 6)
     with torch.no_grad():
         (got, alpha), (want, want_alpha) = m(fmap, attr_emb), ref(fmap, attr_emb)
@@ -132,18 +141,18 @@ def test_asenpp_default_sizes_are_the_authors():
     embedding, crop 224 -> 112 at threshold 0.1, beta 0.6: the authors' config (their checkpoints
     load only with these sizes)."""
     alone = models.AttentionEmbedding(64)
-    assert alone.attr_transform1.weight.shape == (512, 512) and alone.conv.weight.shape[:2] == (512, 64)
-    assert alone.attr_transform2.weight.shape == (512, 512) and alone.fc1.weight.shape == (32, 64 + 512)
-    assert alone.fc2.weight.shape == (64, 32) and alone.feature_fc.weight.shape == (1024, 64)
-    assert alone.common == 512
+    assert alone.asa.attr_proj.weight.shape == (512, 512) and alone.asa.img_proj.weight.shape[:2] == (512, 64)
+    assert alone.aca.attr_proj.weight.shape == (512, 512) and alone.aca.fc1.weight.shape == (32, 64 + 512)
+    assert alone.aca.fc2.weight.shape == (64, 32) and alone.feature_fc.weight.shape == (1024, 64)
+    assert alone.asa.hidden == 512 and alone.asa.score is None and alone.asa.bn is None   # scaled dot, no BN
     trunk = models.build_backbone('resnet18', pretrained=False)
     local = models.build_backbone('resnet18', pretrained=False)
     net = models.ASENpp(trunk, 4, local_backbone=local)
     assert net.attr_embedding.weight.shape == (4, 512)
-    assert net.global_attn.conv.weight.shape[0] == 512 and net.global_attn.common == 512
-    assert net.local_attn.conv.weight.shape[0] == 256 and net.local_attn.common == 256
-    assert net.global_attn.fc1.weight.shape[0] == trunk.out_channels // 2
-    assert net.local_attn.fc1.weight.shape[0] == local.out_channels // 2
+    assert net.global_attn.asa.img_proj.weight.shape[0] == 512 and net.global_attn.asa.hidden == 512
+    assert net.local_attn.asa.img_proj.weight.shape[0] == 256 and net.local_attn.asa.hidden == 256
+    assert net.global_attn.aca.fc1.weight.shape[0] == trunk.out_channels // 2
+    assert net.local_attn.aca.fc1.weight.shape[0] == local.out_channels // 2
     assert net.global_attn.feature_fc.weight.shape[0] == 1024 == net.local_attn.feature_fc.weight.shape[0]
     assert (net.view_size, net.local_size, net.threshold, net.beta) == (224, 112, 0.1, 0.6)
     assert models.ASENpp(trunk, 4).local_attn is None and models.ASENpp(trunk, 4).stage == 1 and net.stage == 2
@@ -159,7 +168,10 @@ def test_stage2_losses_are_the_authors():
     attr = torch.tensor([0, 3, 1])
     out = tnet(*images, attr)
     (g_a, l_a), (g_n, l_n), (g_p, l_p) = ((p['global'], p['local']) for p in out.extras)
-    triplet, total = engine.objective(out, engine.LossWeights(0.2, local_triplet=0.1, align=0.1))
+    total, terms = losses.objective(out, losses.LossWeights(0.2, local_triplet=0.1, align=0.1))
+    triplet = terms['triplet']
+    assert torch.allclose(terms['local_triplet'], torch.clamp(F.cosine_similarity(l_a, l_n)
+                          - F.cosine_similarity(l_a, l_p) + 0.2, min=0).mean(), atol=1e-6)
     local = torch.clamp(F.cosine_similarity(l_a, l_n) - F.cosine_similarity(l_a, l_p) + 0.2, min=0).mean()
     align = sum(torch.clamp(1 - F.cosine_similarity(g, loc), min=0).mean()
                 for g, loc in ((g_a, l_a), (g_n, l_n), (g_p, l_p)))
@@ -219,7 +231,13 @@ def test_param_groups_split_the_branches():
     ids = [id(p) for g in (local, slow) for p in g['params']]
     assert sorted(ids) == sorted(id(p) for p in net.parameters())
     assert {id(net.attr_embedding.weight), id(net.backbone.conv1.weight)} <= {id(p) for p in slow['params']}
-    assert len(tiny_asenpp(stage=1).param_groups(1e-5)) == 1
+    # derived from the modules, in a fixed order (a saved optimiser state is by position)
+    in_order = lambda *modules: [id(p) for m in modules for p in m.parameters()]
+    assert [id(p) for p in local['params']] == in_order(net.local_backbone, net.local_attn)
+    assert [id(p) for p in slow['params']] == in_order(net.backbone, net.global_attn, net.attr_embedding)
+    assert net.loss_terms == ('local_triplet', 'align')
+    stage1 = tiny_asenpp(stage=1)
+    assert len(stage1.param_groups(1e-5)) == 1 and stage1.loss_terms == ()
 
 
 def test_bf16_channels_last_step():
@@ -228,9 +246,9 @@ def test_bf16_channels_last_step():
     x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = tnet(x, x.flip(3), x.flip(2), torch.tensor([0, 1]))
-        _, loss = engine.objective(out, engine.LossWeights(0.2, local_triplet=0.1, align=0.1))
+        loss, _ = losses.objective(out, losses.LossWeights(0.2, local_triplet=0.1, align=0.1))
     loss.backward()
-    assert torch.isfinite(loss) and net.local_attn.fc1.weight.grad is not None
+    assert torch.isfinite(loss) and net.local_attn.aca.fc1.weight.grad is not None
 
 
 # ----------------------------------------------------------------------------- end to end

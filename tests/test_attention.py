@@ -20,6 +20,16 @@ def scaled_(module, scale=3.0):
     return module
 
 
+def paper_asa(channels, hidden):
+    """ASA as ASENet has it (the paper's Eq. 1-3): one-hot input, no bias on W1, a conv score."""
+    return models.SpatialAttention(channels, N_ATTR, hidden, attr_bias=False, score='conv')
+
+
+def paper_aca(channels, hidden):
+    """ACA as ASENet has it (Eq. 4-5): the one-hot to C channels, no bias on W2."""
+    return models.ChannelAttention(channels, N_ATTR, channels, hidden, attr_bias=False)
+
+
 def onehot(attr):
     return torch.nn.functional.one_hot(torch.tensor(attr), N_ATTR).float()
 
@@ -57,7 +67,7 @@ def aca_reference(aca, pooled, attr_onehot):
 
 def test_asa_follows_eq_1_to_3():
     torch.manual_seed(0)
-    asa = scaled_(models.AttributeSpatialAttention(6, N_ATTR, hidden=5))
+    asa = scaled_(paper_asa(6, 5))
     fmap, attr = torch.randn(2, 6, 3, 4), onehot([2, 0])
     alphas, pooled = asa_reference(asa, fmap, attr)
     with torch.no_grad():
@@ -70,7 +80,7 @@ def test_asa_follows_eq_1_to_3():
 
 def test_asa_softmax_is_over_positions_not_channels():
     torch.manual_seed(1)
-    asa = scaled_(models.AttributeSpatialAttention(4, N_ATTR, hidden=8))
+    asa = scaled_(paper_asa(4, 8))
     fmap = torch.randn(3, 4, 5, 2)
     with torch.no_grad():
         alpha = asa.attention(fmap, onehot([0, 1, 2]))
@@ -83,7 +93,7 @@ def test_asa_attends_where_the_attribute_points():
     score sums the hidden units: attribute k's attention peaks at position k."""
     h = w = 3
     positions = [(0, 2), (2, 1), (1, 0)]                                # one per attribute
-    asa = models.AttributeSpatialAttention(N_ATTR, N_ATTR, hidden=N_ATTR)
+    asa = paper_asa(N_ATTR, N_ATTR)
     fmap = torch.zeros(1, N_ATTR, h, w)
     for k, (y, x) in enumerate(positions):
         fmap[0, k, y, x] = 3.0
@@ -102,7 +112,7 @@ def test_asa_attends_where_the_attribute_points():
 
 def test_asa_moves_with_the_attribute_only_through_the_attribute_projection():
     torch.manual_seed(2)
-    asa = scaled_(models.AttributeSpatialAttention(4, N_ATTR, hidden=6))
+    asa = scaled_(paper_asa(4, 6))
     fmap = torch.randn(1, 4, 3, 3).repeat(2, 1, 1, 1)
     with torch.no_grad():
         alpha = asa.attention(fmap, onehot([0, 1]))
@@ -116,7 +126,7 @@ def test_asa_moves_with_the_attribute_only_through_the_attribute_projection():
 
 def test_aca_follows_eq_4_and_5():
     torch.manual_seed(3)
-    aca = scaled_(models.AttributeChannelAttention(5, N_ATTR, hidden=7))
+    aca = scaled_(paper_aca(5, 7))
     pooled, attr = torch.randn(4, 5), onehot([0, 1, 2, 1])
     with torch.no_grad():
         got = aca(pooled, attr)
@@ -125,7 +135,7 @@ def test_aca_follows_eq_4_and_5():
 
 def test_aca_is_a_mask_in_zero_one_on_the_pooled_channels():
     torch.manual_seed(4)
-    aca = scaled_(models.AttributeChannelAttention(6, N_ATTR, hidden=4))
+    aca = scaled_(paper_aca(6, 4))
     pooled = torch.rand(8, 6) + 0.5                                     # positive: the ratio is the mask
     with torch.no_grad():
         mask = aca(pooled, onehot([0, 1, 2, 0, 1, 2, 0, 1])) / pooled

@@ -25,7 +25,7 @@ from lib import analysis
 from lib import images
 import asen
 import datasets
-import model
+import losses
 import synthfashion
 import utils
 from conftest import TINY
@@ -260,7 +260,7 @@ def gallery_folder(files):
 
 def no_training(w):
     """The epoch's steps are skipped (cases about what happens around them stay fast)."""
-    w.mp.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: (0.5, 0.5))
+    w.mp.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: {'train_loss': 0.5, 'train_acc': 0.5})
 
 
 def disk_full_on(target, error):
@@ -320,8 +320,8 @@ def damaged_regions(w):
 
 def nan_loss(w):
     """A diverged loss: NaN, with its graph (the step runs backward before the deferred check)."""
-    triplet_loss = model.triplet_loss
-    w.mp.setattr(model, 'triplet_loss', lambda *args: triplet_loss(*args) * float('nan'))
+    triplet_loss = losses.triplet_loss
+    w.mp.setattr(losses, 'triplet_loss', lambda *args: triplet_loss(*args) * float('nan'))
 
 
 def case(name, argv, needles, setup=nothing, code=2, allow=(), absent=()):

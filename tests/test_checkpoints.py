@@ -19,7 +19,7 @@ def scored_epochs(monkeypatch):
     scores = []
 
     def epoch(*args, **kwargs):
-        return 0.0, 0.0
+        return {'train_loss': 0.0, 'train_acc': 0.0}
 
     def score(net, evaluation_set, device, args):
         total = scores.pop(0)
@@ -44,7 +44,7 @@ def test_resume_continues_at_the_next_epoch(trained_run, workdir, monkeypatch):
     """--resume of the one-epoch run trains epochs 2 and 3 only (its start_epoch)."""
     epochs = []
     monkeypatch.setattr(engine, 'train_one_epoch',
-                        lambda tnet, loader, optimizer, scaler, device, epoch, **kw: epochs.append(epoch) or (0.0, 0.0))
+                        lambda tnet, loader, optimizer, scaler, device, epoch, **kw: epochs.append(epoch) or {'train_loss': 0.0, 'train_acc': 0.0})
     resolved = asen.resolve_configuration(['--resume', str(trained_run[1] / 'checkpoint.pth.tar'), '--epochs', '3'])
     assert resolved.args.start_epoch == 2 and resolved.checkpoint['epoch'] == 1
     assert asen.main(['--resume', str(trained_run[1] / 'checkpoint.pth.tar'), '--epochs', '3',

@@ -158,7 +158,7 @@ def heatmap_files(run):
 
 @pytest.mark.slow
 def test_heatmap_every_decides_which_epochs_draw_and_visdom_is_accepted(synth_copy, monkeypatch, capsys):
-    monkeypatch.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: (0.0, 0.0))   # evaluation only
+    monkeypatch.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: {'train_loss': 0.0, 'train_acc': 0.0})   # evaluation only
     assert asen.main(TINY + ['--epochs', '3', '--heatmap-every', '2', '--name', 'every2', '--visdom',
                              '--visdom_port', '9000']) == 0
     assert heatmap_files(synth_copy / 'runs' / 'every2') == ['valid_epoch002.png', 'valid_epoch003.png']

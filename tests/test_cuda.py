@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 
-import model as models
+import losses
 from lib import runtime
 import utils
 from conftest import ROOT, TINY
@@ -83,12 +83,14 @@ def test_amp_train_step_runs_in_low_precision_and_matches_fp32(amp):
     for step in range(3):
         anchor, negative, positive, attr = (runtime.to_device(t, device, True) for t in batch())
         with runtime.autocast(device, amp):
-            loss = models.triplet_loss(*(s.float() for s in tnet(anchor, negative, positive, attr)), 0.2)
+            out = tnet(anchor, negative, positive, attr)
+            loss = losses.triplet_loss(out.sim_an.float(), out.sim_ap.float(), 0.2)
         assert torch.isfinite(loss)
         if step == 0:
             assert dtypes == {'conv': AMP_DTYPE[amp], 'linear': AMP_DTYPE[amp]}
             with torch.no_grad():
-                want = models.triplet_loss(*reference(anchor, negative, positive, attr), 0.2)
+                ref = reference(anchor, negative, positive, attr)
+                want = losses.triplet_loss(ref.sim_an, ref.sim_ap, 0.2)
             assert abs(loss.item() - want.item()) <= AMP_LOSS_ATOL[amp], (loss.item(), want.item())
         optimizer.zero_grad()
         scaler.scale(loss).backward()
@@ -160,7 +162,7 @@ def syncs_of_an_epoch(tnet, optimizer, steps, args):
         warnings.simplefilter('always')
         torch.cuda.set_sync_debug_mode('warn')
         try:
-            engine.train_one_epoch(tnet, device_batches([4] * steps), optimizer, scaler, CUDA, 1, logger=logging.getLogger('test_cuda'), **commands.train_settings(args))
+            engine.train_one_epoch(tnet, device_batches([4] * steps), optimizer, scaler, CUDA, 1, logger=logging.getLogger('test_cuda'), **commands.train_settings(args, tnet.embeddingnet))
         finally:
             torch.cuda.set_sync_debug_mode('default')
     return sum('synchroniz' in str(w.message) for w in caught)
@@ -188,9 +190,9 @@ def test_cuda_graph_step_does_not_recompile_for_the_last_partial_batch():
     scaler = torch.amp.GradScaler('cuda', enabled=False)
     model = engine.compiled(tnet, commands.compile_mode(args))
     logger = logging.getLogger('test_cuda')
-    loss, _ = engine.train_one_epoch(model, device_batches([4, 4, 4]), optimizer, scaler, CUDA, 1, logger=logger, **commands.train_settings(args))
+    loss = engine.train_one_epoch(model, device_batches([4, 4, 4]), optimizer, scaler, CUDA, 1, logger=logger, **commands.train_settings(args, tnet.embeddingnet))['train_loss']
     graphs = counters['stats']['unique_graphs']
-    loss_partial, _ = engine.train_one_epoch(model, device_batches([4, 4, 2]), optimizer, scaler, CUDA, 2, logger=logger, **commands.train_settings(args))
+    loss_partial = engine.train_one_epoch(model, device_batches([4, 4, 2]), optimizer, scaler, CUDA, 2, logger=logger, **commands.train_settings(args, tnet.embeddingnet))['train_loss']
     assert counters['stats']['unique_graphs'] == graphs
     assert torch.isfinite(torch.tensor([loss, loss_partial])).all()
 

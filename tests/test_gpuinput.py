@@ -191,7 +191,7 @@ def test_seeded_training_step_gives_the_same_weights(split_files):
         loader = inputs.make_loader(dataset, args.batch_size, torch.device('cpu'), args.workers, args.channels_last) if new else \
             torch.utils.data.DataLoader(dataset, batch_size=BATCH)
         engine.train_one_epoch(tnet, loader, optimizer, torch.amp.GradScaler('cpu', enabled=False),
-                             torch.device('cpu'), 1, logger=runtime.silent_logger(), **commands.train_settings(args))
+                             torch.device('cpu'), 1, logger=runtime.silent_logger(), **commands.train_settings(args, tnet.embeddingnet))
         weights.append(tnet.state_dict())
     assert isinstance(inputs.make_loader(dataset, args.batch_size, torch.device('cpu'), args.workers, args.channels_last), gpuinput.DeviceLoader)
     for key, value in weights[0].items():

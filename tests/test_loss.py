@@ -1,10 +1,12 @@
-"""The triplet ranking loss (model.triplet_loss) and what TripletWrapper feeds it: mean over the batch
+"""The triplet ranking loss (losses.triplet_loss) and what TripletWrapper feeds it: mean over the batch
 of max(0, s_an - s_ap + margin), s = <anchor, other> of the embeddings; with concat_forward the
 three images go through one pass as [anchor; negative; positive]."""
 import pytest
 import torch
 
+import losses
 import model as models
+from helpers import StandInNet
 
 
 def hinge_reference(sim_an, sim_ap, margin):
@@ -14,42 +16,42 @@ def hinge_reference(sim_an, sim_ap, margin):
 def test_loss_values_by_hand():
     # active: 0.5 - 0.2 + 0.2 = 0.5; inactive: 0.1 - 0.8 + 0.2 < 0; at the margin: 0.3 - 0.5 + 0.2 = 0
     sim_an, sim_ap = torch.tensor([0.5, 0.1, 0.3]), torch.tensor([0.2, 0.8, 0.5])
-    assert models.triplet_loss(sim_an, sim_ap, 0.2).item() == pytest.approx(0.5 / 3)
-    assert models.triplet_loss(sim_an, sim_ap, 0.0).item() == pytest.approx(0.3 / 3)
+    assert losses.triplet_loss(sim_an, sim_ap, 0.2).item() == pytest.approx(0.5 / 3)
+    assert losses.triplet_loss(sim_an, sim_ap, 0.0).item() == pytest.approx(0.3 / 3)
 
 
 @pytest.mark.parametrize('margin', [0.0, 0.2, 1.0])
 def test_loss_equals_the_hinge_on_random_similarities(margin):
     gen = torch.Generator().manual_seed(0)
     sim_an, sim_ap = torch.rand(50, generator=gen) * 2 - 1, torch.rand(50, generator=gen) * 2 - 1
-    assert models.triplet_loss(sim_an, sim_ap, margin).item() == pytest.approx(hinge_reference(sim_an, sim_ap, margin),
+    assert losses.triplet_loss(sim_an, sim_ap, margin).item() == pytest.approx(hinge_reference(sim_an, sim_ap, margin),
                                                                              abs=1e-6)
 
 
 def test_equal_similarities_cost_the_margin():
     sims = torch.tensor([0.3, -0.7, 0.9])
-    assert models.triplet_loss(sims, sims, 0.25).item() == pytest.approx(0.25)
+    assert losses.triplet_loss(sims, sims, 0.25).item() == pytest.approx(0.25)
 
 
 def test_loss_is_not_symmetric_the_positive_must_win():
     """A well-ordered triplet (positive much closer) costs nothing; the same triplet with positive
     and negative swapped costs a lot."""
     good_an, good_ap = torch.tensor([-0.5]), torch.tensor([0.9])
-    assert models.triplet_loss(good_an, good_ap, 0.2).item() == 0.0
-    assert models.triplet_loss(good_ap, good_an, 0.2).item() == pytest.approx(1.6)
+    assert losses.triplet_loss(good_an, good_ap, 0.2).item() == 0.0
+    assert losses.triplet_loss(good_ap, good_an, 0.2).item() == pytest.approx(1.6)
 
 
 def test_gradient_pushes_the_positive_up_and_the_negative_down():
     sim_an = torch.tensor([0.4, 0.0], requires_grad=True)
     sim_ap = torch.tensor([0.3, 0.9], requires_grad=True)
-    models.triplet_loss(sim_an, sim_ap, 0.2).backward()
+    losses.triplet_loss(sim_an, sim_ap, 0.2).backward()
     assert sim_an.grad.tolist() == pytest.approx([0.5, 0.0])       # 1/N on the active triplet only
     assert sim_ap.grad.tolist() == pytest.approx([-0.5, 0.0])
 
 
 # ----------------------------------------------------------------------------- TripletWrapper
 
-class Tagging(torch.nn.Module):
+class Tagging(StandInNet):
     """An embedding net that returns each image's pixels (flattened) scaled by attribute + 1, and
     records the batches it sees."""
 
@@ -72,7 +74,8 @@ def test_tripletnet_returns_anchor_negative_then_anchor_positive(concat):
     anchor, negative, positive = triplet_batch()
     attr = torch.tensor([0, 2])
     net = Tagging()
-    sim_an, sim_ap, _ = models.TripletWrapper(net, concat_forward=concat)(anchor, negative, positive, attr)
+    out = models.TripletWrapper(net, concat_forward=concat)(anchor, negative, positive, attr)
+    sim_an, sim_ap = out.sim_an, out.sim_ap
     scale = (attr + 1).float() ** 2
     emb = [x.flatten(1) for x in (anchor, negative, positive)]
     assert torch.allclose(sim_an, (emb[0] * emb[1]).sum(1) * scale)
@@ -95,9 +98,9 @@ def test_concat_forward_chunk_order_with_a_real_network():
     with torch.no_grad():
         separate = models.TripletWrapper(net)(*x, attr)
         joint = models.TripletWrapper(net, concat_forward=True)(*x, attr)
-    for a, b in zip(separate[:2], joint[:2]):
+    for a, b in ((separate.sim_an, joint.sim_an), (separate.sim_ap, joint.sim_ap)):
         assert torch.allclose(a, b, atol=1e-5)
-    assert not torch.allclose(separate[0], separate[1], atol=1e-3)
+    assert not torch.allclose(separate.sim_an, separate.sim_ap, atol=1e-3)
 
 
 def test_three_passes_by_default_and_concat_chunks_a_batch_of_four():
@@ -115,7 +118,7 @@ def test_three_passes_by_default_and_concat_chunks_a_batch_of_four():
     assert torch.allclose(separate.sim_an, joint.sim_an) and torch.allclose(separate.sim_ap, joint.sim_ap)
 
 
-class HalfPrecision(torch.nn.Module):
+class HalfPrecision(StandInNet):
     """Embeddings in bfloat16, as a network under autocast returns them."""
 
     def forward(self, images, attribute, norm=True):
@@ -134,3 +137,5 @@ def test_similarities_are_float32_products_of_the_embeddings(concat):
     assert out.sim_an.dtype == out.sim_ap.dtype == torch.float32
     assert torch.allclose(out.sim_an, (emb[0] * emb[1]).sum(1), rtol=1e-6, atol=1e-6)
     assert torch.allclose(out.sim_ap, (emb[0] * emb[2]).sum(1), rtol=1e-6, atol=1e-6)
+    for got, want in zip((out.anchor, out.negative, out.positive), emb):      # the embeddings, float32
+        assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
+import losses
 import model as models
-from lib import engine
 from utils import UserError
 
 
@@ -127,23 +127,24 @@ def test_v2_follows_the_formula():
     """ASENet_V2 against its equations, written out with the module's own weights."""
     torch.manual_seed(1)
     net = models.build_model('ASENet_V2', 3, 'resnet18', pretrained=False).eval()
-    torch.nn.init.normal_(net.img_bn1.running_mean)
+    torch.nn.init.normal_(net.asa.bn.running_mean)
     images, attr = torch.randn(2, 3, 40, 40), torch.tensor([2, 0])
     with torch.no_grad():
         fmap = net.backbone(images)
         n, c, h, w = fmap.shape
         e = net.attr_embedding.weight[attr]
-        img = torch.tanh(net.img_bn1(torch.nn.functional.conv2d(fmap, net.conv1.weight, net.conv1.bias)))
-        a = torch.tanh(e @ net.attr_transform1.weight.T + net.attr_transform1.bias)
+        img = torch.tanh(net.asa.bn(torch.nn.functional.conv2d(fmap, net.asa.img_proj.weight, net.asa.img_proj.bias)))
+        a = torch.tanh(e @ net.asa.attr_proj.weight.T + net.asa.attr_proj.bias)
         s = torch.einsum('nchw,nc->nhw', img, a) / 512 ** 0.5
         alpha = torch.softmax(s.reshape(n, -1), dim=1).reshape(n, h, w)
         x = torch.einsum('nchw,nhw->nc', fmap, alpha)
-        q = torch.relu(e @ net.attr_transform2.weight.T + net.attr_transform2.bias)
-        m = torch.sigmoid(net.fc2(torch.relu(net.fc1(torch.cat([x, q], 1)))))
+        q = torch.relu(e @ net.aca.attr_proj.weight.T + net.aca.attr_proj.bias)
+        m = torch.sigmoid(net.aca.fc2(torch.relu(net.aca.fc1(torch.cat([x, q], 1)))))
         expected = (x * m) / (x * m).norm(dim=1, keepdim=True)
         assert torch.allclose(net(images, attr), expected, atol=1e-5)
         assert torch.allclose(net.attention_maps(images, attr), alpha, atol=1e-6)
-    assert net.fc1.in_features == c + 512 and net.fc2.out_features == c and net.feature_fc is None
+    assert net.aca.fc1.in_features == c + 512 and net.aca.fc2.out_features == c and net.feature_fc is None
+    assert net.asa.score is None and net.asa.hidden == 512       # the scaled dot-product score
 
 
 def test_csn_learned_masks_init_and_formula():
@@ -173,7 +174,7 @@ def test_csn_fixed_masks_are_disjoint_and_not_trained():
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=0.1)
     net.train()
     out = models.TripletWrapper(net)(*(torch.randn(4, 3, 32, 32) for _ in range(3)), torch.tensor([0, 1, 2, 0]))
-    models.triplet_loss(out.sim_an, out.sim_ap, 0.2).backward()
+    losses.triplet_loss(out.sim_an, out.sim_ap, 0.2).backward()
     optimizer.step()
     assert torch.equal(net.masks.weight, masks)
     with pytest.raises(UserError, match='--dim_embed'):
@@ -188,8 +189,8 @@ def test_csn_regularisation_matches_the_plain_formula():
     tnet = models.TripletWrapper(net).train()
     batches, attr = [torch.randn(4, 3, 32, 32) for _ in range(3)], torch.tensor([0, 1, 2, 1])
     out = tnet(*batches, attr)
-    triplet, total = engine.objective(out, engine.LossWeights(0.2, csn_embed=5e-3, csn_mask=5e-4))
-    reg = total - triplet
+    total, terms = losses.objective(out, losses.LossWeights(0.2, csn_embed=5e-3, csn_mask=5e-4))
+    reg = total - terms['triplet']
     embed_terms, mask_terms = [], []
     for x in batches:   # recompute in train mode on the same inputs: BatchNorm batch statistics
         raw = net.embed_fc(net.backbone(x).mean(dim=(2, 3)))
@@ -197,8 +198,10 @@ def test_csn_regularisation_matches_the_plain_formula():
         mask_terms.append(torch.relu(net.masks.weight[attr]).abs().sum() / 4)
     expected = 5e-3 * torch.stack(embed_terms).mean() + 5e-4 * torch.stack(mask_terms).mean()
     assert torch.allclose(reg, expected, rtol=1e-4)
-    plain, total = engine.objective(out, engine.LossWeights(0.2))           # without --csn-reg: none
-    assert torch.equal(total, plain)
+    assert torch.allclose(terms['csn_embed'], torch.stack(embed_terms).mean(), rtol=1e-4)
+    assert torch.allclose(terms['csn_mask'], torch.stack(mask_terms).mean(), rtol=1e-4)
+    total, terms = losses.objective(out, losses.LossWeights(0.2))           # without --csn-reg: none
+    assert torch.equal(total, terms['triplet']) and list(terms) == ['triplet']
 
 
 @pytest.fixture(scope='module')
@@ -221,6 +224,14 @@ def test_csn_fixed_masks_survive_a_training_run(synth_data, workdir):
     run = workdir / 'runs' / 'csn'
     state = torch.load(run / 'checkpoint.pth.tar', map_location='cpu', weights_only=True)
     assert torch.equal(state['state_dict']['embeddingnet.masks.weight'], models.disjoint_masks(5, 16))
+    # metrics.jsonl: the triplet loss as train_loss, then the total minimised and each term
+    record = json.loads((run / 'metrics.jsonl').read_text().splitlines()[0])
+    assert {'train_loss', 'train_acc', 'train_total', 'train_csn_embed', 'train_csn_mask'} <= set(record)
+    assert 'train_local_triplet' not in record
+    weighed = record['train_loss'] + 5e-3 * record['train_csn_embed'] + 5e-4 * record['train_csn_mask']
+    assert record['train_total'] == pytest.approx(weighed, rel=1e-6)
+    assert record['train_total'] > record['train_loss'] + 1e-3
+    assert 'total: ' in (run / 'train.log').read_text() and 'csn_mask: ' in (run / 'train.log').read_text()
     assert asen.main(['--test', '--resume', str(run / 'checkpoint.pth.tar'), '--data_path', synth_data]) == 0
     assert 'attention_localisation' not in json.loads((run / 'test_results.json').read_text())
 
@@ -230,6 +241,10 @@ def test_csn_flags_need_the_csn_model(workdir, capsys):
     from conftest import TINY
     assert asen.main(TINY + ['--model', 'ASENet', '--csn-reg']) == 2
     assert '--csn-reg applies only to --model ConditionalSimNet' in capsys.readouterr().err
+    assert asen.main(TINY + ['--model', 'ConditionalSimNet', '--csn-embed-weight', '0.1']) == 2
+    assert '--csn-embed-weight applies only with --csn-reg' in capsys.readouterr().err
+    assert asen.main(TINY + ['--model', 'ConditionalSimNet', '--csn-reg', '--csn-mask-weight', '-1']) == 2
+    assert '--csn-mask-weight -1.0: must be a finite number >= 0' in capsys.readouterr().err
 
 
 def test_v2_fc_default_embedding_is_1024():

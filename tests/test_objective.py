@@ -1,14 +1,17 @@
-"""The whole training objective (lib/engine.py: objective, LossWeights): the triplet loss (Eq. 6)
+"""The whole training objective (losses.py: objective, LossWeights): the triplet loss (Eq. 6)
 plus ASEN++ stage 2's local triplet and alignment terms and CSN's regularisers, each written out by
-hand on random embeddings, each with its own weight; a term of weight 0 is not computed."""
+hand on random embeddings, each with its own weight; a term of weight 0 is not computed. The weights
+come from the configuration and the terms the network feeds (EmbeddingNetwork.loss_terms), never
+from its name."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import losses
 import model as models
-from lib import engine
+from helpers import tiny_asenpp, tiny_net
 
 N, D = 5, 6
 
@@ -17,13 +20,18 @@ def hinge(an, ap, margin):
     return torch.clamp(an - ap + margin, min=0).mean()
 
 
+def triplet_output(anchor, negative, positive, extras):
+    return models.TripletOutput(anchor, negative, positive, (anchor * negative).sum(1), (anchor * positive).sum(1),
+                                extras)
+
+
 def outputs(seed=0):
     """A TripletOutput whose passes (anchor, negative, positive) carry both ASEN++'s and CSN's extras."""
     gen = torch.Generator().manual_seed(seed)
     r = lambda *shape: torch.randn(*shape, generator=gen)
     passes = tuple({'global': r(N, D), 'local': r(N, D), 'unmasked': r(N, D), 'mask': r(N, D).abs()}
                    for _ in range(3))
-    return models.TripletOutput(r(N), r(N), passes)
+    return triplet_output(r(N, D), r(N, D), r(N, D), passes)
 
 
 def by_hand(out, margin):
@@ -41,12 +49,24 @@ def by_hand(out, margin):
                                      (0, 0, 0, 0.9), (0.3, 0.7, 0.2, 0.9)])
 def test_each_term_enters_with_its_weight(weights):
     out, margin = outputs(), 0.4
-    w = engine.LossWeights(margin, *weights)
-    triplet, total = engine.objective(out, w)
-    terms = by_hand(out, margin)
-    assert torch.allclose(triplet, terms[0], atol=1e-6)
-    want = terms[0] + sum(wi * t for wi, t in zip(weights, terms[1:]))
+    w = losses.LossWeights(margin, *weights)
+    total, terms = losses.objective(out, w)
+    want_terms = by_hand(out, margin)
+    assert torch.allclose(terms['triplet'], want_terms[0], atol=1e-6)
+    want = want_terms[0] + sum(wi * t for wi, t in zip(weights, want_terms[1:]))
     assert torch.allclose(torch.as_tensor(total), want, atol=1e-6)
+    # the terms returned are the unweighted ones, those of a computed pair both
+    assert list(terms) == ['triplet', *w.computed()]
+    by_name = dict(zip(('triplet',) + losses.TERMS, want_terms))
+    for name, value in terms.items():
+        assert torch.allclose(value, by_name[name], atol=1e-6)
+
+
+def test_the_computed_terms_come_in_pairs_that_share_inputs():
+    assert losses.LossWeights(0.2).computed() == ()
+    assert losses.LossWeights(0.2, align=0.1).computed() == ('local_triplet', 'align')
+    assert losses.LossWeights(0.2, csn_mask=0.1).computed() == ('csn_embed', 'csn_mask')
+    assert losses.LossWeights(0.2, 1, 1, 1, 1).computed() == losses.TERMS
 
 
 def test_the_terms_by_hand_are_not_trivial():
@@ -58,14 +78,35 @@ def test_the_terms_by_hand_are_not_trivial():
 
 def test_a_term_of_weight_zero_is_not_computed():
     """Networks without extras (ASENet: {} per pass) train with the triplet loss alone."""
-    out = models.TripletOutput(torch.tensor([0.5, 0.1]), torch.tensor([0.2, 0.3]), ({}, {}, {}))
-    triplet, total = engine.objective(out, engine.LossWeights(0.2))
-    assert float(triplet) == float(total) == pytest.approx((0.5 + 0.0) / 2)
+    emb = torch.eye(2)
+    out = models.TripletOutput(emb, emb, emb, torch.tensor([0.5, 0.1]), torch.tensor([0.2, 0.3]), ({}, {}, {}))
+    total, terms = losses.objective(out, losses.LossWeights(0.2))
+    assert float(terms['triplet']) == float(total) == pytest.approx((0.5 + 0.0) / 2)
+    assert list(terms) == ['triplet']
 
 
 def test_the_defaults_weigh_only_the_triplet_loss():
-    w = engine.LossWeights(0.3)
+    w = losses.LossWeights(0.3)
     assert w == (0.3, 0.0, 0.0, 0.0, 0.0)
+
+
+def test_a_new_loss_reads_the_embeddings():
+    """TripletOutput carries the float32 embeddings the similarities come from, so a loss over them
+    (in-batch negatives, say) needs nothing else."""
+    out = outputs(seed=3)
+    assert torch.allclose(out.sim_an, (out.anchor * out.negative).sum(1))
+    assert torch.allclose(out.sim_ap, (out.anchor * out.positive).sum(1))
+    tnet = models.TripletWrapper(tiny_net('ASENet', dim_embed=8)).eval()
+    images, attr = [torch.randn(2, 3, 32, 32) for _ in range(3)], torch.tensor([0, 3])
+    with torch.no_grad():
+        got = tnet(*images, attr)
+        for emb, x in zip((got.anchor, got.negative, got.positive), images):
+            assert emb.dtype == torch.float32 and torch.allclose(emb, tnet.embeddingnet(x, attr), atol=1e-6)
+    assert torch.allclose(got.sim_an, (got.anchor * got.negative).sum(1))
+
+
+CONFIGURED = dict(margin=0.2, local_weight=0.25, align_weight=0.5, csn_embed_weight=losses.CSN_EMBED_WEIGHT,
+                  csn_mask_weight=losses.CSN_MASK_WEIGHT)
 
 
 @pytest.mark.parametrize('model, stage, csn_reg, want', [
@@ -77,19 +118,27 @@ def test_the_defaults_weigh_only_the_triplet_loss():
     ('ASENet', 2, True, (0.2, 0.0, 0.0, 0.0, 0.0)),
 ])
 def test_weights_of_a_configuration(model, stage, csn_reg, want):
-    args = SimpleNamespace(model=model, stage=stage, csn_reg=csn_reg, margin=0.2, local_weight=0.25,
-                           align_weight=0.5)
-    assert tuple(engine.LossWeights.of(args)) == pytest.approx(want, rel=0, abs=0)
+    """The weights of the terms the network feeds; the others 0 whatever the flags say."""
+    net = tiny_asenpp(stage=stage) if model == 'ASENpp' else tiny_net(model)
+    args = SimpleNamespace(csn_reg=csn_reg, **CONFIGURED)
+    assert tuple(losses.LossWeights.of(args, net.loss_terms)) == pytest.approx(want, rel=0, abs=0)
+
+
+def test_csn_weights_come_from_the_configuration():
+    """--csn-embed-weight and --csn-mask-weight, with --csn-reg; their defaults are the CSN authors'."""
+    assert (losses.CSN_EMBED_WEIGHT, losses.CSN_MASK_WEIGHT) == (5e-3, 5e-4)
+    args = SimpleNamespace(**{**CONFIGURED, 'csn_embed_weight': 0.125, 'csn_mask_weight': 0.5}, csn_reg=True)
+    assert losses.LossWeights.of(args, ('csn_embed', 'csn_mask')) == (0.2, 0.0, 0.0, 0.125, 0.5)
+    args.csn_reg = False
+    assert losses.LossWeights.of(args, ('csn_embed', 'csn_mask')) == (0.2, 0.0, 0.0, 0.0, 0.0)
 
 
 def test_the_extra_terms_are_computed_in_float32():
     """Under autocast the branches' embeddings are bf16; their cosines and norms are taken in float32."""
     out = outputs(seed=2)
-    half = models.TripletOutput(out.sim_an, out.sim_ap,
-                                tuple({k: v.bfloat16() for k, v in p.items()} for p in out.extras))
-    upcast = models.TripletOutput(out.sim_an, out.sim_ap,
-                                  tuple({k: v.float() for k, v in p.items()} for p in half.extras))
-    got = models.asenpp_local_terms(half.extras, 0.4) + models.csn_regularisers(half.extras)
+    half = out._replace(extras=tuple({k: v.bfloat16() for k, v in p.items()} for p in out.extras))
+    upcast = out._replace(extras=tuple({k: v.float() for k, v in p.items()} for p in half.extras))
+    got = losses.asenpp_local_terms(half.extras, 0.4) + losses.csn_regularisers(half.extras)
     want = by_hand(upcast, 0.4)[1:]
     for g, w in zip(got, want):
         assert g.dtype == torch.float32 and torch.allclose(g, w, rtol=1e-6, atol=1e-6)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import asen
-import model
+import losses
 import utils
 from conftest import ROOT, TINY
 from helpers import FAITHFUL, assert_one_line_error, load, private_copy, run_main
@@ -145,13 +145,13 @@ def test_best_snapshot_stays_when_later_checkpoints_replace_it(tmp_path, monkeyp
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_snapshot(workdir, monkeypatch, capsys):
     assert asen.main(TINY + ['--epochs', '1', '--name', 'nan']) == 0
-    real_loss, calls = model.triplet_loss, []
+    real_loss, calls = losses.triplet_loss, []
 
     def nan_from_the_second_batch(sim_an, sim_ap, margin):      # a diverged loss: NaN, with its graph
         calls.append(1)
         loss = real_loss(sim_an, sim_ap, margin)
         return loss * float('nan') if len(calls) >= 2 else loss
-    monkeypatch.setattr(model, 'triplet_loss', nan_from_the_second_batch)
+    monkeypatch.setattr(losses, 'triplet_loss', nan_from_the_second_batch)
     # no log line after batch 0: the flag is read at the end of the epoch and still names batch 1
     assert asen.main(['--resume', 'runs/nan/checkpoint.pth.tar', '--epochs', '2', '--log-interval', '100']) == 2
     err = capsys.readouterr().err

@@ -5,11 +5,12 @@ import logging
 import pytest
 import torch
 
+import losses as loss_terms
 import model as models
 from lib import runtime
 import utils
 from conftest import TINY
-from helpers import FAITHFUL, InMemoryLoader, random_batches, tiny_tnet
+from helpers import FAITHFUL, InMemoryLoader, StandInNet, random_batches, tiny_tnet
 from lib import commands, config, engine, inputs
 
 CPU = torch.device('cpu')
@@ -38,8 +39,9 @@ def test_device_accumulation_equals_a_per_step_item_loop():
     losses, accs, n = [], [], []
     tnet.train()
     for anchor, negative, positive, attr in data:                # the plain loop, a sync per step
-        sim_an, sim_ap, _ = tnet(anchor, negative, positive, attr)
-        loss = models.triplet_loss(sim_an, sim_ap, args.margin)
+        out = tnet(anchor, negative, positive, attr)
+        sim_an, sim_ap = out.sim_an, out.sim_ap
+        loss = loss_terms.triplet_loss(sim_an, sim_ap, args.margin)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -57,11 +59,14 @@ def test_device_accumulation_equals_a_per_step_item_loop():
     handler = Lines()
     logger.addHandler(handler)
     try:
-        got_loss, got_acc = engine.train_one_epoch(tnet, InMemoryLoader(data), optimizer, scaler, CPU, 1, logger=logger, **commands.train_settings(args))
+        means = engine.train_one_epoch(tnet, InMemoryLoader(data), optimizer, scaler, CPU, 1, logger=logger,
+                                       **commands.train_settings(args, tnet.embeddingnet))
     finally:
         logger.removeHandler(handler)
-    assert got_loss == pytest.approx(want_loss, rel=1e-12, abs=1e-12)
-    assert got_acc == pytest.approx(want_acc, rel=1e-12, abs=1e-12)
+    assert list(means) == ['train_loss', 'train_acc', 'train_total']        # ASENet: no other term
+    assert means['train_loss'] == pytest.approx(want_loss, rel=1e-12, abs=1e-12)
+    assert means['train_acc'] == pytest.approx(want_acc, rel=1e-12, abs=1e-12)
+    assert means['train_total'] == means['train_loss']                      # the total is the triplet loss
     for got, want in zip(tnet.parameters(), want_params):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     # log lines at batches 0 and 2: the batch's values and the running averages so far
@@ -69,12 +74,12 @@ def test_device_accumulation_equals_a_per_step_item_loop():
     run_acc = (accs[0] * 4 + accs[1] * 4 + accs[2] * 4) / 12
     assert handler.lines == [
         f'Train Epoch: 1 [0/14]\tLoss: {losses[0]:.4f} ({losses[0]:.4f}) \t'
-        f'Acc: {100 * accs[0]:.2f}% ({100 * accs[0]:.2f}%)',
+        f'Acc: {100 * accs[0]:.2f}% ({100 * accs[0]:.2f}%) \ttotal: {losses[0]:.4f} ({losses[0]:.4f})',
         f'Train Epoch: 1 [8/14]\tLoss: {losses[2]:.4f} ({run_loss:.4f}) \t'
-        f'Acc: {100 * accs[2]:.2f}% ({100 * run_acc:.2f}%)']
+        f'Acc: {100 * accs[2]:.2f}% ({100 * run_acc:.2f}%) \ttotal: {losses[2]:.4f} ({run_loss:.4f})']
 
 
-class Linear(torch.nn.Module):
+class Linear(StandInNet):
     """A one-layer embedding net, small enough to step by hand."""
 
     def __init__(self):
@@ -93,13 +98,13 @@ def test_training_step_is_forward_objective_backward_and_one_step():
     gen = torch.Generator().manual_seed(4)
     data = [(*[torch.randn(3, 3, 2, 2, generator=gen) for _ in range(3)], torch.tensor([0, 1, 2]), None)
             for _ in range(2)]
-    weights = engine.LossWeights(0.5)
+    weights = loss_terms.LossWeights(0.5)
     plain = models.TripletWrapper(Linear())
     plain_opt = torch.optim.Adam(plain.parameters(), lr=0.05)
     want = []
     for anchor, negative, positive, attr, _ in data:
         out = plain(anchor, negative, positive, attr)
-        loss = models.triplet_loss(out.sim_an, out.sim_ap, 0.5)
+        loss = loss_terms.triplet_loss(out.sim_an, out.sim_ap, 0.5)
         plain_opt.zero_grad()
         loss.backward()
         plain_opt.step()
@@ -109,8 +114,9 @@ def test_training_step_is_forward_objective_backward_and_one_step():
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     for batch, (loss, sim_an, sim_ap) in zip(data, want):
         got = engine.training_step(tnet, batch, optimizer, scaler, 'off', weights)
-        assert not any(t.requires_grad for t in got)
-        torch.testing.assert_close(got[0], loss, rtol=0, atol=0)
+        assert list(got[0]) == ['triplet']
+        assert not any(t.requires_grad for t in (*got[0].values(), *got[1:]))
+        torch.testing.assert_close(got[0]['triplet'], loss, rtol=0, atol=0)
         torch.testing.assert_close(got[1], loss, rtol=0, atol=0)          # no extra terms
         torch.testing.assert_close(got[2], sim_an, rtol=0, atol=0)
         torch.testing.assert_close(got[3], sim_ap, rtol=0, atol=0)
@@ -128,16 +134,20 @@ def test_training_step_minimises_the_total():
             return emb, {'unmasked': emb, 'mask': emb.abs()}
     gen = torch.Generator().manual_seed(5)
     batch = (*[torch.randn(3, 3, 2, 2, generator=gen) for _ in range(3)], torch.tensor([0, 1, 2]), None)
-    weights = engine.LossWeights(0.5, csn_embed=1.0, csn_mask=1.0)
+    weights = loss_terms.LossWeights(0.5, csn_embed=1.0, csn_mask=1.0)
     tnet = models.TripletWrapper(WithExtras())
     before = [p.detach().clone() for p in tnet.parameters()]
     out = tnet(*batch[:4])
-    triplet, total = engine.objective(out, weights)
+    total, terms = loss_terms.objective(out, weights)
+    triplet = terms['triplet']
     grads = torch.autograd.grad(total, list(tnet.parameters()))
     optimizer = torch.optim.SGD(tnet.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
-    loss, got_total, _, _ = engine.training_step(tnet, batch, optimizer, scaler, 'off', weights)
+    got_terms, got_total, _, _ = engine.training_step(tnet, batch, optimizer, scaler, 'off', weights)
+    loss = got_terms['triplet']
     assert float(got_total) == pytest.approx(float(total.detach())) and float(loss) == pytest.approx(float(triplet.detach()))
+    assert list(got_terms) == ['triplet', 'csn_embed', 'csn_mask']
+    assert float(got_total) == pytest.approx(float(loss + got_terms['csn_embed'] + got_terms['csn_mask']))
     assert float(got_total) > float(loss) + 0.1
     for p, p0, g in zip(tnet.parameters(), before, grads):
         torch.testing.assert_close(p.detach(), p0 - 0.1 * g)
@@ -282,5 +292,5 @@ def test_last_partial_batch_runs_eagerly_under_compile():
     optimizer = torch.optim.Adam(tnet.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler('cpu', enabled=False)
     engine.train_one_epoch(stand_in, InMemoryLoader(random_batches(sizes=(4, 4, 2), size=32)), optimizer, scaler, CPU, 1, logger=logging.getLogger('test_training_step'),
-    **commands.train_settings(args))
+    **commands.train_settings(args, tnet.embeddingnet))
     assert stand_in.sizes == [4, 4]
