@@ -8,11 +8,12 @@
 
 A row is a list of asen.py flags: asen.py's defaults are the paper's recipe, so a row passes only
 what differs (--model, ASEN++'s --stage). Each row is trained once per seed as
-runs/<dataset>-<row>-s<seed>, then tested (`--test`, which writes test_results.json with the
-Random baseline); a run whose test_results.json exists is skipped, so an interrupted table
+runs/<dataset>-<row>-s<seed>, then tested (`--test --report`: test_results.json with the
+Random baseline, and the run's report runs/<run>/report/index.html); a run whose test_results.json exists is skipped, so an interrupted table
 continues (a run with a checkpoint but no test result resumes from its checkpoint). The collected
 table (runs/reproduce/<table>.md and .json) puts the paper's figures beside ours, with the
-difference, where a source for them was read; every figure names its source.
+difference, where a source for them was read; every figure names its source. runs/reproduce/index.html
+holds every collected table, each row linking to its runs' reports.
 """
 import argparse
 import json
@@ -23,7 +24,7 @@ import sys
 from datetime import datetime
 
 import utils
-from lib import costs, tables
+from lib import costs, report, tables
 from utils import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -131,7 +132,7 @@ def plan(names, opts):
                     first = run_name(dataset, row_by_key(table, row['resume']), seed)
                     train += ['--resume', os.path.join('runs', first, 'model_best.pth.tar')]
                 train += ['--seed', str(seed), '--name', run] + extra
-                test = ['--test', '--resume', os.path.join('runs', run, 'model_best.pth.tar'),
+                test = ['--test', '--report', '--resume', os.path.join('runs', run, 'model_best.pth.tar'),
                         '--data_path', opts.data_path] + test_extra
                 steps.append((name, row, seed, run, train, test))
     return steps
@@ -267,8 +268,10 @@ def comparison(name, runs_by_row):
 
 
 def collect(names, steps):
-    """Print each table and write runs/reproduce/<table>.md and .json."""
+    """Print each table and write runs/reproduce/<table>.md and .json, and index.html: every table,
+    each row linking to its runs' reports (lib/report.py)."""
     os.makedirs(LOGS, exist_ok=True)
+    collected = []
     for name in names:
         runs_by_row = {}
         for table, row, _, run, _, _ in steps:
@@ -280,6 +283,8 @@ def collect(names, steps):
             f.write(text + '\n')
         with open(os.path.join(LOGS, f'{name}.json'), 'w') as f:
             json.dump(data, f, indent=1, sort_keys=True)
+        collected.append((data, runs_by_row))
+    print(f"index: {report.write_index(LOGS, collected)}")
 
 
 # ----------------------------------------------------------------------------- what a table costs

@@ -259,7 +259,7 @@ def test(tnet, split_files, device, args, logger, run_dir, source=None):
     logger.info(f"{random_key}: {result[random_key]:.4f}")
     result.update(split='test', model=asenpp.result_label(args), dataset=args.dataset, checkpoint=args.resume,
                   attributes=split_files.attributes)
-    if regions is not None and tnet.embeddingnet.has_spatial_attention and is_main_process():
+    if args.test and regions is not None and tnet.embeddingnet.has_spatial_attention and is_main_process():
         result['attention_localisation'] = log_localisation(tnet.embeddingnet, test_set, split_files, regions,
                                                             device, args, logger)
     if is_main_process():

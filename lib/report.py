@@ -237,8 +237,12 @@ def tsne_input(evaluation_set, embeddings, attr, limit=TSNE_POINTS, seed=1):
 def tsne_map(points, seed):
     """2-D t-SNE (scikit-learn, seeded) of `points`; perplexity below the number of points."""
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits     # a dependency of scikit-learn
     perplexity = min(30.0, max(1.0, (len(points) - 1) / 3))
-    return TSNE(n_components=2, perplexity=perplexity, init='pca', random_state=seed).fit_transform(points)
+    # One thread: on a busy machine the OpenMP threads of the Barnes-Hut gradient wait on each other
+    # (100 points: 12 s on 2 busy cores, 1 s on one thread; docs/report.md).
+    with threadpool_limits(limits=1):
+        return TSNE(n_components=2, perplexity=perplexity, init='pca', random_state=seed).fit_transform(points)
 
 
 # ----------------------------------------------------------------------------- metrics.jsonl

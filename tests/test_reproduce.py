@@ -54,18 +54,18 @@ def test_dry_run_prints_the_exact_commands(workdir, capsys):
             run = f'deepfashion-{key}-s{seed}'
             expected += [asen_line('--dataset', 'DeepFashion', '--data_path', 'D', '--model', model, '--seed',
                                    str(seed), '--name', run, '--workers', '2'),
-                         asen_line('--test', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
+                         asen_line('--test', '--report', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
     for seed in (1, 2):
         run = f'fashionai-asenpp1-s{seed}'
         expected += [asen_line('--dataset', 'FashionAI', '--data_path', 'D', '--model', 'ASENpp', '--stage', '1',
                                '--seed', str(seed), '--name', run, '--workers', '2'),
-                     asen_line('--test', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
+                     asen_line('--test', '--report', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
     for seed in (1, 2):
         run = f'fashionai-asenpp2-s{seed}'
         expected += [asen_line('--dataset', 'FashionAI', '--data_path', 'D', '--model', 'ASENpp', '--stage', '2',
                                '--resume', f'runs/fashionai-asenpp1-s{seed}/model_best.pth.tar', '--seed', str(seed),
                                '--name', run, '--workers', '2'),
-                     asen_line('--test', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
+                     asen_line('--test', '--report', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
     assert lines == expected
     assert not (workdir / 'runs').exists()                  # a dry run runs and writes nothing
 
@@ -86,9 +86,9 @@ def test_rows_with_results_are_skipped_and_interrupted_ones_continue(workdir, ca
     out = capsys.readouterr().out
     assert '# skip darn-triplet-s1: runs/darn-triplet-s1/test_results.json exists' in out
     assert commands(out) == [
-        asen_line('--test', '--resume', 'runs/darn-csn-s1/model_best.pth.tar', '--data_path', 'D'),
+        asen_line('--test', '--report', '--resume', 'runs/darn-csn-s1/model_best.pth.tar', '--data_path', 'D'),
         asen_line('--resume', 'runs/darn-asen-s1/checkpoint.pth.tar', '--data_path', 'D'),
-        asen_line('--test', '--resume', 'runs/darn-asen-s1/model_best.pth.tar', '--data_path', 'D')]
+        asen_line('--test', '--report', '--resume', 'runs/darn-asen-s1/model_best.pth.tar', '--data_path', 'D')]
 
 
 @pytest.mark.slow
