@@ -118,6 +118,12 @@ def test_one_row_end_to_end_beside_finished_rows(workdir, capsys, in_process):
     assert '| Triplet | ours - paper | |  |  |  |  |  | +22.64 |' in text
     assert f"Paper figures of Triplet, CSN, ASEN, Random: {reproduce.CRL}." in text
     assert 'Ours ran on SynthFashion, not DeepFashion' in text
+    # the index: every row, ours beside the paper's figure, a link to each run's report (none for the fakes)
+    index = (workdir / 'runs' / 'reproduce' / 'index.html').read_text()
+    assert '<a href="../synthfashion-asen-s1/report/index.html">synthfashion-asen-s1</a>' in index
+    assert (workdir / 'runs' / 'synthfashion-asen-s1' / 'report' / 'index.html').is_file()
+    assert 'synthfashion-triplet-s1 (no report: python asen.py --report --resume' in index
+    assert index.count('<td>paper</td>') == 4 and reproduce.CRL in index
     # run again: everything is skipped, the table is the same
     assert reproduce.main(['deepfashion', '--dataset', 'SynthFashion', '--extra', TINY_EXTRA]) == 0
     assert '# skip synthfashion-asen-s1' in capsys.readouterr().out
@@ -235,6 +241,13 @@ def test_every_mapped_recipe_end_to_end_on_tiny_synthfashion(workdir, capsys, in
     stage2 = json.loads((workdir / 'runs' / 'synthfashion-asenpp2-s1' / 'test_results.json').read_text())
     assert stage2['model'] == 'ASENpp' and rows['ASEN++']['ours']['MeanAP'] == pytest.approx(stage2['MeanAP'])
     assert 'ASENet_V2' in (workdir / 'runs' / 'reproduce' / 'fashionai.md').read_text()
+    # every model's run has its report, and the index links every one of them
+    index = (workdir / 'runs' / 'reproduce' / 'index.html').read_text()
+    runs = [p for p in (workdir / 'runs').iterdir() if p.name.startswith('synthfashion-')]
+    assert len(runs) == 8
+    for run in runs:
+        assert (run / 'report' / 'index.html').is_file()
+        assert f'<a href="../{run.name}/report/index.html">' in index
 
 
 @pytest.mark.slow
@@ -247,3 +260,6 @@ def test_zappos_recipe_end_to_end_on_tiny_zappos(workdir, capsys, in_process):
     text = (workdir / 'runs' / 'reproduce' / 'zappos.md').read_text()
     assert 'compare with the Zappos50k table (triplet accuracy) of Ma et al., AAAI 2020' in text
     assert '| paper |' not in text                                  # no figure read: none shown
+    index = (workdir / 'runs' / 'reproduce' / 'index.html').read_text()
+    for key in ('triplet', 'csn', 'asen'):
+        assert f'<a href="../zappos50k-{key}-s1/report/index.html">' in index
