@@ -2,7 +2,7 @@
 a screenshot, every image loaded, no console error, and the page's text. The browser test
 (tests/test_report.py) uses it, and so does the README's screenshot:
 
-    python tests/browser.py runs/demo/report/index.html images/report.png
+    python tests/browser.py runs/ASEN/report/index.html images/report.png [HEIGHT]
 
 No browser is downloaded at run time: the driver is /usr/bin/chromedriver (or $CHROMEDRIVER).
 """
@@ -65,14 +65,15 @@ def shrink(png, max_width=720, colours=128):
 
 
 def main(argv):
-    if len(argv) != 2:
-        print('usage: python tests/browser.py REPORT.html SCREENSHOT.png', file=sys.stderr)
+    if len(argv) not in (2, 3):
+        print('usage: python tests/browser.py REPORT.html SCREENSHOT.png [HEIGHT (pixels, default 2000)]',
+              file=sys.stderr)
         return 2
     why = missing()
     if why:
         print(f'error: {why}', file=sys.stderr)
         return 1
-    result = open_page(argv[0], argv[1])
+    result = open_page(argv[0], argv[1], height=int(argv[2]) if len(argv) > 2 else 2000)
     shrink(argv[1])
     broken = [src for src, ok in result['images'] if not ok]
     print(f"{len(result['images'])} images, {len(broken)} broken, {len(result['severe'])} console errors; "
