@@ -2,6 +2,7 @@
 its bad inputs are one line each and change nothing, and the page loads whole in a real browser."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -165,7 +166,7 @@ def test_the_report_holds_its_seven_parts(reported_run):
     for part in ('<h4>Attention</h4>', '<h4>Retrieval examples</h4>', '<h4>t-SNE map</h4>', '<h4>AP of each value</h4>'):
         assert page.count(part) == len(ATTRIBUTES)
     assert '<script' not in page and 'http' not in page                  # offline, no JavaScript
-    for src in __import__('re').findall(r'<img src="([^"]+)"', page):
+    for src in re.findall(r'<img src="([^"]+)"', page):
         assert (run_dir / 'report' / src).is_file()
 
 
