@@ -17,7 +17,7 @@ import model
 import utils
 from utils import UserError
 from lib import asenpp, checkpoints, commands, config, inputs, runfolder, runtime, tables
-from lib import datacheck, images
+from lib import datacheck, images, report
 from lib.config import COMPILE_MODES, DATASETS
 from lib.runtime import is_main_process, local_first
 
@@ -203,6 +203,10 @@ def get_args_parser():
     use = parser.add_argument_group('seeing and using a trained model (with --resume)')
     use.add_argument('--visualize', action='store_true',
                      help='write attention overlays of a few test images per attribute to runs/<name>/heatmaps/')
+    use.add_argument('--report', action='store_true',
+                     help='write runs/<name>/report/index.html (offline, no JavaScript): the run, its test '
+                          'results, training curves and per attribute attention, retrieval examples, a t-SNE '
+                          'map and the AP of each value; with --test also test_results.json (docs/report.md)')
     use.add_argument('--retrieve', metavar='IMAGE', default=None,
                      help='rank the test candidates (or --gallery) by similarity to IMAGE under --attribute')
     use.add_argument('--attribute', default=None, help='attribute name for --retrieve')
@@ -334,8 +338,9 @@ def dispatch(resolved, run_dir, device):
         return commands.retrieve(tnet, split_files, device, args, run_dir)
     if args.visualize:
         commands.visualize_attention(tnet, split_files, device, args, run_dir)
-    if args.test:
-        return commands.test(tnet, split_files, device, args, logger, run_dir)
+    if args.test or args.report:
+        source = report.Source.of(resolved, get_args_parser()) if args.report else None
+        return commands.test(tnet, split_files, device, args, logger, run_dir, source)
     if training:
         return commands.train(tnet, split_files, device, args, logger, run_dir, checkpoint)
     return None

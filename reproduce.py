@@ -8,14 +8,16 @@
 
 A row is a list of asen.py flags: asen.py's defaults are the paper's recipe, so a row passes only
 what differs (--model, ASEN++'s --stage). Each row is trained once per seed as
-runs/<dataset>-<row>-s<seed>, then tested (`--test`, which writes test_results.json with the
-Random baseline); a run whose test_results.json exists is skipped. Rows train with `--resume auto`,
+runs/<dataset>-<row>-s<seed>, then tested (`--test --report`: test_results.json with the
+Random baseline, and the run's report runs/<run>/report/index.html); a run whose test_results.json
+exists is skipped. Rows train with `--resume auto`,
 so the same command continues a table whatever state each row is in (not started, stopped before
 or after a snapshot, trained, tested). A stop signal to reproduce.py (SIGINT, SIGTERM, SIGUSR1) is
 passed to the running asen.py, which saves a snapshot; reproduce.py waits for it and exits with its
 status (75: requeue), and the same command continues the table. The collected
 table (runs/reproduce/<table>.md and .json) puts the paper's figures beside ours, with the
-difference, where a source for them was read; every figure names its source.
+difference, where a source for them was read; every figure names its source. runs/reproduce/index.html
+holds every collected table, each row linking to its runs' reports.
 """
 import argparse
 import json
@@ -27,7 +29,7 @@ import sys
 from datetime import datetime
 
 import utils
-from lib import costs, tables
+from lib import costs, report, tables
 from utils import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -143,7 +145,7 @@ def plan(names, opts):
                 else:
                     train += ['--resume', 'auto']
                 train += ['--seed', str(seed), '--name', run] + extra
-                test = ['--test', '--resume', os.path.join('runs', run, 'model_best.pth.tar'),
+                test = ['--test', '--report', '--resume', os.path.join('runs', run, 'model_best.pth.tar'),
                         '--data_path', opts.data_path] + test_extra
                 steps.append((name, row, seed, run, train, test))
     return steps
@@ -409,8 +411,10 @@ def comparison(name, runs_by_row):
 
 
 def collect(names, steps):
-    """Print each table and write runs/reproduce/<table>.md and .json."""
+    """Print each table and write runs/reproduce/<table>.md and .json, and index.html: every table,
+    each row linking to its runs' reports (lib/report.py)."""
     os.makedirs(LOGS, exist_ok=True)
+    collected = []
     for name in names:
         runs_by_row = {}
         for table, row, _, run, _, _ in steps:
@@ -422,6 +426,8 @@ def collect(names, steps):
             f.write(text + '\n')
         with open(os.path.join(LOGS, f'{name}.json'), 'w') as f:
             json.dump(data, f, indent=1, sort_keys=True)
+        collected.append((data, runs_by_row))
+    print(f"index: {report.write_index(LOGS, collected)}")
 
 
 # ----------------------------------------------------------------------------- checking the flags first

@@ -15,7 +15,7 @@ from PIL import Image
 import losses
 import model
 import utils
-from lib import analysis, asenpp, checkpoints, engine, evaluation, inputs, runfolder, runtime, tables, visualize
+from lib import analysis, asenpp, checkpoints, engine, evaluation, inputs, report, runfolder, runtime, tables, visualize
 from lib.eventlog import RunWriter
 from lib.runtime import is_main_process
 from utils import UserError
@@ -272,9 +272,11 @@ def valid_heatmaps(net, candidates, attributes, run_dir, epoch, writer, device):
 
 # ----------------------------------------------------------------------------- test and use
 
-def test(tnet, split_files, device, args, logger, run_dir):
+def test(tnet, split_files, device, args, logger, run_dir, source=None):
     """--test: the test split's figures (mAP, or triplet accuracy on Zappos50k) beside the Random
-    baseline, test_results.json and a markdown table."""
+    baseline, test_results.json and a markdown table. --report (`source`: report.Source): the
+    report, from the same embeddings (test_results.json only when --test is given too)."""
+    writer = report.Writer(report.prepare(run_dir, args, source), source, args) if args.report else None
     net = engine.compiled(tnet.embeddingnet, compile_mode(args), evaluation_only=True)
     test_set = inputs.evaluation_of(split_files, 'test', args, logger)
     regions = inputs.synth_regions(split_files, 'test')   # read before the evaluation: a bad file stops here
@@ -286,12 +288,15 @@ def test(tnet, split_files, device, args, logger, run_dir):
     logger.info(f"{random_key}: {result[random_key]:.4f}")
     result.update(split='test', model=asenpp.result_label(args), dataset=args.dataset, checkpoint=args.resume,
                   attributes=split_files.attributes)
-    if regions is not None and tnet.embeddingnet.has_spatial_attention and is_main_process():
+    if args.test and regions is not None and tnet.embeddingnet.has_spatial_attention and is_main_process():
         result['attention_localisation'] = log_localisation(tnet.embeddingnet, test_set, split_files, regions,
                                                             device, args, logger)
     if is_main_process():
-        runfolder.write_test_results(result, run_dir, args.overwrite)
+        if args.test:
+            runfolder.write_test_results(result, run_dir, args.overwrite)
         print(tables.markdown_of_result(result))
+        if writer is not None:
+            writer.write(tnet.embeddingnet, split_files, test_set, embeddings, result, device, logger)
     return result
 
 

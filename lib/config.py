@@ -34,7 +34,7 @@ SYNTH_PRESET = dict(backbone='resnet18', pretrained=False, img_size=64, epochs=6
                     batch_size=32, log_interval=40, channels_last=True, concat_forward=True)
 
 # Flags a checkpoint does not override when resuming (they describe this invocation).
-INVOCATION_FLAGS = {'resume', 'test', 'start_epoch', 'no_cuda', 'workers', 'skip_bad_images', 'visualize',
+INVOCATION_FLAGS = {'resume', 'test', 'report', 'start_epoch', 'no_cuda', 'workers', 'skip_bad_images', 'visualize',
                     'retrieve', 'attribute', 'topk', 'gallery', 'cache_images', 'sync_bn', 'overwrite',
                     'allow_large_images', 'checkpoint_every'}
 # `--resume auto`: the run folder's newest complete snapshot, or a new run when it holds none.
@@ -297,7 +297,7 @@ def check_values(values, explicit, checkpoint_keys=(), resume=None):
     for dest in ('csn_embed_weight', 'csn_mask_weight'):
         if dest in explicit and not values['csn_reg']:
             raise UserError(f"{flag_name(dest)} applies only with --csn-reg (--model ConditionalSimNet)")
-    for flag in ('test', 'visualize', 'retrieve'):
+    for flag in ('test', 'report', 'visualize', 'retrieve'):
         if values[flag] and not values['resume']:
             raise UserError(f"--{flag} needs --resume CHECKPOINT (e.g. runs/<name>/model_best.pth.tar)")
     if values['retrieve'] and not values['attribute']:
@@ -313,7 +313,7 @@ def check_values(values, explicit, checkpoint_keys=(), resume=None):
 # ----------------------------------------------------------------------------- steps on a Draft
 
 def is_training(args):
-    return not (args.test or args.visualize or args.retrieve)
+    return not (args.test or args.report or args.visualize or args.retrieve)
 
 
 def restore_from_checkpoint(draft, checkpoint, step):

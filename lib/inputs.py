@@ -73,7 +73,8 @@ def missing_synth_folder(args):
 def generates_data(args):
     """Only training (asen.py, pretrain.py) may generate or regenerate SynthFashion: --test,
     --visualize and --retrieve read the data a model was trained on, or stop."""
-    return not (getattr(args, 'test', False) or getattr(args, 'visualize', False) or getattr(args, 'retrieve', None))
+    return not (getattr(args, 'test', False) or getattr(args, 'report', False) or getattr(args, 'visualize', False)
+                or getattr(args, 'retrieve', None))
 
 
 def check_synth_generated(args, n_eval):

@@ -109,3 +109,27 @@ def pytest_collection_modifyitems(config, items):
         name = os.path.basename(str(item.path))
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
     items.sort(key=rank)                          # stable: the order within a file is kept
+
+
+@pytest.fixture(scope='session')
+def _reported_once(tmp_path_factory, _trained_once):
+    """A private copy of the shared trained run with its report (asen.py --report), made once a
+    session: the browser test and the tests of the report's numbers read it."""
+    import asen
+    source, _, _ = _trained_once
+    root = tmp_path_factory.mktemp('reported')
+    private_copy(source / 'data', root / 'data')
+    private_copy(source / 'runs' / 'shared', root / 'runs' / 'shared')
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert asen.main(['--report', '--resume', 'runs/shared/model_best.pth.tar', '--no-cuda']) == 0
+    finally:
+        os.chdir(cwd)
+    return root, root / 'runs' / 'shared'
+
+
+@pytest.fixture()
+def reported_run(_reported_once):
+    """(working dir, run dir) of the tiny trained run with its report/ written; read-only."""
+    return _reported_once

@@ -56,18 +56,18 @@ def test_dry_run_prints_the_exact_commands(workdir, capsys):
             run = f'deepfashion-{key}-s{seed}'
             expected += [asen_line('--dataset', 'DeepFashion', '--data_path', 'D', '--model', model, '--resume',
                                    'auto', '--seed', str(seed), '--name', run, '--workers', '2'),
-                         asen_line('--test', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
+                         asen_line('--test', '--report', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
     for seed in (1, 2):
         run = f'fashionai-asenpp1-s{seed}'
         expected += [asen_line('--dataset', 'FashionAI', '--data_path', 'D', '--model', 'ASENpp', '--stage', '1',
                                '--resume', 'auto', '--seed', str(seed), '--name', run, '--workers', '2'),
-                     asen_line('--test', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
+                     asen_line('--test', '--report', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
     for seed in (1, 2):
         run = f'fashionai-asenpp2-s{seed}'
         expected += [asen_line('--dataset', 'FashionAI', '--data_path', 'D', '--model', 'ASENpp', '--stage', '2',
                                '--resume', f'runs/fashionai-asenpp1-s{seed}/model_best.pth.tar', '--seed', str(seed),
                                '--name', run, '--workers', '2'),
-                     asen_line('--test', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
+                     asen_line('--test', '--report', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')]
     assert lines == expected
     assert not (workdir / 'runs').exists()                  # a dry run runs and writes nothing
 
@@ -97,7 +97,7 @@ def test_rows_with_results_are_skipped_and_interrupted_ones_continue(workdir, ca
     assert '# skip darn-triplet-s1: runs/darn-triplet-s1/test_results.json exists' in out
 
     def test(run):
-        return asen_line('--test', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')
+        return asen_line('--test', '--report', '--resume', f'runs/{run}/model_best.pth.tar', '--data_path', 'D')
     assert commands(out) == [
         test('darn-csn-s1'),
         asen_line('--dataset', 'DARN', '--data_path', 'D', '--model', 'ASENet', '--resume', 'auto', '--seed', '1',
@@ -142,6 +142,12 @@ def test_one_row_end_to_end_beside_finished_rows(workdir, capsys, in_process):
     assert '| Triplet | ours - paper | |  |  |  |  |  | +22.64 |' in text
     assert f"Paper figures of Triplet, CSN, ASEN, Random: {reproduce.CRL}." in text
     assert 'Ours ran on SynthFashion, not DeepFashion' in text
+    # the index: every row, ours beside the paper's figure, a link to each run's report (none for the fakes)
+    index = (workdir / 'runs' / 'reproduce' / 'index.html').read_text()
+    assert '<a href="../synthfashion-asen-s1/report/index.html">synthfashion-asen-s1</a>' in index
+    assert (workdir / 'runs' / 'synthfashion-asen-s1' / 'report' / 'index.html').is_file()
+    assert 'synthfashion-triplet-s1 (no report: python asen.py --report --resume' in index
+    assert index.count('<td>paper</td>') == 4 and reproduce.CRL in index
     # run again: everything is skipped, the table is the same
     assert reproduce.main(['deepfashion', '--dataset', 'SynthFashion', '--extra', TINY_EXTRA]) == 0
     assert '# skip synthfashion-asen-s1' in capsys.readouterr().out
@@ -287,6 +293,13 @@ def test_every_mapped_recipe_end_to_end_on_tiny_synthfashion(workdir, capsys, in
     stage2 = json.loads((workdir / 'runs' / 'synthfashion-asenpp2-s1' / 'test_results.json').read_text())
     assert stage2['model'] == 'ASENpp' and rows['ASEN++']['ours']['MeanAP'] == pytest.approx(stage2['MeanAP'])
     assert 'ASENet_V2' in (workdir / 'runs' / 'reproduce' / 'fashionai.md').read_text()
+    # every model's run has its report, and the index links every one of them
+    index = (workdir / 'runs' / 'reproduce' / 'index.html').read_text()
+    runs = [p for p in (workdir / 'runs').iterdir() if p.name.startswith('synthfashion-')]
+    assert len(runs) == 8
+    for run in runs:
+        assert (run / 'report' / 'index.html').is_file()
+        assert f'<a href="../{run.name}/report/index.html">' in index
 
 
 @pytest.mark.slow
@@ -299,6 +312,9 @@ def test_zappos_recipe_end_to_end_on_tiny_zappos(workdir, capsys, in_process):
     text = (workdir / 'runs' / 'reproduce' / 'zappos.md').read_text()
     assert 'compare with the Zappos50k table (triplet accuracy) of Ma et al., AAAI 2020' in text
     assert '| paper |' not in text                                  # no figure read: none shown
+    index = (workdir / 'runs' / 'reproduce' / 'index.html').read_text()
+    for key in ('triplet', 'csn', 'asen'):
+        assert f'<a href="../zappos50k-{key}-s1/report/index.html">' in index
 
 
 @pytest.mark.parametrize('signalled, rc, status, needle', [
