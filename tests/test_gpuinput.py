@@ -250,3 +250,43 @@ def test_prefetch_loop_orders_its_streams(split_files, monkeypatch):
     steps = [('enter', 'side'), ('main', 'waits for'), ('record',), ('record',), ('record',), ('record',)]
     expected = steps + [e for _ in range(n - 1) for e in [('enter', 'side'), ('yielded',)] + steps[1:]] + [('yielded',)]
     assert events == expected
+
+
+# ----------------------------------------------------------------------------- a pass resumed mid-way
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_a_pass_started_at_batch_k_is_the_rest_of_the_whole_pass(split_files, workers):
+    """start_at(k): the next pass yields batches k, k + 1, ... of an uninterrupted pass, the same
+    images and flips (each worker's stream replays the draws of the batches skipped), leaves the
+    global RNG where the whole pass leaves it, and the pass after it starts at batch 0 again."""
+    dataset = triplet_set(split_files, cached=True, num_triplets=5 * BATCH)
+    whole, whole_state = device_passes(dataset, workers, epochs=(None, None), persistent=False)
+    for first in (1, 3):
+        torch.manual_seed(5)
+        loader = gpuinput.DeviceLoader(dataset, BATCH, 'cpu', workers)
+        loader.start_at(first)
+        assert len(loader) == 5
+        rest = list(loader)
+        assert len(rest) == 5 - first
+        assert_same_passes([rest], [whole[0][first:]])
+        assert_same_passes([list(loader)], [whole[1]])
+        assert torch.equal(torch.get_rng_state(), whole_state)
+
+
+def test_batch_count_and_slices_of_a_pass():
+    """len() counts a last partial batch; a pass slices batch_keys() into consecutive batches."""
+    class Keys:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def batch_keys(self):
+            return np.arange(self.n)
+
+    for n, want in ((8, 2), (9, 3), (1, 1)):
+        tasks = gpuinput._BatchTasks(Keys(n), 4, workers=0)
+        tasks.begin_pass(0)
+        assert len(tasks) == want
+        assert [t.keys.tolist() for t in tasks] == [list(range(n))[s:s + 4] for s in range(0, n, 4)]
