@@ -290,3 +290,78 @@ def test_batch_count_and_slices_of_a_pass():
         tasks.begin_pass(0)
         assert len(tasks) == want
         assert [t.keys.tolist() for t in tasks] == [list(range(n))[s:s + 4] for s in range(0, n, 4)]
+
+
+# ----------------------------------------------------------------------------- lib/inputs.py: which pipeline, which transform
+
+def test_each_pipeline_gets_its_transform_and_loader(split_files, monkeypatch):
+    """Training triplets flip (p 0.5) at --img-size; ASEN++'s do not (the authors' GlobalTransform);
+    evaluation sets never flip, and share one image cache with --cache-images. Triplets and
+    evaluation sets load through DeviceLoader, not persistent unless asked; ASEN++'s originals
+    through a plain DataLoader with the dataset's collate_fn, pinned only for CUDA."""
+    import types
+    args = config.from_flags(['--img-size', str(SIZE), '--num_triplets', '8', '--workers', '2'])
+    train = inputs.training_set(split_files, args)
+    assert type(train) is datasets.TripletDataset and datasets.transform_settings(train.transform) == (SIZE, 0.5)
+    loader = inputs.make_loader(train, BATCH, torch.device('cpu'), args.workers, args.channels_last)
+    assert isinstance(loader, gpuinput.DeviceLoader) and not loader.loader.persistent_workers
+    assert inputs.make_loader(train, BATCH, torch.device('cpu'), 2, True, persistent=True).loader.persistent_workers
+    assert inputs.make_loader(train, BATCH, torch.device('cpu'), 2, True).channels_last
+    pp = config.from_flags(['--model', 'ASENpp', '--img-size', str(SIZE), '--num_triplets', '8'])
+    pp_train = inputs.training_set(split_files, pp)
+    assert datasets.transform_settings(pp_train.transform) == (SIZE, 0.0)
+    pp_train.originals = True                               # what stage 2 with --local-crop original sets
+    plain = inputs.make_loader(pp_train, BATCH, torch.device('cpu'), 0, False)
+    assert type(plain) is torch.utils.data.DataLoader and plain.collate_fn == pp_train.collate_fn
+    assert not plain.pin_memory
+    lines = []
+    logger = types.SimpleNamespace(info=lines.append)
+    valid = inputs.evaluation_of(split_files, 'valid', args, logger)
+    for dataset in valid.datasets:
+        assert datasets.transform_settings(dataset.transform) == (SIZE, 0.0) and dataset.cache is None
+    cached = config.from_flags(['--img-size', str(SIZE), '--cache-images', '--workers', '0'])
+    valid = inputs.evaluation_of(split_files, 'valid', cached, logger)
+    assert valid.queries.cache is valid.candidates.cache and valid.queries.cache.size == SIZE
+
+
+def test_skipped_evaluation_images_are_counted_over_queries_and_candidates(split_files):
+    """--skip-bad-images: the log line counts the images left out of the queries and of the candidates."""
+    import os
+    import types
+    query, candidate = (split_files.retrieval_entries('test', role)[0, 0] for role in ('query', 'candidate'))
+    bad = [os.path.join(split_files.root, split_files.filenames('test')[i]) for i in (query, candidate)]
+    originals = [open(path, 'rb').read() for path in bad]
+    lines = []
+    try:
+        for path in bad:
+            with open(path, 'wb') as f:
+                f.write(b'not an image')
+        args = config.from_flags(['--img-size', str(SIZE), '--skip-bad-images'])
+        inputs.evaluation_of(split_files, 'test', args, types.SimpleNamespace(info=lines.append))
+    finally:
+        for path, original in zip(bad, originals):
+            with open(path, 'wb') as f:
+                f.write(original)
+    assert lines == ['--skip-bad-images: left out 2 missing or unreadable image(s) of the test split']
+
+
+def test_worker_counts(monkeypatch):
+    """--workers wins (0 included); else 4 on CUDA and 0 on the CPU for the loaders, and up to 4 (the
+    cores, at least 1) for building the image cache."""
+    import types
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    assert [inputs.default_workers(w, d) for w, d in ((None, cpu), (None, cuda), (0, cuda), (3, cpu))] == [0, 4, 0, 3]
+    cache_workers = lambda workers: inputs.cache_workers(types.SimpleNamespace(workers=workers))
+    for cores, want in ((2, 2), (16, 4), (None, 1)):
+        monkeypatch.setattr(inputs.os, 'cpu_count', lambda cores=cores: cores)
+        assert cache_workers(None) == want
+    assert cache_workers(0) == 0 and cache_workers(7) == 7
+
+
+def test_loader_from_batch_k_yields_the_rest():
+    """LoaderFrom (a resumed epoch of ASEN++ stage 2's item loader): batches k, k + 1, ... of the
+    whole loader; its length stays the whole loader's."""
+    whole = torch.utils.data.DataLoader(torch.arange(10), batch_size=4)
+    rest = inputs.LoaderFrom(whole, 1)
+    assert len(rest) == 3 and rest.dataset is whole.dataset
+    assert [b.tolist() for b in rest] == [[4, 5, 6, 7], [8, 9]]

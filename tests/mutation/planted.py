@@ -63,7 +63,7 @@ D = [
  ('triplet accuracy in bf16', 'lib/zappos.py', 'embeddings[rows[:, k]].float() for k', 'embeddings[rows[:, k]] for k', 'test_zappos'),
  ('overall accuracy a plain mean of conditions', 'lib/zappos.py', 'float(correct.mean()) if len(correct) else 0.0', 'float(np.mean(per_condition)) if len(correct) else 0.0', 'test_zappos'),
  ('ASEN++ stage 2 keeps the stage-1 run name', 'lib/asenpp.py', "        draft.apply({'name': f'{draft.name}_s2'}, 'ASEN++ stage 2 of the --resume run')\n", '', 'test_asenpp'),
- ('ASEN++ resumed stage-2 run continues as stage 1', 'lib/asenpp.py', "draft.set('stage', file_stage or 1,", "draft.set('stage', 1,", 'test_asenpp'),
+ ('ASEN++ stage 2 restarts from a stage-2 checkpoint', 'lib/asenpp.py', 'starts_stage2 = checkpoint is not None and draft.stage == 2 and file_stage == 1', 'starts_stage2 = checkpoint is not None and draft.stage == 2 and file_stage in (1, 2)', 'test_asenpp'),
  ('ASEN++ stage-2 checkpoint accepted with --stage 1', 'lib/asenpp.py', 'if checkpoint is not None and file_stage == 2 and draft.stage == 1:', 'if checkpoint is not None and file_stage == 2 and draft.stage == 2:', 'test_asenpp'),
  ('ASEN++ tests a stage-1 checkpoint as stage 2', 'lib/asenpp.py', '    if starts_stage2 and not training:\n', '    if False:\n', 'test_asenpp'),
  ('ASEN++ --cache-images allowed with the originals', 'lib/asenpp.py', 'if uses_originals(draft) and draft.cache_images:', 'if uses_originals(draft) and draft.cache_images and draft.stage == 1:', 'test_asenpp'),
