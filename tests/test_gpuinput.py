@@ -365,3 +365,19 @@ def test_loader_from_batch_k_yields_the_rest():
     rest = inputs.LoaderFrom(whole, 1)
     assert len(rest) == 3 and rest.dataset is whole.dataset
     assert [b.tolist() for b in rest] == [[4, 5, 6, 7], [8, 9]]
+
+
+def test_workers_ignore_the_stop_signals():
+    """ignore_stop_signals (every loader's worker_init_fn): Ctrl-C, SIGTERM and SIGUSR1 are the main
+    process's to handle; a worker ignores them."""
+    import signal
+    numbers = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    saved = [signal.getsignal(n) for n in numbers]
+    try:
+        for n in numbers:
+            signal.signal(n, signal.SIG_DFL)
+        gpuinput.ignore_stop_signals(0)
+        assert [signal.getsignal(n) for n in numbers] == [signal.SIG_IGN] * 3
+    finally:
+        for n, handler in zip(numbers, saved):
+            signal.signal(n, handler)
