@@ -381,3 +381,23 @@ def test_workers_ignore_the_stop_signals():
     finally:
         for n, handler in zip(numbers, saved):
             signal.signal(n, handler)
+
+
+def test_flip_draws_at_the_probability_itself_as_random_horizontal_flip(monkeypatch):
+    """A draw equal to p does not flip, in RandomHorizontalFlip and in draw_flips alike; an
+    image's item path draws once per image: random_draws counts one per image of a key."""
+    flip = datasets.build_transform(SIZE, train=True).transforms[2]
+    monkeypatch.setattr(torch, 'rand', lambda *size, **kwargs: torch.full(size, 0.5))
+    probe = torch.arange(2).view(1, 1, 2)
+    assert torch.equal(flip(probe), probe)
+    assert datasets.draw_flips(3, 0.5).tolist() == [False] * 3
+
+
+def test_random_draws_of_a_pass_resumed_mid_way(split_files):
+    """The draws a resumed pass skips: one per image with a random flip (three per triplet), none
+    without."""
+    train = datasets.TripletDataset(split_files, 8, datasets.build_transform(SIZE, train=True), seed=1)
+    assert train.random_draws(train.triplets[:5]) == 15
+    flipped = datasets.RetrievalDataset(split_files, 'valid', 'query', datasets.build_transform(SIZE, train=True))
+    plain = datasets.RetrievalDataset(split_files, 'valid', 'query', datasets.build_transform(SIZE, train=False))
+    assert flipped.random_draws(np.arange(5)) == 5 and plain.random_draws(np.arange(5)) == 0
