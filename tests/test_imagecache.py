@@ -238,3 +238,26 @@ def test_skipped_images_are_logged_when_the_cache_is_built(split_files):
     assert cache.pixels(2) is None and cache.pixels(3) is not None
     assert lines[0].startswith('building image cache ') and lines[0].endswith(f': 4 images at {SIZE} px, 0.0 MiB')
     assert lines[1:] == ['--skip-bad-images: 1 unreadable image(s) of the test split not cached']
+
+
+def test_a_cache_of_another_size_is_refused_and_none_detaches(split_files):
+    transform = datasets.build_transform(SIZE, train=False)
+    queries = datasets.RetrievalDataset(split_files, 'valid', 'query', transform)
+    other = imagecache.ImageCache('unused', queries.image_ids, SIZE + 1)
+    with pytest.raises(ValueError, match=f'image cache holds {SIZE + 1} px images, the transform wants {SIZE} px'):
+        queries.attach_cache(other)
+    cached(queries, split_files, 'valid')
+    queries.attach_cache(None)
+    assert queries.cache is None
+
+
+def test_cached_item_flips_as_random_horizontal_flip_at_p(split_files, monkeypatch):
+    """The cached item path draws as RandomHorizontalFlip: a draw equal to p does not flip."""
+    train = cached(datasets.TripletDataset(split_files, 4, datasets.build_transform(SIZE, train=True), seed=1),
+                   split_files, 'train')
+    image_id = train.triplets[0, 0]
+    want = datasets.to_normalized_tensor(train.cache.pixels(image_id))
+    monkeypatch.setattr(torch, 'rand', lambda *size, **kwargs: torch.full(size, 0.5))
+    assert torch.equal(train.load(image_id), want)
+    monkeypatch.setattr(torch, 'rand', lambda *size, **kwargs: torch.full(size, 0.25))
+    assert torch.equal(train.load(image_id), want.flip(-1))
