@@ -261,3 +261,16 @@ def test_cached_item_flips_as_random_horizontal_flip_at_p(split_files, monkeypat
     assert torch.equal(train.load(image_id), want)
     monkeypatch.setattr(torch, 'rand', lambda *size, **kwargs: torch.full(size, 0.25))
     assert torch.equal(train.load(image_id), want.flip(-1))
+
+
+def test_a_truncated_cache_file_is_rebuilt(split_files):
+    """A data file shorter than its key says (cut by a full disk or a copy) is rebuilt, not mapped."""
+    ids = np.arange(3)
+    imagecache.ensure(split_files, 'test', ids, SIZE, log=lambda *_: None)
+    data_path, _ = imagecache.cache_paths(split_files.root, 'test', SIZE)
+    with open(data_path, 'r+b') as f:
+        f.truncate(SIZE * SIZE * 3)
+    lines = []
+    cache = imagecache.ensure(split_files, 'test', ids, SIZE, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith('building image cache')
+    assert os.path.getsize(data_path) == 3 * SIZE * SIZE * 3 and cache.pixels(2) is not None
