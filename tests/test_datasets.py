@@ -112,3 +112,21 @@ def test_every_reference_file_is_covered():
     covered = {'meta.json', 'README.md', 'label_train.txt', 'label_valid.txt', 'label_test.txt'}
     covered |= {f'{kind}_{s}.txt' for kind in ('filenames', 'query', 'candidate') for s in ('valid', 'test')}
     assert {p.name for p in SHARED.rglob('*') if p.is_file()} <= covered
+
+
+def test_datasets_refuse_a_missing_image_unless_told_to_skip(tmp_path, small_synth):
+    """The training and retrieval sets stop at a missing image by default (one error naming it);
+    --skip-bad-images (skip_bad=True) leaves it out."""
+    from helpers import private_copy
+    private_copy(small_synth, tmp_path / 'SynthFashion')
+    split = datasets.SplitFiles(str(tmp_path), 'SynthFashion')
+    transform = datasets.build_transform(16, train=False)
+    for make, split_name, listed in (
+            (lambda **kw: datasets.TripletDataset(split, 4, transform, seed=1, **kw), 'train', split.train_labels()[0, 0]),
+            (lambda **kw: datasets.RetrievalDataset(split, 'valid', 'query', transform, **kw), 'valid',
+             split.retrieval_entries('valid', 'query')[0, 0])):
+        name = split.filenames(split_name)[listed]
+        (tmp_path / 'SynthFashion' / name).unlink()
+        with pytest.raises(UserError, match=name):
+            make()
+        assert make(skip_bad=True).skipped == 1
