@@ -130,3 +130,21 @@ def test_datasets_refuse_a_missing_image_unless_told_to_skip(tmp_path, small_syn
         with pytest.raises(UserError, match=name):
             make()
         assert make(skip_bad=True).skipped == 1
+
+
+def test_triplet_dataset_epochs_and_shards(small_synth):
+    """Epoch e's triplets are the sampler's draw from (seed, e), all of them; shard r of W keeps
+    rows r, r + W, ... of the first T // W * W (every rank as many), for every epoch."""
+    split = datasets.SplitFiles(str(small_synth.parent), small_synth.name)
+    transform = datasets.build_transform(16, train=True)
+    whole = datasets.TripletDataset(split, 10, transform, seed=3)
+    draws = {e: whole.sampler.sample(10, np.random.default_rng([3, e])) for e in (1, 2)}
+    assert len(whole) == 10 and np.array_equal(whole.triplets, draws[1])
+    whole.set_epoch(2)
+    assert np.array_equal(whole.triplets, draws[2])
+    for rank in range(3):
+        shard = datasets.TripletDataset(split, 10, transform, seed=3)
+        shard.shard(rank, 3)
+        assert np.array_equal(shard.triplets, draws[1][rank:9:3]) and len(shard) == 3
+        shard.set_epoch(2)
+        assert np.array_equal(shard.triplets, draws[2][rank:9:3])
