@@ -122,9 +122,9 @@ def test_datasets_refuse_a_missing_image_unless_told_to_skip(tmp_path, small_syn
     split = datasets.SplitFiles(str(tmp_path), 'SynthFashion')
     transform = datasets.build_transform(16, train=False)
     for make, split_name, listed in (
-            (lambda **kw: datasets.TripletDataset(split, 4, transform, seed=1, **kw), 'train', split.train_labels()[0, 0]),
+            (lambda **kw: datasets.TripletDataset(split, 4, transform, seed=1, **kw), 'train', split.train_labels()[:, 0].max()),
             (lambda **kw: datasets.RetrievalDataset(split, 'valid', 'query', transform, **kw), 'valid',
-             split.retrieval_entries('valid', 'query')[0, 0])):
+             split.retrieval_entries('valid', 'query')[:, 0].max())):       # an id no attribute or value number equals
         name = split.filenames(split_name)[listed]
         (tmp_path / 'SynthFashion' / name).unlink()
         with pytest.raises(UserError, match=name):
@@ -140,6 +140,7 @@ def test_triplet_dataset_epochs_and_shards(small_synth):
     whole = datasets.TripletDataset(split, 10, transform, seed=3)
     draws = {e: whole.sampler.sample(10, np.random.default_rng([3, e])) for e in (1, 2)}
     assert len(whole) == 10 and np.array_equal(whole.triplets, draws[1])
+    assert np.array_equal(whole.image_ids, np.unique(split.train_labels()[:, 0]))      # what a cache holds
     whole.set_epoch(2)
     assert np.array_equal(whole.triplets, draws[2])
     for rank in range(3):
