@@ -401,3 +401,9 @@ def test_random_draws_of_a_pass_resumed_mid_way(split_files):
     flipped = datasets.RetrievalDataset(split_files, 'valid', 'query', datasets.build_transform(SIZE, train=True))
     plain = datasets.RetrievalDataset(split_files, 'valid', 'query', datasets.build_transform(SIZE, train=False))
     assert flipped.random_draws(np.arange(5)) == 5 and plain.random_draws(np.arange(5)) == 0
+
+
+def test_normalise_is_contiguous_unless_asked_for_channels_last():
+    pixels = torch.randint(0, 256, (2, 5, 5, 3), dtype=torch.uint8).permute(0, 3, 1, 2)     # NHWC strides
+    assert gpuinput.normalise(pixels).is_contiguous()
+    assert gpuinput.normalise(pixels, torch.tensor([True, False])).is_contiguous()
