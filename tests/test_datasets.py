@@ -150,3 +150,15 @@ def test_triplet_dataset_epochs_and_shards(small_synth):
         assert np.array_equal(shard.triplets, draws[1][rank:9:3]) and len(shard) == 3
         shard.set_epoch(2)
         assert np.array_equal(shard.triplets, draws[2][rank:9:3])
+
+
+def test_retrieval_dataset_items_and_image_ids(small_synth):
+    """A retrieval set's items are its entries in order (image, attribute, value, index); its image
+    ids (what a cache holds) are those of its entries."""
+    split = datasets.SplitFiles(str(small_synth.parent), small_synth.name)
+    queries = datasets.RetrievalDataset(split, 'valid', 'query', lambda image: image.size)
+    entries = split.retrieval_entries('valid', 'query')
+    assert np.array_equal(queries.entries, entries) and len(queries) == len(entries)
+    assert np.array_equal(queries.image_ids, np.unique(entries[:, 0]))
+    _, attr, value, index = queries[len(queries) - 1]
+    assert (attr, value, index) == (entries[-1, 1], entries[-1, 2], len(queries) - 1)
