@@ -1,5 +1,6 @@
 """Readers of the authors' split files (the triplet samplers: test_sampler.py)."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +163,4 @@ def test_retrieval_dataset_items_and_image_ids(small_synth):
     assert np.array_equal(queries.image_ids, np.unique(entries[:, 0]))
     _, attr, value, index = queries[len(queries) - 1]
     assert (attr, value, index) == (entries[-1, 1], entries[-1, 2], len(queries) - 1)
+    assert queries.image_path(len(queries) - 1) == os.path.join(split.root, split.filenames('valid')[entries[-1, 0]])
