@@ -407,3 +407,15 @@ def test_normalise_is_contiguous_unless_asked_for_channels_last():
     pixels = torch.randint(0, 256, (2, 5, 5, 3), dtype=torch.uint8).permute(0, 3, 1, 2)     # NHWC strides
     assert gpuinput.normalise(pixels).is_contiguous()
     assert gpuinput.normalise(pixels, torch.tensor([True, False])).is_contiguous()
+
+
+def test_normalise_constants_made_under_inference_mode_are_ordinary_tensors():
+    """The first evaluation may run under torch.inference_mode and make the cached (255, mean, std):
+    they stay ordinary tensors, usable by the training steps after it."""
+    gpuinput._constants.cache_clear()
+    with torch.inference_mode():
+        gpuinput.normalise(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
+        gpuinput.normalise(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), channels_last=True)
+    made = gpuinput._constants(torch.device('cpu'), torch.get_default_dtype()) + \
+        gpuinput._constants(torch.device('cpu'), torch.get_default_dtype(), 2)
+    assert not any(t.is_inference() for t in made)
