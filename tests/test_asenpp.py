@@ -15,7 +15,8 @@ import model as models
 import original_asenpp as theirs
 from conftest import TINY
 from helpers import tiny_asenpp
-from lib import checkpoints, config, evaluation
+from lib import checkpoints, config, engine, evaluation
+from utils import UserError
 
 # TINY at 32 px with one batch of triplets, small trunks for both branches and no bf16 (slow on
 # CPUs without bf16 kernels; test_bf16_channels_last_step covers it)
@@ -303,3 +304,76 @@ def test_authors_checkpoint_gives_their_map(tiny_data, workdir):
     tnet = models.TripletWrapper(tiny_asenpp())
     checkpoints.load_stage1_weights(tnet, {'state_dict': state}, 'theirs_s1.pth.tar')
     assert torch.equal(tnet.embeddingnet.attr_embedding.weight, state['embeddingnet.attr_embedding.weight'])
+
+
+# ----------------------------------------------------------------------------- stage preparation (asenpp.prepare)
+
+def asenpp_snapshot(path, stage, model='ASENpp'):
+    """A snapshot holding only what resolving the configuration reads: the epoch and a run's settings."""
+    settings = config.from_flags(['--model', model]).as_dict()
+    settings['stage'] = stage if model == 'ASENpp' else None
+    torch.save({'epoch': 3, 'state_dict': {}, 'args': settings}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize('flags, stage, starts_stage2, name', [
+    ([], 1, False, 'ASEN'),                                       # no checkpoint: stage 1
+    (['--resume', 'S1'], 1, False, 'ASEN'),                       # a stage-1 run continues as stage 1
+    (['--resume', 'S2'], 2, False, 'ASEN'),                       # a stage-2 run continues as stage 2
+    (['--resume', 'S1', '--stage', '2'], 2, True, 'ASEN_s2'),     # stage 2 starts from stage 1
+    (['--resume', 'S2', '--stage', '2'], 2, False, 'ASEN'),
+    (['--resume', 'S1', '--stage', '2', '--name', 'mine'], 2, True, 'mine'),
+    (['--resume', 'S1', '--stage', '2', '--test', '--stage', '1'], 1, False, 'ASEN'),
+    (['--resume', 'S2', '--test'], 2, False, 'ASEN'),
+    (['--resume', 'S1', '--stage', '2', '--local-crop', 'view', '--cache-images'], 2, True, 'ASEN_s2'),
+    (['--stage', '1', '--cache-images'], 1, False, 'ASEN'),
+])
+def test_stage_is_settled_from_the_flags_and_the_checkpoint(flags, stage, starts_stage2, name, tmp_path):
+    files = {'S1': asenpp_snapshot(tmp_path / 's1.pth.tar', 1), 'S2': asenpp_snapshot(tmp_path / 's2.pth.tar', 2)}
+    resolved = asen.resolve_configuration(['--model', 'ASENpp'] + [files.get(f, f) for f in flags])
+    assert (resolved.args.stage, resolved.starts_stage2, resolved.args.name) == (stage, starts_stage2, name)
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--resume', 'S2', '--stage', '1'], 'a stage-2 checkpoint; drop --stage 1'),
+    (['--resume', 'S1', '--stage', '2', '--test'], 'a stage-1 checkpoint has no trained local branch'),
+    (['--resume', 'S1', '--stage', '2', '--cache-images'], '--cache-images holds only the --img-size view'),
+    (['--resume', 'S2', '--cache-images'], '--cache-images holds only the --img-size view'),
+    (['--resume', 'NET', '--stage', '2'], 'a ASENet checkpoint, not ASENpp'),
+    (['--dataset', 'Zappos50k'], 'not available for Zappos50k'),
+])
+def test_stage_preparation_refuses(flags, message, tmp_path):
+    files = {'S1': asenpp_snapshot(tmp_path / 's1.pth.tar', 1), 'S2': asenpp_snapshot(tmp_path / 's2.pth.tar', 2),
+             'NET': asenpp_snapshot(tmp_path / 'net.pth.tar', 1, model='ASENet')}
+    argv = ['--model', 'ASENpp'] + [files.get(f, f) for f in flags]
+    with pytest.raises(UserError, match=message):
+        asen.resolve_configuration(argv)
+
+
+def test_stage_flags_of_other_models():
+    """--stage, --threshold, ... apply only to ASENpp; other models pass through unchanged."""
+    resolved = asen.resolve_configuration(['--model', 'ConditionalSimNet'])
+    assert not resolved.starts_stage2 and resolved.args.stage is None
+    with pytest.raises(UserError, match='--local-size applies only to --model ASENpp'):
+        asen.resolve_configuration(['--model', 'ConditionalSimNet', '--local-size', '64'])
+
+
+def test_result_label_local_size_and_originals():
+    from types import SimpleNamespace
+    from lib import asenpp
+    flags = dict(model='ASENpp', stage=1, local_crop='original', img_size=224, local_size=None, pretrained=True,
+                 local_backbone='resnet34', threshold=0.1, beta=0.6)
+    args = lambda **changed: SimpleNamespace(**{**flags, **changed})
+    assert asenpp.result_label(args()) == 'ASENpp-global'
+    assert asenpp.result_label(args(stage=2)) == 'ASENpp'
+    assert asenpp.result_label(args(model='ASENet', stage=None)) == 'ASENet'
+    assert asenpp.result_label(args(model='ASENet', stage=1)) == 'ASENet'
+    assert [asenpp.local_size(args(img_size=s)) for s in (224, 33, 1)] == [112, 16, 1]
+    assert asenpp.local_size(args(local_size=40)) == 40
+    assert asenpp.uses_originals(args(stage=2))
+    assert not any(asenpp.uses_originals(a) for a in (args(), args(stage=2, local_crop='view'),
+                                                      args(model='ASENet', stage=2)))
+    assert asenpp.model_options(args(stage=2), True) == dict(
+        stage=2, local_backbone='resnet34', local_pretrained=True, view_size=224, local_size=112, threshold=0.1, beta=0.6)
+    assert not asenpp.model_options(args(pretrained=False), True)['local_pretrained']
+    assert not asenpp.model_options(args(), False)['local_pretrained']

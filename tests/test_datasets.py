@@ -1,5 +1,6 @@
 """Readers of the authors' split files (the triplet samplers: test_sampler.py)."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,54 @@ def test_every_reference_file_is_covered():
     covered = {'meta.json', 'README.md', 'label_train.txt', 'label_valid.txt', 'label_test.txt'}
     covered |= {f'{kind}_{s}.txt' for kind in ('filenames', 'query', 'candidate') for s in ('valid', 'test')}
     assert {p.name for p in SHARED.rglob('*') if p.is_file()} <= covered
+
+
+def test_datasets_refuse_a_missing_image_unless_told_to_skip(tmp_path, small_synth):
+    """The training and retrieval sets stop at a missing image by default (one error naming it);
+    --skip-bad-images (skip_bad=True) leaves it out."""
+    from helpers import private_copy
+    private_copy(small_synth, tmp_path / 'SynthFashion')
+    split = datasets.SplitFiles(str(tmp_path), 'SynthFashion')
+    transform = datasets.build_transform(16, train=False)
+    for make, split_name, listed in (
+            (lambda **kw: datasets.TripletDataset(split, 4, transform, seed=1, **kw), 'train', split.train_labels()[:, 0].max()),
+            (lambda **kw: datasets.RetrievalDataset(split, 'valid', 'query', transform, **kw), 'valid',
+             split.retrieval_entries('valid', 'query')[:, 0].max())):       # an id no attribute or value number equals
+        name = split.filenames(split_name)[listed]
+        (tmp_path / 'SynthFashion' / name).unlink()
+        with pytest.raises(UserError, match=name):
+            make()
+        skipping = make(skip_bad=True)
+        assert skipping.skipped == 1 and listed not in skipping.image_ids
+
+
+def test_triplet_dataset_epochs_and_shards(small_synth):
+    """Epoch e's triplets are the sampler's draw from (seed, e), all of them; shard r of W keeps
+    rows r, r + W, ... of the first T // W * W (every rank as many), for every epoch."""
+    split = datasets.SplitFiles(str(small_synth.parent), small_synth.name)
+    transform = datasets.build_transform(16, train=True)
+    whole = datasets.TripletDataset(split, 10, transform, seed=3)
+    draws = {e: whole.sampler.sample(10, np.random.default_rng([3, e])) for e in (1, 2)}
+    assert len(whole) == 10 and np.array_equal(whole.triplets, draws[1])
+    assert np.array_equal(whole.image_ids, np.unique(split.train_labels()[:, 0]))      # what a cache holds
+    whole.set_epoch(2)
+    assert np.array_equal(whole.triplets, draws[2])
+    for rank in range(3):
+        shard = datasets.TripletDataset(split, 10, transform, seed=3)
+        shard.shard(rank, 3)
+        assert np.array_equal(shard.triplets, draws[1][rank:9:3]) and len(shard) == 3
+        shard.set_epoch(2)
+        assert np.array_equal(shard.triplets, draws[2][rank:9:3])
+
+
+def test_retrieval_dataset_items_and_image_ids(small_synth):
+    """A retrieval set's items are its entries in order (image, attribute, value, index); its image
+    ids (what a cache holds) are those of its entries."""
+    split = datasets.SplitFiles(str(small_synth.parent), small_synth.name)
+    queries = datasets.RetrievalDataset(split, 'valid', 'query', lambda image: image.size)
+    entries = split.retrieval_entries('valid', 'query')
+    assert np.array_equal(queries.entries, entries) and len(queries) == len(entries)
+    assert np.array_equal(queries.image_ids, np.unique(entries[:, 0]))
+    _, attr, value, index = queries[len(queries) - 1]
+    assert (attr, value, index) == (entries[-1, 1], entries[-1, 2], len(queries) - 1)
+    assert queries.image_path(len(queries) - 1) == os.path.join(split.root, split.filenames('valid')[entries[-1, 0]])

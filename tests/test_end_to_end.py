@@ -5,12 +5,11 @@ import re
 import types
 
 import pytest
-import torch
 
 import asen
 from conftest import TINY
 from helpers import load, run_main
-from lib import commands, config, inputs
+from lib import commands
 
 
 def test_metrics_hold_the_epoch_means_the_log_shows(trained_run):
@@ -72,17 +71,3 @@ def test_missing_dataset_is_a_one_line_error(workdir, capsys):
     code, _, err = run_main(['--dataset', 'FashionAI', '--no-pretrained'], capsys)
     assert code != 0 and 'Traceback' not in err
     assert 'data/FashionAI' in err and 'docs/datasets.md' in err     # the README's section is gone
-
-
-def test_workers_see_each_epochs_triplets(tiny_data):
-    """With persistent DataLoader workers (as run_training makes them), the batches of epoch 2 are
-    epoch 2's triplets, not a stale copy."""
-    import datasets
-    split = datasets.SplitFiles(str(tiny_data), 'SynthFashion')
-    train_set = datasets.TripletDataset(split, 16, datasets.build_transform(32, train=True), seed=1)
-    args = config.from_flags(['--batch-size', '8', '--workers', '1'])
-    loader = inputs.make_loader(train_set, args.batch_size, torch.device('cpu'), args.workers, args.channels_last, persistent=True)
-    for epoch in (1, 2):
-        train_set.set_epoch(epoch)
-        seen = torch.cat([attr for *_, attr in loader])
-        assert torch.equal(seen, torch.from_numpy(train_set.triplets[:, 3]))

@@ -250,3 +250,172 @@ def test_prefetch_loop_orders_its_streams(split_files, monkeypatch):
     steps = [('enter', 'side'), ('main', 'waits for'), ('record',), ('record',), ('record',), ('record',)]
     expected = steps + [e for _ in range(n - 1) for e in [('enter', 'side'), ('yielded',)] + steps[1:]] + [('yielded',)]
     assert events == expected
+
+
+# ----------------------------------------------------------------------------- a pass resumed mid-way
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_a_pass_started_at_batch_k_is_the_rest_of_the_whole_pass(split_files, workers):
+    """start_at(k): the next pass yields batches k, k + 1, ... of an uninterrupted pass, the same
+    images and flips (each worker's stream replays the draws of the batches skipped), leaves the
+    global RNG where the whole pass leaves it, and the pass after it starts at batch 0 again."""
+    dataset = triplet_set(split_files, cached=True, num_triplets=5 * BATCH)
+    whole, whole_state = device_passes(dataset, workers, epochs=(None, None), persistent=False)
+    for first in (1, 3):
+        torch.manual_seed(5)
+        loader = gpuinput.DeviceLoader(dataset, BATCH, 'cpu', workers)
+        loader.start_at(first)
+        assert len(loader) == 5
+        rest = list(loader)
+        assert len(rest) == 5 - first
+        assert_same_passes([rest], [whole[0][first:]])
+        assert_same_passes([list(loader)], [whole[1]])
+        assert torch.equal(torch.get_rng_state(), whole_state)
+
+
+def test_batch_count_and_slices_of_a_pass():
+    """len() counts a last partial batch; a pass slices batch_keys() into consecutive batches."""
+    class Keys:
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def batch_keys(self):
+            return np.arange(self.n)
+
+    for n, want in ((8, 2), (9, 3), (1, 1)):
+        tasks = gpuinput._BatchTasks(Keys(n), 4, workers=0)
+        tasks.begin_pass(0)
+        assert len(tasks) == want
+        assert [t.keys.tolist() for t in tasks] == [list(range(n))[s:s + 4] for s in range(0, n, 4)]
+
+
+# ----------------------------------------------------------------------------- lib/inputs.py: which pipeline, which transform
+
+def test_each_pipeline_gets_its_transform_and_loader(split_files, monkeypatch):
+    """Training triplets flip (p 0.5) at --img-size; ASEN++'s do not (the authors' GlobalTransform);
+    evaluation sets never flip, and share one image cache with --cache-images. Triplets and
+    evaluation sets load through DeviceLoader, not persistent unless asked; ASEN++'s originals
+    through a plain DataLoader with the dataset's collate_fn, pinned only for CUDA."""
+    import types
+    args = config.from_flags(['--img-size', str(SIZE), '--num_triplets', '8', '--workers', '2'])
+    train = inputs.training_set(split_files, args)
+    assert type(train) is datasets.TripletDataset and datasets.transform_settings(train.transform) == (SIZE, 0.5)
+    loader = inputs.make_loader(train, BATCH, torch.device('cpu'), args.workers, args.channels_last)
+    assert isinstance(loader, gpuinput.DeviceLoader) and not loader.loader.persistent_workers
+    assert inputs.make_loader(train, BATCH, torch.device('cpu'), 2, True, persistent=True).loader.persistent_workers
+    assert inputs.make_loader(train, BATCH, torch.device('cpu'), 2, True).channels_last
+    pp = config.from_flags(['--model', 'ASENpp', '--img-size', str(SIZE), '--num_triplets', '8'])
+    pp_train = inputs.training_set(split_files, pp)
+    assert datasets.transform_settings(pp_train.transform) == (SIZE, 0.0)
+    pp_train.originals = True                               # what stage 2 with --local-crop original sets
+    plain = inputs.make_loader(pp_train, BATCH, torch.device('cpu'), 0, False)
+    assert type(plain) is torch.utils.data.DataLoader and plain.collate_fn == pp_train.collate_fn
+    assert not plain.pin_memory
+    lines = []
+    logger = types.SimpleNamespace(info=lines.append)
+    valid = inputs.evaluation_of(split_files, 'valid', args, logger)
+    for dataset in valid.datasets:
+        assert datasets.transform_settings(dataset.transform) == (SIZE, 0.0) and dataset.cache is None
+    cached = config.from_flags(['--img-size', str(SIZE), '--cache-images', '--workers', '0'])
+    valid = inputs.evaluation_of(split_files, 'valid', cached, logger)
+    assert valid.queries.cache is valid.candidates.cache and valid.queries.cache.size == SIZE
+
+
+def test_skipped_evaluation_images_are_counted_over_queries_and_candidates(split_files):
+    """--skip-bad-images: the log line counts the images left out of the queries and of the candidates."""
+    import os
+    import types
+    query, candidate = (split_files.retrieval_entries('test', role)[0, 0] for role in ('query', 'candidate'))
+    bad = [os.path.join(split_files.root, split_files.filenames('test')[i]) for i in (query, candidate)]
+    originals = [open(path, 'rb').read() for path in bad]
+    lines = []
+    try:
+        for path in bad:
+            with open(path, 'wb') as f:
+                f.write(b'not an image')
+        args = config.from_flags(['--img-size', str(SIZE), '--skip-bad-images'])
+        inputs.evaluation_of(split_files, 'test', args, types.SimpleNamespace(info=lines.append))
+    finally:
+        for path, original in zip(bad, originals):
+            with open(path, 'wb') as f:
+                f.write(original)
+    assert lines == ['--skip-bad-images: left out 2 missing or unreadable image(s) of the test split']
+
+
+def test_worker_counts(monkeypatch):
+    """--workers wins (0 included); else 4 on CUDA and 0 on the CPU for the loaders, and up to 4 (the
+    cores, at least 1) for building the image cache."""
+    import types
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    assert [inputs.default_workers(w, d) for w, d in ((None, cpu), (None, cuda), (0, cuda), (3, cpu))] == [0, 4, 0, 3]
+    cache_workers = lambda workers: inputs.cache_workers(types.SimpleNamespace(workers=workers))
+    for cores, want in ((2, 2), (16, 4), (None, 1)):
+        monkeypatch.setattr(inputs.os, 'cpu_count', lambda cores=cores: cores)
+        assert cache_workers(None) == want
+    assert cache_workers(0) == 0 and cache_workers(7) == 7
+
+
+def test_loader_from_batch_k_yields_the_rest():
+    """LoaderFrom (a resumed epoch of ASEN++ stage 2's item loader): batches k, k + 1, ... of the
+    whole loader; its length stays the whole loader's."""
+    whole = torch.utils.data.DataLoader(torch.arange(10), batch_size=4)
+    rest = inputs.LoaderFrom(whole, 1)
+    assert len(rest) == 3 and rest.dataset is whole.dataset
+    assert [b.tolist() for b in rest] == [[4, 5, 6, 7], [8, 9]]
+
+
+def test_workers_ignore_the_stop_signals():
+    """ignore_stop_signals (every loader's worker_init_fn): Ctrl-C, SIGTERM and SIGUSR1 are the main
+    process's to handle; a worker ignores them."""
+    import signal
+    numbers = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    saved = [signal.getsignal(n) for n in numbers]
+    try:
+        for n in numbers:
+            signal.signal(n, signal.SIG_DFL)
+        gpuinput.ignore_stop_signals(0)
+        assert [signal.getsignal(n) for n in numbers] == [signal.SIG_IGN] * 3
+    finally:
+        for n, handler in zip(numbers, saved):
+            signal.signal(n, handler)
+
+
+def test_flip_draws_at_the_probability_itself_as_random_horizontal_flip(monkeypatch):
+    """A draw equal to p does not flip, in RandomHorizontalFlip and in draw_flips alike; an
+    image's item path draws once per image: random_draws counts one per image of a key."""
+    flip = datasets.build_transform(SIZE, train=True).transforms[2]
+    monkeypatch.setattr(torch, 'rand', lambda *size, **kwargs: torch.full(size, 0.5))
+    probe = torch.arange(2).view(1, 1, 2)
+    assert torch.equal(flip(probe), probe)
+    assert datasets.draw_flips(3, 0.5).tolist() == [False] * 3
+
+
+def test_random_draws_of_a_pass_resumed_mid_way(split_files):
+    """The draws a resumed pass skips: one per image with a random flip (three per triplet), none
+    without."""
+    train = datasets.TripletDataset(split_files, 8, datasets.build_transform(SIZE, train=True), seed=1)
+    assert train.random_draws(train.triplets[:5]) == 15
+    flipped = datasets.RetrievalDataset(split_files, 'valid', 'query', datasets.build_transform(SIZE, train=True))
+    plain = datasets.RetrievalDataset(split_files, 'valid', 'query', datasets.build_transform(SIZE, train=False))
+    assert flipped.random_draws(np.arange(5)) == 5 and plain.random_draws(np.arange(5)) == 0
+
+
+def test_normalise_is_contiguous_unless_asked_for_channels_last():
+    pixels = torch.randint(0, 256, (2, 5, 5, 3), dtype=torch.uint8).permute(0, 3, 1, 2)     # NHWC strides
+    assert gpuinput.normalise(pixels).is_contiguous()
+    assert gpuinput.normalise(pixels, torch.tensor([True, False])).is_contiguous()
+
+
+def test_normalise_constants_made_under_inference_mode_are_ordinary_tensors():
+    """The first evaluation may run under torch.inference_mode and make the cached (255, mean, std):
+    they stay ordinary tensors, usable by the training steps after it."""
+    gpuinput._constants.cache_clear()
+    with torch.inference_mode():
+        gpuinput.normalise(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
+        gpuinput.normalise(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), channels_last=True)
+    made = gpuinput._constants(torch.device('cpu'), torch.get_default_dtype()) + \
+        gpuinput._constants(torch.device('cpu'), torch.get_default_dtype(), 2)
+    assert not any(t.is_inference() for t in made)

@@ -1,6 +1,8 @@
 """--cache-images: the cached pixels are the transform's, the key rebuilds a stale cache, workers read it."""
 import os
+import pickle
 import traceback
+import types
 
 import numpy as np
 import pytest
@@ -171,3 +173,104 @@ def test_a_key_that_cannot_be_written_takes_its_cache_file_away(split_files, tmp
     with pytest.raises(UserError, match='No space left'):
         imagecache.build(paths, SIZE, data_path, key_path, {'size': SIZE}, 0, skip_bad=False)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob('*')) == ['data']
+
+
+# ----------------------------------------------------------------------------- ImageCache, the read side
+
+def test_image_cache_rows_and_pixels(tmp_path):
+    """Image ids map to their rows in the file; ids not cached (absent, past the largest, or
+    unreadable when it was built) have row -1 and no pixels."""
+    pixels = np.arange(3 * 2 * 2 * 3, dtype=np.uint8).reshape(3, 2, 2, 3)
+    path = tmp_path / 'cache.u8'
+    pixels.tofile(path)
+    cache = imagecache.ImageCache(str(path), np.array([2, 5, 7]), np.int64(2), uncached=[5])
+    assert cache.rows([7, 2, 5, 0, 3, 8, 100]).tolist() == [2, 0, -1, -1, -1, -1, -1]
+    assert np.array_equal(cache.pixels(2), pixels[0]) and np.array_equal(cache.pixels(7), pixels[2])
+    assert [cache.pixels(i) for i in (0, 3, 5, 8, 100)] == [None] * 5
+
+
+def test_image_cache_opens_its_file_once_per_process(tmp_path, monkeypatch):
+    """array() opens the memmap once, and again in another process (a DataLoader worker): a
+    pickled cache carries no open file."""
+    path = tmp_path / 'cache.u8'
+    np.zeros((2, 2, 2, 3), dtype=np.uint8).tofile(path)
+    cache = imagecache.ImageCache(str(path), [0, 1], 2)
+    first = cache.array()
+    assert cache.array() is first
+    monkeypatch.setattr(imagecache.os, 'getpid', lambda: -1)
+    other = cache.array()
+    assert other is not first and cache.array() is other
+    assert pickle.loads(pickle.dumps(cache))._array is None
+
+
+def test_build_needs_exactly_the_cache_files_bytes_free(split_files, tmp_path, monkeypatch):
+    """A build checks the free space for its file, N * S * S * 3 bytes, before decoding: exactly that
+    much free is enough, one byte less is one line naming the file."""
+    filenames = split_files.filenames('valid')
+    paths = [os.path.join(split_files.root, filenames[i]) for i in range(3)]
+    need = 3 * SIZE * SIZE * 3
+    for free, fits in ((need, True), (need - 1, False)):
+        monkeypatch.setattr(imagecache.shutil, 'disk_usage', lambda folder, free=free: types.SimpleNamespace(free=free))
+        folder = tmp_path / str(free)
+        folder.mkdir()
+        data_path, key_path = imagecache.cache_paths(str(folder), 'valid', SIZE)
+        if fits:
+            assert imagecache.build(paths, SIZE, data_path, key_path, {'size': SIZE}, 0, skip_bad=False) == []
+            assert os.path.getsize(data_path) == need
+        else:
+            with pytest.raises(UserError, match=f'image cache {data_path} needs'):
+                imagecache.build(paths, SIZE, data_path, key_path, {'size': SIZE}, 0, skip_bad=False)
+
+
+def test_skipped_images_are_logged_when_the_cache_is_built(split_files):
+    """Building with --skip-bad-images logs the build and how many images were left out."""
+    filenames = split_files.filenames('test')
+    bad = os.path.join(split_files.root, filenames[2])
+    original = open(bad, 'rb').read()
+    lines = []
+    try:
+        with open(bad, 'wb') as f:
+            f.write(b'not an image')
+        cache = imagecache.ensure(split_files, 'test', np.arange(4), SIZE, skip_bad=True, log=lines.append)
+    finally:
+        with open(bad, 'wb') as f:
+            f.write(original)
+    assert cache.pixels(2) is None and cache.pixels(3) is not None
+    assert lines[0].startswith('building image cache ') and lines[0].endswith(f': 4 images at {SIZE} px, 0.0 MiB')
+    assert lines[1:] == ['--skip-bad-images: 1 unreadable image(s) of the test split not cached']
+
+
+def test_a_cache_of_another_size_is_refused_and_none_detaches(split_files):
+    transform = datasets.build_transform(SIZE, train=False)
+    queries = datasets.RetrievalDataset(split_files, 'valid', 'query', transform)
+    other = imagecache.ImageCache('unused', queries.image_ids, SIZE + 1)
+    with pytest.raises(ValueError, match=f'image cache holds {SIZE + 1} px images, the transform wants {SIZE} px'):
+        queries.attach_cache(other)
+    cached(queries, split_files, 'valid')
+    queries.attach_cache(None)
+    assert queries.cache is None
+
+
+def test_cached_item_flips_as_random_horizontal_flip_at_p(split_files, monkeypatch):
+    """The cached item path draws as RandomHorizontalFlip: a draw equal to p does not flip."""
+    train = cached(datasets.TripletDataset(split_files, 4, datasets.build_transform(SIZE, train=True), seed=1),
+                   split_files, 'train')
+    image_id = train.triplets[0, 0]
+    want = datasets.to_normalized_tensor(train.cache.pixels(image_id))
+    monkeypatch.setattr(torch, 'rand', lambda *size, **kwargs: torch.full(size, 0.5))
+    assert torch.equal(train.load(image_id), want)
+    monkeypatch.setattr(torch, 'rand', lambda *size, **kwargs: torch.full(size, 0.25))
+    assert torch.equal(train.load(image_id), want.flip(-1))
+
+
+def test_a_truncated_cache_file_is_rebuilt(split_files):
+    """A data file shorter than its key says (cut by a full disk or a copy) is rebuilt, not mapped."""
+    ids = np.arange(3)
+    imagecache.ensure(split_files, 'test', ids, SIZE, log=lambda *_: None)
+    data_path, _ = imagecache.cache_paths(split_files.root, 'test', SIZE)
+    with open(data_path, 'r+b') as f:
+        f.truncate(SIZE * SIZE * 3)
+    lines = []
+    cache = imagecache.ensure(split_files, 'test', ids, SIZE, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith('building image cache')
+    assert os.path.getsize(data_path) == 3 * SIZE * SIZE * 3 and cache.pixels(2) is not None

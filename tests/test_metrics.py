@@ -2,6 +2,7 @@
 authors' (benchmarks/bench_map.reference_map), ties and empty cases, and MeanAP over attributes
 (evaluation.retrieval_map: weighted by each attribute's number of queries)."""
 import os
+import types
 import sys
 
 import numpy as np
@@ -201,3 +202,73 @@ def test_ranked_relevance_of_half_precision_scores():
     relevant = torch.tensor([[True, False, False, True]])
     for dtype in (torch.float16, torch.bfloat16):
         assert utils.ranked_relevance(sims.to(dtype), relevant).tolist() == [[False, True, True, False]]
+
+
+# ----------------------------------------------------------------------------- lib/evaluation.py's interface
+
+def retrieval_sets():
+    """Queries and candidates of two attributes, as RetrievalDatasets hold them (only `entries` is read):
+    attribute 0 has 3 queries and 5 candidates, attribute 1 has 2 queries and 4 candidates."""
+    from types import SimpleNamespace
+    queries = SimpleNamespace(entries=entries([0, 1, 0, 1, 0], [0, 1, 1, 0, 2]))
+    candidates = SimpleNamespace(entries=entries([1, 0, 0, 1, 0, 1, 0, 1, 0], [0, 0, 1, 1, 2, 1, 0, 0, 1]))
+    return queries, candidates
+
+
+def test_retrieval_score_ranks_each_query_against_its_attributes_candidates_only():
+    """Each query is ranked against the candidates of its own attribute (not all candidates, not the
+    queries): per attribute, the mAP of that attribute's rows alone; MeanAP weights them by queries."""
+    from lib.evaluation import RetrievalEvaluation
+    queries, candidates = retrieval_sets()
+    gen = torch.Generator().manual_seed(0)
+    query_emb = torch.nn.functional.normalize(torch.randn(5, 4, generator=gen), dim=1)
+    cand_emb = torch.nn.functional.normalize(torch.randn(9, 4, generator=gen), dim=1)
+    scores = RetrievalEvaluation(queries, candidates, ['collar', 'sleeve']).score((query_emb, cand_emb))
+    want = []
+    for attr in (0, 1):
+        q = queries.entries[:, 1] == attr
+        c = candidates.entries[:, 1] == attr
+        want.append(loop_average_precision(cand_emb[c].numpy(), query_emb[q].numpy(), candidates.entries[c, 2],
+                                           queries.entries[q, 2]))
+    assert list(scores.per) == ['collar', 'sleeve']
+    assert list(scores.per.values()) == pytest.approx(want)
+    assert scores.total == pytest.approx((3 * want[0] + 2 * want[1]) / 5)
+    everything = loop_average_precision(cand_emb.numpy(), query_emb.numpy(), candidates.entries[:, 2], queries.entries[:, 2])
+    assert scores.total != pytest.approx(everything)
+
+
+def test_random_row_is_the_meanap_of_seeded_normalised_gaussian_embeddings():
+    """The Random row: MeanAP of l2-normalised N(0, 1) embeddings of the embeddings' sizes, drawn
+    queries first from a generator seeded with --seed; the trained embeddings' values do not matter."""
+    from lib.evaluation import RetrievalEvaluation, retrieval_map
+    queries, candidates = retrieval_sets()
+    evaluation = RetrievalEvaluation(queries, candidates, ['collar', 'sleeve'])
+    embeddings = (torch.zeros(5, 6), torch.ones(9, 6))
+    got = evaluation.random_score(embeddings, seed=3)
+    gen = torch.Generator().manual_seed(3)
+    rand_q = torch.nn.functional.normalize(torch.randn(5, 6, generator=gen), dim=1)
+    rand_c = torch.nn.functional.normalize(torch.randn(9, 6, generator=gen), dim=1)
+    assert isinstance(got, float)
+    assert got == retrieval_map(rand_q, queries.entries, rand_c, candidates.entries, 2)[1]
+    assert got == evaluation.random_score((torch.randn(5, 6), torch.randn(9, 6)), seed=3)
+    # unnormalised candidates rank otherwise (a query's own scale never changes its ranking)
+    assert got != retrieval_map(rand_q, queries.entries, rand_c * torch.rand(9, 1, generator=gen),
+                                candidates.entries, 2)[1]
+    assert got != evaluation.random_score(embeddings, seed=4)
+
+
+def test_percent_records_and_log_lines():
+    """percent: the records of test_results.json and metrics.jsonl, per attribute and in all, in
+    percent; log_scores: one line per attribute, then the total, as the original prints them."""
+    from lib import evaluation
+    queries, candidates = retrieval_sets()
+    retrieval = evaluation.RetrievalEvaluation(queries, candidates, ['collar', 'sleeve'])
+    scores = evaluation.Scores({'collar': 0.5, 'sleeve': 0.125}, 0.25)
+    assert evaluation.percent(retrieval, scores) == {'mAP': {'collar': 50.0, 'sleeve': 12.5}, 'MeanAP': 25.0}
+    lines = []
+    logger = types.SimpleNamespace(info=lines.append)
+    evaluation.log_scores(logger, retrieval, scores, epoch=3)
+    assert lines == ['Train Epoch: 3', 'collar mAP: 50.0000', 'sleeve mAP: 12.5000', 'MeanAP: 25.0000']
+    lines.clear()
+    evaluation.log_scores(logger, retrieval, scores)
+    assert lines == ['collar mAP: 50.0000', 'sleeve mAP: 12.5000', 'MeanAP: 25.0000']

@@ -155,3 +155,37 @@ def test_visualize_is_not_available(zappos_dir, workdir, capsys):
     torch.save({'state_dict': {}, 'args': {'dataset': 'Zappos50k'}}, ckpt)
     assert asen.main(['--visualize', '--resume', str(ckpt)]) == 2
     assert 'not available for Zappos50k' in capsys.readouterr().err
+
+
+def test_triplet_accuracy_is_strict_and_in_float32():
+    """A triplet counts when s(anchor, close) > s(anchor, far): a tie is wrong; bf16 embeddings (under
+    autocast) are compared in float32 (1 * 256 + 1 * 1 = 257 is 256 in bf16, a tie with the far one)."""
+    emb = torch.tensor([[1.0, 1.0], [256.0, 0.0], [256.0, 1.0], [256.0, 0.0]])
+    rows = np.array([[0, 1, 2], [0, 1, 3]])                        # (anchor, far, close)
+    assert zappos.triplet_correct(emb, rows).tolist() == [True, False]
+    assert zappos.triplet_correct(emb.bfloat16(), rows).tolist() == [True, False]
+    assert zappos.triplet_correct(emb, rows[:, [0, 2, 1]]).tolist() == [False, False]
+
+
+def test_accuracy_without_triplets_is_zero():
+    rows, conditions = np.zeros((0, 3), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    assert zappos.condition_accuracy(torch.eye(3), rows, conditions, 2) == ([0.0, 0.0], 0.0)
+
+
+def test_triplet_evaluation_scores_and_random_row():
+    """lib/evaluation.py's TripletEvaluation: accuracy per condition name and over all triplets of the
+    eval set's rows; the Random row is the accuracy of seeded l2-normalised N(0, 1) embeddings."""
+    from types import SimpleNamespace
+    from lib.evaluation import TripletEvaluation
+    rng = np.random.default_rng(4)
+    eval_set = SimpleNamespace(rows=rng.integers(0, 20, (60, 3)), conditions=rng.integers(0, 2, 60))
+    emb = torch.nn.functional.normalize(torch.randn(20, 5, generator=torch.Generator().manual_seed(1)), dim=1)
+    evaluation = TripletEvaluation(eval_set, ['heel', 'toe'])
+    scores = evaluation.score((emb,))
+    per, total = zappos.condition_accuracy(emb, eval_set.rows, eval_set.conditions, 2)
+    assert scores.per == {'heel': per[0], 'toe': per[1]} and scores.total == total
+    rand = torch.nn.functional.normalize(torch.randn(20, 5, generator=torch.Generator().manual_seed(7)), dim=1)
+    want = zappos.condition_accuracy(rand, eval_set.rows, eval_set.conditions, 2)[1]
+    assert evaluation.random_score((emb,), seed=7) == want
+    assert evaluation.random_score((torch.zeros(20, 5),), seed=7) == want
+    assert evaluation.random_score((emb,), seed=8) != want
