@@ -15,7 +15,7 @@ import model as models
 import original_asenpp as theirs
 from conftest import TINY
 from helpers import tiny_asenpp
-from lib import checkpoints, config, engine, evaluation
+from lib import checkpoints, config, evaluation
 from utils import UserError
 
 # TINY at 32 px with one batch of triplets, small trunks for both branches and no bf16 (slow on
