@@ -309,6 +309,8 @@ def run(resolved):
     utils.seed_everything(args.seed)
     run_dir = os.path.join('runs', args.name)
     training = config.is_training(args)
+    if training:                                # the rule first (read-only; checked again under the lock):
+        runfolder.check_recorded_run(run_dir, args, resolved.checkpoint)   # another run is the real mistake
     inputs.check_data_folder(args)              # before the run folder is made
     with runfolder.prepare(run_dir, args, training, device, resolved.checkpoint):
         return dispatch(resolved, run_dir, device)
