@@ -323,8 +323,9 @@ def asenpp_snapshot(path, stage, model='ASENpp'):
     (['--resume', 'S1', '--stage', '2'], 2, True, 'ASEN_s2'),     # stage 2 starts from stage 1
     (['--resume', 'S2', '--stage', '2'], 2, False, 'ASEN'),
     (['--resume', 'S1', '--stage', '2', '--name', 'mine'], 2, True, 'mine'),
-    (['--resume', 'S1', '--stage', '2', '--test', '--stage', '1'], 1, False, 'ASEN'),
-    (['--resume', 'S2', '--test'], 2, False, 'ASEN'),
+    # a test of a file outside runs/ writes to a folder named after the file (issue 26)
+    (['--resume', 'S1', '--stage', '2', '--test', '--stage', '1'], 1, False, 's1'),
+    (['--resume', 'S2', '--test'], 2, False, 's2'),
     (['--resume', 'S1', '--stage', '2', '--local-crop', 'view', '--cache-images'], 2, True, 'ASEN_s2'),
     (['--stage', '1', '--cache-images'], 1, False, 'ASEN'),
 ])

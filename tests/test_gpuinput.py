@@ -342,7 +342,10 @@ def test_skipped_evaluation_images_are_counted_over_queries_and_candidates(split
         for path, original in zip(bad, originals):
             with open(path, 'wb') as f:
                 f.write(original)
-    assert lines == ['--skip-bad-images: left out 2 missing or unreadable image(s) of the test split']
+    listed = [len(split_files.retrieval_entries('test', role)) for role in ('query', 'candidate')]
+    assert lines == ['--skip-bad-images: left out 2 missing or unreadable image(s) of the test split',
+                     f'--skip-bad-images: the test split is scored on {listed[0] - 1} of {listed[0]} queries '
+                     f'and {listed[1] - 1} of {listed[1]} candidates']
 
 
 def test_worker_counts(monkeypatch):

@@ -210,8 +210,11 @@ def retrieval_sets():
     """Queries and candidates of two attributes, as RetrievalDatasets hold them (only `entries` is read):
     attribute 0 has 3 queries and 5 candidates, attribute 1 has 2 queries and 4 candidates."""
     from types import SimpleNamespace
-    queries = SimpleNamespace(entries=entries([0, 1, 0, 1, 0], [0, 1, 1, 0, 2]))
-    candidates = SimpleNamespace(entries=entries([1, 0, 0, 1, 0, 1, 0, 1, 0], [0, 0, 1, 1, 2, 1, 0, 0, 1]))
+    class Split(SimpleNamespace):
+        def __len__(self):                 # every listed entry kept (as without --skip-bad-images)
+            return len(self.entries)
+    queries = Split(entries=entries([0, 1, 0, 1, 0], [0, 1, 1, 0, 2]))
+    candidates = Split(entries=entries([1, 0, 0, 1, 0, 1, 0, 1, 0], [0, 0, 1, 1, 2, 1, 0, 0, 1]))
     return queries, candidates
 
 

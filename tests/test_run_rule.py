@@ -27,7 +27,7 @@ def unchanged_but_the_lock(before, after):
 
 
 def skip_training(monkeypatch):
-    monkeypatch.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: (0.5, 0.5))
+    monkeypatch.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: {'train_loss': 0.5, 'train_acc': 0.5})
 
 
 def test_requeue_of_a_finished_run_returns_at_once_and_changes_nothing(world, capsys):
