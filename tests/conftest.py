@@ -100,8 +100,9 @@ def pytest_xdist_auto_num_workers(config):
 
 # The files that take longest (real processes, the bad-input tables), run first so that the
 # workers end together rather than one waiting on a long file started last.
-LONGEST_FIRST = ['test_preemption.py', 'test_distributed.py', 'test_bad_input_data.py', 'test_bad_input.py',
-                 'test_reproduce.py', 'test_robustness.py']
+LONGEST_FIRST = ['test_preemption.py', 'test_reproduce_signals.py', 'test_distributed.py', 'test_loader_workers.py',
+                 'test_bad_input_data.py', 'test_bad_input.py', 'test_reproduce.py', 'test_robustness.py',
+                 'test_report.py', 'test_run_rule.py', 'test_test_folders.py', 'test_datacheck.py']
 
 
 def pytest_collection_modifyitems(config, items):
