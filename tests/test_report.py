@@ -290,13 +290,18 @@ def test_zappos_report_gives_accuracy_and_says_why_no_retrieval(workdir, capsys)
 
 # ----------------------------------------------------------------------------- in a real browser
 
-def test_the_report_in_headless_chromium(reported_run, tmp_path):
-    """Every image loaded, no console error, each attribute's section shown; a screenshot taken."""
+def require_browser():
+    """Skip without Chromium and its driver, saying why; in CI (CI=true) fail instead: it must run."""
     why = browser.missing()
     if why:
         if os.environ.get('CI') == 'true':
             pytest.fail(f'CI must run the browser test: {why}')
         pytest.skip(why)
+
+
+def test_the_report_in_headless_chromium(reported_run, tmp_path):
+    """Every image loaded, no console error, each attribute's section shown; a screenshot taken."""
+    require_browser()
     _, run_dir = reported_run
     shot = tmp_path / 'report.png'
     page = browser.open_page(run_dir / 'report' / 'index.html', str(shot))
@@ -311,11 +316,7 @@ def test_the_report_in_headless_chromium(reported_run, tmp_path):
 
 def test_a_broken_image_is_seen_by_the_browser_check(reported_run, tmp_path):
     """The check can fail: a page naming a missing picture is caught."""
-    why = browser.missing()
-    if why:
-        if os.environ.get('CI') == 'true':
-            pytest.fail(f'CI must run the browser test: {why}')
-        pytest.skip(why)
+    require_browser()
     _, run_dir = reported_run
     page = tmp_path / 'broken.html'
     text = (run_dir / 'report' / 'index.html').read_text().replace('img/curves.png', 'img/nowhere.png')
