@@ -54,7 +54,7 @@ NOT_TRAINING = {'resume', 'test', 'report', 'start_epoch', 'visualize', 'retriev
 def spatial_attention(net):
     """The network's attention-map function (images, attributes) -> (N, h, w), or None when it has
     no spatial attention. The one place that reads this ability of model.py's networks."""
-    return net.attention_maps if getattr(net, 'has_spatial_attention', False) else None
+    return net.attention_maps if net.has_spatial_attention else None
 
 
 # ----------------------------------------------------------------------------- where the report comes from
