@@ -1,9 +1,6 @@
-"""Metrics, checkpoints, seeding and logging shared by the ASEN entry point.
-
-The retrieval metric follows the authors' evaluation (Ma et al., AAAI 2020, Sec. 4.1): for each
-attribute, its queries are ranked against its candidates by dot-product similarity, AP is taken
-over the full ranking and averaged over queries; MeanAP weights the attributes by query count.
-"""
+"""Plumbing shared by the entry points: device meters, seeding, atomic files and checkpoint loading,
+logging, and the one-line boundary of a command (CommandBoundary). The retrieval metric is
+lib/evaluation.py's."""
 
 if __name__ == '__main__':                       # run as a script: say what to run instead
     print('error: utils.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
@@ -28,77 +25,13 @@ class UserError(Exception):
     """A mistake in the user's input (flag, file, data): reported as one line, no traceback."""
 
 
-# ----------------------------------------------------------------------------- metrics
+# ----------------------------------------------------------------------------- meters
 
-def _as_tensor(x):
-    return x if torch.is_tensor(x) else torch.from_numpy(np.asarray(x))
-
-
-def average_precisions(cand_set, queries, c_gdtruth, q_gdtruth, chunk_size=1024):
-    """AP of every query over the full ranking of the candidates, as a float64 tensor (Q,).
-
-    AP = (1/R) * sum over relevant ranks k of precision@k; 0 when a query has R = 0 relevant
-    candidates. Queries are processed in chunks so memory grows with the number of candidates,
-    not queries x candidates. Only the relevant positions of each ranking are visited after the
-    sort: the j-th relevant candidate at rank r adds j / r.
-    """
-    cand_set, queries = _as_tensor(cand_set), _as_tensor(queries)
-    device = cand_set.device
-    c_gdtruth, q_gdtruth = _as_tensor(c_gdtruth).to(device), _as_tensor(q_gdtruth).to(device)
-    queries = queries.to(device, cand_set.dtype)
-    aps = [torch.zeros(0, dtype=torch.float64, device=device)]
-    for start in range(0, queries.shape[0], chunk_size):
-        sims = queries[start:start + chunk_size] @ cand_set.T                       # (q, C)
-        relevant = ranked_relevance(sims, c_gdtruth[None, :] == q_gdtruth[start:start + chunk_size, None])
-        rows, cols = relevant.nonzero(as_tuple=True)                                # row-major order
-        n_relevant = relevant.sum(dim=1)                                            # (q,)
-        first = torch.cumsum(n_relevant, 0) - n_relevant                            # (q,) offsets
-        nth = torch.arange(len(rows), device=device) - first[rows] + 1             # j of each hit
-        contrib = nth.double() / (cols + 1).double()                                # j / rank
-        precision_sum = torch.zeros(len(n_relevant), dtype=torch.float64, device=device)
-        precision_sum.index_add_(0, rows, contrib)
-        aps.append(torch.where(n_relevant > 0, precision_sum / n_relevant.clamp(min=1), 0.0))
-    return torch.cat(aps).cpu()
-
-
-_SAME_SIZE_INT = {torch.float32: torch.int32, torch.float64: torch.int64}
-
-
-def ranked_relevance(sims, relevant):
-    """(q, C) relevance flags reordered by descending similarity in each row.
-
-    Rather than an argsort and a gather, the flag is packed into the lowest mantissa bit of each
-    similarity and the packed values alone are sorted (NumPy's SIMD sort on the CPU, several
-    times faster than an argsort). Packing moves a score by at most one ulp, so only candidates
-    whose scores are within one ulp of each other may change places; the original's argsort
-    orders exact ties arbitrarily too.
-    """
-    if sims.dtype not in _SAME_SIZE_INT:
-        sims = sims.float()
-    int_type = _SAME_SIZE_INT[sims.dtype]
-    bits = sims.contiguous().view(int_type)
-    keys = ((bits & ~1) | relevant.to(int_type)).view(sims.dtype)                  # (q, C)
-    if keys.device.type == 'cpu':
-        keys = torch.from_numpy(np.sort(keys.numpy(), axis=1))                      # ascending
-    else:
-        keys = torch.sort(keys, dim=1).values
-    return (keys.flip(1).view(int_type) & 1).bool()                                 # descending
-
-
-def mean_average_precision(cand_set, queries, c_gdtruth, q_gdtruth):
-    """mAP of one attribute: mean AP of `queries` (Q, D) against `cand_set` (C, D).
-
-    Same argument order and meaning as the authors' function; numpy arrays or torch tensors in,
-    a Python float in [0, 1] out (0 when there are no queries).
-    """
-    aps = average_precisions(cand_set, queries, c_gdtruth, q_gdtruth)
-    return float(aps.mean()) if aps.numel() else 0.0
-
-
-def triplet_accuracy(sim_an, sim_ap):
-    """Share of triplets whose anchor is more similar to the positive than to the negative, as a
-    0-dim float tensor on the inputs' device (reading it is the caller's host sync)."""
-    return (sim_ap > sim_an).float().mean()
+def average_precisions(*args, **kwargs):
+    """lib.evaluation.average_precisions, for lib/report.py's one call, which this change could not
+    reach (the metric lives in lib/evaluation.py); to be removed with that call's update."""
+    from lib import evaluation                      # lib.evaluation imports this module
+    return evaluation.average_precisions(*args, **kwargs)
 
 
 class DeviceMeter:

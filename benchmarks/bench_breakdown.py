@@ -112,7 +112,7 @@ def phases_pass(setup, loader, epoch):
         setup.scaler.step(setup.optimizer)
         setup.scaler.update()
         meters.update({k: v.detach() for k, v in terms.items()}, objective.detach(),
-                      utils.triplet_accuracy(out.sim_an.detach(), out.sim_ap.detach()), anchor.size(0))
+                      evaluation.triplet_accuracy(out.sim_an.detach(), out.sim_ap.detach()), anchor.size(0))
         setup.sync()
         t5 = clock()
         if batch_idx % args.log_interval == 0:
@@ -141,7 +141,7 @@ def steps_alone(setup, steps, per_step_reads):
                                                         args.amp, weights)
         if per_step_reads:
             terms['triplet'].item()
-            utils.triplet_accuracy(sim_an, sim_ap).item()
+            evaluation.triplet_accuracy(sim_an, sim_ap).item()
     setup.sync()
     return time.perf_counter() - start
 

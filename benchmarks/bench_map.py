@@ -1,4 +1,4 @@
-"""Benchmark utils.mean_average_precision against the original per-query loop.
+"""Benchmark evaluation.mean_average_precision against the original per-query loop.
 
 Both compute the mAP of `queries` ranked against `cand_set` by dot-product similarity on the same
 random data; the reference is a plain Python loop (np.argsort(-sim) per query, then a walk over
@@ -15,7 +15,8 @@ import numpy as np
 import _common
 from _common import markdown_table, print_json, timed
 
-import utils  # noqa: E402  (the project's module; _common put the repo on sys.path)
+import utils  # noqa: E402  (the project's modules; _common put the repo on sys.path)
+from lib import evaluation  # noqa: E402
 
 
 def reference_map(cand_set, queries, c_gdtruth, q_gdtruth):
@@ -63,7 +64,7 @@ def main(argv=None):
     parser.add_argument('--dtype', default='float32', choices=('float32', 'float64'),
                         help='embedding dtype (both implementations get the same arrays)')
     parser.add_argument('--device', default=None, choices=('cpu', 'cuda'),
-                        help='device for utils.mean_average_precision (default: cuda if available)')
+                        help='device for evaluation.mean_average_precision (default: cuda if available)')
     parser.add_argument('--repeats', type=int, default=3, help='timed calls of the vectorised version (best)')
     parser.add_argument('--loop-repeats', type=int, default=1, help='timed calls of the slow loop (best)')
     parser.add_argument('--seed', type=int, default=0)
@@ -86,7 +87,7 @@ def main(argv=None):
     # Vectorised: inputs already on the device (as the embeddings are in engine.evaluate).
     cand_t, query_t = torch.from_numpy(cand).to(device), torch.from_numpy(query).to(device)
     c_lab_t, q_lab_t = torch.from_numpy(c_lab).to(device), torch.from_numpy(q_lab).to(device)
-    call = lambda: utils.mean_average_precision(cand_t, query_t, c_lab_t, q_lab_t)  # noqa: E731
+    call = lambda: evaluation.mean_average_precision(cand_t, query_t, c_lab_t, q_lab_t)  # noqa: E731
     if device.type == 'cuda':
         call()  # warm-up: CUDA context, kernels, allocator
     new_value, new_time = None, float('inf')
@@ -102,7 +103,7 @@ def main(argv=None):
     print(markdown_table(
         ['implementation', 'device', 'mAP', 'time (s)', 'speed-up'],
         [['per-query loop (original)', 'cpu', f'{ref_value:.10f}', f'{ref_time:.4f}', '1.0x'],
-         ['utils.mean_average_precision', device.type, f'{new_value:.10f}', f'{new_time:.4f}',
+         ['evaluation.mean_average_precision', device.type, f'{new_value:.10f}', f'{new_time:.4f}',
           f'{ref_time / new_time:.1f}x']]))
     print()
     print(f"|difference| = {diff:.3e} ({'OK, < 1e-6' if ok else 'FAIL, >= 1e-6'}); "

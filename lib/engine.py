@@ -19,7 +19,7 @@ from tqdm import tqdm
 import datasets
 import losses
 import utils
-from lib import checkpoints, inputs, runtime
+from lib import checkpoints, evaluation, inputs, runtime
 from lib.config import CUDA_GRAPH_MODES
 from lib.runtime import autocast, distributed, to_device
 from utils import UserError
@@ -143,7 +143,7 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, *, amp, weig
             torch.compiler.cudagraph_mark_step_begin()     # a new training step for CUDA graphs
         terms, total, sim_an, sim_ap = training_step(net, batch, optimizer, scaler, amp, weights)
         non_finite.update(total, batch_idx)
-        meters.update(terms, total, utils.triplet_accuracy(sim_an, sim_ap), n)
+        meters.update(terms, total, evaluation.triplet_accuracy(sim_an, sim_ap), n)
         if batch_idx % log_interval == 0:
             stop_if_non_finite(non_finite, epoch, amp, run_dir, weights)
             log_training(logger, writer, epoch, batch_idx, n, len(loader), len(loader.dataset), meters, computed)

@@ -139,12 +139,12 @@ def test_original_recipe_draws_triplets_as_the_authors(tmp_path):
 def test_original_recipe_average_precision_is_the_projects():
     import numpy as np
     import original_recipe
-    import utils
+    from lib import evaluation
     rng = np.random.default_rng(0)
     queries, candidates = rng.normal(size=(7, 5)), rng.normal(size=(30, 5))
     q_values, c_values = rng.integers(0, 3, 7), rng.integers(0, 3, 30)
     loop = original_recipe.bench_map.reference_map(candidates, queries, c_values, q_values)
-    assert abs(loop - utils.mean_average_precision(candidates, queries, c_values, q_values)) < 1e-6
+    assert abs(loop - evaluation.mean_average_precision(candidates, queries, c_values, q_values)) < 1e-6
 
 
 def test_small_run_alternates_the_order_of_its_variants():

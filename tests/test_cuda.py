@@ -17,10 +17,9 @@ import torch
 
 import losses
 from lib import runtime
-import utils
 from conftest import ROOT, TINY
 from helpers import device_batches, random_batches, tiny_tnet
-from lib import commands, config, engine, inputs
+from lib import commands, config, engine, evaluation, inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 CUDA = torch.device('cuda')
@@ -121,8 +120,8 @@ def test_map_on_gpu_equals_cpu():
     gen = torch.Generator().manual_seed(0)
     cand, query = torch.randn(500, 32, generator=gen), torch.randn(120, 32, generator=gen)
     c_lab, q_lab = torch.randint(0, 6, (500,), generator=gen), torch.randint(0, 6, (120,), generator=gen)
-    cpu = utils.mean_average_precision(cand, query, c_lab, q_lab)
-    gpu = utils.mean_average_precision(cand.cuda(), query.cuda(), c_lab.cuda(), q_lab.cuda())
+    cpu = evaluation.mean_average_precision(cand, query, c_lab, q_lab)
+    gpu = evaluation.mean_average_precision(cand.cuda(), query.cuda(), c_lab.cuda(), q_lab.cuda())
     assert gpu == pytest.approx(cpu, abs=1e-9)
 
 

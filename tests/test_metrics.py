@@ -1,4 +1,4 @@
-"""The retrieval metric: per-query AP (utils.average_precisions) against plain loops and the
+"""The retrieval metric: per-query AP (evaluation.average_precisions) against plain loops and the
 authors' (benchmarks/bench_map.reference_map), ties and empty cases, and MeanAP over attributes
 (evaluation.retrieval_map: weighted by each attribute's number of queries)."""
 import os
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-import utils
 from conftest import ROOT
+from lib import evaluation
 
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
@@ -41,8 +41,8 @@ def test_map_matches_loop(seed):
     q_gt = rng.integers(0, n_values + 2, n_query)   # values n_values.. have no relevant candidate
     expected = loop_average_precision(cand, queries, c_gt, q_gt)
     assert (q_gt >= n_values).any()
-    assert utils.mean_average_precision(cand, queries, c_gt, q_gt) == pytest.approx(expected, abs=1e-6)
-    as_torch = utils.mean_average_precision(torch.from_numpy(cand), torch.from_numpy(queries),
+    assert evaluation.mean_average_precision(cand, queries, c_gt, q_gt) == pytest.approx(expected, abs=1e-6)
+    as_torch = evaluation.mean_average_precision(torch.from_numpy(cand), torch.from_numpy(queries),
                                             torch.from_numpy(c_gt), torch.from_numpy(q_gt))
     assert as_torch == pytest.approx(expected, abs=1e-6)
 
@@ -51,27 +51,27 @@ def test_chunking_does_not_change_aps():
     rng = np.random.default_rng(0)
     cand, queries = torch.randn(30, 5), torch.randn(17, 5)
     c_gt, q_gt = torch.from_numpy(rng.integers(0, 3, 30)), torch.from_numpy(rng.integers(0, 3, 17))
-    whole = utils.average_precisions(cand, queries, c_gt, q_gt, chunk_size=1024)
-    chunked = utils.average_precisions(cand, queries, c_gt, q_gt, chunk_size=4)
+    whole = evaluation.average_precisions(cand, queries, c_gt, q_gt, chunk_size=1024)
+    chunked = evaluation.average_precisions(cand, queries, c_gt, q_gt, chunk_size=4)
     assert torch.allclose(whole, chunked)
 
 
 def test_perfect_and_empty_rankings():
     cand = np.eye(3, dtype=np.float32)
-    assert utils.mean_average_precision(cand, cand, np.arange(3), np.arange(3)) == pytest.approx(1.0)
+    assert evaluation.mean_average_precision(cand, cand, np.arange(3), np.arange(3)) == pytest.approx(1.0)
     # no candidate shares the query's value: AP is 0, not NaN
-    assert utils.mean_average_precision(cand, cand[:1], np.array([1, 1, 1]), np.array([0])) == 0.0
-    assert utils.mean_average_precision(cand, cand[:0], np.arange(3), np.arange(0)) == 0.0
+    assert evaluation.mean_average_precision(cand, cand[:1], np.array([1, 1, 1]), np.array([0])) == 0.0
+    assert evaluation.mean_average_precision(cand, cand[:0], np.arange(3), np.arange(0)) == 0.0
 
 
 def test_ap_by_hand():
     """Relevant at ranks 1 and 3 of 4: AP = (1/1 + 2/3) / 2; at ranks 2 and 4: (1/2 + 2/4) / 2."""
     cand = np.array([[4.0], [3.0], [2.0], [1.0]], dtype=np.float32)       # ranked in this order
-    aps = utils.average_precisions(cand, np.array([[1.0], [1.0]], dtype=np.float32),
+    aps = evaluation.average_precisions(cand, np.array([[1.0], [1.0]], dtype=np.float32),
                                    np.array([0, 1, 0, 1]), np.array([0, 1]))
     assert aps.dtype == torch.float64
     assert aps.tolist() == pytest.approx([(1 + 2 / 3) / 2, (1 / 2 + 2 / 4) / 2])
-    value = utils.mean_average_precision(cand, np.array([[1.0], [1.0]], dtype=np.float32),
+    value = evaluation.mean_average_precision(cand, np.array([[1.0], [1.0]], dtype=np.float32),
                                          np.array([0, 1, 0, 1]), np.array([0, 1]))
     assert isinstance(value, float) and value == pytest.approx(((1 + 2 / 3) / 2 + 0.5) / 2)
 
@@ -98,17 +98,17 @@ def test_per_query_aps_match_a_plain_loop(seed):
     cand = rng.normal(size=(n_cand, 4)).astype(np.float32)
     queries = rng.normal(size=(n_query, 4)).astype(np.float32)
     c_gt, q_gt = rng.integers(0, 3, n_cand), rng.integers(0, 4, n_query)
-    got = utils.average_precisions(cand, queries, c_gt, q_gt, chunk_size=3)
+    got = evaluation.average_precisions(cand, queries, c_gt, q_gt, chunk_size=3)
     assert got.tolist() == pytest.approx(loop_aps(cand, queries, c_gt, q_gt), abs=1e-12)
 
 
 def test_edge_rankings():
     one = np.ones((1, 2), dtype=np.float32)
-    assert utils.average_precisions(one, one, [0], [0]).tolist() == [1.0]        # one candidate, relevant
-    assert utils.average_precisions(one, one, [1], [0]).tolist() == [0.0]        # one candidate, not
+    assert evaluation.average_precisions(one, one, [0], [0]).tolist() == [1.0]        # one candidate, relevant
+    assert evaluation.average_precisions(one, one, [1], [0]).tolist() == [0.0]        # one candidate, not
     cand = np.array([[3.0], [2.0], [1.0]], dtype=np.float32)
-    assert utils.average_precisions(cand, one[:, :1], [0, 0, 0], [0]).tolist() == [1.0]  # all relevant
-    assert utils.average_precisions(cand, -one[:, :1], [0, 1, 1], [0]).tolist() == [pytest.approx(1 / 3)]  # last
+    assert evaluation.average_precisions(cand, one[:, :1], [0, 0, 0], [0]).tolist() == [1.0]  # all relevant
+    assert evaluation.average_precisions(cand, -one[:, :1], [0, 1, 1], [0]).tolist() == [pytest.approx(1 / 3)]  # last
 
 
 def test_query_without_relevant_candidate_counts_as_zero_as_in_the_authors_code():
@@ -118,8 +118,8 @@ def test_query_without_relevant_candidate_counts_as_zero_as_in_the_authors_code(
     cand = np.eye(3, dtype=np.float32)
     queries = cand[:2].copy()
     c_gt, q_gt = np.array([0, 1, 2]), np.array([0, 7])                # query 2's value 7: no candidate
-    assert utils.average_precisions(cand, queries, c_gt, q_gt).tolist() == [1.0, 0.0]
-    assert utils.mean_average_precision(cand, queries, c_gt, q_gt) == 0.5
+    assert evaluation.average_precisions(cand, queries, c_gt, q_gt).tolist() == [1.0, 0.0]
+    assert evaluation.mean_average_precision(cand, queries, c_gt, q_gt) == 0.5
     assert bench_map.reference_map(cand, queries, c_gt, q_gt) == 0.5
 
 
@@ -129,7 +129,7 @@ def test_map_equals_the_authors_loop(seed):
     rng = np.random.default_rng(20 + seed)
     cand, queries = rng.normal(size=(50, 6)), rng.normal(size=(9, 6))
     c_gt, q_gt = rng.integers(0, 4, 50), rng.integers(0, 5, 9)
-    assert utils.mean_average_precision(cand, queries, c_gt, q_gt) == pytest.approx(
+    assert evaluation.mean_average_precision(cand, queries, c_gt, q_gt) == pytest.approx(
         bench_map.reference_map(cand, queries, c_gt, q_gt), abs=1e-12)
 
 
@@ -143,7 +143,7 @@ def test_exact_ties_rank_the_relevant_candidates_first():
     cand = np.ones((4, 2), dtype=np.float32)                            # four equal scores
     query = np.ones((1, 2), dtype=np.float32)
     for c_gt in ([1, 1, 1, 0], [0, 1, 1, 1], [1, 0, 1, 1]):
-        assert utils.average_precisions(cand, query, c_gt, [0]).tolist() == [1.0]
+        assert evaluation.average_precisions(cand, query, c_gt, [0]).tolist() == [1.0]
     assert bench_map.reference_map(cand, query, [1, 1, 1, 0], [0]) == 0.25     # theirs: last of four
 
 
@@ -185,7 +185,7 @@ def test_ranked_relevance_equals_argsort_then_gather(dtype):
     sims = torch.randn(9, 50, generator=gen).to(dtype)
     relevant = torch.rand(9, 50, generator=gen) < 0.3
     order = torch.argsort(sims, dim=1, descending=True)
-    assert torch.equal(utils.ranked_relevance(sims, relevant), torch.gather(relevant, 1, order))
+    assert torch.equal(evaluation.ranked_relevance(sims, relevant), torch.gather(relevant, 1, order))
 
 
 def test_ranked_relevance_keeps_float64_precision():
@@ -193,7 +193,7 @@ def test_ranked_relevance_keeps_float64_precision():
     float32) keep their order."""
     sims = (1 + torch.tensor([[3.0, 0.0, 2.0, 1.0]], dtype=torch.float64) * 1e-12)
     relevant = torch.tensor([[False, True, False, True]])
-    assert utils.ranked_relevance(sims, relevant).tolist() == [[False, False, True, True]]
+    assert evaluation.ranked_relevance(sims, relevant).tolist() == [[False, False, True, True]]
 
 
 def test_ranked_relevance_of_half_precision_scores():
@@ -201,7 +201,7 @@ def test_ranked_relevance_of_half_precision_scores():
     sims = torch.tensor([[0.5, -0.25, 0.75, 0.0]])
     relevant = torch.tensor([[True, False, False, True]])
     for dtype in (torch.float16, torch.bfloat16):
-        assert utils.ranked_relevance(sims.to(dtype), relevant).tolist() == [[False, True, True, False]]
+        assert evaluation.ranked_relevance(sims.to(dtype), relevant).tolist() == [[False, True, True, False]]
 
 
 # ----------------------------------------------------------------------------- lib/evaluation.py's interface
@@ -245,19 +245,19 @@ def test_random_row_is_the_meanap_of_seeded_normalised_gaussian_embeddings():
     queries first from a generator seeded with --seed; the trained embeddings' values do not matter."""
     from lib.evaluation import RetrievalEvaluation, retrieval_map
     queries, candidates = retrieval_sets()
-    evaluation = RetrievalEvaluation(queries, candidates, ['collar', 'sleeve'])
+    retrieval = RetrievalEvaluation(queries, candidates, ['collar', 'sleeve'])
     embeddings = (torch.zeros(5, 6), torch.ones(9, 6))
-    got = evaluation.random_score(embeddings, seed=3)
+    got = retrieval.random_score(embeddings, seed=3)
     gen = torch.Generator().manual_seed(3)
     rand_q = torch.nn.functional.normalize(torch.randn(5, 6, generator=gen), dim=1)
     rand_c = torch.nn.functional.normalize(torch.randn(9, 6, generator=gen), dim=1)
     assert isinstance(got, float)
     assert got == retrieval_map(rand_q, queries.entries, rand_c, candidates.entries, 2)[1]
-    assert got == evaluation.random_score((torch.randn(5, 6), torch.randn(9, 6)), seed=3)
+    assert got == retrieval.random_score((torch.randn(5, 6), torch.randn(9, 6)), seed=3)
     # unnormalised candidates rank otherwise (a query's own scale never changes its ranking)
     assert got != retrieval_map(rand_q, queries.entries, rand_c * torch.rand(9, 1, generator=gen),
                                 candidates.entries, 2)[1]
-    assert got != evaluation.random_score(embeddings, seed=4)
+    assert got != retrieval.random_score(embeddings, seed=4)
 
 
 def test_percent_records_and_log_lines():
