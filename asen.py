@@ -4,8 +4,9 @@
     python asen.py --test --resume runs/ASEN/model_best.pth.tar          # test
     python asen.py --dataset SynthFashion                                # offline CPU demo
 
-This file holds the flags, the resolution of the configuration and the dispatch to the commands
-(lib/commands.py); the loops are lib/engine.py, the networks model.py, the loss losses.py.
+This file holds the flags, the resolution of the configuration and the command itself (`main`),
+which hands training and testing to lib/commands.py; the loops are lib/engine.py, the snapshots and
+stops lib/preemption.py, the networks model.py, the loss losses.py.
 """
 import argparse
 import os
@@ -15,7 +16,6 @@ from typing import NamedTuple
 import losses
 import model
 import utils
-from utils import UserError
 from lib import asenpp, checkpoints, commands, config, inputs, runfolder, runtime, tables
 from lib import datacheck, images, report
 from lib.config import COMPILE_MODES, DATASETS
@@ -288,70 +288,67 @@ def continuation(draft):
     return checkpoint, None
 
 
-# ----------------------------------------------------------------------------- dispatch
+# ----------------------------------------------------------------------------- the command
 
-def run(resolved):
-    """Prepare the run folder through its one guard (lib/runfolder.py: for training, locked, and
-    never replacing another run's files), then run the command."""
+def main(argv=None):
+    """The command line: resolve the configuration, prepare the run folder through its one guard
+    (lib/runfolder.py: for training, locked, and never replacing another run's files), build the
+    network with its weights, then train, or test, retrieve or visualise. Every user mistake,
+    stop signal and machine failure is one `error:` line and an exit status (utils.CommandBoundary)."""
+    boundary = utils.CommandBoundary()
+    # the stop signals from the first moment, before any file is written: a stop before the first
+    # snapshot exits 75 too, and the same command starts the run (runtime.StopSignals)
+    with boundary, runtime.StopSignals() as signals, signals.errors_as_stops():
+        runtime.check_torch_version()
+        resolved = resolve_configuration(argv)
+        args, training = resolved.args, config.is_training(resolved.args)
+        with runtime.distributed_session(args.no_cuda, args.sync_bn):
+            if not answered_without_run_folder(resolved):      # --collect, a finished run, --check-data
+                device = runtime.resolve_device(args.no_cuda)
+                runtime.configure_backends(device, args.tf32)
+                utils.seed_everything(args.seed)
+                run_dir = os.path.join('runs', args.name)
+                if training:                    # the rule first (read-only; checked again under the lock):
+                    runfolder.check_recorded_run(run_dir, args, resolved.checkpoint)   # another run is the real mistake
+                inputs.check_data_folder(args)              # before the run folder is made
+                with runfolder.prepare(run_dir, args, training, device, resolved.checkpoint):
+                    logger = open_log(resolved, run_dir, training)
+                    split_files = local_first(lambda: inputs.prepare_dataset(args))
+                    tnet, checkpoint = network_with_weights(resolved, split_files, device, logger)
+                    if training:
+                        commands.train(tnet, split_files, device, args, logger, run_dir, checkpoint)
+                    else:
+                        use_trained(resolved, tnet, split_files, device, logger, run_dir)
+    return boundary.status
+
+
+def answered_without_run_folder(resolved):
+    """Answer what needs no run folder and no network (--collect; --resume auto of a finished run,
+    which does not touch its folder: no lock, no log line; --check-data) and return True; else
+    return False, with --allow-large-images in force."""
     args = resolved.args
     if args.collect:
-        return tables.collect(args.collect, args.collect_out, args.collect_by)
-    if resolved.finished:                   # the run folder is not touched: no lock, no log line
+        tables.collect(args.collect, args.collect_out, args.collect_by)
+        return True
+    if resolved.finished:
         if is_main_process():
             print(resolved.finished)
-        return None
+        return True
     if args.allow_large_images:
         images.allow_large_images(True)
     if args.check_data:
-        return datacheck.run(args)
-    device = runtime.resolve_device(args.no_cuda)
-    runtime.configure_backends(device, args.tf32)
-    utils.seed_everything(args.seed)
-    run_dir = os.path.join('runs', args.name)
-    training = config.is_training(args)
-    if training:                                # the rule first (read-only; checked again under the lock):
-        runfolder.check_recorded_run(run_dir, args, resolved.checkpoint)   # another run is the real mistake
-    inputs.check_data_folder(args)              # before the run folder is made
-    with runfolder.prepare(run_dir, args, training, device, resolved.checkpoint):
-        return dispatch(resolved, run_dir, device)
+        datacheck.run(args)
+        return True
+    return False
 
 
-def dispatch(resolved, run_dir, device):
-    """Build the network with its weights, then train, test, retrieve or visualise."""
-    args, checkpoint = resolved.args, resolved.checkpoint
-    training = config.is_training(args)
+def open_log(resolved, run_dir, training):
+    """The logger of the run folder's train.log (test.log), rank 0's alone, after saying which run
+    folder this run writes to (--resume may have set --name), what the resolution changed, and
+    that the original's --visdom is served by TensorBoard."""
+    args = resolved.args
     logger = utils.setup_logger(os.path.join(run_dir, 'train.log' if training else 'test.log')) \
         if is_main_process() else runtime.silent_logger()
-    log_invocation(resolved, run_dir, logger)
-    split_files = local_first(lambda: inputs.prepare_dataset(args))
-    tnet = commands.build_network(args, len(split_files.attributes), device, imagenet=checkpoint is None,
-                                  local_imagenet=resolved.starts_stage2)
-    logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
-    if resolved.starts_stage2:
-        checkpoints.load_stage1_weights(tnet, checkpoint, args.resume, split_files)
-        logger.info(f"=> stage 2 starts from the stage-1 weights of '{args.resume}'")
-        checkpoint = None                     # its optimizer, epoch and RNG belong to stage 1
-    if checkpoint is not None:
-        checkpoints.load_weights(tnet, checkpoint, args.resume, split_files)
-        score = 'accuracy' if args.dataset in config.TRIPLET_DATASETS else 'mAP'
-        logger.info(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint.get('epoch')} "
-                    f"{score} on validation set {checkpoint.get('prec')})")
-    if args.retrieve:
-        return commands.retrieve(tnet, split_files, device, args, run_dir)
-    if args.visualize:
-        commands.visualize_attention(tnet, split_files, device, args, run_dir)
-    if args.test or args.report:
-        source = report.Source.of(resolved, get_args_parser()) if args.report else None
-        return commands.test(tnet, split_files, device, args, logger, run_dir, source)
-    if training:
-        return commands.train(tnet, split_files, device, args, logger, run_dir, checkpoint)
-    return None
-
-
-def log_invocation(resolved, run_dir, logger):
-    """Say which run folder this run writes to (--resume may have set --name), what the
-    resolution changed, and that the original's --visdom is served by TensorBoard."""
-    args = resolved.args
     origin = ' (--name from the --resume checkpoint)' if resolved.checkpoint is not None and \
         'name' not in args.explicit else ''
     logger.info(f'writing to {run_dir}{os.sep}{origin}')
@@ -360,25 +357,39 @@ def log_invocation(resolved, run_dir, logger):
     if args.visdom:
         what = 'curves and attention' if args.heatmap_every > 0 else 'curves'
         logger.info(f'--visdom: {what} go to TensorBoard here: tensorboard --logdir runs')
+    return logger
 
 
-def main(argv=None):
-    """The command line; every user mistake and machine failure is one `error:` line."""
-    def work():
-        # the stop signals from the first moment, before any file is written: a stop before the
-        # first snapshot exits 75 too, and the same command starts the run (runtime.StopSignals)
-        with runtime.StopSignals() as signals:
-            try:
-                runtime.check_torch_version()
-                resolved = resolve_configuration(argv)
-                with runtime.distributed_session(resolved.args.no_cuda, resolved.args.sync_bn):
-                    run(resolved)
-            except (UserError, KeyboardInterrupt, OSError) as err:
-                if signals.requested and not isinstance(err, runtime.Stopped):
-                    # what the signal broke on its way (a read wrapped in its own error line)
-                    raise signals.stopped_outside_training() from err
-                raise
-    return utils.run_command(work)
+def network_with_weights(resolved, split_files, device, logger):
+    """(the triplet-wrapped network with the --resume weights, the checkpoint training continues
+    from or None): ASEN++ stage 2 starts from a stage-1 checkpoint's weights alone."""
+    args, checkpoint = resolved.args, resolved.checkpoint
+    tnet = commands.build_network(args, len(split_files.attributes), device, imagenet=checkpoint is None,
+                                  local_imagenet=resolved.starts_stage2)
+    logger.info(f'  + Number of params: {sum(p.numel() for p in tnet.parameters())}')
+    if resolved.starts_stage2:
+        checkpoints.load_stage1_weights(tnet, checkpoint, args.resume, split_files)
+        logger.info(f"=> stage 2 starts from the stage-1 weights of '{args.resume}'")
+        return tnet, None                     # its optimizer, epoch and RNG belong to stage 1
+    if checkpoint is not None:
+        checkpoints.load_weights(tnet, checkpoint, args.resume, split_files)
+        score = 'accuracy' if args.dataset in config.TRIPLET_DATASETS else 'mAP'
+        logger.info(f"=> loaded checkpoint '{args.resume}' (epoch {checkpoint.get('epoch')} "
+                    f"{score} on validation set {checkpoint.get('prec')})")
+    return tnet, checkpoint
+
+
+def use_trained(resolved, tnet, split_files, device, logger, run_dir):
+    """--retrieve, or --visualize and then --test or --report, with the trained network."""
+    args = resolved.args
+    if args.retrieve:
+        commands.retrieve(tnet, split_files, device, args, run_dir)
+        return
+    if args.visualize:
+        commands.visualize_attention(tnet, split_files, device, args, run_dir)
+    if args.test or args.report:
+        source = report.Source.of(resolved, get_args_parser()) if args.report else None
+        commands.test(tnet, split_files, device, args, logger, run_dir, source)
 
 
 if __name__ == '__main__':

@@ -341,10 +341,6 @@ def check_range(name, value, allowed, ok):
         raise UserError(f"{name} {value!r}: must be {allowed}")
 
 
-class Interrupted(UserError):
-    """Ctrl-C or a stop signal, after what could be saved was saved (exit status 130)."""
-
-
 def environment_error(err):
     """One line for a failure of the machine rather than of the code (disk full, no permission,
     a file in the way), else None."""
@@ -372,37 +368,58 @@ _COMMAND_END = []          # what every command does when it ends, however (at_c
 
 
 def at_command_end(cleanup):
-    """Run `cleanup()` whenever a command of run_command ends, failed or not (gpuinput ends the data
+    """Run `cleanup()` whenever a command's CommandBoundary is left, failed or not (gpuinput ends the data
     loading workers a failed pass left: they must not outlive the command)."""
     if cleanup not in _COMMAND_END:
         _COMMAND_END.append(cleanup)
 
 
-def run_command(work, *args):
-    """`work(*args)` behind the one-line boundary of a command: its exit status (0, or 2 for a
-    UserError, 130 for Ctrl-C, 1 for a failure of the machine), with one `error:` line on stderr."""
-    try:
-        return _run_reporting(work, *args)
-    finally:
-        for cleanup in _COMMAND_END:
-            cleanup()
+class CommandBoundary:
+    """The one-line boundary of a command, as a `with` block that records its exit status: leaving
+    it, `status` is 0; 2 for a UserError (or the error's own `exit_code`: 75 for a stop signal's
+    runtime.Stopped); 130 for Ctrl-C; 1 for a failure of the machine (environment_error). Each
+    failure is one `error:` line on stderr, and the block swallows it; any other exception (a bug)
+    passes with its traceback. However the block ends, the at_command_end cleanups run, after
+    the line."""
+
+    def __init__(self):
+        self.status = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, traceback):
+        try:
+            self.status = exit_status(err)
+        finally:
+            for cleanup in _COMMAND_END:
+                cleanup()
+        return err is not None and self.status is not None
 
 
-def _run_reporting(work, *args):
-    try:
-        work(*args)
-    except UserError as err:
+def exit_status(err):
+    """The exit status of a command that ended with `err` (None: it succeeded), its `error:` line
+    printed; None for an error that is not the user's nor the machine's."""
+    if err is None:
+        return 0
+    if isinstance(err, UserError):
         # errors raised in DataLoader workers arrive wrapped in their traceback: keep the message
         message = str(err).strip().splitlines()[-1] if str(err).strip() else 'failed'
         print(f"error: {message.removeprefix('utils.UserError: ')}", file=sys.stderr)
-        return getattr(err, 'exit_code', 130) if isinstance(err, Interrupted) else 2
-    except KeyboardInterrupt:
+        return getattr(err, 'exit_code', 2)
+    if isinstance(err, KeyboardInterrupt):
         print("error: interrupted (Ctrl-C); the files saved before are kept", file=sys.stderr)
         return 130
-    except (OSError, RuntimeError, MemoryError) as err:
-        line = environment_error(err)
-        if line is None:
-            raise
+    line = environment_error(err) if isinstance(err, (OSError, RuntimeError, MemoryError)) else None
+    if line is not None:
         print(f"error: {line}", file=sys.stderr)
         return 1
-    return 0
+    return None
+
+
+def run_command(work, *args):
+    """`work(*args)` behind a CommandBoundary; returns its exit status."""
+    boundary = CommandBoundary()
+    with boundary:
+        work(*args)
+    return boundary.status

@@ -7,9 +7,6 @@ A snapshot is a dict {'epoch', 'state_dict', 'prec', 'best_prec', 'optimizer', '
 'mAP'}) in their module names.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/checkpoints.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import math
 import numbers
 import os

@@ -1,9 +1,7 @@
 """The commands asen.py dispatches to, each on a resolved configuration: train, test, retrieve and
 visualise. Each assembles the network, the data and the optimiser and hands the loops to engine.py."""
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/commands.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
+import contextlib
 import json
 import os
 import time
@@ -15,8 +13,9 @@ from PIL import Image
 import losses
 import model
 import utils
-from lib import analysis, asenpp, checkpoints, engine, evaluation, inputs, report, runfolder, runtime, tables, visualize
+from lib import analysis, asenpp, engine, evaluation, inputs, report, runfolder, runtime, tables, visualize
 from lib.eventlog import RunWriter
+from lib.preemption import Preemption
 from lib.runtime import is_main_process
 from utils import UserError
 
@@ -65,13 +64,47 @@ def evaluate(net, evaluation_set, device, args):
 # ----------------------------------------------------------------------------- train
 
 def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
-    """The epoch loop: train, validate, step the schedule, save the snapshot; returns best_prec.
-    Step snapshots (--checkpoint-every, and on a stop signal) let a killed run continue exactly:
-    a resumed step snapshot continues its epoch at its next step (see checkpoints.step_snapshot)."""
+    """The epoch loop: train, validate, step the schedule, save the epoch snapshot and record the
+    epoch; returns the best validation score. Preemption (lib/preemption.py) restores a --resume
+    snapshot, continues a step snapshot's epoch at its next step, writes the step snapshots and
+    stops the run on a signal."""
     optimizer = runtime.adam(model.param_groups(tnet, args.lr_global), args.lr, device)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_size, gamma=args.decay_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
-    best_prec = checkpoints.restore_training_state(checkpoint, optimizer, scheduler, scaler)
+    snapshots = Preemption(tnet, optimizer, scheduler, scaler, args, run_dir, device, checkpoint)
+    train_set, train_loader, valid = training_data(split_files, args, device, logger, snapshots)
+    train_net = engine.compiled(runtime.distributed_model(tnet, device, args.sync_bn, logger, args.batch_size),
+                                compile_mode(args))
+    eval_net = engine.compiled(tnet.embeddingnet, compile_mode(args), evaluation_only=True)
+    writer = open_run_files(run_dir, args, logger)
+    logger.info(f'Begin training on {args.dataset} dataset.')
+    start = time.time()
+    with snapshots.stops_deferred(), contextlib.closing(writer):
+        for epoch in range(args.start_epoch, args.epochs + 1):
+            train_set.set_epoch(epoch)
+            first_batch, meters = snapshots.start_epoch(epoch)
+            means = engine.train_one_epoch(train_net, batches_from(train_loader, first_batch), optimizer, scaler,
+                                           device, epoch, logger=logger, writer=writer, run_dir=run_dir,
+                                           first_batch=first_batch, meters=meters, after_step=snapshots.after_step,
+                                           **train_settings(args, tnet.embeddingnet))
+            means = dict(zip(means, runtime.global_mean(list(means.values()), device)))
+            runtime.broadcast_buffers(tnet)
+            scores, _ = evaluate(eval_net, valid, device, args)
+            evaluation.log_scores(logger, valid, scores, epoch)
+            scheduler.step()
+            snapshots.save_epoch(epoch, scores.total)
+            record_epoch(tnet, split_files, valid, device, args, run_dir, logger, writer, epoch, means, scores,
+                         optimizer.param_groups[0]['lr'])
+            snapshots.stop_if_asked(epoch)
+    minutes = int(time.time() - start) // 60
+    logger.info(f'training time {minutes // 60}h {minutes % 60}min')
+    return snapshots.best_prec
+
+
+def training_data(split_files, args, device, logger, snapshots):
+    """(the training set, sharded under torchrun; its loader, which keeps its workers across
+    epochs; the valid split's evaluation), with a resumed step snapshot's position checked
+    against them (`snapshots`, a Preemption)."""
     train_set = inputs.training_set(split_files, args)
     inputs.report_skipped(logger, 'training set', train_set.skipped)
     if args.cache_images:
@@ -81,124 +114,30 @@ def train(tnet, split_files, device, args, logger, run_dir, checkpoint):
         if args.num_triplets < world:
             raise UserError(f"--num_triplets {args.num_triplets} is below the {world} processes")
         train_set.shard(rank, world)
-    streams = max(inputs.default_workers(args.workers, device), 1)
-    position = checkpoints.step_position(checkpoint)
-    check_step_position(position, streams, world, args.resume)
+    snapshots.check_processes(max(inputs.default_workers(args.workers, device), 1), world)
     valid = inputs.evaluation_of(split_files, 'valid', args, logger)
     train_loader = inputs.make_loader(train_set, args.batch_size, device, args.workers, args.channels_last,
                                       persistent=True)
-    check_step_sizes(position, args, len(train_loader), len(train_set), rank, args.resume)
-    train_net = runtime.distributed_model(tnet, device, args.sync_bn, logger, args.batch_size)
-    train_net = engine.compiled(train_net, compile_mode(args))
-    eval_net = engine.compiled(tnet.embeddingnet, compile_mode(args), evaluation_only=True)
-    if is_main_process():
-        if args.overwrite and not runfolder.resumes_in(run_dir, args.resume):
-            aside = runfolder.set_aside_previous_run(run_dir)      # moved, never deleted
-            if aside:
-                logger.info(f'--overwrite: the earlier run of {run_dir} is kept in {aside}')
-        torn = runfolder.cut_torn_metrics_line(run_dir)
-        if torn:
-            logger.info(f'metrics.jsonl ended in a torn line ({torn} bytes of a record cut short); cut off '
-                        f'before this run appends')
-        utils.write_json(args.as_dict(), os.path.join(run_dir, 'args.json'))
-    writer = RunWriter(run_dir) if is_main_process() else runtime.NullWriter()
-    logger.info(f'Begin training on {args.dataset} dataset.')
-    start, epoch = time.time(), args.start_epoch
-    with runtime.stop_signals_deferred() as signals:
-        schedule = engine.SnapshotSchedule(args.checkpoint_every, signals, device)
-        try:
-            for epoch in range(args.start_epoch, args.epochs + 1):
-                train_set.set_epoch(epoch)
-                resumed = position is not None and position['epoch'] == epoch
-                first_batch = int(position['batch']) if resumed else 0
-                meters = engine.meters_from_row(position['meters'][rank], device) if resumed else None
-                loader = batches_from(train_loader, first_batch)
-                pass_rng = utils.rng_state()                 # what the pass's draws start from
-
-                def after_step(steps_done, meters, check_finite, epoch=epoch, pass_rng=pass_rng):
-                    snapshot_now, stop = schedule.after_step()
-                    if snapshot_now:
-                        check_finite()
-                        meter_rows = runtime.gather_from_ranks(engine.meter_row(meters, device)).cpu()
-                        path = save_step(run_dir, checkpoints.step_snapshot(
-                            epoch, steps_done, meter_rows, pass_rng, streams, tnet, optimizer, scheduler, scaler,
-                            best_prec, args))
-                        schedule.restart()
-                        if stop:
-                            raise stopped(signals, f'epoch {epoch}, step {steps_done} of {len(loader)}', path)
-                means = engine.train_one_epoch(train_net, loader, optimizer, scaler, device, epoch,
-                                               logger=logger, writer=writer, run_dir=run_dir,
-                                               first_batch=first_batch, meters=meters, after_step=after_step,
-                                               **train_settings(args, tnet.embeddingnet))
-                means = dict(zip(means, runtime.global_mean(list(means.values()), device)))
-                loss, acc = means.pop('train_loss'), means.pop('train_acc')
-                runtime.broadcast_buffers(tnet)
-                scores, _ = evaluate(eval_net, valid, device, args)
-                evaluation.log_scores(logger, valid, scores, epoch)
-                prec = scores.total
-                is_best = prec > best_prec
-                best_prec = max(prec, best_prec)
-                scheduler.step()
-                lr = optimizer.param_groups[0]['lr']
-                if is_main_process():
-                    checkpoints.save_snapshot(checkpoints.snapshot(epoch, tnet, optimizer, scheduler, scaler, prec,
-                                                                   best_prec, args), run_dir, is_best)
-                    checkpoints.remove_step_snapshot(run_dir)
-                    result = evaluation.percent(valid, scores)
-                    append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, **means, lr=lr, **result))
-                    log_epoch(writer, epoch, lr, valid, result)
-                    if heatmap_due(epoch, args.heatmap_every, args.epochs):
-                        valid_heatmaps(tnet.embeddingnet, valid.images, split_files.attributes, run_dir, epoch,
-                                       writer, device)
-                logger.info(f'lr:{lr}')
-                schedule.restart()
-                if epoch < args.epochs and schedule.at_epoch_end():
-                    raise stopped(signals, f'the end of epoch {epoch}', os.path.join(run_dir, 'checkpoint.pth.tar'))
-        except KeyboardInterrupt:
-            save_interrupted(tnet, optimizer, scheduler, scaler, best_prec, args, run_dir, epoch)
-        finally:
-            writer.close()
-    minutes = int(time.time() - start) // 60
-    logger.info(f'training time {minutes // 60}h {minutes % 60}min')
-    return best_prec
+    snapshots.check_epoch_sizes(len(train_loader), len(train_set), rank)
+    return train_set, train_loader, valid
 
 
-def check_step_position(position, streams, world, path):
-    """A step snapshot continues exactly only with the flip streams (--workers) and processes it
-    was written with."""
-    if position is None:
-        return
-    if int(position['world']) != world:
-        raise UserError(f"--resume {path}: a step snapshot of {int(position['world'])} process(es), this run has "
-                        f"{world}; the triplet shards would differ: start it with as many")
-    if int(position['streams']) != streams:
-        workers = int(position['streams'])
-        raise UserError(f"--resume {path}: a step snapshot of a run with {workers if workers > 1 else '0 or 1'} "
-                        f"loader worker(s) (--workers), this run has {streams if streams > 1 else '0 or 1'}; the "
-                        f"random flips would differ: pass the same --workers")
-
-
-def check_step_sizes(position, args, steps_per_epoch, triplets, rank, path):
-    """A step snapshot's position against this run's own sizes, before anything is written: its
-    epoch is the one this run starts (and within --epochs), its steps within the epoch's, and this
-    rank's meter row the running sums of exactly the triplets of those steps."""
-    if position is None:
-        return
-    damaged = f"--resume {path}: a step snapshot"
-    epoch, batch = position['epoch'], position['batch']
-    if epoch > args.epochs or epoch != args.start_epoch:
-        raise UserError(f"{damaged} of epoch {epoch}, but this run trains epochs {args.start_epoch} to {args.epochs}; "
-                        f"the file is damaged, or give the --epochs it was written with")
-    if batch > steps_per_epoch:
-        raise UserError(f"{damaged} after step {batch} of epoch {epoch}, but an epoch of this run has "
-                        f"{steps_per_epoch} steps; the file is damaged, or give the --num_triplets and "
-                        f"--batch-size it was written with")
-    row = dict(zip(engine.METER_FIELDS, position['meters'][rank].tolist()))
-    seen = min(batch * args.batch_size, triplets)
-    if row['count'] != seen or not (0 <= row['acc_sum'] <= seen and 0 <= row['acc_last'] <= 1):
-        raise UserError(f"{damaged}: its meters (count {row['count']:g}, accuracy sum {row['acc_sum']:g}, loss "
-                        f"sum {row['loss_sum']:g}) are not those of {seen} triplets in {batch} step(s); the file is "
-                        f"damaged; continue from the epoch snapshot or start anew")
+def open_run_files(run_dir, args, logger):
+    """Rank 0 readies the run folder's files for this run (an --overwrite run sets the earlier
+    one aside, a torn last line of metrics.jsonl is cut, args.json is written) and returns the
+    event writer (TensorBoard); the other ranks write nothing."""
+    if not is_main_process():
+        return runtime.NullWriter()
+    if args.overwrite and not runfolder.resumes_in(run_dir, args.resume):
+        aside = runfolder.set_aside_previous_run(run_dir)      # moved, never deleted
+        if aside:
+            logger.info(f'--overwrite: the earlier run of {run_dir} is kept in {aside}')
+    torn = runfolder.cut_torn_metrics_line(run_dir)
+    if torn:
+        logger.info(f'metrics.jsonl ended in a torn line ({torn} bytes of a record cut short); cut off '
+                    f'before this run appends')
+    utils.write_json(args.as_dict(), os.path.join(run_dir, 'args.json'))
+    return RunWriter(run_dir)
 
 
 def batches_from(loader, first_batch):
@@ -211,35 +150,18 @@ def batches_from(loader, first_batch):
     return inputs.LoaderFrom(loader, first_batch)
 
 
-def save_step(run_dir, state):
-    """Rank 0 writes the step snapshot (every rank holds the same weights); returns its path."""
+def record_epoch(tnet, split_files, valid, device, args, run_dir, logger, writer, epoch, means, scores, lr):
+    """Rank 0 appends the epoch's row to metrics.jsonl (the training means, the learning rate for
+    the next epoch, the valid scores), writes its TensorBoard scalars and, when due, its heatmaps;
+    every rank logs the learning rate."""
     if is_main_process():
-        return checkpoints.save_step_snapshot(state, run_dir)
-    return os.path.join(run_dir, checkpoints.STEP_SNAPSHOT)
-
-
-def stopped(signals, where, path):
-    """The Stopped error of a stop signal served at `where`, the snapshot `path` written."""
-    return runtime.Stopped(f"stopped by {signals.signal_name} at {where}; saved {path}; continue with the same "
-                           f"command and --resume auto (exit status {runtime.REQUEUE_EXIT}: requeue)")
-
-
-def save_interrupted(tnet, optimizer, scheduler, scaler, best_prec, args, run_dir, epoch):
-    """A KeyboardInterrupt raised outside the stop-signal handling (StopSignals serves Ctrl-C at a
-    step boundary): the mid-epoch weights as interrupted.pth.tar (resuming it repeats the
-    interrupted epoch from them); raises Interrupted with what was kept."""
-    path = os.path.join(run_dir, 'interrupted.pth.tar')
-    if not checkpoints.weights_are_finite(tnet):        # a non-finite step not yet checked
-        raise UserError(f"non-finite weights when interrupted in epoch {epoch}; not saved; "
-                        f"{checkpoints.last_snapshot_note(run_dir)}; lower --lr or use --amp off")
-    if is_main_process():
-        try:
-            utils.save_atomic(checkpoints.snapshot(epoch - 1, tnet, optimizer, scheduler, scaler, None,
-                                                   best_prec, args), path)
-        except KeyboardInterrupt:
-            raise utils.Interrupted(f'interrupted twice in epoch {epoch}: {path} was not written; '
-                              f'{checkpoints.last_snapshot_note(run_dir)}') from None
-    raise utils.Interrupted(f'interrupted in epoch {epoch}; saved {path}; continue with --resume {path}')
+        loss, acc = means.pop('train_loss'), means.pop('train_acc')
+        result = evaluation.percent(valid, scores)
+        append_metrics(run_dir, dict(epoch=epoch, train_loss=loss, train_acc=100 * acc, **means, lr=lr, **result))
+        log_epoch(writer, epoch, lr, valid, result)
+        if heatmap_due(epoch, args.heatmap_every, args.epochs):
+            valid_heatmaps(tnet.embeddingnet, valid.images, split_files.attributes, run_dir, epoch, writer, device)
+    logger.info(f'lr:{lr}')
 
 
 def append_metrics(run_dir, record):

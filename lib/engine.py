@@ -6,12 +6,7 @@ accumulate on the device (utils.DeviceMeter) and the non-finite-loss flag is a d
 are read at each log interval and at the end of the epoch.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/engine.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import sys
-import time
-from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -23,6 +18,7 @@ from lib import checkpoints, evaluation, inputs, runtime
 from lib.config import CUDA_GRAPH_MODES
 from lib.runtime import autocast, distributed, to_device
 from utils import UserError
+
 
 def training_step(tnet, batch, optimizer, scaler, amp, weights):
     """Forward, objective (losses.objective under `weights`), backward and optimizer step of one
@@ -65,7 +61,7 @@ class TrainMeters:
 # (last, sum, count) of the total and of each term of losses.TERMS. The first LEGACY_METER_ROW_WIDTH
 # values are the row of the snapshots written before the total and the terms were kept.
 # The names of its columns, in order: a snapshot's rows are checked against them
-# (checkpoints.check_step_entry, commands.check_step_sizes), so a column added here is checked too.
+# (checkpoints.check_step_entry, preemption.Preemption.check_epoch_sizes), so a column added here is checked too.
 METER_FIELDS = ('loss_last', 'loss_sum', 'acc_last', 'acc_sum', 'count') + tuple(
     f'{name}_{part}' for name in ('total', *losses.TERMS) for part in ('last', 'sum', 'count'))
 LEGACY_METER_ROW_WIDTH = 5
@@ -119,7 +115,7 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, *, amp, weig
 
     A non-finite loss stops the run at the next log interval, not at its own step: the steps in
     between have updated the weights in memory, but none of it is saved, as the epoch's snapshot
-    is written only after this returns and the Ctrl-C snapshot checks the weights first. Under
+    is written only after this returns and a step snapshot checks the loss first (`check`). Under
     torch.compile a last partial batch runs eagerly (`tnet`'s uncompiled module, same weights):
     the compiled step keeps one static shape, so it neither recompiles nor records a second CUDA
     graph.
@@ -127,7 +123,7 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, *, amp, weig
     A resumed epoch starts at `first_batch` (the loader yields the batches from there on) with the
     running TrainMeters `meters` of the steps before it. `after_step(steps done, meters, check)` runs
     after each step (`check()` raises the non-finite-loss error if one is pending): the step
-    snapshots and the stop signals (commands.train).
+    snapshots and the stop signals (preemption.Preemption.after_step).
     """
     eager = getattr(tnet, '_orig_mod', tnet)                # the module torch.compile wraps, if any
     meters = meters or TrainMeters(device)
@@ -153,46 +149,6 @@ def train_one_epoch(tnet, loader, optimizer, scaler, device, epoch, *, amp, weig
     means = {'train_loss': meters.loss.read()[1], 'train_acc': meters.acc.read()[1]}
     means.update((f'train_{label}', meter.read()[1]) for label, meter in meters.extra(computed))
     return means
-
-
-class SnapshotSchedule:
-    """When to write a step snapshot and when to stop: every --checkpoint-every steps or minutes,
-    and at the first step boundary after a stop signal (runtime.StopSignals).
-
-    In one process the signal flag and the clock are read after every step: Python values, no host
-    sync. Under torchrun every rank must stop, and snapshot, after the same step: the ranks agree
-    by one small all-reduce (a host sync) every CHECK_STEPS steps and at each due step interval,
-    and rank 0's clock alone decides a snapshot due by minutes."""
-
-    CHECK_STEPS = 10
-
-    def __init__(self, every, signals, device):
-        from lib.config import parse_interval
-        self.steps, self.seconds = parse_interval(every)
-        self.signals, self.device = signals, device
-        self.count, self.since = 0, time.monotonic()
-
-    def restart(self):
-        """A snapshot (step or epoch) was written: the interval counts from now."""
-        self.count, self.since = 0, time.monotonic()
-
-    def after_step(self):
-        """(write a snapshot now, stop after it) for the step just done."""
-        self.count += 1
-        steps_due = self.steps is not None and self.count % self.steps == 0
-        if distributed() and not (steps_due or self.count % self.CHECK_STEPS == 0):
-            return False, False
-        return self._decide(steps_due)
-
-    def at_epoch_end(self):
-        """Whether to stop after the epoch's snapshot (a signal came during the epoch's evaluation)."""
-        return self._decide(False)[1]
-
-    def _decide(self, steps_due):
-        late = self.seconds is not None and time.monotonic() - self.since >= self.seconds \
-            and runtime.rank_and_world()[0] == 0
-        stop, late = runtime.max_of_ranks([int(self.signals.requested), int(late)], self.device)
-        return bool(steps_due or late or stop), bool(stop)
 
 
 def batch_to_device(batch, device, channels_last=False):
@@ -270,7 +226,7 @@ def embed_split(net, dataset, device, *, amp, batch_size, workers, channels_last
     start = sum(sizes[:rank])
     local = embed(datasets.IndexShard(dataset, start, start + sizes[rank]))
     # a rank with an empty shard learns the embedding width (C for ASENet_V2) from the others
-    width = runtime.max_over_ranks(0 if local is None else local.shape[1], device)
+    (width,) = runtime.max_of_ranks([0 if local is None else local.shape[1]], device)
     if local is None:
         local = torch.zeros(0, width, device=device)
     return runtime.gather_rows(local, sizes)

@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from utils import Interrupted, UserError, setup_logger
+from utils import UserError, setup_logger
 
 
 # ----------------------------------------------------------------------------- torch version
@@ -270,15 +270,6 @@ def broadcast_buffers(module):
             dist.broadcast(buffer, 0)
 
 
-def max_over_ranks(value, device):
-    """The largest of every rank's integer `value` (the value itself in a single process)."""
-    if not distributed():
-        return value
-    tensor = torch.tensor([value], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
-
-
 def shard_sizes(n, world):
     """Sizes of `world` contiguous shards of n items, differing by at most one."""
     return [n // world + (rank < n % world) for rank in range(world)]
@@ -302,7 +293,7 @@ REQUEUE_EXIT = 75
 STOP_SIGNALS = ('SIGTERM', 'SIGUSR1', 'SIGINT')
 
 
-class Stopped(Interrupted):
+class Stopped(UserError):
     """A stop signal served: the run stopped at a step boundary (or at once, on a second signal)."""
     exit_code = REQUEUE_EXIT
 
@@ -374,6 +365,17 @@ class StopSignals:
         self.signal_name = name
         if not self.deferring:
             raise self.stopped_outside_training()
+
+    @contextmanager
+    def errors_as_stops(self):
+        """While inside: an error raised once a signal was served (what the signal broke on its way,
+        such as a read wrapped in its own error line) is that signal's Stopped."""
+        try:
+            yield self
+        except (UserError, KeyboardInterrupt, OSError) as err:
+            if self.requested and not isinstance(err, Stopped):
+                raise self.stopped_outside_training() from err
+            raise
 
     def stopped_outside_training(self):
         """The Stopped error of a signal served outside the training steps."""
