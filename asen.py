@@ -4,9 +4,8 @@
     python asen.py --test --resume runs/ASEN/model_best.pth.tar          # test
     python asen.py --dataset SynthFashion                                # offline CPU demo
 
-This file holds the flags, the resolution of the configuration and the command itself (`main`),
-which hands training and testing to lib/commands.py; the loops are lib/engine.py, the snapshots and
-stops lib/preemption.py, the networks model.py, the loss losses.py.
+This file holds the flags, the resolution of the configuration and the dispatch to the commands
+(lib/commands.py); the loops are lib/engine.py, the networks model.py, the loss losses.py.
 """
 import argparse
 import os

@@ -500,7 +500,6 @@ def run_script(script, args, cwd, timeout=120):
     ('lib/visualize.py', ['--visualize']),
     ('lib/analysis.py', ['--retrieve']),
     ('lib/zappos.py', ['--dataset Zappos50k']),
-    ('lib/engine.py', ['asen.py']),
     ('lib/checks.py', ['asen.py']),
     ('datasets.py', ['build_fashionai.py']),
     ('model.py', ['asen.py']),
