@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import model as models  # noqa: E402
 import utils  # noqa: E402
-from lib import checkpoints, config, engine, runtime  # noqa: E402
+from lib import checkpoints, config, engine, flags, runtime  # noqa: E402
 from losses import LossWeights  # noqa: E402
 
 N_ATTRIBUTES = 8                                           # FashionAI's
@@ -49,8 +49,7 @@ def parse():
 
 
 def asen_default_interval():
-    import asen
-    return asen.get_args_parser().get_default('checkpoint_every')
+    return flags.get_args_parser().get_default('checkpoint_every')
 
 
 def synthetic_batch(args, device):

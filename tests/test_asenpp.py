@@ -15,7 +15,7 @@ import model as models
 import original_asenpp as theirs
 from conftest import TINY
 from helpers import tiny_asenpp
-from lib import checkpoints, config, evaluation
+from lib import checkpoints, config, evaluation, flags
 from utils import UserError
 
 # TINY at 32 px with one batch of triplets, small trunks for both branches and no bf16 (slow on
@@ -36,7 +36,7 @@ def test_stage_defaults_and_explicit_flags(tmp_path):
     assert resolved.starts_stage2 and (args.model, args.stage, args.name) == ('ASENpp', 2, 'ASEN_s2')
     assert (args.epochs, args.step_size, args.decay_rate, args.lr_global, args.start_epoch) == (7, 1, 0.9, 1e-5, 1)
     args = config.from_flags(['--model', 'ASENpp', '--dataset', 'SynthFashion'])
-    assert (args.epochs, args.step_size) == (config.SYNTH_PRESET['epochs'], 3)     # the CPU preset wins
+    assert (args.epochs, args.step_size) == (flags.SYNTH_PRESET['epochs'], 3)     # the CPU preset wins
     assert config.from_flags([]).epochs == 200                                     # other models untouched
 
 
