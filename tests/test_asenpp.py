@@ -44,9 +44,9 @@ def test_stage_defaults_and_explicit_flags(tmp_path):
     (['--model', 'ASENpp', '--stage', '2'], '--stage 2 starts from a stage-1 checkpoint: add --resume'),
     (['--model', 'ASENet', '--stage', '1'], '--stage applies only to --model ASENpp'),
     (['--threshold', '0.5'], '--threshold applies only to --model ASENpp'),
-    (['--model', 'ASENpp', '--threshold', '1.5'], '--threshold 1.5: must be a finite number strictly between 0 and 1'),
-    (['--model', 'ASENpp', '--threshold', '0'], '--threshold 0.0: must be a finite number strictly between 0 and 1'),
-    (['--model', 'ASENpp', '--beta', '2'], '--beta 2.0: must be a finite number from 0 to 1'),
+    (['--model', 'ASENpp', '--threshold', '1.5'], 'argument --threshold: 1.5: must be a finite number strictly between 0 and 1'),
+    (['--model', 'ASENpp', '--threshold', '0'], 'argument --threshold: 0.0: must be a finite number strictly between 0 and 1'),
+    (['--model', 'ASENpp', '--beta', '2'], 'argument --beta: 2.0: must be a finite number from 0 to 1'),
 ])
 def test_bad_flags_are_one_line(argv, message, workdir, capsys):
     assert asen.main(TINY + argv) == 2

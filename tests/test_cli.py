@@ -1,7 +1,6 @@
 """The command line tells the truth: --help states each default once, the SynthFashion preset
 yields to every explicit flag and picks its precision for the device used, a too-old torch is one
-line, the original's --visdom flags are accepted, and --heatmap-every decides which epochs draw."""
-import argparse
+line, the original's --visdom is accepted, and --heatmap-every decides which epochs draw."""
 import re
 
 import pytest
@@ -12,7 +11,7 @@ import pretrain
 from lib import runtime
 from conftest import TINY
 from helpers import private_copy
-from lib import commands, config, engine
+from lib import commands, config, engine, flags
 
 
 # ----------------------------------------------------------------------------- --help
@@ -32,27 +31,36 @@ def help_entries(parser):
     return {option: ' '.join(text.split()) for option, text in entries.items()}
 
 
+def usage_options(parser):
+    """The first spelling of each optional option (those in brackets), read from the usage line."""
+    return set(re.findall(r'\[(--?[\w-]+)', parser.format_usage()))
+
+
 @pytest.mark.parametrize('parser', [asen.get_args_parser(), pretrain.build_parser()], ids=['asen', 'pretrain'])
 def test_help_states_each_default_at_most_once(parser):
     entries = help_entries(parser)
-    options = [a for a in parser._actions if a.option_strings and a.help is not argparse.SUPPRESS]
-    assert set(entries) == {a.option_strings[0] for a in options}
-    for action in options:
-        text = entries[action.option_strings[0]]
-        if 'default' in (action.choices or ()):          # --compile-mode: a mode named 'default'
+    assert usage_options(parser) <= set(entries) and '--epochs' in entries
+    for option, text in entries.items():
+        if re.match(r'\S+ \{default,', text):             # --compile-mode: a mode named 'default'
             assert text.count('(default') <= 1, text
             continue
         assert text.lower().count('default') <= 1, text
-        if action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction):
-            assert '(default: True)' not in text and '(default: False)' not in text, text
+        assert '(default: True)' not in text and '(default: False)' not in text, text   # switches say on/off
+
+
+def test_every_flag_has_its_help_entry():
+    parser = asen.get_args_parser()
+    entries = help_entries(parser)
+    assert set(entries) == {'-h'} | {rule.option for rule in parser.rules.values()}
+    assert all(len(text.split()) > 3 for text in entries.values())
 
 
 def test_help_says_what_the_defaults_are():
     entries = help_entries(asen.get_args_parser())
     assert entries['--epochs'].endswith('(default: 200)')
     assert entries['--channels-last'].endswith('(default: off)')
-    assert 'default' not in entries['--no-pretrained'] and 'default' in entries['--pretrained']
-    assert entries['--visdom_port'].endswith("(default: 4655, the original's)")
+    assert '--no-pretrained' in entries['--pretrained'] and entries['--pretrained'].count('default') == 1
+    assert not any('visdom_port' in option for option in entries)
     assert entries['--heatmap-every'].endswith('(default: 0)')
     assert '--name' in entries['--resume'] and '--data_path' in entries['--resume']
 
@@ -61,25 +69,21 @@ def test_help_says_what_the_defaults_are():
 
 def another_value(parser, dest, value):
     """(argv, value): command-line words that set `dest` to a value other than `value`."""
-    actions = [a for a in parser._actions if a.dest == dest]
-    assert actions, f'the preset sets {dest}, which no flag gives'
-    action = actions[0]
-    if isinstance(action, argparse.BooleanOptionalAction):
-        return [action.option_strings[1] if value else action.option_strings[0]], not value
-    if action.nargs == 0:                                   # store_true / store_false pairs
-        other = next(a for a in actions if a.const != value)
-        return [other.option_strings[0]], other.const
-    if action.choices:
-        other = next(choice for choice in action.choices if choice != value)
-        return [action.option_strings[0], str(other)], other
-    if action.type in (int, float):
-        return [action.option_strings[0], str(value + 1)], value + 1
+    rule = parser.rules.get(dest)
+    assert rule, f'the preset sets {dest}, which no flag gives'
+    if rule.negatable:
+        return ['--no-' + rule.option[2:] if value else rule.option], not value
+    if rule.choices:
+        other = next(choice for choice in rule.choices if choice != value)
+        return [rule.option, str(other)], other
+    if rule.kind in ('int', 'float'):
+        return [rule.option, str(value + 1)], value + 1
     raise AssertionError(f'no way to give --{dest} another value than {value!r}')
 
 
 def test_every_preset_value_yields_to_an_explicit_flag():
     parser = asen.get_args_parser()
-    preset = config.synth_preset(runtime.resolve_device())
+    preset = flags.synth_preset(runtime.resolve_device())
     plain = config.from_flags(['--dataset', 'SynthFashion'])
     assert {key: getattr(plain, key) for key in preset} == preset
     for key, value in preset.items():
@@ -159,12 +163,10 @@ def heatmap_files(run):
 @pytest.mark.slow
 def test_heatmap_every_decides_which_epochs_draw_and_visdom_is_accepted(synth_copy, monkeypatch, capsys):
     monkeypatch.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: {'train_loss': 0.0, 'train_acc': 0.0})   # evaluation only
-    assert asen.main(TINY + ['--epochs', '3', '--heatmap-every', '2', '--name', 'every2', '--visdom',
-                             '--visdom_port', '9000']) == 0
+    assert asen.main(TINY + ['--epochs', '3', '--heatmap-every', '2', '--name', 'every2', '--visdom']) == 0
     assert heatmap_files(synth_copy / 'runs' / 'every2') == ['valid_epoch002.png', 'valid_epoch003.png']
     out = capsys.readouterr().out
     assert out.count('--visdom: curves and attention go to TensorBoard here: tensorboard --logdir runs') == 1
-    assert '--visdom_port' not in out                                       # accepted, unused
     assert 'writing to runs/every2/\n' in out
     assert asen.main(TINY + ['--epochs', '1', '--heatmap-every', '0', '--name', 'every0']) == 0
     assert heatmap_files(synth_copy / 'runs' / 'every0') == []                  # not even the last epoch

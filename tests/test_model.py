@@ -244,7 +244,7 @@ def test_csn_flags_need_the_csn_model(workdir, capsys):
     assert asen.main(TINY + ['--model', 'ConditionalSimNet', '--csn-embed-weight', '0.1']) == 2
     assert '--csn-embed-weight applies only with --csn-reg' in capsys.readouterr().err
     assert asen.main(TINY + ['--model', 'ConditionalSimNet', '--csn-reg', '--csn-mask-weight', '-1']) == 2
-    assert '--csn-mask-weight -1.0: must be a finite number >= 0' in capsys.readouterr().err
+    assert 'argument --csn-mask-weight: -1.0: must be a finite number >= 0' in capsys.readouterr().err
 
 
 def test_v2_fc_default_embedding_is_1024():
