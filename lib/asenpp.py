@@ -9,9 +9,6 @@ Stage 1 trains the global branch alone; stage 2 starts from a stage-1 checkpoint
 a fresh optimizer, epoch 1, the local branch from ImageNet) and trains both branches.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/asenpp.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import os
 
 import numpy as np

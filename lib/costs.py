@@ -3,9 +3,6 @@
 sizes, and the projected hours of a row.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/costs.py is a module, not a command; run python reproduce.py --cost', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import json
 import os
 import re

@@ -13,9 +13,6 @@ here is computed from them. matplotlib and scikit-learn are imported inside the 
 (`_pyplot`, `tsne_map`), so training and --test without --report never load them.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/report.py is a module, not a command; run python asen.py --report --resume runs/<name>/model_best.pth.tar', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import html
 import json
 import os

@@ -34,9 +34,6 @@ them with a complete newer version of the same run. Every command that writes th
 Each refusal is one line naming the folder, the file and the way out.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/runfolder.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import contextlib
 import json
 import os
