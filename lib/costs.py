@@ -14,8 +14,6 @@ from utils import UserError
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# asen.py's defaults (the paper's recipe; tests/test_reproduce.py checks them against asen.py and
-# asenpp.STAGE_DEFAULTS): epochs, triplets an epoch, image size.
 SHARED = os.path.join(os.path.dirname(HERE), 'shared')
 BASELINE_LOG = os.path.join(SHARED, 'gpu-baseline', 'proj_default.log')
 REFERENCE_SPLITS = os.path.join(SHARED, 'reference-splits')
