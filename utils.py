@@ -351,7 +351,7 @@ class HelpFormatter(argparse.HelpFormatter):
     """argparse help that states each option's default once: ' (default: X)' is appended only where
     the help does not already speak of its default and there is a value worth printing. Switches
     (store_true/store_false) say in their help what they change, since a bare '(default: True)'
-    under `--no-pretrained` would read as if the flag were on; None and SUPPRESS print nothing;
+    under a `--no-x` switch would read as if the switch were on; None and SUPPRESS print nothing;
     a --flag/--no-flag pair prints on or off."""
 
     def _get_help_string(self, action):

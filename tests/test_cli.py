@@ -1,6 +1,9 @@
-"""The command line tells the truth: --help states each default once, the SynthFashion preset
-yields to every explicit flag and picks its precision for the device used, a too-old torch is one
+"""The command line tells the truth: --help states each default once, each flag's range and role
+are its own (lib/flags.py), the SynthFashion preset yields to every explicit flag and picks its precision for the device used, a too-old torch is one
 line, the original's --visdom is accepted, and --heatmap-every decides which epochs draw."""
+import ast
+import glob
+import os
 import re
 
 import pytest
@@ -8,9 +11,10 @@ import torch
 
 import asen
 import pretrain
+import utils
 from lib import runtime
 from conftest import TINY
-from helpers import private_copy
+from helpers import ROOT, private_copy
 from lib import commands, config, engine, flags
 
 
@@ -98,10 +102,69 @@ def test_pretrained_and_no_pretrained_share_one_setting():
     assert config.from_flags(['--no-pretrained']).pretrained is False
     assert config.from_flags(['--dataset', 'SynthFashion']).pretrained is False
     assert config.from_flags(['--dataset', 'SynthFashion', '--pretrained']).pretrained is True
+    assert config.from_flags(['--dataset', 'SynthFashion', '--pretrained']).explicit == {'dataset', 'pretrained'}
 
 
-def preset_amp(*flags):
-    return config.from_flags(['--dataset', 'SynthFashion', *flags]).amp
+# ----------------------------------------------------------------------------- each flag's rules
+
+def test_the_given_flags_are_those_on_the_command_line():
+    argv = ['--img-size', '64', '--no-pretrained', '--name', 'ASEN', '--no-tf32', '--collect', 'a', 'b']
+    assert flags.given_flags(argv) == {'img_size', 'pretrained', 'name', 'tf32', 'collect'}   # a default given counts
+    assert flags.given_flags([]) == set()
+
+
+@pytest.mark.parametrize('argv, needles', [
+    (['--img-size', '31'], ['--img-size', '31: must be a whole number from 32 to 4096', '2x2']),
+    (['--epochs', 'two'], ['--epochs', "invalid int value: 'two'", 'from 1 to 100000']),
+    (['--decay_rate', 'inf'], ['--decay-rate', 'inf: must be a finite number in (0, 1]']),
+    (['--gallery', ''], ['--gallery', "'': must be a path or name, not empty"]),
+])
+def test_a_value_out_of_its_flags_range_is_argparses_one_line(argv, needles, capsys):
+    with pytest.raises(SystemExit) as stop:
+        asen.get_args_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count('\n') == 1 and err.startswith('error: argument ')
+    assert all(needle in err for needle in needles), err
+
+
+def test_a_restored_value_is_checked_by_its_flags_own_range():
+    draft = config.Draft(vars(asen.get_args_parser().parse_args([])), ())
+    draft.set('dim_embed', 0, '--resume old.pth.tar')
+    with pytest.raises(utils.UserError, match=r"--dim-embed 0 \(from --resume old.pth.tar\): must be a whole "
+                                               r"number from 1 to 65536"):
+        draft.freeze({'dim_embed'}, 'old.pth.tar')
+    assert flags.RULES['dim_embed'].range.allowed == 'a whole number from 1 to 65536'
+
+
+def test_only_the_flags_that_shape_the_weights_tell_runs_apart():
+    args = config.from_flags([])
+    for dest, rule in flags.RULES.items():
+        other = {**args.as_dict(), dest: 'another value'}
+        differs = flags.first_difference(args, other)
+        assert (differs is not None) == (rule.role == flags.RUN), dest
+    assert flags.RULES['lr'].role == flags.RUN and flags.RULES['epochs'].role == flags.KEPT
+    assert flags.RULES['workers'].role == flags.INVOCATION and 'workers' in flags.INVOCATION_FLAGS
+
+
+def test_no_module_imports_the_entry_point():
+    """asen.py is the command: the library, reproduce.py and the benchmarks take the flags from
+    lib/flags.py and the resolution from lib/config.py (bench_epoch.py runs asen.main as a command)."""
+    sources = glob.glob(os.path.join(ROOT, 'lib', '*.py')) + glob.glob(os.path.join(ROOT, 'benchmarks', '*.py')) \
+        + [os.path.join(ROOT, name) for name in ('reproduce.py', 'pretrain.py', 'model.py', 'utils.py')]
+    importers = []
+    for path in sources:
+        if path.endswith('bench_epoch.py'):
+            continue
+        for node in ast.walk(ast.parse(open(path, encoding='utf-8').read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            if 'asen' in names:
+                importers.append(os.path.relpath(path, ROOT))
+    assert len(sources) > 20 and importers == []
+
+
+def preset_amp(*extra):
+    return config.from_flags(['--dataset', 'SynthFashion', *extra]).amp
 
 
 def test_preset_precision_on_the_cpu_follows_its_bf16_kernels(monkeypatch):
