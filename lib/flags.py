@@ -86,9 +86,10 @@ class Range(NamedTuple):
         return value
 
 
-def whole(low, high=None, why=''):
-    """A whole number, low <= value (<= high); `why` follows the range in the error."""
-    allowed = f'a whole number from {low} to {high}' if high is not None else f'a whole number >= {low}'
+def whole(low, high=None, why='', high_text=None):
+    """A whole number, low <= value (<= high, written `high_text` when given); `why` follows the
+    range in the error."""
+    allowed = f'a whole number from {low} to {high_text or high}' if high is not None else f'a whole number >= {low}'
     return Range('int', lambda v: _is_whole(v) and low <= v and (high is None or v <= high),
                  allowed + (f' ({why})' if why else ''))
 
@@ -319,7 +320,7 @@ def get_args_parser():
           default=0.1, help='ASENpp stage 2: weight of the local branch\'s triplet loss')
     train('--align-weight', '--align_weight', dest='align_weight', role=RUN, type=real(lambda v: v >= 0, '>= 0'),
           default=0.1, help='ASENpp stage 2: weight of the global-local alignment loss')
-    train('--seed', role=RUN, type=whole(0, 2**63 - 1), default=1, help='seeds Python random, numpy and torch')
+    train('--seed', role=RUN, type=whole(0, 2**63 - 1, high_text='2**63-1'), default=1, help='seeds Python random, numpy and torch')
 
     perf = flags.group('performance (off unless given or preset: the original semantics)')
     perf('--amp', role=RUN, default='off', choices=('off', 'bf16', 'fp16'),

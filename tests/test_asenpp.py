@@ -14,7 +14,7 @@ import losses
 import model as models
 import original_asenpp as theirs
 from conftest import TINY
-from helpers import tiny_asenpp
+from helpers import run_main, tiny_asenpp
 from lib import checkpoints, config, evaluation, flags
 from utils import UserError
 
@@ -49,9 +49,8 @@ def test_stage_defaults_and_explicit_flags(tmp_path):
     (['--model', 'ASENpp', '--beta', '2'], 'argument --beta: 2.0: must be a finite number from 0 to 1'),
 ])
 def test_bad_flags_are_one_line(argv, message, workdir, capsys):
-    assert asen.main(TINY + argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count('\n') == 0 and message in err
+    code, _, err = run_main(TINY + argv, capsys)          # a range is argparse's: it exits from parse_args
+    assert code == 2 and err.strip().count('\n') == 0 and message in err
 
 
 def test_resume_of_another_model_is_one_line(trained_run, workdir, capsys):
