@@ -152,8 +152,8 @@ def kind_of(settings):
         return 'bool'
     if settings.get('nargs') in ('+', '*'):
         return 'list'
-    kind = settings.get('type')
-    return kind.kind if isinstance(kind, Range) else {int: 'int', float: 'float'}.get(kind, 'str')
+    value_type = settings.get('type')
+    return value_type.kind if isinstance(value_type, Range) else {int: 'int', float: 'float'}.get(value_type, 'str')
 
 
 class Flags:
@@ -169,9 +169,9 @@ class Flags:
 
     def add(self, group, *names, role, **settings):
         action = group.add_argument(*names, **settings)
-        kind = settings.get('type')
+        value_type = settings.get('type')
         self.rules[action.dest] = Rule(
-            names[0], role, kind_of(settings), kind if isinstance(kind, Range) else None,
+            names[0], role, kind_of(settings), value_type if isinstance(value_type, Range) else None,
             tuple(settings['choices']) if settings.get('choices') is not None else None,
             settings.get('default'), settings.get('action') is argparse.BooleanOptionalAction)
         return action
