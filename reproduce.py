@@ -29,7 +29,7 @@ import sys
 from datetime import datetime
 
 import utils
-from lib import costs, report, tables
+from lib import config, costs, flags, report, tables
 from utils import UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -436,12 +436,10 @@ def check_flags(opts, steps):
     """What asen.py would refuse, refused here in one line before any command runs or is printed:
     each --seeds value, then each command's flags (--extra's and --test-extra's among them) by
     asen.py's own parser and checks, those that need no file."""
-    import asen
-    from lib import config
-    seed_test, allowed = next((test, allowed) for dest, test, allowed in config.FLAG_RANGES if dest == 'seed')
+    seeds = flags.RULES['seed'].range
     for seed in opts.seeds:
-        utils.check_range('--seeds', seed, allowed, seed_test(seed))
-    parser = asen.get_args_parser()
+        utils.check_range('--seeds', seed, seeds.allowed, seeds.accepts(seed))
+    parser = flags.get_args_parser()
     checked = set()
     for table, row, seed, run, train, test in steps:
         for kind, argv, origin in (('train', train, '--extra'), ('test', test, '--test-extra')):
@@ -454,7 +452,7 @@ def check_flags(opts, steps):
                 raise UserError(f"{where}: {message} (check {origin})")
             parser.error = refuse
             try:
-                config.check_values(vars(parser.parse_args(argv)), config.given_flags(parser, argv))
+                config.check_values(vars(parser.parse_args(argv)), flags.given_flags(argv))
             except UserError as err:
                 raise UserError(str(err) if str(err).startswith(where) else f"{where}: {err} (check {origin})")
 

@@ -27,13 +27,6 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- meters
 
-def average_precisions(*args, **kwargs):
-    """lib.evaluation.average_precisions, for lib/report.py's one call, which this change could not
-    reach (the metric lives in lib/evaluation.py); to be removed with that call's update."""
-    from lib import evaluation                      # lib.evaluation imports this module
-    return evaluation.average_precisions(*args, **kwargs)
-
-
 class DeviceMeter:
     """Last value and weighted running average of a 0-dim tensor, kept on its device: `update`
     queues two small device ops and never waits for the device; `read` waits once. The sums are
@@ -284,7 +277,7 @@ class HelpFormatter(argparse.HelpFormatter):
     """argparse help that states each option's default once: ' (default: X)' is appended only where
     the help does not already speak of its default and there is a value worth printing. Switches
     (store_true/store_false) say in their help what they change, since a bare '(default: True)'
-    under `--no-pretrained` would read as if the flag were on; None and SUPPRESS print nothing;
+    under a `--no-x` switch would read as if the switch were on; None and SUPPRESS print nothing;
     a --flag/--no-flag pair prints on or off."""
 
     def _get_help_string(self, action):

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 import model as models  # noqa: E402
 import utils  # noqa: E402
-from lib import checkpoints, config, engine, runtime  # noqa: E402
+from lib import checkpoints, config, engine, flags, runtime  # noqa: E402
 from losses import LossWeights  # noqa: E402
 
 N_ATTRIBUTES = 8                                           # FashionAI's
@@ -49,8 +49,7 @@ def parse():
 
 
 def asen_default_interval():
-    import asen
-    return asen.get_args_parser().get_default('checkpoint_every')
+    return flags.get_args_parser().get_default('checkpoint_every')
 
 
 def synthetic_batch(args, device):
@@ -98,7 +97,7 @@ def main():
     cost = statistics.median(costs)
     epoch_steps = -(-args.num_triplets // args.batch_size)
     epoch_seconds = epoch_steps * step_seconds
-    every_steps, every_seconds = config.parse_interval(args.interval)
+    every_steps, every_seconds = flags.parse_interval(args.interval)
     if every_steps:
         per_epoch = epoch_steps / every_steps
     elif every_seconds:

@@ -1,8 +1,5 @@
 """Seeing and using a trained ASEN: attention heatmaps, attention localisation, retrieval."""
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/analysis.py is a module, not a command; run python asen.py --retrieve IMAGE --attribute NAME --resume runs/<name>/model_best.pth.tar', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import hashlib
 import os
 

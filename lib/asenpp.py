@@ -9,18 +9,15 @@ Stage 1 trains the global branch alone; stage 2 starts from a stage-1 checkpoint
 a fresh optimizer, epoch 1, the local branch from ImageNet) and trains both branches.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/asenpp.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import os
 
 import numpy as np
 import torch
 
 import datasets
-from lib import config
+from lib import flags
 from lib.images import load_image
-from lib.config import flag_name
+from lib.flags import flag_name
 from lib.crop import SourceImages
 from utils import UserError
 
@@ -83,7 +80,7 @@ def prepare(draft, checkpoint, original_info, training):
         raise UserError(f"--resume {resume}: a stage-1 checkpoint has no trained local branch; drop "
                         f"--stage 2 to test its global branch, or train stage 2 from it first")
     if starts_stage2:
-        preset = config.dataset_preset(draft.dataset, draft.no_cuda)
+        preset = flags.dataset_preset(draft.dataset, draft.no_cuda)
         draft.apply(stage_defaults(2, preset), 'ASEN++ stage 2 defaults')
         draft.apply({'name': f'{draft.name}_s2'}, 'ASEN++ stage 2 of the --resume run')
     if uses_originals(draft) and draft.cache_images:

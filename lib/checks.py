@@ -8,9 +8,6 @@ that str.isdigit() accepts but are not ASCII 0-9 ('²', Arabic-Indic digits); a 
 the wrong shape or with an attribute named twice.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/checks.py is a module, not a command; python asen.py checks the data files it reads', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import os
 import stat
 

@@ -3,9 +3,6 @@
 sizes, and the projected hours of a row.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/costs.py is a module, not a command; run python reproduce.py --cost', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import json
 import os
 import re
@@ -17,8 +14,6 @@ from utils import UserError
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# asen.py's defaults (the paper's recipe; tests/test_reproduce.py checks them against asen.py and
-# asenpp.STAGE_DEFAULTS): epochs, triplets an epoch, image size.
 SHARED = os.path.join(os.path.dirname(HERE), 'shared')
 BASELINE_LOG = os.path.join(SHARED, 'gpu-baseline', 'proj_default.log')
 REFERENCE_SPLITS = os.path.join(SHARED, 'reference-splits')

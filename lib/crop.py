@@ -19,9 +19,6 @@ resampling, done as two batched matrix products); `crop_view` is the shortcut th
 G x G view itself (the only source when the original is not at hand).
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/crop.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import math
 
 import torch

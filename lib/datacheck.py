@@ -10,10 +10,6 @@ writes nothing; the report goes to stdout (or to the run's log when training run
 `log_before_training`), and the exit status is 0 whatever it finds.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/datacheck.py is a module, not a command; run python asen.py --check-data --dataset <name>',
-          file=__import__('sys').stderr)
-    raise SystemExit(2)
 import multiprocessing
 import os
 import sys

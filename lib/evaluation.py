@@ -10,9 +10,6 @@ Scores are fractions in [0, 1]; `percent` turns them into the percent records th
 metrics.jsonl and test_results.json hold.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/evaluation.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 from typing import NamedTuple
 
 import numpy as np

@@ -1,9 +1,6 @@
 """TensorBoard's event file for a run (`RunWriter`), whose write errors reach the command's one-line
 boundary (utils.run_command) instead of a thread's traceback and a hang."""
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/eventlog.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 from tensorboardX import SummaryWriter
 
 from utils import UserError, describe_write_error

@@ -32,9 +32,6 @@ items, build_transform), for any number of workers, persistent or not:
   across epochs (`persistent=True`), and a resumed run draws the flips an uninterrupted one does.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/gpuinput.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import atexit
 import multiprocessing
 import warnings

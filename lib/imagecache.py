@@ -9,9 +9,6 @@ A changed key rebuilds the cache. The data file is written under a temporary nam
 key is written last, so a killed build leaves no cache that looks valid. Disk: N x S x S x 3 bytes.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/imagecache.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import hashlib
 import json
 import os

@@ -2,9 +2,6 @@
 readable image: missing or non-regular files, unsupported or 16-bit modes, truncated JPEGs, and
 images over PIL's pixel limit (its decompression-bomb guard, lifted by --allow-large-images)."""
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/images.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import contextlib
 import os
 import re

@@ -1,9 +1,6 @@
 """What the engine reads, assembled from the configuration: the dataset's files, the training
 triplets, the evaluation sets, their loaders and image caches."""
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/inputs.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import logging
 import os
 

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 import utils
 from lib import checkpoints, engine, runtime
-from lib.config import parse_interval
+from lib.flags import parse_interval
 from lib.runtime import is_main_process
 from utils import UserError
 

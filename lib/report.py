@@ -13,10 +13,6 @@ here is computed from them. matplotlib and scikit-learn are imported inside the 
 (`_pyplot`, `tsne_map`), so training and --test without --report never load them.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/report.py is a module, not a command; run python asen.py --report --resume runs/<name>/model_best.pth.tar', file=__import__('sys').stderr)
-    raise SystemExit(2)
-import argparse
 import html
 import json
 import os
@@ -32,7 +28,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import utils
-from lib import analysis, evaluation, runfolder, visualize
+from lib import analysis, evaluation, flags, runfolder, visualize
 from lib.images import load_image
 from utils import UserError
 
@@ -43,10 +39,9 @@ RETRIEVAL_TOPK = 5              # candidates shown per retrieval example
 TSNE_POINTS = 500               # the t-SNE sample per attribute: its cost grows with the points
 TSNE_MIN_POINTS = 5             # fewer make no map
 TILE = 96                       # pixels of a retrieval tile
-# Flags of an invocation, not of the training: left out of the command line that retrains the run.
-NOT_TRAINING = {'resume', 'test', 'report', 'start_epoch', 'visualize', 'retrieve', 'attribute', 'topk',
-                'gallery', 'collect', 'collect_out', 'collect_by', 'overwrite', 'no_cuda', 'workers',
-                'skip_bad_images', 'cache_images', 'allow_large_images', 'checkpoint_every', 'eval_batch_size'}
+# Left out of the command line that retrains the run: the flags of an invocation (their role in
+# lib/flags.py), and the evaluation's batch size, which changes no weight.
+NOT_TRAINING = flags.INVOCATION_FLAGS | {'eval_batch_size'}
 
 
 # ----------------------------------------------------------------------------- what the network can show
@@ -71,7 +66,7 @@ class Source(NamedTuple):
 
     @classmethod
     def of(cls, resolved, parser):
-        """From asen.resolve_configuration's result and asen.py's parser."""
+        """From config.resolve_configuration's result and asen.py's parser (flags.get_args_parser)."""
         checkpoint = resolved.checkpoint or {}
         saved = checkpoint.get('args') if isinstance(checkpoint.get('args'), dict) else {}
         original = resolved.original is not None
@@ -84,19 +79,16 @@ def command_line(saved, parser):
     """`python asen.py FLAGS` with every training setting of `saved` that differs from the parser's
     default: what trains the same run again (an ASEN++ stage 2 also needs its stage-1 --resume)."""
     parts = ['python', 'asen.py']
-    for action in parser._actions:
-        dest = action.dest
-        if not action.option_strings or dest in NOT_TRAINING or dest not in saved:
+    for dest, rule in parser.rules.items():
+        if dest in NOT_TRAINING or dest not in saved:
             continue
-        value, flag = saved[dest], action.option_strings[0]
-        if value == action.default:
+        value, flag = saved[dest], rule.option
+        if value == parser.get_default(dest):
             continue
-        if isinstance(action, argparse.BooleanOptionalAction):
+        if rule.negatable:
             parts.append(flag if value else '--no-' + flag[2:])
-        elif isinstance(action, argparse._StoreTrueAction):
+        elif rule.kind == 'bool':                       # a switch: store_true
             parts += [flag] if value else []
-        elif isinstance(action, argparse._StoreFalseAction):
-            parts += [] if value else [flag]
         elif value is not None:
             parts += [flag, str(value)]
     return ' '.join(parts)
@@ -170,11 +162,11 @@ def attribute_rows(evaluation_set, attr):
 
 
 def query_aps(evaluation_set, embeddings, attr):
-    """AP of each query of `attr` over its ranked candidates (utils.average_precisions, the --test
+    """AP of each query of `attr` over its ranked candidates (evaluation.average_precisions, the --test
     metric): (query entry indices, APs float64 numpy)."""
     query_emb, cand_emb = embeddings
     q, c = attribute_rows(evaluation_set, attr)
-    aps = utils.average_precisions(cand_emb[torch.from_numpy(c).to(cand_emb.device)],
+    aps = evaluation.average_precisions(cand_emb[torch.from_numpy(c).to(cand_emb.device)],
                                    query_emb[torch.from_numpy(q).to(query_emb.device)],
                                    torch.from_numpy(evaluation_set.candidates.entries[c, 2]),
                                    torch.from_numpy(evaluation_set.queries.entries[q, 2]))

@@ -1,8 +1,8 @@
 """The run folder runs/<name>/ and the one rule for what is saved in it.
 
-THE RULE. A run folder holds one run, identified by the settings that shape its weights (every flag
-but those in config.CONTINUATION_MAY_CHANGE: --epochs may grow, and the flags of an invocation,
---workers, --data_path, --checkpoint-every, ..., may change). The same command line may always:
+THE RULE. A run folder holds one run, identified by the settings that shape its weights (the flags
+tagged RUN in lib/flags.py; the others may change: --epochs may grow, and --workers, --data_path,
+--checkpoint-every, ... describe one invocation). The same command line may always:
 
   start it      when the folder holds no snapshot yet, even if an earlier attempt left args.json
                 (of the same run) and train.log: nothing is lost, the run starts from its beginning;
@@ -34,9 +34,6 @@ them with a complete newer version of the same run. Every command that writes th
 Each refusal is one line naming the folder, the file and the way out.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/runfolder.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import contextlib
 import json
 import os
@@ -44,7 +41,7 @@ import tempfile
 import time
 
 import utils
-from lib import config, runtime
+from lib import flags, runtime
 from utils import UserError
 
 # The files of a run folder that a new training run would replace.
@@ -163,14 +160,14 @@ def remove_stale_temporaries(run_dir):
 def check_same_run(settings, saved, source, run_dir, what='a snapshot', prefix=''):
     """`settings` (a Config, or a Draft while resolving) must describe the run whose saved settings
     `saved` (a dict of flags) `source` holds: one line names the first setting that shapes the
-    weights and differs (config.first_difference)."""
+    weights and differs (flags.first_difference)."""
     if not isinstance(saved, dict):
         raise UserError(f"{prefix}{source} holds no settings ('args'); it is not {what} of this run; move it "
                         f"away or choose another --name")
-    difference = config.first_difference(settings, saved)
+    difference = flags.first_difference(settings, saved)
     if difference is not None:
         key, theirs, ours = difference
-        raise UserError(f"{prefix}{source} is {what} of another run: its {config.flag_name(key)} is {theirs!r}, "
+        raise UserError(f"{prefix}{source} is {what} of another run: its {flags.flag_name(key)} is {theirs!r}, "
                         f"this command's is {ours!r}; {run_dir} holds one run: give the same settings, or "
                         f"choose another --name")
 

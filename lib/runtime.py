@@ -7,9 +7,6 @@ group and the helpers below reduce, broadcast and gather over it, while in a sin
 do nothing.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/runtime.py is a module, not a command; run python asen.py (see python asen.py --help)', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import logging
 import os
 import re

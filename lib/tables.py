@@ -8,9 +8,6 @@ itself. Rows are models (mean ± sample std over their runs, with the run count)
 Accuracy); a last `Random` row averages the runs' random-embedding baselines.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/tables.py is a module, not a command; run python asen.py --collect runs/<name> [runs/<name> ...] for a result table', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import json
 import math
 import os

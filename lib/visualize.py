@@ -7,9 +7,6 @@ in original pixel coordinates into it, and the attention cells are taken to tile
 (cell size S / h by S / w), as the bilinear overlay also assumes.
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/visualize.py is a module, not a command; run python asen.py --visualize --resume runs/<name>/model_best.pth.tar for the figures', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import itertools
 import os
 

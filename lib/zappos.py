@@ -14,9 +14,6 @@ Training draws triplets anew each epoch, evenly over the conditions; evaluation 
 triplet of the val/test lists: correct when s(anchor, close) > s(anchor, far).
 """
 
-if __name__ == '__main__':                       # run as a script: say what to run instead
-    print('error: lib/zappos.py is a module, not a command; run python asen.py --dataset Zappos50k to train on Zappos50k', file=__import__('sys').stderr)
-    raise SystemExit(2)
 import os
 
 import numpy as np

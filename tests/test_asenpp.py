@@ -14,8 +14,8 @@ import losses
 import model as models
 import original_asenpp as theirs
 from conftest import TINY
-from helpers import tiny_asenpp
-from lib import checkpoints, config, evaluation
+from helpers import run_main, tiny_asenpp
+from lib import checkpoints, config, evaluation, flags
 from utils import UserError
 
 # TINY at 32 px with one batch of triplets, small trunks for both branches and no bf16 (slow on
@@ -36,7 +36,7 @@ def test_stage_defaults_and_explicit_flags(tmp_path):
     assert resolved.starts_stage2 and (args.model, args.stage, args.name) == ('ASENpp', 2, 'ASEN_s2')
     assert (args.epochs, args.step_size, args.decay_rate, args.lr_global, args.start_epoch) == (7, 1, 0.9, 1e-5, 1)
     args = config.from_flags(['--model', 'ASENpp', '--dataset', 'SynthFashion'])
-    assert (args.epochs, args.step_size) == (config.SYNTH_PRESET['epochs'], 3)     # the CPU preset wins
+    assert (args.epochs, args.step_size) == (flags.SYNTH_PRESET['epochs'], 3)     # the CPU preset wins
     assert config.from_flags([]).epochs == 200                                     # other models untouched
 
 
@@ -44,14 +44,13 @@ def test_stage_defaults_and_explicit_flags(tmp_path):
     (['--model', 'ASENpp', '--stage', '2'], '--stage 2 starts from a stage-1 checkpoint: add --resume'),
     (['--model', 'ASENet', '--stage', '1'], '--stage applies only to --model ASENpp'),
     (['--threshold', '0.5'], '--threshold applies only to --model ASENpp'),
-    (['--model', 'ASENpp', '--threshold', '1.5'], '--threshold 1.5: must be a finite number strictly between 0 and 1'),
-    (['--model', 'ASENpp', '--threshold', '0'], '--threshold 0.0: must be a finite number strictly between 0 and 1'),
-    (['--model', 'ASENpp', '--beta', '2'], '--beta 2.0: must be a finite number from 0 to 1'),
+    (['--model', 'ASENpp', '--threshold', '1.5'], 'argument --threshold: 1.5: must be a finite number strictly between 0 and 1'),
+    (['--model', 'ASENpp', '--threshold', '0'], 'argument --threshold: 0.0: must be a finite number strictly between 0 and 1'),
+    (['--model', 'ASENpp', '--beta', '2'], 'argument --beta: 2.0: must be a finite number from 0 to 1'),
 ])
 def test_bad_flags_are_one_line(argv, message, workdir, capsys):
-    assert asen.main(TINY + argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count('\n') == 0 and message in err
+    code, _, err = run_main(TINY + argv, capsys)          # a range is argparse's: it exits from parse_args
+    assert code == 2 and err.strip().count('\n') == 0 and message in err
 
 
 def test_resume_of_another_model_is_one_line(trained_run, workdir, capsys):

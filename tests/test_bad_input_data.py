@@ -496,11 +496,6 @@ def run_script(script, args, cwd, timeout=120):
 
 
 @pytest.mark.parametrize('script, needles', [
-    ('lib/tables.py', ['--collect']),
-    ('lib/visualize.py', ['--visualize']),
-    ('lib/analysis.py', ['--retrieve']),
-    ('lib/zappos.py', ['--dataset Zappos50k']),
-    ('lib/checks.py', ['asen.py']),
     ('datasets.py', ['build_fashionai.py']),
     ('model.py', ['asen.py']),
     ('utils.py', ['asen.py']),

@@ -1,7 +1,9 @@
-"""The command line tells the truth: --help states each default once, the SynthFashion preset
-yields to every explicit flag and picks its precision for the device used, a too-old torch is one
-line, the original's --visdom flags are accepted, and --heatmap-every decides which epochs draw."""
-import argparse
+"""The command line tells the truth: --help states each default once, each flag's range and role
+are its own (lib/flags.py), the SynthFashion preset yields to every explicit flag and picks its precision for the device used, a too-old torch is one
+line, the original's --visdom is accepted, and --heatmap-every decides which epochs draw."""
+import ast
+import glob
+import os
 import re
 
 import pytest
@@ -9,10 +11,11 @@ import torch
 
 import asen
 import pretrain
+import utils
 from lib import runtime
 from conftest import TINY
-from helpers import private_copy
-from lib import commands, config, engine
+from helpers import ROOT, private_copy
+from lib import commands, config, engine, flags
 
 
 # ----------------------------------------------------------------------------- --help
@@ -32,27 +35,36 @@ def help_entries(parser):
     return {option: ' '.join(text.split()) for option, text in entries.items()}
 
 
+def usage_options(parser):
+    """The first spelling of each optional option (those in brackets), read from the usage line."""
+    return set(re.findall(r'\[(--?[\w-]+)', parser.format_usage()))
+
+
 @pytest.mark.parametrize('parser', [asen.get_args_parser(), pretrain.build_parser()], ids=['asen', 'pretrain'])
 def test_help_states_each_default_at_most_once(parser):
     entries = help_entries(parser)
-    options = [a for a in parser._actions if a.option_strings and a.help is not argparse.SUPPRESS]
-    assert set(entries) == {a.option_strings[0] for a in options}
-    for action in options:
-        text = entries[action.option_strings[0]]
-        if 'default' in (action.choices or ()):          # --compile-mode: a mode named 'default'
+    assert usage_options(parser) <= set(entries) and '--epochs' in entries
+    for option, text in entries.items():
+        if re.match(r'\S+ \{default,', text):             # --compile-mode: a mode named 'default'
             assert text.count('(default') <= 1, text
             continue
         assert text.lower().count('default') <= 1, text
-        if action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction):
-            assert '(default: True)' not in text and '(default: False)' not in text, text
+        assert '(default: True)' not in text and '(default: False)' not in text, text   # switches say on/off
+
+
+def test_every_flag_has_its_help_entry():
+    parser = asen.get_args_parser()
+    entries = help_entries(parser)
+    assert set(entries) == {'-h'} | {rule.option for rule in parser.rules.values()}
+    assert all(len(text.split()) > 3 for text in entries.values())
 
 
 def test_help_says_what_the_defaults_are():
     entries = help_entries(asen.get_args_parser())
     assert entries['--epochs'].endswith('(default: 200)')
     assert entries['--channels-last'].endswith('(default: off)')
-    assert 'default' not in entries['--no-pretrained'] and 'default' in entries['--pretrained']
-    assert entries['--visdom_port'].endswith("(default: 4655, the original's)")
+    assert '--no-pretrained' in entries['--pretrained'] and entries['--pretrained'].count('default') == 1
+    assert not any('visdom_port' in option for option in entries)
     assert entries['--heatmap-every'].endswith('(default: 0)')
     assert '--name' in entries['--resume'] and '--data_path' in entries['--resume']
 
@@ -61,25 +73,21 @@ def test_help_says_what_the_defaults_are():
 
 def another_value(parser, dest, value):
     """(argv, value): command-line words that set `dest` to a value other than `value`."""
-    actions = [a for a in parser._actions if a.dest == dest]
-    assert actions, f'the preset sets {dest}, which no flag gives'
-    action = actions[0]
-    if isinstance(action, argparse.BooleanOptionalAction):
-        return [action.option_strings[1] if value else action.option_strings[0]], not value
-    if action.nargs == 0:                                   # store_true / store_false pairs
-        other = next(a for a in actions if a.const != value)
-        return [other.option_strings[0]], other.const
-    if action.choices:
-        other = next(choice for choice in action.choices if choice != value)
-        return [action.option_strings[0], str(other)], other
-    if action.type in (int, float):
-        return [action.option_strings[0], str(value + 1)], value + 1
+    rule = parser.rules.get(dest)
+    assert rule, f'the preset sets {dest}, which no flag gives'
+    if rule.negatable:
+        return ['--no-' + rule.option[2:] if value else rule.option], not value
+    if rule.choices:
+        other = next(choice for choice in rule.choices if choice != value)
+        return [rule.option, str(other)], other
+    if rule.kind in ('int', 'float'):
+        return [rule.option, str(value + 1)], value + 1
     raise AssertionError(f'no way to give --{dest} another value than {value!r}')
 
 
 def test_every_preset_value_yields_to_an_explicit_flag():
     parser = asen.get_args_parser()
-    preset = config.synth_preset(runtime.resolve_device())
+    preset = flags.synth_preset(runtime.resolve_device())
     plain = config.from_flags(['--dataset', 'SynthFashion'])
     assert {key: getattr(plain, key) for key in preset} == preset
     for key, value in preset.items():
@@ -94,10 +102,69 @@ def test_pretrained_and_no_pretrained_share_one_setting():
     assert config.from_flags(['--no-pretrained']).pretrained is False
     assert config.from_flags(['--dataset', 'SynthFashion']).pretrained is False
     assert config.from_flags(['--dataset', 'SynthFashion', '--pretrained']).pretrained is True
+    assert config.from_flags(['--dataset', 'SynthFashion', '--pretrained']).explicit == {'dataset', 'pretrained'}
 
 
-def preset_amp(*flags):
-    return config.from_flags(['--dataset', 'SynthFashion', *flags]).amp
+# ----------------------------------------------------------------------------- each flag's rules
+
+def test_the_given_flags_are_those_on_the_command_line():
+    argv = ['--img-size', '64', '--no-pretrained', '--name', 'ASEN', '--no-tf32', '--collect', 'a', 'b']
+    assert flags.given_flags(argv) == {'img_size', 'pretrained', 'name', 'tf32', 'collect'}   # a default given counts
+    assert flags.given_flags([]) == set()
+
+
+@pytest.mark.parametrize('argv, needles', [
+    (['--img-size', '31'], ['--img-size', '31: must be a whole number from 32 to 4096', '2x2']),
+    (['--epochs', 'two'], ['--epochs', "invalid int value: 'two'", 'from 1 to 100000']),
+    (['--decay_rate', 'inf'], ['--decay-rate', 'inf: must be a finite number in (0, 1]']),
+    (['--gallery', ''], ['--gallery', "'': must be a path or name, not empty"]),
+])
+def test_a_value_out_of_its_flags_range_is_argparses_one_line(argv, needles, capsys):
+    with pytest.raises(SystemExit) as stop:
+        asen.get_args_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count('\n') == 1 and err.startswith('error: argument ')
+    assert all(needle in err for needle in needles), err
+
+
+def test_a_restored_value_is_checked_by_its_flags_own_range():
+    draft = config.Draft(vars(asen.get_args_parser().parse_args([])), ())
+    draft.set('dim_embed', 0, '--resume old.pth.tar')
+    with pytest.raises(utils.UserError, match=r"--dim-embed 0 \(from --resume old.pth.tar\): must be a whole "
+                                               r"number from 1 to 65536"):
+        draft.freeze({'dim_embed'}, 'old.pth.tar')
+    assert flags.RULES['dim_embed'].range.allowed == 'a whole number from 1 to 65536'
+
+
+def test_only_the_flags_that_shape_the_weights_tell_runs_apart():
+    args = config.from_flags([])
+    for dest, rule in flags.RULES.items():
+        other = {**args.as_dict(), dest: 'another value'}
+        differs = flags.first_difference(args, other)
+        assert (differs is not None) == (rule.role == flags.RUN), dest
+    assert flags.RULES['lr'].role == flags.RUN and flags.RULES['epochs'].role == flags.KEPT
+    assert flags.RULES['workers'].role == flags.INVOCATION and 'workers' in flags.INVOCATION_FLAGS
+
+
+def test_no_module_imports_the_entry_point():
+    """asen.py is the command: the library, reproduce.py and the benchmarks take the flags from
+    lib/flags.py and the resolution from lib/config.py (bench_epoch.py runs asen.main as a command)."""
+    sources = glob.glob(os.path.join(ROOT, 'lib', '*.py')) + glob.glob(os.path.join(ROOT, 'benchmarks', '*.py')) \
+        + [os.path.join(ROOT, name) for name in ('reproduce.py', 'pretrain.py', 'model.py', 'utils.py')]
+    importers = []
+    for path in sources:
+        if path.endswith('bench_epoch.py'):
+            continue
+        for node in ast.walk(ast.parse(open(path, encoding='utf-8').read())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) else []
+            if 'asen' in names:
+                importers.append(os.path.relpath(path, ROOT))
+    assert len(sources) > 20 and importers == []
+
+
+def preset_amp(*extra):
+    return config.from_flags(['--dataset', 'SynthFashion', *extra]).amp
 
 
 def test_preset_precision_on_the_cpu_follows_its_bf16_kernels(monkeypatch):
@@ -159,12 +226,10 @@ def heatmap_files(run):
 @pytest.mark.slow
 def test_heatmap_every_decides_which_epochs_draw_and_visdom_is_accepted(synth_copy, monkeypatch, capsys):
     monkeypatch.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: {'train_loss': 0.0, 'train_acc': 0.0})   # evaluation only
-    assert asen.main(TINY + ['--epochs', '3', '--heatmap-every', '2', '--name', 'every2', '--visdom',
-                             '--visdom_port', '9000']) == 0
+    assert asen.main(TINY + ['--epochs', '3', '--heatmap-every', '2', '--name', 'every2', '--visdom']) == 0
     assert heatmap_files(synth_copy / 'runs' / 'every2') == ['valid_epoch002.png', 'valid_epoch003.png']
     out = capsys.readouterr().out
     assert out.count('--visdom: curves and attention go to TensorBoard here: tensorboard --logdir runs') == 1
-    assert '--visdom_port' not in out                                       # accepted, unused
     assert 'writing to runs/every2/\n' in out
     assert asen.main(TINY + ['--epochs', '1', '--heatmap-every', '0', '--name', 'every0']) == 0
     assert heatmap_files(synth_copy / 'runs' / 'every0') == []                  # not even the last epoch

@@ -208,7 +208,7 @@ def test_resume_auto_refuses_another_runs_snapshot(trained_run, monkeypatch, cap
 
 
 def test_checkpoint_every_values(capsys):
-    from lib.config import parse_interval
+    from lib.flags import parse_interval
     assert parse_interval('500') == (500, None) and parse_interval('10m') == (None, 600.0)
     assert parse_interval('0') == (None, None)
     for bad in ('10x', '-1', '0m'):

@@ -192,10 +192,10 @@ def test_bad_flags_are_one_line(workdir, capsys):
 
 @pytest.mark.parametrize('flags, needles', [
     (['--seeds', '1', '-1'], ['error: --seeds -1: must be a whole number from 0']),
-    (['--extra', '--batch-size 0'], ['train command of table darn, row Triplet (seed 1)', '--batch-size 0',
-                                     '(check --extra)']),
+    (['--extra', '--batch-size 0'], ['train command of table darn, row Triplet (seed 1)',
+                                     '--batch-size/--batch_size: 0: must be a whole number from 1', '(check --extra)']),
     (['--extra=--no-such-flag'], ['train command', 'unrecognized arguments: --no-such-flag', '(check --extra)']),
-    (['--test-extra', '--topk 0'], ['test command', '--topk 0', '(check --test-extra)']),
+    (['--test-extra', '--topk 0'], ['test command', '--topk: 0: must be', '(check --test-extra)']),
 ], ids=['seeds', 'extra-range', 'extra-unknown', 'test-extra'])
 def test_flags_asen_would_refuse_are_refused_before_anything_runs(workdir, capsys, flags, needles):
     """A dry run prints no command asen.py would refuse; a real run starts none: one line."""
