@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import asen
 from lib import zappos
