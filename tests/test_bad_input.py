@@ -194,14 +194,6 @@ def disk_full_generating(w):
     w.mp.setattr(synthfashion, '_write_split_files', fail)
 
 
-def ctrl_c_twice(w):
-    """Ctrl-C in the first epoch, and again while the interrupted snapshot is being written."""
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-    w.mp.setattr(engine, 'train_one_epoch', interrupt)
-    w.mp.setattr(torch, 'save', interrupt)
-
-
 def ctrl_c_while_loading(w):
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -365,7 +357,6 @@ CASES = [
          allow=('test.log',)),
     case('disk-full-generating-data', NEW + ['--data_path', 'fresh'], ['No space left', 'free disk space'],
          disk_full_generating, code=1),
-    case('ctrl-c-twice', NEW, ['interrupted twice', 'no snapshot'], ctrl_c_twice, code=130),
     case('ctrl-c-while-loading', NEW, ['interrupted'], ctrl_c_while_loading, code=130),
     # a non-finite loss in a new run: no snapshot to speak of, and no --amp to blame
     case('nan-loss-without-snapshot', NEW + ['--amp', 'off'], ['non-finite loss', 'no snapshot was written'],

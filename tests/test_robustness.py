@@ -15,7 +15,7 @@ import losses
 import utils
 from conftest import ROOT, TINY
 from helpers import FAITHFUL, assert_one_line_error, load, private_copy, run_main
-from lib import checkpoints, engine
+from lib import checkpoints
 
 # Runs asen.py's main in a child that SIGKILLs itself right after optimizer step KILL_AT_STEP:
 # no handler, no `finally`, no flush runs, as when the machine or a scheduler kills a job.
@@ -158,29 +158,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_snapshot(workdir, monkeypatch,
     assert 'non-finite loss at epoch 2, batch 1;' in err and len(err.strip().splitlines()) == 1
     assert load(workdir / 'runs/nan/checkpoint.pth.tar')['epoch'] == 1
     assert not (workdir / 'runs/nan/interrupted.pth.tar').exists()
-
-
-@pytest.mark.slow
-def test_ctrl_c_saves_a_resumable_snapshot(workdir, monkeypatch, capsys):
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-    with monkeypatch.context() as patch:
-        patch.setattr(engine, 'train_one_epoch', interrupt)
-        assert asen.main(TINY + ['--epochs', '2', '--name', 'ctrlc']) == 130
-    assert 'interrupted.pth.tar' in capsys.readouterr().err
-    assert asen.main(['--resume', 'runs/ctrlc/interrupted.pth.tar', '--epochs', '1']) == 0
-    assert load(workdir / 'runs/ctrlc/checkpoint.pth.tar')['epoch'] == 1
-
-
-def test_ctrl_c_after_an_unchecked_non_finite_step_saves_nothing(workdir, monkeypatch, capsys):
-    def diverge_then_interrupt(tnet, *args, **kwargs):          # weights gone NaN, flag not yet read
-        with torch.no_grad():
-            next(tnet.parameters()).fill_(float('nan'))
-        raise KeyboardInterrupt
-    monkeypatch.setattr(engine, 'train_one_epoch', diverge_then_interrupt)
-    assert asen.main(TINY + ['--epochs', '1', '--name', 'nanc']) == 2
-    assert 'non-finite weights when interrupted in epoch 1; not saved' in capsys.readouterr().err
-    assert not (workdir / 'runs/nanc/interrupted.pth.tar').exists()
 
 
 def test_unknown_flags_values_are_one_line(workdir, capsys):
