@@ -13,11 +13,7 @@ import pytest  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from helpers import private_copy, tree_hashes  # noqa: E402
-
-# A tiny SynthFashion run: small images, few triplets, 16-d embeddings.
-TINY = ['--dataset', 'SynthFashion', '--synth-images', '48', '--img-size', '64', '--num_triplets', '24',
-        '--batch-size', '8', '--dim_embed', '16', '--log-interval', '1', '--seed', '3']
+from helpers import TINY, World, build_zappos, private_copy, tree_hashes  # noqa: E402,F401  (TINY: re-exported)
 
 
 @pytest.fixture()
@@ -83,6 +79,22 @@ def trained_copy(trained_run, tmp_path, monkeypatch):
     private_copy(root / 'runs' / 'shared', tmp_path / 'runs' / 'shared')
     monkeypatch.chdir(tmp_path)
     return tmp_path, tmp_path / 'runs' / 'shared'
+
+
+@pytest.fixture()
+def world(trained_copy, monkeypatch):
+    """A bad-input case's world (helpers.World): a private copy of the tiny data and trained run,
+    the working directory; the files a case holds open are closed after it."""
+    w = World(trained_copy[0], monkeypatch)
+    yield w
+    for handle in w.handles:
+        handle.close()
+
+
+@pytest.fixture()
+def zappos_dir(workdir):
+    """A tiny Zappos50k folder (helpers.build_zappos) under the working directory."""
+    return build_zappos(workdir)
 
 
 def pytest_configure(config):

@@ -1,7 +1,11 @@
 """What several test files share: loading a snapshot, running asen.py (as a real process or in this
-one), the one-line error check, the faithful flags, tiny networks and in-memory loaders, and
-private copies of shared folders. Fixtures live in conftest.py; plain functions here."""
+one), the one-line error check, the faithful flags, tiny networks and in-memory loaders, private
+copies of shared folders, the bad-input tables' world and checks, the input-pipeline passes, a tiny
+Zappos50k folder and reproduce.py's fake results. Fixtures live in conftest.py; plain functions and
+constants here (no test module imports another)."""
+import errno
 import hashlib
+import json
 import os
 import stat
 import shutil
@@ -9,11 +13,21 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
+import datasets
 import model as models
+import utils
+from lib import engine, gpuinput, imagecache, zappos
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny SynthFashion run: small images, few triplets, 16-d embeddings.
+TINY = ['--dataset', 'SynthFashion', '--synth-images', '48', '--img-size', '64', '--num_triplets', '24',
+        '--batch-size', '8', '--dim_embed', '16', '--log-interval', '1', '--seed', '3']
 
 # The paper's arithmetic: no mixed precision, NCHW, one forward per triplet branch.
 FAITHFUL = ['--amp', 'off', '--no-channels-last', '--no-concat-forward']
@@ -209,3 +223,212 @@ def tree_hashes(root, logs=False):
             else:
                 found[rel] = file_hash(path)
     return found
+
+
+# ----------------------------------------------------------------------------- the bad-input world
+
+NEW = TINY + ['--epochs', '1', '--no-cuda', '--name', 'new']     # a new run on the tiny data
+SHARED = 'runs/shared/checkpoint.pth.tar'
+BEST = 'runs/shared/model_best.pth.tar'
+TEST = ['--test', '--resume', BEST, '--no-cuda']
+RETRIEVE = ['--resume', BEST, '--no-cuda', '--retrieve', 'data/SynthFashion/images/test/000000.jpg',
+            '--attribute', 'colour']
+SYNTH = 'data/SynthFashion'
+
+
+class World:
+    """A working directory with data/ and runs/shared/ of the tiny trained run; `replace` and
+    `edit_line` break the hard link before writing, so the shared files are never changed."""
+
+    def __init__(self, root, monkeypatch):
+        self.root, self.mp, self.handles = root, monkeypatch, []
+
+    def path(self, rel):
+        return self.root / rel
+
+    def replace(self, rel, content):
+        path = self.path(rel)
+        if path.exists():
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+
+    def lines(self, rel):
+        return self.path(rel).read_text().splitlines()
+
+    def edit_line(self, rel, number, text):
+        lines = self.lines(rel)
+        lines[number - 1] = text
+        self.replace(rel, '\n'.join(lines) + '\n')
+
+    def image(self, split, index):
+        return f"{SYNTH}/{self.lines(f'{SYNTH}/filenames_{split}.txt')[index]}"
+
+
+def temporary_files(root):
+    return [os.path.join(folder, name) for folder, dirs, files in os.walk(root) for name in files + dirs
+            if '.tmp' in name]
+
+
+def assert_kept(before, after, allow=()):
+    for rel, digest in before.items():
+        if os.path.basename(rel) in allow:
+            continue
+        if rel.endswith('.log'):
+            assert rel in after and after[rel].startswith(digest), f'{rel} was rewritten or removed'
+            continue
+        assert after.get(rel) == digest, f'{rel} was changed or removed'
+
+
+def check_case(world, capsys, command, argv, setup, needles, code, allow=(), absent=()):
+    """One case of a bad-input table: `command(argv)` in the world `setup` made gives exit `code`,
+    one `error:` line holding the `needles` (and none of `absent`), every file there before
+    unchanged (logs may grow; files named in `allow` may change) and no temporary file."""
+    setup(world)
+    before = tree_hashes(world.root, logs=True)
+    try:
+        result = command(argv)
+    except SystemExit as exit_:             # argparse errors exit from parse_args
+        result = exit_.code
+    err = capsys.readouterr().err
+    assert result == code, err
+    assert_one_line_error(result, err, *needles)
+    assert err.startswith('error: ')
+    assert not [word for word in absent if word in err], err
+    assert_kept(before, tree_hashes(world.root, logs=True), allow)
+    assert not temporary_files(world.root)
+
+
+def no_training(w):
+    """The epoch's steps are skipped (cases about what happens around them stay fast)."""
+    w.mp.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: {'train_loss': 0.5, 'train_acc': 0.5})
+
+
+def disk_full_on(target, error):
+    """torch.save (the checkpoint) or the copy to model_best (where hard links fail) fails as a full
+    disk does."""
+    def setup(w):
+        def fail(*args, **kwargs):
+            raise error
+        no_training(w)
+        if target == 'save':
+            w.mp.setattr(torch, 'save', fail)
+        else:                       # a file system without hard links, so model_best is a copy
+            w.mp.setattr(os, 'link', lambda *args: (_ for _ in ()).throw(OSError(errno.EPERM, 'no links')))
+            w.mp.setattr(utils.shutil, 'copyfileobj', fail)
+    return setup
+
+
+def read_only_run_dir(root):
+    """root/runs/new is a folder nobody may write in, root included: sysfs refuses new files."""
+    target = '/sys/kernel'
+    if not os.path.isdir(target) or os.access(target, os.W_OK) and _can_create(target):
+        pytest.skip('no folder that refuses writes even to root here')
+    os.symlink(target, os.path.join(root, 'runs', 'new'))
+
+
+def _can_create(folder):
+    try:
+        with open(os.path.join(folder, '.asen-probe'), 'w'):
+            pass
+    except OSError:
+        return False
+    os.remove(os.path.join(folder, '.asen-probe'))
+    return True
+
+
+# ----------------------------------------------------------------------------- input-pipeline passes
+
+LOADER_SIZE, LOADER_BATCH = 32, 4        # image side and batch of the input-pipeline comparisons
+
+
+def tiny_split(root, small_synth):
+    """A copy of the session's small SynthFashion folder (conftest `small_synth`) under `root`."""
+    private_copy(small_synth, root / 'SynthFashion')
+    return datasets.SplitFiles(str(root), 'SynthFashion')
+
+
+def with_cache(dataset, split_files, split):
+    dataset.attach_cache(imagecache.ensure(split_files, split, dataset.image_ids, LOADER_SIZE, log=lambda *_: None))
+    return dataset
+
+
+def triplet_set(split_files, cached, num_triplets=10):
+    ds = datasets.TripletDataset(split_files, num_triplets, datasets.build_transform(LOADER_SIZE, train=True), seed=1)
+    return with_cache(ds, split_files, 'train') if cached else ds
+
+
+def reference_passes(dataset, workers, epochs=(None,), seed=5):
+    """The transform path: a fresh-worker DataLoader over the items; (batches per pass, RNG state after)."""
+    torch.manual_seed(seed)
+    return passes_of(torch.utils.data.DataLoader(dataset, batch_size=LOADER_BATCH, num_workers=workers), dataset,
+                     epochs)
+
+
+def device_passes(dataset, workers, epochs=(None,), seed=5, persistent=True, channels_last=False):
+    torch.manual_seed(seed)
+    return passes_of(gpuinput.DeviceLoader(dataset, LOADER_BATCH, 'cpu', workers, channels_last, persistent=persistent),
+                     dataset, epochs)
+
+
+def passes_of(loader, dataset, epochs):
+    """(batches of each epoch's pass, torch RNG state after them); epoch None keeps the triplets."""
+    passes = []
+    for epoch in epochs:
+        if epoch is not None:
+            dataset.set_epoch(epoch)
+        passes.append(list(loader))
+    return passes, torch.get_rng_state()
+
+
+def assert_same_passes(got, want):
+    assert len(got) == len(want)
+    for got_pass, want_pass in zip(got, want):
+        assert len(got_pass) == len(want_pass) > 0
+        for got_batch, want_batch in zip(got_pass, want_pass):
+            assert len(got_batch) == len(want_batch)
+            for g, w in zip(got_batch, want_batch):
+                assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+# ----------------------------------------------------------------------------- a tiny Zappos50k
+
+ZAPPOS_IMAGES = 12
+TINY_ZAPPOS = ['--dataset', 'Zappos50k', '--backbone', 'resnet18', '--no-pretrained', '--img-size', '32',
+               '--num_triplets', '16', '--batch-size', '8', '--dim_embed', '16', '--log-interval', '1',
+               '--epochs', '1', '--name', 'zap']
+
+
+def build_zappos(root, lines_per_list=6, seed=0):
+    """A tiny Zappos50k folder in CSN's layout: random JPEGs, filenames.json, 12 triplet lists."""
+    rng = np.random.default_rng(seed)
+    folder = root / 'data' / 'Zappos50k'
+    paths = [f'Shoes/Brand {i % 3}/{i}.{i}.jpg' for i in range(ZAPPOS_IMAGES)]     # spaces and dots, as UT-Zap50K
+    for path in paths:
+        target = folder / 'ut-zap50k-images' / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(target)
+    (folder / 'filenames.json').write_text('\n'.join(paths) + '\n')
+    (folder / 'tripletlists').mkdir()
+    for cond in zappos.CONDITIONS:
+        for split in ('train', 'val', 'test'):
+            rows = [rng.choice(ZAPPOS_IMAGES, 3, replace=False) for _ in range(lines_per_list)]
+            text = ''.join(f'{a} {f} {c}\n' for a, f, c in rows)
+            (folder / 'tripletlists' / f'{cond}_tripletlist_{split}.txt').write_text(text)
+    return folder
+
+
+# ----------------------------------------------------------------------------- reproduce.py
+
+TINY_EXTRA = '--synth-images 48 --img-size 64 --num_triplets 24 --batch-size 8 --dim_embed 16 --epochs 1'
+SYNTH_ATTRS = ['sleeve_length', 'neckline_design', 'coat_length', 'colour', 'pattern']
+
+
+def fake_result(root, run, model, maps, dataset='SynthFashion', attributes=SYNTH_ATTRS, random=20.0):
+    """runs/<run>/test_results.json as a finished test of `model` would write it, with these mAPs."""
+    folder = root / 'runs' / run
+    folder.mkdir(parents=True)
+    result = {'mAP': dict(zip(attributes, maps)), 'MeanAP': sum(maps) / len(maps), 'Random MeanAP': random,
+              'model': model, 'dataset': dataset, 'split': 'test', 'attributes': attributes}
+    (folder / 'test_results.json').write_text(json.dumps(result))
+    return folder

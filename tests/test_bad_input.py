@@ -28,74 +28,11 @@ import datasets
 import losses
 import synthfashion
 import utils
-from conftest import TINY
-from helpers import assert_one_line_error, link_or_copy, run_cli, tree_hashes
+from helpers import (BEST, NEW, RETRIEVE, SHARED, SYNTH, TEST, TINY, assert_kept, assert_one_line_error, check_case,
+                     disk_full_on, link_or_copy, no_training, read_only_run_dir, run_cli, tree_hashes)
 from lib import engine, inputs, runfolder
-
-NEW = TINY + ['--epochs', '1', '--no-cuda', '--name', 'new']     # a new run on the tiny data
-SHARED = 'runs/shared/checkpoint.pth.tar'
-BEST = 'runs/shared/model_best.pth.tar'
-TEST = ['--test', '--resume', BEST, '--no-cuda']
-RETRIEVE = ['--resume', BEST, '--no-cuda', '--retrieve', 'data/SynthFashion/images/test/000000.jpg',
-            '--attribute', 'colour']
-SYNTH = 'data/SynthFashion'
 # no_training skips optimizer.step(), so the scheduler's step warns; that is the stub's doing
 pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
-
-
-# ----------------------------------------------------------------------------- a case's world
-
-class World:
-    """A working directory with data/ and runs/shared/ of the tiny trained run; `replace` and
-    `edit_line` break the hard link before writing, so the shared files are never changed."""
-
-    def __init__(self, root, monkeypatch):
-        self.root, self.mp, self.handles = root, monkeypatch, []
-
-    def path(self, rel):
-        return self.root / rel
-
-    def replace(self, rel, content):
-        path = self.path(rel)
-        if path.exists():
-            path.unlink()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content.encode() if isinstance(content, str) else content)
-
-    def lines(self, rel):
-        return self.path(rel).read_text().splitlines()
-
-    def edit_line(self, rel, number, text):
-        lines = self.lines(rel)
-        lines[number - 1] = text
-        self.replace(rel, '\n'.join(lines) + '\n')
-
-    def image(self, split, index):
-        return f"{SYNTH}/{self.lines(f'{SYNTH}/filenames_{split}.txt')[index]}"
-
-
-@pytest.fixture()
-def world(trained_copy, monkeypatch):
-    w = World(trained_copy[0], monkeypatch)
-    yield w
-    for handle in w.handles:
-        handle.close()
-
-
-
-def temporary_files(root):
-    return [os.path.join(folder, name) for folder, dirs, files in os.walk(root) for name in files + dirs
-            if '.tmp' in name]
-
-
-def assert_kept(before, after, allow=()):
-    for rel, digest in before.items():
-        if os.path.basename(rel) in allow:
-            continue
-        if rel.endswith('.log'):
-            assert rel in after and after[rel].startswith(digest), f'{rel} was rewritten or removed'
-            continue
-        assert after.get(rel) == digest, f'{rel} was changed or removed'
 
 
 # ----------------------------------------------------------------------------- case set-ups
@@ -183,22 +120,9 @@ def runs_is_a_file(w):
     w.replace('runs', 'a file in the way')
 
 
-def read_only_run_dir(w):
-    """runs/new is a folder nobody may write in, root included: sysfs refuses new files."""
-    target = '/sys/kernel'
-    if not os.path.isdir(target) or os.access(target, os.W_OK) and _can_create(target):
-        pytest.skip('no folder that refuses writes even to root here')
-    os.symlink(target, w.path('runs/new'))
-
-
-def _can_create(folder):
-    try:
-        with open(os.path.join(folder, '.asen-probe'), 'w'):
-            pass
-    except OSError:
-        return False
-    os.remove(os.path.join(folder, '.asen-probe'))
-    return True
+def read_only_run_dir_in(w):
+    """runs/new is a folder nobody may write in (helpers.read_only_run_dir)."""
+    read_only_run_dir(w.root)
 
 
 def locked_run_dir(w):
@@ -255,26 +179,6 @@ def gallery_folder(files):
         w.path('gallery').mkdir()
         for name in files:
             w.replace(f'gallery/{name}', 'x')
-    return setup
-
-
-def no_training(w):
-    """The epoch's steps are skipped (cases about what happens around them stay fast)."""
-    w.mp.setattr(engine, 'train_one_epoch', lambda *args, **kwargs: {'train_loss': 0.5, 'train_acc': 0.5})
-
-
-def disk_full_on(target, error):
-    """torch.save (the checkpoint) or the copy to model_best (where hard links fail) fails as a full
-    disk does."""
-    def setup(w):
-        def fail(*args, **kwargs):
-            raise error
-        no_training(w)
-        if target == 'save':
-            w.mp.setattr(torch, 'save', fail)
-        else:                       # a file system without hard links, so model_best is a copy
-            w.mp.setattr(os, 'link', lambda *args: (_ for _ in ()).throw(OSError(errno.EPERM, 'no links')))
-            w.mp.setattr(utils.shutil, 'copyfileobj', fail)
     return setup
 
 
@@ -422,8 +326,8 @@ CASES = [
          ['runs/other', '--overwrite'], snapshots_in('other')),
     case('run-dir-is-a-file', NEW, ['runs/new', 'not a folder'], run_dir_is_a_file),
     case('runs-is-a-file', NEW, ['runs/new', 'cannot create'], runs_is_a_file),
-    case('run-dir-read-only', NEW, ['runs/new', 'cannot write'], read_only_run_dir),
-    case('test-into-read-only-run-dir', TEST + ['--name', 'new'], ['runs/new', 'cannot write'], read_only_run_dir),
+    case('run-dir-read-only', NEW, ['runs/new', 'cannot write'], read_only_run_dir_in),
+    case('test-into-read-only-run-dir', TEST + ['--name', 'new'], ['runs/new', 'cannot write'], read_only_run_dir_in),
     case('run-dir-locked', NEW, ['runs/new', 'another training process', '.lock'], locked_run_dir),
     # the data: every split file parsed and every image's header read before the first epoch
     case('blank-line-in-filenames', NEW, ['filenames_train.txt:5', 'blank line'], blank_filenames_line),
@@ -474,25 +378,6 @@ CASES = [
 @pytest.mark.parametrize('argv, setup, needles, code, allow, absent', CASES)
 def test_bad_input(world, capsys, argv, setup, needles, code, allow, absent):
     check_case(world, capsys, asen.main, argv, setup, needles, code, allow, absent)
-
-
-def check_case(world, capsys, command, argv, setup, needles, code, allow=(), absent=()):
-    """One case of a bad-input table: `command(argv)` in the world `setup` made gives exit `code`,
-    one `error:` line holding the `needles` (and none of `absent`), every file there before
-    unchanged (logs may grow; files named in `allow` may change) and no temporary file."""
-    setup(world)
-    before = tree_hashes(world.root, logs=True)
-    try:
-        result = command(argv)
-    except SystemExit as exit_:             # argparse errors exit from parse_args
-        result = exit_.code
-    err = capsys.readouterr().err
-    assert result == code, err
-    assert_one_line_error(result, err, *needles)
-    assert err.startswith('error: ')
-    assert not [word for word in absent if word in err], err
-    assert_kept(before, tree_hashes(world.root, logs=True), allow)
-    assert not temporary_files(world.root)
 
 
 # ----------------------------------------------------------------------------- a few as real processes

@@ -1,6 +1,6 @@
 """The bad-input table, continued: data that looks fine but is not, and every other entry point.
 
-Same world and the same assertions as tests/test_bad_input.py (its helpers are imported): the exit
+Same world and the same assertions as tests/test_bad_input.py (conftest `world`, helpers.check_case): the exit
 code, exactly one 'error:' line on stderr and no traceback, the words that name the culprit, every
 file there before byte-identical after, no temporary file left. Each case names the command it
 runs in-process (asen.py, synthfashion.py, pretrain.py, build_fashionai.py); what only a real
@@ -24,10 +24,8 @@ import pretrain
 import synthfashion
 from lib import images
 from conftest import ROOT
-from test_bad_input import (BEST, NEW, RETRIEVE, SHARED, SYNTH, TEST, assert_kept, check_case, disk_full_on,  # noqa: F401
-                            link_or_copy, world)
-from helpers import assert_one_line_error, run_main, tree_hashes
-from test_zappos import TINY_ZAPPOS, build_zappos
+from helpers import (BEST, NEW, RETRIEVE, SHARED, SYNTH, TEST, TINY_ZAPPOS, assert_kept, assert_one_line_error,
+                     build_zappos, check_case, disk_full_on, link_or_copy, run_main, tree_hashes)
 
 pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
 

@@ -234,7 +234,7 @@ def test_device_loader_on_cuda_equals_the_cpu_path(tmp_path, small_synth, cached
     (itself equal to the transform's, tests/test_gpuinput.py). The main stream sleeps before it
     copies each batch, so a missing wait_stream or record_stream would show as wrong pixels."""
     from lib import gpuinput
-    from test_gpuinput import BATCH, assert_same_passes, device_passes, tiny_split, triplet_set
+    from helpers import LOADER_BATCH as BATCH, assert_same_passes, device_passes, tiny_split, triplet_set
     dataset = triplet_set(tiny_split(tmp_path / 'data', small_synth), cached, num_triplets=22)
     want, want_state = device_passes(dataset, 2, epochs=(1, 2), channels_last=True)
     torch.manual_seed(5)

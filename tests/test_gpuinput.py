@@ -10,64 +10,17 @@ import torch
 import datasets
 from lib import gpuinput
 from lib import imagecache
-from helpers import private_copy
+from helpers import (LOADER_BATCH, LOADER_SIZE, assert_same_passes, build_zappos, device_passes, reference_passes,
+                     tiny_split, triplet_set)
 from lib import zappos
 from lib import commands, config, engine, inputs, runtime
 
-SIZE, BATCH = 32, 4
-
-
-def tiny_split(root, small_synth):
-    """A copy of the session's small SynthFashion folder (conftest `small_synth`) under `root`."""
-    private_copy(small_synth, root / 'SynthFashion')
-    return datasets.SplitFiles(str(root), 'SynthFashion')
+SIZE, BATCH = LOADER_SIZE, LOADER_BATCH
 
 
 @pytest.fixture(scope='module')
 def split_files(tmp_path_factory, small_synth):
     return tiny_split(tmp_path_factory.mktemp('gpuinput') / 'data', small_synth)
-
-
-def with_cache(dataset, split_files, split):
-    dataset.attach_cache(imagecache.ensure(split_files, split, dataset.image_ids, SIZE, log=lambda *_: None))
-    return dataset
-
-
-def triplet_set(split_files, cached, num_triplets=10):
-    ds = datasets.TripletDataset(split_files, num_triplets, datasets.build_transform(SIZE, train=True), seed=1)
-    return with_cache(ds, split_files, 'train') if cached else ds
-
-
-def reference_passes(dataset, workers, epochs=(None,), seed=5):
-    """The transform path: a fresh-worker DataLoader over the items; (batches per pass, RNG state after)."""
-    torch.manual_seed(seed)
-    return passes_of(torch.utils.data.DataLoader(dataset, batch_size=BATCH, num_workers=workers), dataset, epochs)
-
-
-def device_passes(dataset, workers, epochs=(None,), seed=5, persistent=True, channels_last=False):
-    torch.manual_seed(seed)
-    return passes_of(gpuinput.DeviceLoader(dataset, BATCH, 'cpu', workers, channels_last, persistent=persistent),
-                     dataset, epochs)
-
-
-def passes_of(loader, dataset, epochs):
-    """(batches of each epoch's pass, torch RNG state after them); epoch None keeps the triplets."""
-    passes = []
-    for epoch in epochs:
-        if epoch is not None:
-            dataset.set_epoch(epoch)
-        passes.append(list(loader))
-    return passes, torch.get_rng_state()
-
-
-def assert_same_passes(got, want):
-    assert len(got) == len(want)
-    for got_pass, want_pass in zip(got, want):
-        assert len(got_pass) == len(want_pass) > 0
-        for got_batch, want_batch in zip(got_pass, want_pass):
-            assert len(got_batch) == len(want_batch)
-            for g, w in zip(got_batch, want_batch):
-                assert g.dtype == w.dtype and torch.equal(g, w)
 
 
 def test_normalise_equals_to_tensor_and_normalize():
@@ -144,7 +97,6 @@ def test_partly_cached_batch_decodes_the_rest(split_files):
 
 
 def test_triplet_eval_set_batches_equal_its_items(tmp_path):
-    from test_zappos import build_zappos
     folder = build_zappos(tmp_path)
     files = zappos.ZapposFiles(str(folder.parent))
     eval_set = zappos.TripletEvalSet(files, 'val', datasets.build_transform(SIZE, train=False))

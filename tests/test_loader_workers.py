@@ -21,7 +21,6 @@ import utils
 from conftest import ROOT, TINY
 from helpers import assert_one_line_error, run_main
 from lib import gpuinput
-from test_bad_input import world  # noqa: F401  (the fixture: a private copy of the tiny data and run)
 
 NEW = TINY + ['--epochs', '1', '--no-cuda', '--name', 'new']
 BAD = '000003.jpg'

@@ -9,44 +9,27 @@ import model as models
 from helpers import StandInNet
 
 
-def hinge_reference(sim_an, sim_ap, margin):
-    return sum(max(0.0, an - ap + margin) for an, ap in zip(sim_an.tolist(), sim_ap.tolist())) / len(sim_an)
+# s(a,n) - s(a,p) of six triplets, none at a kink of the hinge for the margins below: with margin 0
+# two are active, with 0.2 three, with 1 five (the sixth, -1.5, stays inactive)
+SIM_AN = [0.5, 0.1, 0.3, -0.6, 0.9, 0.0]
+SIM_AP = [0.2, 0.8, 0.4, 0.9, 0.1, 0.5]
 
 
-def test_loss_values_by_hand():
-    # active: 0.5 - 0.2 + 0.2 = 0.5; inactive: 0.1 - 0.8 + 0.2 < 0; at the margin: 0.3 - 0.5 + 0.2 = 0
-    sim_an, sim_ap = torch.tensor([0.5, 0.1, 0.3]), torch.tensor([0.2, 0.8, 0.5])
-    assert losses.triplet_loss(sim_an, sim_ap, 0.2).item() == pytest.approx(0.5 / 3)
-    assert losses.triplet_loss(sim_an, sim_ap, 0.0).item() == pytest.approx(0.3 / 3)
-
-
-@pytest.mark.parametrize('margin', [0.0, 0.2, 1.0])
-def test_loss_equals_the_hinge_on_random_similarities(margin):
-    gen = torch.Generator().manual_seed(0)
-    sim_an, sim_ap = torch.rand(50, generator=gen) * 2 - 1, torch.rand(50, generator=gen) * 2 - 1
-    assert losses.triplet_loss(sim_an, sim_ap, margin).item() == pytest.approx(hinge_reference(sim_an, sim_ap, margin),
-                                                                             abs=1e-6)
-
-
-def test_equal_similarities_cost_the_margin():
-    sims = torch.tensor([0.3, -0.7, 0.9])
-    assert losses.triplet_loss(sims, sims, 0.25).item() == pytest.approx(0.25)
-
-
-def test_loss_is_not_symmetric_the_positive_must_win():
-    """A well-ordered triplet (positive much closer) costs nothing; the same triplet with positive
-    and negative swapped costs a lot."""
-    good_an, good_ap = torch.tensor([-0.5]), torch.tensor([0.9])
-    assert losses.triplet_loss(good_an, good_ap, 0.2).item() == 0.0
-    assert losses.triplet_loss(good_ap, good_an, 0.2).item() == pytest.approx(1.6)
-
-
-def test_gradient_pushes_the_positive_up_and_the_negative_down():
-    sim_an = torch.tensor([0.4, 0.0], requires_grad=True)
-    sim_ap = torch.tensor([0.3, 0.9], requires_grad=True)
-    losses.triplet_loss(sim_an, sim_ap, 0.2).backward()
-    assert sim_an.grad.tolist() == pytest.approx([0.5, 0.0])       # 1/N on the active triplet only
-    assert sim_ap.grad.tolist() == pytest.approx([-0.5, 0.0])
+@pytest.mark.parametrize('margin, active', [(0.0, 2), (0.2, 3), (1.0, 5)])
+def test_loss_is_eq6_averaged_over_the_batch(margin, active):
+    """Eq. 6 of Ma et al.: L = max(0, m - s(a,p) + s(a,n)), the mean over the batch, written out
+    triplet by triplet; its gradient is +1/N on s(a,n) and -1/N on s(a,p) of each triplet whose
+    hinge is active, 0 where it is not."""
+    per_triplet = [max(0.0, margin - ap + an) for an, ap in zip(SIM_AN, SIM_AP)]
+    assert sum(value > 0 for value in per_triplet) == active          # both cases occur
+    sim_an = torch.tensor(SIM_AN, requires_grad=True)
+    sim_ap = torch.tensor(SIM_AP, requires_grad=True)
+    loss = losses.triplet_loss(sim_an, sim_ap, margin)
+    assert loss.item() == pytest.approx(sum(per_triplet) / len(per_triplet), abs=1e-6)
+    loss.backward()
+    n = len(per_triplet)
+    assert sim_an.grad.tolist() == pytest.approx([1 / n if value > 0 else 0.0 for value in per_triplet])
+    assert sim_ap.grad.tolist() == pytest.approx([-1 / n if value > 0 else 0.0 for value in per_triplet])
 
 
 # ----------------------------------------------------------------------------- TripletWrapper

@@ -3,6 +3,7 @@ plus ASEN++ stage 2's local triplet and alignment terms and CSN's regularisers, 
 hand on random embeddings, each with its own weight; a term of weight 0 is not computed. The weights
 come from the configuration and the terms the network feeds (EmbeddingNetwork.loss_terms), never
 from its name."""
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -69,11 +70,21 @@ def test_the_computed_terms_come_in_pairs_that_share_inputs():
     assert losses.LossWeights(0.2, 1, 1, 1, 1).computed() == losses.TERMS
 
 
-def test_the_terms_by_hand_are_not_trivial():
-    """Each extra term is large enough that leaving it out, or a weight swapped, shows."""
-    local, align, embed, mask = by_hand(outputs(), 0.4)[1:]
-    assert min(local, align, embed, mask) > 0.1
-    assert len({round(float(t), 3) for t in (local, align, embed, mask)}) == 4
+def test_each_weight_moves_the_total_by_its_own_term():
+    """objective's total on these outputs: each extra term is large enough that a weight left out
+    lowers the total by weight * term, and distinct enough that any two weights swapped change it
+    (a term given another's weight would show in test_each_term_enters_with_its_weight)."""
+    out, weights = outputs(), (0.3, 0.7, 0.2, 0.9)
+    total = lambda w: float(losses.objective(out, losses.LossWeights(0.4, *w))[0])
+    _, terms = losses.objective(out, losses.LossWeights(0.4, *weights))
+    for i, name in enumerate(losses.TERMS):
+        dropped = weights[:i] + (0.0,) + weights[i + 1:]
+        assert float(terms[name]) > 0.1
+        assert total(weights) - total(dropped) == pytest.approx(weights[i] * float(terms[name]), abs=1e-5)
+    for i, j in itertools.combinations(range(4), 2):
+        swapped = list(weights)
+        swapped[i], swapped[j] = weights[j], weights[i]
+        assert abs(total(weights) - total(swapped)) > 0.1, (i, j)
 
 
 def test_a_term_of_weight_zero_is_not_computed():
@@ -85,9 +96,13 @@ def test_a_term_of_weight_zero_is_not_computed():
     assert list(terms) == ['triplet']
 
 
-def test_the_defaults_weigh_only_the_triplet_loss():
-    w = losses.LossWeights(0.3)
-    assert w == (0.3, 0.0, 0.0, 0.0, 0.0)
+def test_the_margin_alone_is_the_papers_objective():
+    """LossWeights(margin), as the benchmarks build it: on outputs that carry every network's extras,
+    objective computes the triplet loss (Eq. 6) alone and nothing else."""
+    out = outputs(seed=4)
+    total, terms = losses.objective(out, losses.LossWeights(0.3))
+    assert list(terms) == ['triplet']
+    assert torch.allclose(torch.as_tensor(total), hinge(out.sim_an, out.sim_ap, 0.3), atol=1e-6)
 
 
 def test_a_new_loss_reads_the_embeddings():

@@ -143,10 +143,11 @@ STOP_ARGS = TINY + FAITHFUL + ['--workers', '0', '--epochs', '2', '--checkpoint-
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGUSR1], ids=['SIGTERM', 'SIGUSR1'])
+@pytest.mark.parametrize('signal_number', [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1],
+                         ids=['SIGTERM', 'SIGINT', 'SIGUSR1'])
 def test_stop_signal_writes_a_step_snapshot_and_exits_75(straight_run, monkeypatch, signal_number):
-    """Stopped after step 2 of 3; SIGTERM's run then continues (0 workers) to the straight run's
-    weights."""
+    """Stopped after step 2 of 3 by a real signal to the training process (SIGINT: Ctrl-C); SIGTERM's
+    and SIGINT's runs then continue (0 workers, --resume auto) to the straight run's weights."""
     root, straight = straight_run
     monkeypatch.chdir(root)
     name = signal.Signals(signal_number).name
@@ -156,7 +157,7 @@ def test_stop_signal_writes_a_step_snapshot_and_exits_75(straight_run, monkeypat
                           'epoch 1, step 2 of 3', 'step.pth.tar', '--resume auto')
     step = load(root / 'runs' / name / 'step.pth.tar')
     assert step['epoch'] == 0 and step['step']['epoch'] == 1 and step['step']['batch'] == 2
-    if signal_number == signal.SIGTERM:                            # it continues where it stopped
+    if signal_number in (signal.SIGTERM, signal.SIGINT):           # it continues where it stopped
         assert asen.main(STOP_ARGS + ['--name', name]) == 0
         assert_same_run(root / 'runs' / straight, root / 'runs' / name)
 

@@ -13,8 +13,7 @@ import torch
 import asen
 import browser
 import original_networks as orig
-from conftest import TINY
-from helpers import assert_one_line_error, private_copy, run_main, tree_hashes
+from helpers import assert_one_line_error, private_copy, read_only_run_dir, run_main, tree_hashes
 from lib import engine, report
 
 BEST = 'runs/shared/model_best.pth.tar'
@@ -225,23 +224,6 @@ def another_dataset(root):
     meta.write_text(json.dumps({'DeepFashion': entry}))
 
 
-def read_only_run_dir(root):
-    target = '/sys/kernel'
-    if not os.path.isdir(target) or os.access(target, os.W_OK) and _can_create(target):
-        pytest.skip('no folder that refuses writes even to root here')
-    os.symlink(target, root / 'runs' / 'new')
-
-
-def _can_create(folder):
-    try:
-        with open(os.path.join(folder, '.asen-probe'), 'w'):
-            pass
-    except OSError:
-        return False
-    os.remove(os.path.join(folder, '.asen-probe'))
-    return True
-
-
 @pytest.mark.parametrize('setup, argv, needles', [
     (no_metrics, REPORT, ['runs/shared/metrics.jsonl', 'not found']),
     (another_dataset, REPORT + ['--dataset', 'DeepFashion'], ['SynthFashion', '--dataset DeepFashion']),
@@ -275,7 +257,7 @@ def test_an_authors_checkpoint_gets_a_report(workdir, tiny_data, capsys):
 
 @pytest.mark.slow
 def test_zappos_report_gives_accuracy_and_says_why_no_retrieval(workdir, capsys):
-    from test_zappos import build_zappos
+    from helpers import build_zappos
     build_zappos(workdir)
     train = ['--dataset', 'Zappos50k', '--backbone', 'resnet18', '--no-pretrained', '--img-size', '32',
              '--num_triplets', '16', '--batch-size', '8', '--dim_embed', '16', '--epochs', '1', '--name', 'z',

@@ -7,12 +7,8 @@ import sys
 import pytest
 
 import reproduce
-from helpers import file_hash
+from helpers import TINY_EXTRA, build_zappos, fake_result, file_hash
 from lib import costs
-from test_zappos import build_zappos
-
-TINY_EXTRA = '--synth-images 48 --img-size 64 --num_triplets 24 --batch-size 8 --dim_embed 16 --epochs 1'
-SYNTH_ATTRS = ['sleeve_length', 'neckline_design', 'coat_length', 'colour', 'pattern']
 
 
 @pytest.fixture()
@@ -35,15 +31,6 @@ def asen_line(*flags):
 
 def commands(out):
     return [line for line in out.splitlines() if line.startswith(sys.executable)]
-
-
-def fake_result(root, run, model, maps, dataset='SynthFashion', attributes=SYNTH_ATTRS, random=20.0):
-    folder = root / 'runs' / run
-    folder.mkdir(parents=True)
-    result = {'mAP': dict(zip(attributes, maps)), 'MeanAP': sum(maps) / len(maps), 'Random MeanAP': random,
-              'model': model, 'dataset': dataset, 'split': 'test', 'attributes': attributes}
-    (folder / 'test_results.json').write_text(json.dumps(result))
-    return folder
 
 
 def test_dry_run_prints_the_exact_commands(workdir, capsys):

@@ -11,8 +11,7 @@ import pytest
 
 import reproduce
 from conftest import ROOT
-from helpers import assert_same_run
-from test_reproduce import TINY_EXTRA, fake_result
+from helpers import TINY_EXTRA, assert_same_run, fake_result
 
 # ----------------------------------------------------------------------------- stop signals (real processes)
 

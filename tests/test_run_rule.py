@@ -10,8 +10,7 @@ import pytest
 import asen
 from conftest import TINY
 from lib import engine
-from test_bad_input import NEW, SHARED, world  # noqa: F401
-from helpers import assert_one_line_error, run_main, tree_hashes
+from helpers import NEW, SHARED, assert_one_line_error, run_main, tree_hashes
 
 pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
 

@@ -12,8 +12,7 @@ import torch
 import asen
 import utils
 from lib import engine, runfolder
-from test_bad_input import NEW, SHARED, TEST, temporary_files, world  # noqa: F401
-from helpers import assert_one_line_error, tree_hashes
+from helpers import NEW, SHARED, TEST, assert_one_line_error, temporary_files, tree_hashes
 
 pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
 

@@ -8,38 +8,8 @@ from PIL import Image
 
 import asen
 from lib import zappos
+from helpers import TINY_ZAPPOS
 from utils import UserError
-
-N_IMAGES = 12
-
-
-def build_zappos(root, lines_per_list=6, seed=0):
-    """A tiny Zappos50k folder in CSN's layout: random JPEGs, filenames.json, 12 triplet lists."""
-    rng = np.random.default_rng(seed)
-    folder = root / 'data' / 'Zappos50k'
-    paths = [f'Shoes/Brand {i % 3}/{i}.{i}.jpg' for i in range(N_IMAGES)]     # spaces and dots, as UT-Zap50K
-    for path in paths:
-        target = folder / 'ut-zap50k-images' / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(target)
-    (folder / 'filenames.json').write_text('\n'.join(paths) + '\n')
-    (folder / 'tripletlists').mkdir()
-    for cond in zappos.CONDITIONS:
-        for split in ('train', 'val', 'test'):
-            rows = [rng.choice(N_IMAGES, 3, replace=False) for _ in range(lines_per_list)]
-            text = ''.join(f'{a} {f} {c}\n' for a, f, c in rows)
-            (folder / 'tripletlists' / f'{cond}_tripletlist_{split}.txt').write_text(text)
-    return folder
-
-
-@pytest.fixture()
-def zappos_dir(workdir):
-    return build_zappos(workdir)
-
-
-TINY_ZAPPOS = ['--dataset', 'Zappos50k', '--backbone', 'resnet18', '--no-pretrained', '--img-size', '32',
-               '--num_triplets', '16', '--batch-size', '8', '--dim_embed', '16', '--log-interval', '1',
-               '--epochs', '1', '--name', 'zap']
 
 
 def is_multiple(value, step):
