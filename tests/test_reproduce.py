@@ -326,7 +326,8 @@ def test_zappos_recipe_end_to_end_on_tiny_zappos(workdir, capsys, in_process):
     ('SIGINT', 0, 75, 'asen.py train ended'),                          # it had finished: stop after it
     (None, 75, 75, 'stopped in table darn'),                           # signalled alone, by another
     ('SIGTERM', 2, 1, 'train failed (exit 2'),                         # a failure stays a failure
-], ids=['75', 'killed-by-SIGTERM', 'killed-by-SIGINT', 'ended', 'child-alone', 'failed'])
+    (None, 1, 1, 'train failed (exit 1'),
+], ids=['75', 'killed-by-SIGTERM', 'killed-by-SIGINT', 'ended', 'child-alone', 'failed', 'failed-1'])
 def test_the_exit_status_of_a_stopped_table(workdir, capsys, monkeypatch, signalled, rc, status, needle):
     """reproduce.py's status once its asen.py child ended while a stop signal was noted (the
     signals themselves: test_a_stopped_table_continues_to_the_uninterrupted_one)."""
@@ -515,3 +516,36 @@ def test_a_table_is_run_and_collected_beside_the_papers_figures(workdir, capsys,
     started.clear()
     assert reproduce.main(['deepfashion', 'darn', '--data-path', 'D']) == 0
     assert started == [] and (logs / 'deepfashion.md').read_text() == text
+
+
+def test_a_run_shared_by_two_tables_is_run_once_and_the_rows_after_it_still_run(workdir, capsys):
+    assert reproduce.main(['ablation-fashionai', 'fashionai', '--dry-run']) == 0
+    names = [line.split('--name ')[1].split()[0] for line in commands(capsys.readouterr().out) if '--name' in line]
+    assert names == ['fashionai-noasa-s1', 'fashionai-noaca-s1', 'fashionai-asen-s1', 'fashionai-triplet-s1',
+                     'fashionai-csn-s1', 'fashionai-asenv2-s1']
+
+
+def test_cost_sums_every_table_and_sizes_the_cache_in_gib(workdir, capsys):
+    """Each table's hours and their sum in hours and days; the cache N x S x S x 3 bytes in GiB."""
+    fake_fashionai(workdir, train=100000)
+    log = workdir / 'epoch.log'
+    log.write_text('2026-01-01 10:00:00,000 - asen - INFO - Begin training on FashionAI dataset.\n'
+                   '2026-01-01 10:00:01,000 - asen - INFO - Train Epoch: 1 [0/5000]\tLoss: 0.2\n'
+                   '2026-01-01 10:00:25,000 - asen - INFO - MeanAP: 40.0\n')
+    assert reproduce.main(['darn', 'deepfashion', '--cost', '--rates', str(log), '--data-path', 'D']) == 0
+    out = capsys.readouterr().out
+    row = 200 * 100000 / 200 / 3600                     # 200 epochs of 100000 triplets at 200 a second
+    assert f'| darn | **table** | | | **{3 * row:.1f}** |' in out
+    assert f'| **all** | | | | **{6 * row:.1f}** ({6 * row / 24:.1f} days) |' in out
+    assert reproduce.main(['fashionai', '--cost', '--rates', str(log), '--data-path', 'D']) == 0
+    assert f"| FashionAI | train | 100000 | {100000 * 224 * 224 * 3 / 2 ** 30:.2f} |" in capsys.readouterr().out
+
+
+def test_help_and_an_interrupt(monkeypatch, capsys):
+    assert reproduce.get_parser().description == reproduce.__doc__.splitlines()[0]
+
+    def interrupted(names, opts):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(reproduce, 'plan', interrupted)
+    assert reproduce.main(['darn', '--dry-run']) == 130
+    assert capsys.readouterr().err.startswith('error: interrupted (Ctrl-C)')
