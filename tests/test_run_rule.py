@@ -120,10 +120,12 @@ def test_runfolder_a_new_run_is_told_the_snapshot_to_continue_from(tmp_path):
     from utils import UserError
     run = tmp_path / 'r'
     run.mkdir()
+    (run / 'args.json').write_text('{}')
+    runfolder.check_not_overwriting(str(run), folder_args())          # an attempt before its first snapshot
     (run / 'metrics.jsonl').write_text('{"epoch": 1}\n')
-    with pytest.raises(UserError) as refused:
+    with pytest.raises(UserError) as refused:                          # an attempt that recorded an epoch
         runfolder.check_not_overwriting(str(run), folder_args())
-    assert 'continue it with' not in str(refused.value) and 'metrics.jsonl' in str(refused.value)
+    assert 'continue it with' not in str(refused.value) and 'metrics.jsonl, args.json' in str(refused.value)
     (run / 'checkpoint.pth.tar').write_bytes(b'x')
     with pytest.raises(UserError, match=f'continue it with --resume {run}/checkpoint.pth.tar, '):
         runfolder.check_not_overwriting(str(run), folder_args())
