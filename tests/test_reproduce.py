@@ -549,3 +549,12 @@ def test_help_and_an_interrupt(monkeypatch, capsys):
     monkeypatch.setattr(reproduce, 'plan', interrupted)
     assert reproduce.main(['darn', '--dry-run']) == 130
     assert capsys.readouterr().err.startswith('error: interrupted (Ctrl-C)')
+
+
+def test_cost_without_rates_lists_every_row_with_no_time(workdir, capsys, monkeypatch):
+    monkeypatch.setattr(costs, 'read_rates', lambda path: None)
+    assert reproduce.main(['darn', '--cost']) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith('| darn |')] == [
+        '| darn | Triplet | 1 | | no rate |', '| darn | CSN | 1 | | no rate |', '| darn | ASEN | 1 | | no rate |']
+    assert 'no time projected' in out and '**all**' not in out
