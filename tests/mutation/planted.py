@@ -102,6 +102,9 @@ D = [
  ('reproduce: difference as paper minus ours', 'reproduce.py', 'diff = {c: mean[c] - paper[c]', 'diff = {c: paper[c] - mean[c]', 'test_reproduce'),
  ('reproduce: the Random row left out', 'reproduce.py', "        rows.append(('Random', random))\n", '        pass\n', 'test_reproduce'),
  ('reproduce: the last signal named, not the first', 'reproduce.py', 'self.signal_name = self.signal_name or signal.Signals(number).name', 'self.signal_name = signal.Signals(number).name', 'test_reproduce'),
+ ('checkpoints: newest snapshot by the order found', 'lib/checkpoints.py', '_, path, checkpoint = max(found, key=lambda item: item[0])', '_, path, checkpoint = found[-1]', 'test_checkpoints'),
+ ("checkpoints: step snapshot keeps the RNGs of now, not the pass's", 'lib/checkpoints.py', "    state['rng'] = rng\n", '', 'test_checkpoints'),
+ ('checkpoints: restore leaves the RNGs', 'lib/checkpoints.py', "    utils.set_rng_state(checkpoint['rng'])\n    return", '    return', 'test_checkpoints'),
 ]
 only = sys.argv[1:]
 for name, f, old, new, test in D:
