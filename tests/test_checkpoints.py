@@ -73,3 +73,63 @@ def test_restore_training_state_restores_optimiser_schedule_scaler_and_rngs():
     assert int(fresh.state_dict()['state'][0]['step']) == 1
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
     assert checkpoints.restore_training_state({'state_dict': {}}, fresh, fresh_scheduler, None) == 0.0
+
+
+def test_restore_needs_no_best_prec_and_the_schedule_steps_without_a_warning():
+    """A snapshot without best_prec restores 0.0; the restored optimiser counts as stepped, so the
+    schedule's first step warns of no 'lr_scheduler.step() before optimizer.step()'."""
+    import warnings
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    net(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    saved = {'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
+             'scaler': torch.amp.GradScaler('cpu', enabled=False).state_dict(), 'rng': utils.rng_state()}
+    fresh = torch.optim.Adam(torch.nn.Linear(3, 2).parameters(), lr=0.1)
+    fresh_scheduler = torch.optim.lr_scheduler.StepLR(fresh, step_size=1, gamma=0.5)
+    assert checkpoints.restore_training_state(saved, fresh, fresh_scheduler,
+                                              torch.amp.GradScaler('cpu', enabled=False)) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        fresh_scheduler.step()
+    assert checkpoints.restore_training_state(None, fresh, fresh_scheduler, None) == 0.0
+
+
+def test_a_step_snapshot_holds_the_last_epoch_the_position_and_the_pass_rng():
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    args = type('Args', (), {'as_dict': lambda self: {'lr': 0.1}})()
+    meters = torch.zeros(2, engine.meter_width(), dtype=torch.float64)
+    pass_rng = {'python': 'state at the pass'}
+    state = checkpoints.step_snapshot(3, 5, meters, pass_rng, 4, net, optimizer, scheduler,
+                                      torch.amp.GradScaler('cpu', enabled=False), 0.5, args)
+    assert state['epoch'] == 2 and state['prec'] is None and state['best_prec'] == 0.5 and state['args'] == {'lr': 0.1}
+    assert state['rng'] == pass_rng and state['rng'] is not pass_rng            # no CUDA here: the pass's, copied
+    assert state['step'] == {'epoch': 3, 'batch': 5, 'meters': meters, 'streams': 4, 'world': 2}
+    assert checkpoints.progress(state) == (2, 5) and checkpoints.progress({'epoch': None}) == (0, 0)
+
+
+def test_the_newest_snapshot_is_the_most_advanced_one(tmp_path):
+    assert checkpoints.newest_snapshot(str(tmp_path)) is None
+    assert checkpoints.last_snapshot_note(str(tmp_path)) == 'no snapshot was written yet'
+    step = {'epoch': 3, 'batch': 5, 'streams': 1, 'world': 1,
+            'meters': torch.zeros(1, engine.meter_width(), dtype=torch.float64)}
+    torch.save({'epoch': 3, 'state_dict': {}}, tmp_path / 'checkpoint.pth.tar')
+    torch.save({'epoch': 2, 'state_dict': {}, 'step': step}, tmp_path / 'step.pth.tar')
+    path, loaded = checkpoints.newest_snapshot(str(tmp_path))
+    assert path == str(tmp_path / 'checkpoint.pth.tar') and loaded['epoch'] == 3
+    torch.save({'epoch': 3, 'state_dict': {}, 'step': dict(step, epoch=4)}, tmp_path / 'step.pth.tar')
+    path, loaded = checkpoints.newest_snapshot(str(tmp_path))
+    assert path == str(tmp_path / 'step.pth.tar') and loaded['step']['batch'] == 5
+    assert checkpoints.last_snapshot_note(str(tmp_path)) == \
+        f"the last good snapshot {tmp_path / 'checkpoint.pth.tar'} is kept"
+
+
+def test_weights_are_finite_of_every_floating_tensor():
+    net = torch.nn.Linear(2, 2)
+    assert checkpoints.weights_are_finite(net) and checkpoints.weights_are_finite(torch.nn.ReLU())
+    with torch.no_grad():
+        net.bias[0] = float('nan')
+    assert not checkpoints.weights_are_finite(net)

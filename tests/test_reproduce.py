@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -312,7 +313,8 @@ def test_zappos_recipe_end_to_end_on_tiny_zappos(workdir, capsys, in_process):
     ('SIGINT', 0, 75, 'asen.py train ended'),                          # it had finished: stop after it
     (None, 75, 75, 'stopped in table darn'),                           # signalled alone, by another
     ('SIGTERM', 2, 1, 'train failed (exit 2'),                         # a failure stays a failure
-], ids=['75', 'killed-by-SIGTERM', 'killed-by-SIGINT', 'ended', 'child-alone', 'failed'])
+    (None, 1, 1, 'train failed (exit 1'),
+], ids=['75', 'killed-by-SIGTERM', 'killed-by-SIGINT', 'ended', 'child-alone', 'failed', 'failed-1'])
 def test_the_exit_status_of_a_stopped_table(workdir, capsys, monkeypatch, signalled, rc, status, needle):
     """reproduce.py's status once its asen.py child ended while a stop signal was noted (the
     signals themselves: test_a_stopped_table_continues_to_the_uninterrupted_one)."""
@@ -331,3 +333,215 @@ def test_the_exit_status_of_a_stopped_table(workdir, capsys, monkeypatch, signal
     assert trained.exists() == (rc == 0)
     if status == 75:
         assert 'rerun the same command to continue (exit status 75: requeue)' in err
+
+
+# ----------------------------------------------------------------------------- passing a stop signal on (in this process)
+
+class FakeChild:
+    """A stand-in for the asen.py Popen: running until `ended`, the signals it was sent."""
+
+    def __init__(self, ended=False):
+        self.pid, self.ended, self.sent = 4242, ended, []
+
+    def poll(self):
+        return 0 if self.ended else None
+
+    def send_signal(self, number):
+        self.sent.append(number)
+
+
+def test_stop_signals_are_noted_and_passed_on_once_to_the_running_child(monkeypatch, tmp_path):
+    """Inside PassOnSignals each stop signal goes to its handler, the first one's name is kept, each is
+    passed on to the running child (a signal that came before the child started, when it starts),
+    none to a child that has ended; outside, the earlier handlers are back."""
+    monkeypatch.setattr(sys, 'stdout', open(tmp_path / 'out', 'w'))
+    before = {name: signal.getsignal(getattr(signal, name)) for name in reproduce.STOP_SIGNALS}
+    with reproduce.PassOnSignals() as signals:
+        for name in reproduce.STOP_SIGNALS:
+            assert signal.getsignal(getattr(signal, name)) == signals._handle
+        os.kill(os.getpid(), signal.SIGUSR1)                      # before the child started: noted
+        assert signals.signal_name == 'SIGUSR1'
+        child = FakeChild()
+        signals.started(child)
+        assert child.sent == [signal.SIGUSR1]
+        os.kill(os.getpid(), signal.SIGTERM)                      # a second one: passed on, the first named
+        assert signals.signal_name == 'SIGUSR1' and child.sent == [signal.SIGUSR1, signal.SIGTERM]
+        child.ended = True
+        os.kill(os.getpid(), signal.SIGINT)                       # the child has ended: nothing to pass on
+        assert child.sent == [signal.SIGUSR1, signal.SIGTERM]
+        signals.child = None
+        os.kill(os.getpid(), signal.SIGINT)                       # no child: noted only
+    assert {name: signal.getsignal(getattr(signal, name)) for name in reproduce.STOP_SIGNALS} == before
+    sys.stdout.close()
+    said = (tmp_path / 'out').read_text().splitlines()
+    assert len(said) == 2 and said[0].endswith('SIGUSR1 passed on to asen.py (pid 4242); waiting for it to save '
+                                               'its snapshot') and 'SIGTERM passed on' in said[1]
+
+
+def test_a_child_started_with_no_signal_noted_is_sent_none():
+    signals, child = reproduce.PassOnSignals(), FakeChild()
+    signals.started(child)
+    assert signals.child is child and child.sent == []
+
+
+def test_say_writes_one_line_to_stdout_and_lets_a_closed_stdout_be(monkeypatch, tmp_path):
+    monkeypatch.setattr(sys, 'stdout', open(tmp_path / 'out', 'w'))
+    reproduce.say('a line')
+    sys.stdout.close()
+    assert (tmp_path / 'out').read_text() == 'a line\n'
+    reproduce.say('to a closed stdout')                     # ValueError: let be
+
+
+def test_the_child_has_its_own_process_group_and_dies_with_reproduce(tmp_path):
+    """child_setup in a real child: its own process group, SIGTERM as its parent-death signal
+    (prctl PR_GET_PDEATHSIG), and it runs (the parent it was given is its parent)."""
+    probe = ("import ctypes, os; sig = ctypes.c_int(-1); ctypes.CDLL(None).prctl(2, ctypes.byref(sig), 0, 0, 0); "
+             "print(os.getpgid(0) == os.getpid(), os.getpgid(0) != {parent_group}, sig.value)")
+    if not sys.platform.startswith('linux'):
+        pytest.skip('prctl is Linux only')
+    done = subprocess.run([sys.executable, '-c', probe.format(parent_group=os.getpgid(0))], capture_output=True,
+                          text=True, preexec_fn=reproduce.child_setup(os.getpid()), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ['True', 'True', str(int(signal.SIGTERM))]
+
+
+def test_run_asen_runs_the_command_into_the_log_and_returns_its_status(tmp_path):
+    signals = reproduce.PassOnSignals()
+    started = []
+    signals.started = lambda child: started.append(child.pid)
+    with open(tmp_path / 'log', 'w') as log:
+        rc = reproduce.run_asen([sys.executable, '-c', 'import sys; print("out"); print("err", file=sys.stderr); '
+                                                       'sys.exit(3)'], log, signals)
+    assert rc == 3 and len(started) == 1 and signals.child is None
+    assert sorted((tmp_path / 'log').read_text().split()) == ['err', 'out']
+
+
+@pytest.mark.parametrize('rc, shown', [(0, 0), (2, 2), (75, 75), (-signal.SIGTERM, 143), (-signal.SIGKILL, 137)])
+def test_exit_status_as_a_shell_reports_it(rc, shown):
+    assert reproduce.exit_status(rc) == shown
+
+
+@pytest.mark.parametrize('rc, stopped', [(75, True), (130, True), (-signal.SIGINT, True), (-signal.SIGTERM, True),
+                                         (-signal.SIGUSR1, True), (0, False), (1, False), (2, False), (131, False),
+                                         (-signal.SIGKILL, False), (signal.SIGTERM, False)])
+def test_stopped_for_the_signal(rc, stopped):
+    assert reproduce.stopped_for_the_signal(rc) == stopped
+
+
+# ----------------------------------------------------------------------------- a table run and collected (in this process)
+
+DEEPFASHION_ATTRS = list(reproduce.DEEPFASHION_COLUMNS[:-1])
+
+
+def stand_in_asen(workdir, started):
+    """reproduce.run_asen's stand-in: notes each command and the handler SIGTERM has while it runs;
+    a test command writes its run's result (the maps 10..50 plus the row's place), as --test would."""
+    maps = {'triplet': 0, 'csn': 1, 'asen': 2, 'noasa': 3, 'noaca': 4}
+
+    def run_asen(command, log, signals):
+        started.append((command[2:], signal.getsignal(signal.SIGTERM), signals))
+        log.write('asen.py ran\n')
+        argv = command[2:]
+        if '--test' in argv:
+            run = argv[argv.index('--resume') + 1].split('/')[1]
+            dataset, key, _ = run.split('-')
+            attributes = DEEPFASHION_ATTRS if dataset == 'deepfashion' else SYNTH_ATTRS
+            fake_result(workdir, run, key, [v + maps[key] for v in (10, 20, 30, 40, 50)],
+                        dataset={'deepfashion': 'DeepFashion', 'darn': 'DARN'}[dataset], attributes=attributes)
+        return 0
+    return run_asen
+
+
+def test_a_table_is_run_and_collected_beside_the_papers_figures(workdir, capsys, monkeypatch):
+    """Every row trained (a .trained mark, a log starting with its command) then tested, with the stop
+    signals passed on while asen.py runs; each table collected from its own runs, the paper's figures
+    and the differences beside ours where a source was read, 'no figure' where none."""
+    started = []
+    monkeypatch.setattr(reproduce, 'run_asen', stand_in_asen(workdir, started))
+    before = signal.getsignal(signal.SIGTERM)
+    assert reproduce.main(['deepfashion', 'darn', '--data-path', 'D']) == 0
+    out = capsys.readouterr().out
+    assert [argv[argv.index('--name') + 1] if '--name' in argv else 'test' for argv, _, _ in started] == \
+        ['deepfashion-triplet-s1', 'test', 'deepfashion-csn-s1', 'test', 'deepfashion-asen-s1', 'test',
+         'darn-triplet-s1', 'test', 'darn-csn-s1', 'test', 'darn-asen-s1', 'test']
+    for _, handler, signals in started:
+        assert isinstance(signals, reproduce.PassOnSignals) and handler == signals._handle
+    assert signal.getsignal(signal.SIGTERM) == before
+    logs = workdir / 'runs' / 'reproduce'
+    for run in ('deepfashion-triplet-s1', 'darn-asen-s1'):
+        assert (logs / f'{run}.trained').is_file()
+        assert (logs / f'{run}.train.log').read_text().splitlines() == [
+            reproduce.shlex.join(reproduce.asen_command(started[0][0] if run.startswith('deepfashion') else
+                                                        started[-2][0])), 'asen.py ran']
+        assert f'{run}: train (log {os.path.join("runs", "reproduce", run + ".train.log")})' in out
+    text = (logs / 'deepfashion.md').read_text()
+    assert text.endswith('\n') and text[:-1] + '\n\n' in out
+    lines = text.splitlines()
+    assert lines[:4] == ['## deepfashion: DeepFashion', '',
+                         '| row | figures | runs | ' + ' | '.join(DEEPFASHION_ATTRS) + ' | MeanAP |',
+                         '|' + ' --- |' * 9]
+    assert lines[4:7] == ['| Triplet | ours | 1 | 10.00 | 20.00 | 30.00 | 40.00 | 50.00 | 30.00 |',
+                          '| Triplet | paper | | 13.26 | 6.28 | 9.49 | 4.43 | 3.33 | 7.36 |',
+                          '| Triplet | ours - paper | | -3.26 | +13.72 | +20.51 | +35.57 | +46.67 | +22.64 |']
+    assert lines[10] == '| ASEN | ours | 1 | 12.00 | 22.00 | 32.00 | 42.00 | 52.00 | 32.00 |'
+    assert lines[13:] == ['| Random | ours | 3 |  |  |  |  |  | 20.00 ± 0.00 |',
+                          '| Random | paper | | 6.69 | 2.69 | 3.23 | 2.55 | 1.97 | 3.38 |',
+                          '| Random | ours - paper | |  |  |  |  |  | +16.62 |', '',
+                          f'Paper figures of Triplet, CSN, ASEN, Random: {reproduce.CRL}.']
+    data = json.loads((logs / 'deepfashion.json').read_text())
+    assert [r['row'] for r in data['rows']] == ['Triplet', 'CSN', 'ASEN', 'Random']
+    assert data['rows'][1]['ours']['MeanAP'] == 31.0 and data['rows'][1]['difference']['MeanAP'] == \
+        pytest.approx(31.0 - 8.01) and data['rows'][1]['paper'] == dict(zip(reproduce.DEEPFASHION_COLUMNS,
+                                                                            (14.09, 6.39, 11.07, 5.13, 3.49, 8.01)))
+    assert data['dataset'] == data['paper_dataset'] == 'DeepFashion' and data['sources'] == [
+        os.path.join('runs', f'deepfashion-{key}-s1', 'test_results.json') for key in ('triplet', 'csn', 'asen')]
+    darn = (logs / 'darn.md').read_text().splitlines()
+    assert darn[0] == '## darn: DARN' and len(darn) == 10 and '| paper |' not in '\n'.join(darn)
+    assert darn[-1] == f'No figure read for Triplet, CSN, ASEN, Random: compare with {reproduce.TABLES["darn"]["compare"]}.'
+    assert (logs / 'index.html').is_file()
+    # the same command again: every row has its result, nothing runs, the tables are the same
+    started.clear()
+    assert reproduce.main(['deepfashion', 'darn', '--data-path', 'D']) == 0
+    assert started == [] and (logs / 'deepfashion.md').read_text() == text
+
+
+def test_a_run_shared_by_two_tables_is_run_once_and_the_rows_after_it_still_run(workdir, capsys):
+    assert reproduce.main(['ablation-fashionai', 'fashionai', '--dry-run']) == 0
+    names = [line.split('--name ')[1].split()[0] for line in commands(capsys.readouterr().out) if '--name' in line]
+    assert names == ['fashionai-noasa-s1', 'fashionai-noaca-s1', 'fashionai-asen-s1', 'fashionai-triplet-s1',
+                     'fashionai-csn-s1', 'fashionai-asenv2-s1']
+
+
+def test_cost_sums_every_table_and_sizes_the_cache_in_gib(workdir, capsys):
+    """Each table's hours and their sum in hours and days; the cache N x S x S x 3 bytes in GiB."""
+    fake_fashionai(workdir, train=100000)
+    log = workdir / 'epoch.log'
+    log.write_text('2026-01-01 10:00:00,000 - asen - INFO - Begin training on FashionAI dataset.\n'
+                   '2026-01-01 10:00:01,000 - asen - INFO - Train Epoch: 1 [0/5000]\tLoss: 0.2\n'
+                   '2026-01-01 10:00:25,000 - asen - INFO - MeanAP: 40.0\n')
+    assert reproduce.main(['darn', 'deepfashion', '--cost', '--rates', str(log), '--data-path', 'D']) == 0
+    out = capsys.readouterr().out
+    row = 200 * 100000 / 200 / 3600                     # 200 epochs of 100000 triplets at 200 a second
+    assert f'| darn | **table** | | | **{3 * row:.1f}** |' in out
+    assert f'| **all** | | | | **{6 * row:.1f}** ({6 * row / 24:.1f} days) |' in out
+    assert reproduce.main(['fashionai', '--cost', '--rates', str(log), '--data-path', 'D']) == 0
+    assert f"| FashionAI | train | 100000 | {100000 * 224 * 224 * 3 / 2 ** 30:.2f} |" in capsys.readouterr().out
+
+
+def test_help_and_an_interrupt(monkeypatch, capsys):
+    assert reproduce.get_parser().description == reproduce.__doc__.splitlines()[0]
+
+    def interrupted(names, opts):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(reproduce, 'plan', interrupted)
+    assert reproduce.main(['darn', '--dry-run']) == 130
+    assert capsys.readouterr().err.startswith('error: interrupted (Ctrl-C)')
+
+
+def test_cost_without_rates_lists_every_row_with_no_time(workdir, capsys, monkeypatch):
+    monkeypatch.setattr(costs, 'read_rates', lambda path: None)
+    assert reproduce.main(['darn', '--cost']) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith('| darn |')] == [
+        '| darn | Triplet | 1 | | no rate |', '| darn | CSN | 1 | | no rate |', '| darn | ASEN | 1 | | no rate |']
+    assert 'no time projected' in out and '**all**' not in out

@@ -105,3 +105,121 @@ def test_a_torn_last_line_of_metrics_is_cut_before_the_next_record(world, monkey
     lines = path.read_text().splitlines()
     assert lines[0] == first.strip() and [json.loads(line)['epoch'] for line in lines] == [1, 2]
     assert 'torn line' in world.path('runs/shared/train.log').read_text()
+
+
+# ----------------------------------------------------------------------------- the rule's parts, one by one
+
+def folder_args(**given):
+    from types import SimpleNamespace
+    return SimpleNamespace(**dict(dict(overwrite=False, resume=None, start_epoch=1, test=False), **given))
+
+
+def test_runfolder_a_new_run_is_told_the_snapshot_to_continue_from(tmp_path):
+    from lib import runfolder
+    from utils import UserError
+    run = tmp_path / 'r'
+    run.mkdir()
+    (run / 'args.json').write_text('{}')
+    runfolder.check_not_overwriting(str(run), folder_args())          # an attempt before its first snapshot
+    (run / 'metrics.jsonl').write_text('{"epoch": 1}\n')
+    with pytest.raises(UserError) as refused:                          # an attempt that recorded an epoch
+        runfolder.check_not_overwriting(str(run), folder_args())
+    assert 'continue it with' not in str(refused.value) and 'metrics.jsonl, args.json' in str(refused.value)
+    (run / 'checkpoint.pth.tar').write_bytes(b'x')
+    with pytest.raises(UserError, match=f'continue it with --resume {run}/checkpoint.pth.tar, '):
+        runfolder.check_not_overwriting(str(run), folder_args())
+    runfolder.check_recorded_run(str(run), folder_args(resume=str(run / 'checkpoint.pth.tar')), None)
+
+
+def test_runfolder_a_torn_line_is_cut_and_its_size_returned(tmp_path):
+    from lib import runfolder
+    path = tmp_path / 'metrics.jsonl'
+    assert runfolder.cut_torn_metrics_line(str(tmp_path)) == 0                 # no file
+    path.write_bytes(b'')
+    assert runfolder.cut_torn_metrics_line(str(tmp_path)) == 0
+    path.write_bytes(b'{"epoch": 1}\n')
+    assert runfolder.cut_torn_metrics_line(str(tmp_path)) == 0 and path.read_bytes() == b'{"epoch": 1}\n'
+    path.write_bytes(b'{"epoch": 1}\n{"ep')
+    assert runfolder.cut_torn_metrics_line(str(tmp_path)) == 4 and path.read_bytes() == b'{"epoch": 1}\n'
+
+
+def test_runfolder_newest_epoch_reads_whole_epochs_only(tmp_path):
+    from lib import runfolder
+    assert runfolder.newest_epoch(str(tmp_path)) == 0                         # no metrics.jsonl
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('')
+    assert runfolder.newest_epoch(str(tmp_path)) == 0
+    path.write_text('{"epoch": true}\n{"epoch": "3"}\n[1]\nnot json\n')
+    assert runfolder.newest_epoch(str(tmp_path)) == 0
+    path.write_text('{"epoch": 2}\n{"epoch": 3}\n{"epoch": "9"}\n')
+    assert runfolder.newest_epoch(str(tmp_path)) == 3
+
+
+def test_runfolder_a_resume_may_not_go_back_in_its_own_folder(tmp_path):
+    from lib import runfolder
+    from utils import UserError
+    run = tmp_path / 'r'
+    run.mkdir()
+    (run / 'metrics.jsonl').write_text('{"epoch": 1}\n')
+    own, elsewhere = str(run / 'model_best.pth.tar'), str(tmp_path / 'model_best.pth.tar')
+    runfolder.check_not_going_back(str(run), folder_args(resume=own, start_epoch=2))
+    with pytest.raises(UserError, match='already recorded epoch 1'):
+        runfolder.check_not_going_back(str(run), folder_args(resume=own, start_epoch=1))
+    runfolder.check_not_going_back(str(run), folder_args(resume=own, start_epoch=1, overwrite=True))
+    runfolder.check_not_going_back(str(run), folder_args(resume=elsewhere, start_epoch=1))
+
+
+def test_runfolder_test_results_are_replaced_only_by_the_same_checkpoints(tmp_path, monkeypatch):
+    from lib import runfolder
+    from utils import UserError
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / 'r'
+    run.mkdir()
+    runfolder.check_test_results(str(run), folder_args(resume='a.pth.tar'))       # no earlier result
+    (run / 'test_results.json').write_text(json.dumps({'checkpoint': str(tmp_path / 'a.pth.tar')}))
+    runfolder.check_test_results(str(run), folder_args(resume='a.pth.tar'))       # the same file, relative
+    runfolder.check_test_results(str(run), folder_args(resume='r/checkpoint.pth.tar'))    # this folder's
+    with pytest.raises(UserError, match=f'of {tmp_path}/a.pth.tar, not of --resume b.pth.tar'):
+        runfolder.check_test_results(str(run), folder_args(resume='b.pth.tar'))
+    runfolder.check_test_results(str(run), folder_args(resume='b.pth.tar', overwrite=True))
+    (run / 'test_results.json').write_text(json.dumps({'checkpoint': ''}))
+    assert runfolder.tested_checkpoint(str(run / 'test_results.json')) is None
+    with pytest.raises(UserError, match='of another model'):
+        runfolder.check_test_results(str(run), folder_args(resume='b.pth.tar'))
+
+
+def test_runfolder_write_test_results_moves_another_checkpoints_aside_only_when_told(tmp_path):
+    from lib import runfolder
+    runfolder.write_test_results({'checkpoint': 'a'}, str(tmp_path), overwrite=True)        # nothing to move
+    runfolder.write_test_results({'checkpoint': 'b'}, str(tmp_path))                        # not told: replaced
+    runfolder.write_test_results({'checkpoint': 'b', 'x': 1}, str(tmp_path), overwrite=True)  # the same one
+    assert os.listdir(tmp_path) == ['test_results.json']
+    runfolder.write_test_results({'checkpoint': 'c'}, str(tmp_path), overwrite=True)
+    aside = [n for n in os.listdir(tmp_path) if n != 'test_results.json']
+    assert len(aside) == 1 and json.loads((tmp_path / aside[0]).read_text()) == {'checkpoint': 'b', 'x': 1}
+
+
+def test_runfolder_aside_names_count_up_from_2(tmp_path, monkeypatch):
+    from lib import runfolder
+    monkeypatch.setattr(runfolder.time, 'strftime', lambda fmt: '20260101-000000')
+    base = str(tmp_path / 'r') + '.replaced-20260101-000000'
+    assert runfolder.aside_name(str(tmp_path / 'r') + '/') == base
+    os.mkdir(base)
+    assert runfolder.aside_name(str(tmp_path / 'r')) == base + '-2'
+    os.mkdir(base + '-2')
+    assert runfolder.aside_name(str(tmp_path / 'r')) == base + '-3'
+
+
+def test_runfolder_an_output_file_is_new_or_an_earlier_output(tmp_path):
+    from lib import runfolder
+    from utils import UserError
+    path = str(tmp_path / 'out.json')
+    runfolder.check_new_output(path, '--out')
+    (tmp_path / 'out.json').write_text('{}')
+    with pytest.raises(UserError, match='already exists'):
+        runfolder.check_new_output(path, '--out')
+    with pytest.raises(UserError, match='already exists'):
+        runfolder.check_new_output(path, '--out', lambda p: False)
+    runfolder.check_new_output(path, '--out', lambda p: True)
+    with pytest.raises(UserError, match='is a folder'):
+        runfolder.check_new_output(str(tmp_path), '--out', lambda p: True)

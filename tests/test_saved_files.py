@@ -138,3 +138,41 @@ def test_set_aside_leaves_train_log_and_lock(tmp_path):
     aside = runfolder.set_aside_previous_run(str(run))
     assert sorted(os.listdir(run)) == ['.lock', 'train.log']
     assert sorted(os.listdir(aside)) == ['args.json', 'checkpoint.pth.tar', 'metrics.jsonl']
+
+
+# ----------------------------------------------------------------------------- the lock and the temporaries
+
+def test_a_locked_folder_stops_every_rank_with_rank_0s_reason(tmp_path, monkeypatch):
+    """Rank 0's own error (the folder is in use) when it cannot lock; on the other ranks, which
+    lock nothing, one line saying that rank 0 could not."""
+    import contextlib
+    from lib import runtime
+    run = str(tmp_path / 'r')
+    os.makedirs(run)
+    with runfolder.run_lock(run):
+        with contextlib.ExitStack() as stack, pytest.raises(utils.UserError, match='in use by another training'):
+            runfolder.lock_for_every_rank(stack, run, torch.device('cpu'))
+    monkeypatch.setattr(runtime, 'is_main_process', lambda: False)
+    monkeypatch.setattr(runtime, 'any_rank', lambda flag, device: True)
+    with contextlib.ExitStack() as stack, pytest.raises(utils.UserError, match='rank 0 could not lock'):
+        runfolder.lock_for_every_rank(stack, run, torch.device('cpu'))
+
+
+def test_only_training_removes_temporaries_and_only_plain_files(tmp_path):
+    """A command that does not train holds no lock: a save may be under way, its temporary file is
+    left alone. Training removes the temporary files, not a link or a folder of that name."""
+    from types import SimpleNamespace
+    run = tmp_path / 'r'
+    run.mkdir()
+    outside = tmp_path / 'kept.pth.tar'
+    outside.write_bytes(b'kept')
+    (run / '.tmp-save').write_bytes(b'\0' * 64)
+    (run / 'c.pth.tar.tmp').write_bytes(b'\0' * 64)
+    (run / '.tmp-folder').mkdir()
+    os.symlink(outside, run / '.tmp-link')
+    args = SimpleNamespace(test=False, resume=None, overwrite=False)
+    with runfolder.prepare(str(run), args, training=False, device=torch.device('cpu')):
+        pass
+    assert sorted(os.listdir(run)) == ['.tmp-folder', '.tmp-link', '.tmp-save', 'c.pth.tar.tmp']
+    runfolder.remove_stale_temporaries(str(run))
+    assert sorted(os.listdir(run)) == ['.tmp-folder', '.tmp-link'] and outside.read_bytes() == b'kept'

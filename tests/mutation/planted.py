@@ -92,6 +92,19 @@ D = [
  ('cache key ignores modification times', 'lib/imagecache.py', "{image_id} {st.st_size} {st.st_mtime_ns}", "{image_id} {st.st_size}", 'test_imagecache'),
  ('cache of a short data file used', 'lib/imagecache.py', "and os.path.getsize(data_path) == len(ids) * size * size * 3", "and os.path.getsize(data_path) > 0", 'test_imagecache'),
  ('cache build moves the global RNG', 'lib/imagecache.py', 'batch_size=32, num_workers=workers,\n                                         generator=torch.Generator())', 'batch_size=32, num_workers=workers)', 'test_imagecache'),
+ ('overwrite leaves the heatmaps in place', 'lib/runfolder.py', "RUN_EXTRA_FOLDERS = ('heatmaps', 'retrieval', 'retrieval_cache')", "RUN_EXTRA_FOLDERS = ('retrieval', 'retrieval_cache')", 'test_saved_files'),
+ ('args.json with records taken for an attempt', 'lib/runfolder.py', "if held == ['args.json']:", "if 'args.json' in held:", 'test_run_rule'),
+ ('test results compared by the path as typed', 'lib/runfolder.py', 'os.path.realpath(earlier) == os.path.realpath(args.resume)', 'earlier == args.resume', 'test_run_rule'),
+ ('going back checked with swapped arguments', 'lib/runfolder.py', 'if not resumes_in(run_dir, args.resume) or args.overwrite:', 'if not resumes_in(args.resume, run_dir) or args.overwrite:', 'test_run_rule'),
+ ('torn line not cut', 'lib/runfolder.py', '            handle.truncate(keep)\n', '', 'test_run_rule'),
+ ('reproduce: stage 2 continued from stage 1 again', 'reproduce.py', '        train = continued(train)\n', '        pass\n', 'test_reproduce'),
+ ('reproduce: a .trained mark without model_best taken as trained', 'reproduce.py', "if os.path.isfile(os.path.join(LOGS, f'{run}.trained')) and \\\n            os.path.isfile(os.path.join(folder, 'model_best.pth.tar')):", "if os.path.isfile(os.path.join(LOGS, f'{run}.trained')):", 'test_reproduce'),
+ ('reproduce: difference as paper minus ours', 'reproduce.py', 'diff = {c: mean[c] - paper[c]', 'diff = {c: paper[c] - mean[c]', 'test_reproduce'),
+ ('reproduce: the Random row left out', 'reproduce.py', "        rows.append(('Random', random))\n", '        pass\n', 'test_reproduce'),
+ ('reproduce: the last signal named, not the first', 'reproduce.py', 'self.signal_name = self.signal_name or signal.Signals(number).name', 'self.signal_name = signal.Signals(number).name', 'test_reproduce'),
+ ('checkpoints: newest snapshot by the order found', 'lib/checkpoints.py', '_, path, checkpoint = max(found, key=lambda item: item[0])', '_, path, checkpoint = found[-1]', 'test_checkpoints'),
+ ("checkpoints: step snapshot keeps the RNGs of now, not the pass's", 'lib/checkpoints.py', "    state['rng'] = rng\n", '', 'test_checkpoints'),
+ ('checkpoints: restore leaves the RNGs', 'lib/checkpoints.py', "    utils.set_rng_state(checkpoint['rng'])\n    return", '    return', 'test_checkpoints'),
 ]
 only = sys.argv[1:]
 for name, f, old, new, test in D:
