@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import reproduce
-from helpers import TINY_EXTRA, build_zappos, fake_result, file_hash
+from helpers import SYNTH_ATTRS, TINY_EXTRA, build_zappos, fake_result, file_hash
 from lib import costs
 
 
