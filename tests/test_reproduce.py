@@ -392,6 +392,21 @@ def test_say_writes_one_line_to_stdout_and_lets_a_closed_stdout_be(monkeypatch, 
     reproduce.say('to a closed stdout')                     # ValueError: let be
 
 
+@pytest.mark.slow                                           # a real process: its stdout is the subject
+def test_a_reader_gone_mid_table_ends_the_command_quietly_with_status_0(tmp_path):
+    """`reproduce.py --dry-run | head -1`: the reader closes the pipe; the next write fails inside
+    main, which stops there with status 0 and no traceback (as `head` users expect), not 1."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)                                      # the reader is gone before the first line
+    try:
+        done = subprocess.run([sys.executable, reproduce.__file__, '--dry-run'], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=120,
+                              env={**os.environ, 'PYTHONUNBUFFERED': '1'})    # the first print writes
+    finally:
+        os.close(write_end)
+    assert (done.returncode, done.stderr) == (0, '')
+
+
 def test_the_child_has_its_own_process_group_and_dies_with_reproduce(tmp_path):
     """child_setup in a real child: its own process group, SIGTERM as its parent-death signal
     (prctl PR_GET_PDEATHSIG), and it runs (the parent it was given is its parent)."""

@@ -15,7 +15,7 @@ import losses
 import utils
 from conftest import ROOT, TINY
 from helpers import FAITHFUL, assert_one_line_error, load, private_copy, run_main
-from lib import checkpoints, engine
+from lib import checkpoints, engine, runfolder
 
 # Runs asen.py's main in a child that SIGKILLs itself right after optimizer step KILL_AT_STEP:
 # no handler, no `finally`, no flush runs, as when the machine or a scheduler kills a job.
@@ -145,6 +145,8 @@ def test_best_snapshot_stays_when_later_checkpoints_replace_it(tmp_path, monkeyp
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_snapshot(workdir, monkeypatch, capsys):
     assert asen.main(TINY + ['--epochs', '1', '--name', 'nan']) == 0
+    run = workdir / 'runs/nan'
+    snapshots = {name: (run / name).read_bytes() for name in ('checkpoint.pth.tar', 'model_best.pth.tar')}
     real_loss, calls = losses.triplet_loss, []
 
     def nan_from_the_second_batch(sim_an, sim_ap, margin):      # a diverged loss: NaN, with its graph
@@ -153,11 +155,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_snapshot(workdir, monkeypatch,
         return loss * float('nan') if len(calls) >= 2 else loss
     monkeypatch.setattr(losses, 'triplet_loss', nan_from_the_second_batch)
     # no log line after batch 0: the flag is read at the end of the epoch and still names batch 1
-    assert asen.main(['--resume', 'runs/nan/checkpoint.pth.tar', '--epochs', '2', '--log-interval', '100']) == 2
+    # a step snapshot after every step: the one after batch 0 is written, none with the diverged weights
+    assert asen.main(['--resume', 'runs/nan/checkpoint.pth.tar', '--epochs', '2', '--log-interval', '100',
+                      '--checkpoint-every', '1']) == 2
     err = capsys.readouterr().err
     assert 'non-finite loss at epoch 2, batch 1;' in err and len(err.strip().splitlines()) == 1
-    assert load(workdir / 'runs/nan/checkpoint.pth.tar')['epoch'] == 1
-    assert not (workdir / 'runs/nan/interrupted.pth.tar').exists()
+    assert {name: (run / name).read_bytes() for name in snapshots} == snapshots     # epoch 1's, byte for byte
+    step = load(run / runfolder.STEP_SNAPSHOT)
+    assert checkpoints.progress(step) == (1, 1)                      # epoch 1 done, 1 step into epoch 2
+    assert all(torch.isfinite(w).all() for w in step['state_dict'].values() if w.is_floating_point())
 
 
 def ctrl_c_after_step(at):

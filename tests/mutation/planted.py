@@ -97,6 +97,8 @@ D = [
  ('test results compared by the path as typed', 'lib/runfolder.py', 'os.path.realpath(earlier) == os.path.realpath(args.resume)', 'earlier == args.resume', 'test_run_rule'),
  ('going back checked with swapped arguments', 'lib/runfolder.py', 'if not resumes_in(run_dir, args.resume) or args.overwrite:', 'if not resumes_in(args.resume, run_dir) or args.overwrite:', 'test_run_rule'),
  ('torn line not cut', 'lib/runfolder.py', '            handle.truncate(keep)\n', '', 'test_run_rule'),
+ ('preemption: a step snapshot written without the finite check first', 'lib/preemption.py', '        check_finite()\n', '', 'test_robustness'),
+ ('reproduce: a reader gone mid-table is an error', 'reproduce.py', "sys.stdout.fileno())\n        return 0", "sys.stdout.fileno())\n        return 1", 'test_reproduce'),
  ('reproduce: stage 2 continued from stage 1 again', 'reproduce.py', '        train = continued(train)\n', '        pass\n', 'test_reproduce'),
  ('reproduce: a .trained mark without model_best taken as trained', 'reproduce.py', "if os.path.isfile(os.path.join(LOGS, f'{run}.trained')) and \\\n            os.path.isfile(os.path.join(folder, 'model_best.pth.tar')):", "if os.path.isfile(os.path.join(LOGS, f'{run}.trained')):", 'test_reproduce'),
  ('reproduce: difference as paper minus ours', 'reproduce.py', 'diff = {c: mean[c] - paper[c]', 'diff = {c: paper[c] - mean[c]', 'test_reproduce'),
