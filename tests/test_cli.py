@@ -1,8 +1,10 @@
 """The command line tells the truth: --help states each default once, each flag's range and role
 are its own (lib/flags.py), the SynthFashion preset yields to every explicit flag and picks its precision for the device used, a too-old torch is one
 line, the original's --visdom is accepted, and --heatmap-every decides which epochs draw."""
+import argparse
 import ast
 import glob
+import math
 import os
 import re
 
@@ -144,6 +146,106 @@ def test_only_the_flags_that_shape_the_weights_tell_runs_apart():
         assert (differs is not None) == (rule.role == flags.RUN), dest
     assert flags.RULES['lr'].role == flags.RUN and flags.RULES['epochs'].role == flags.KEPT
     assert flags.RULES['workers'].role == flags.INVOCATION and 'workers' in flags.INVOCATION_FLAGS
+
+
+# The defaults: the paper's training (Adam at 1e-4, margin 0.2, 1024-d embeddings, batches of 16
+# triplets of 224 px, 100000 triplets an epoch, 200 epochs, StepLR every epoch by 0.985), ASEN++'s
+# (threshold 0.1, beta 0.6, 1e-5 for the global branch, local and alignment weights 0.1), CSN's
+# regularisers' weights, and the rest off or unset.
+DEFAULTS = {
+    'dataset': 'FashionAI', 'data_path': 'data', 'img_size': 224, 'num_triplets': 100000, 'synth_images': 2000,
+    'skip_bad_images': False, 'check_data': False, 'workers': None, 'allow_large_images': False,
+    'cache_images': False, 'model': 'ASENet', 'backbone': 'resnet50', 'pretrained': True, 'backbone_weights': None,
+    'dim_embed': 1024, 'csn_fixed_masks': False, 'csn_reg': False, 'csn_embed_weight': 5e-3,
+    'csn_mask_weight': 5e-4, 'stage': None, 'local_backbone': 'resnet34', 'local_size': None, 'threshold': 0.1,
+    'beta': 0.6, 'local_crop': 'original', 'epochs': 200, 'start_epoch': 1, 'batch_size': 16,
+    'eval_batch_size': 64, 'lr': 1e-4, 'step_size': 1, 'decay_rate': 0.985, 'margin': 0.2, 'lr_global': 1e-5,
+    'local_weight': 0.1, 'align_weight': 0.1, 'seed': 1, 'amp': 'off', 'tf32': None, 'channels_last': False,
+    'compile': False, 'compile_mode': 'default', 'concat_forward': False, 'sync_bn': False, 'name': 'ASEN',
+    'resume': None, 'checkpoint_every': '5m', 'overwrite': False, 'test': False, 'no_cuda': False,
+    'log_interval': 400, 'heatmap_every': 0, 'visdom': False, 'visualize': False, 'report': False,
+    'retrieve': None, 'attribute': None, 'topk': 10, 'gallery': None, 'collect': None, 'collect_out': None,
+    'collect_by': 'model'}
+
+
+def test_the_defaults_are_the_papers():
+    parsed = vars(asen.get_args_parser().parse_args([]))
+    assert parsed == DEFAULTS
+    assert all(type(parsed[k]) is type(v) for k, v in DEFAULTS.items())          # 1e-4, not 1; None, not 0
+    assert all(rule.default == DEFAULTS[dest] for dest, rule in flags.RULES.items() if rule.default is not None)
+    assert config.from_flags([]).as_dict() == DEFAULTS                           # no step changes a default
+    assert flags.RULES['stage'].choices == (1, 2) and asen.get_args_parser().parse_args(['--stage', '1']).stage == 1
+
+
+# Each ranged flag: (values accepted, values refused), its bounds and one past each.
+RANGES = {
+    'img_size': ([32, 4096], [31, 4097]), 'num_triplets': ([1, 100_000_000], [0, 100_000_001]),
+    'synth_images': ([40, 10_000_000], [39, 10_000_001]), 'workers': ([0, 256], [-1, 257]),
+    'dim_embed': ([1, 65536], [0, 65537]), 'local_size': ([1, 4096], [0, 4097]),
+    'epochs': ([1, 100_000], [0, 100_001]), 'start_epoch': ([1, 10**9], [0]),
+    'batch_size': ([1, 65536], [0, 65537]), 'eval_batch_size': ([1, 65536], [0, 65537]),
+    'step_size': ([1], [0]), 'seed': ([0, 2**63 - 1], [-1, 2**63]), 'log_interval': ([1], [0]),
+    'heatmap_every': ([0], [-1]), 'topk': ([1], [0]),
+    'csn_embed_weight': ([0.0, 1e-9], [-1e-9, math.inf]), 'csn_mask_weight': ([0.0, 1e-9], [-1e-9, math.nan]),
+    'threshold': ([1e-9, 0.5, 1 - 1e-9], [0.0, 1.0]), 'beta': ([0.0, 1.0], [-1e-9, 1 + 1e-9]),
+    'lr': ([1e-9, 0.5, 1.5], [0.0, -1e-9]), 'lr_global': ([1e-9, 0.5, 1.5], [0.0]),
+    'margin': ([1e-9, 0.5, 1.5], [0.0]), 'decay_rate': ([1e-9, 1.0], [0.0, 1 + 1e-9]),
+    'local_weight': ([0.0, 1e-9, 2.0], [-1e-9]), 'align_weight': ([0.0, 1e-9, 2.0], [-1e-9]),
+    'name': (['ASEN', 'a.b', '...'], ['', '.', '..', 'a/b', '/abs', 'a\0b']),
+    **{dest: (['x', '.'], ['']) for dest in ('data_path', 'backbone_weights', 'resume', 'retrieve', 'attribute',
+                                              'gallery', 'collect_out')},
+}
+
+
+def test_each_flags_range_has_its_bounds():
+    """Each bound is in, one past it is out: on the command line (argparse's type=) and for a
+    value restored from a checkpoint (`accepts`)."""
+    ranged = {dest: rule.range for dest, rule in flags.RULES.items() if rule.range is not None}
+    assert set(ranged) == set(RANGES)
+    for dest, (good, bad) in RANGES.items():
+        rng = ranged[dest]
+        for value in good:
+            assert rng.accepts(value) and rng(str(value)) == value, (dest, value)
+        for value in bad:
+            assert not rng.accepts(value), (dest, value)
+            with pytest.raises(argparse.ArgumentTypeError):
+                rng(str(value))
+    assert flags.RULES['seed'].range.allowed == 'a whole number from 0 to 2**63-1'
+
+
+def test_a_restored_value_of_another_kind_is_refused():
+    """A checkpoint's 'img_size': 64.0, 'lr': 'fast' or 'pretrained': 'yes' is damage, not a setting:
+    refused by name, also where the value would pass the range's comparison (True for a whole number)."""
+    for dest, value, words in (('img_size', 64.0, 'a whole number'), ('img_size', '64', 'a whole number'),
+                               ('epochs', True, 'a whole number'), ('lr', 'fast', 'a number'),
+                               ('lr', False, 'a number'), ('pretrained', 'yes', 'true or false'),
+                               ('name', 7, 'a string'), ('collect', ['a', 1], 'a list of strings'),
+                               ('amp', 'fp8', 'one of off, bf16, fp16'), ('stage', 3, 'one of 1, 2'),
+                               ('img_size', None, 'a whole number')):
+        draft = config.Draft(vars(asen.get_args_parser().parse_args([])), ())
+        draft.set(dest, value, '--resume old.pth.tar')
+        with pytest.raises(utils.UserError, match=rf'^{flag_re(dest)} .* \(from --resume old.pth.tar\): must be {words}'):
+            draft.freeze({dest}, 'old.pth.tar')
+    restored = config.Draft({**DEFAULTS, 'amp': 'bf16', 'stage': 2, 'collect_by': 'run'}, ())
+    assert restored.freeze(set(DEFAULTS), 'old.pth.tar').amp == 'bf16'       # each of its kind and choices
+    for whole_value in (0, 7, 2**63):
+        assert flags.KIND_TESTS['int'](whole_value) and flags.KIND_TESTS['float'](whole_value)
+    for other in (True, False, 2.0, '2', None):
+        assert not flags.KIND_TESTS['int'](other), other
+    for other in (True, '2.0', None):
+        assert not flags.KIND_TESTS['float'](other), other
+
+
+def flag_re(dest):
+    return re.escape(flags.flag_name(dest))
+
+
+def test_checkpoint_every_takes_fractions_of_a_minute():
+    assert flags.parse_interval('0.5m') == (None, 30.0) and flags.parse_interval(' 2m ') == (None, 120.0)
+    assert flags.checkpoint_interval('0.5m') == '0.5m'
+    for bad in ('-1m', 'infm', 'nanm', '-3', 'm'):
+        with pytest.raises(ValueError):
+            flags.parse_interval(bad)
 
 
 def test_no_module_imports_the_entry_point():
