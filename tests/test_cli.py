@@ -7,7 +7,9 @@ import glob
 import math
 import os
 import re
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,6 +150,18 @@ def test_only_the_flags_that_shape_the_weights_tell_runs_apart():
     assert flags.RULES['workers'].role == flags.INVOCATION and 'workers' in flags.INVOCATION_FLAGS
 
 
+def test_the_first_difference_named_is_the_plainest():
+    """Of several settings that differ, the dataset, the model, the stage, the backbone come first,
+    in that order, then the rest by name."""
+    args = config.from_flags([])
+    saved = {**args.as_dict(), 'lr': 0.5, 'batch_size': 8, 'backbone': 'resnet18', 'stage': 2, 'model': 'ASENpp',
+             'dataset': 'DARN', 'workers': 3}
+    for expected in ('dataset', 'model', 'stage', 'backbone', 'batch_size', 'lr'):
+        assert flags.first_difference(args, saved) == (expected, saved[expected], getattr(args, expected))
+        saved[expected] = getattr(args, expected)
+    assert flags.first_difference(args, saved) is None                  # --workers does not shape the weights
+
+
 # The defaults: the paper's training (Adam at 1e-4, margin 0.2, 1024-d embeddings, batches of 16
 # triplets of 224 px, 100000 triplets an epoch, 200 epochs, StepLR every epoch by 0.985), ASEN++'s
 # (threshold 0.1, beta 0.6, 1e-5 for the global branch, local and alignment weights 0.1), CSN's
@@ -226,6 +240,9 @@ def test_a_restored_value_of_another_kind_is_refused():
         draft.set(dest, value, '--resume old.pth.tar')
         with pytest.raises(utils.UserError, match=rf'^{flag_re(dest)} .* \(from --resume old.pth.tar\): must be {words}'):
             draft.freeze({dest}, 'old.pth.tar')
+    draft = config.Draft({**DEFAULTS, 'pretrained': 'yes'}, ())
+    with pytest.raises(utils.UserError, match='--pretrained'):           # past a restored flag left unset
+        draft.freeze({'attribute', 'pretrained'}, 'old.pth.tar')
     restored = config.Draft({**DEFAULTS, 'amp': 'bf16', 'stage': 2, 'collect_by': 'run'}, ())
     assert restored.freeze(set(DEFAULTS), 'old.pth.tar').amp == 'bf16'       # each of its kind and choices
     for whole_value in (0, 7, 2**63):
@@ -246,6 +263,140 @@ def test_checkpoint_every_takes_fractions_of_a_minute():
     for bad in ('-1m', 'infm', 'nanm', '-3', 'm'):
         with pytest.raises(ValueError):
             flags.parse_interval(bad)
+
+
+# ----------------------------------------------------------------------------- the resolution (lib/config.py)
+
+def settings(**changes):
+    return {**DEFAULTS, **changes}
+
+
+@pytest.mark.parametrize('changes, explicit, needle', [
+    (dict(start_epoch=4, epochs=3), (), '--start_epoch 4: must be from 1 to --epochs (3)'),
+    (dict(topk=3), ('topk',), '--topk applies only with --retrieve'),
+    (dict(attribute='colour'), ('attribute',), '--attribute applies only with --retrieve'),
+    (dict(csn_reg=True), (), '--csn-reg applies only to --model ConditionalSimNet'),
+    (dict(csn_fixed_masks=True, model='ASENpp'), (), '--csn-fixed-masks applies only to --model ConditionalSimNet'),
+    (dict(model='ConditionalSimNet', csn_mask_weight=0.1), ('csn_mask_weight',), '--csn-mask-weight applies only with --csn-reg'),
+    (dict(test=True), (), '--test needs --resume'),
+    (dict(report=True), (), '--report needs --resume'),
+    (dict(retrieve='q.jpg', resume='m.pth'), (), '--retrieve needs --attribute'),
+    (dict(cache_images=True, dataset='Zappos50k'), (), '--cache-images is not available for Zappos50k'),
+    (dict(visualize=True, resume='m.pth', dataset='Zappos50k'), (), '--visualize is not available for Zappos50k'),
+])
+def test_settings_that_cannot_work_together_are_refused(changes, explicit, needle):
+    with pytest.raises(utils.UserError) as refused:
+        config.check_values(settings(**changes), frozenset(explicit))
+    assert needle in str(refused.value)
+
+
+@pytest.mark.parametrize('changes, explicit', [
+    (dict(start_epoch=3, epochs=3), ()),
+    (dict(retrieve='q.jpg', attribute='colour', topk=3, resume='m.pth'), ('retrieve', 'attribute', 'topk')),
+    (dict(model='ConditionalSimNet', csn_reg=True, csn_fixed_masks=True, csn_embed_weight=0.1),
+     ('model', 'csn_reg', 'csn_fixed_masks', 'csn_embed_weight')),
+    (dict(test=True, report=True, visualize=True, resume='m.pth'), ()),
+    (dict(dataset='Zappos50k', test=True, resume='m.pth'), ()),
+    (dict(cache_images=True), ()),
+])
+def test_settings_that_work_together_are_accepted(changes, explicit):
+    config.check_values(settings(**changes), frozenset(explicit))
+
+
+def test_visualize_and_retrieve_are_refused_under_torchrun_only(monkeypatch):
+    for changes in (dict(visualize=True), dict(retrieve='q.jpg', attribute='colour')):
+        config.check_values(settings(resume='m.pth', **changes), frozenset())
+        monkeypatch.setattr(runtime, 'distributed', lambda: True)
+        with pytest.raises(utils.UserError, match='without torchrun'):
+            config.check_values(settings(resume='m.pth', **changes), frozenset())
+        monkeypatch.setattr(runtime, 'distributed', lambda: False)
+    monkeypatch.setattr(runtime, 'distributed', lambda: True)
+    config.check_values(settings(test=True, resume='m.pth'), frozenset())
+
+
+def test_collect_takes_only_its_own_flags():
+    args = config.from_flags(['--collect', 'a', 'b', '--collect-by', 'run'])
+    assert args.collect == ['a', 'b'] and args.collect_by == 'run' and args.explicit == {'collect', 'collect_by'}
+    with pytest.raises(utils.UserError, match=r'^--lr does not apply with --collect'):
+        config.from_flags(['--collect', 'a', '--lr', '0.5'])
+
+
+def test_training_is_anything_but_test_report_visualize_retrieve():
+    plain = dict(test=False, report=False, visualize=False, retrieve=None)
+    assert config.is_training(types.SimpleNamespace(**plain))
+    for flag, value in (('test', True), ('report', True), ('visualize', True), ('retrieve', 'q.jpg')):
+        assert not config.is_training(types.SimpleNamespace(**{**plain, flag: value})), flag
+
+
+def draft_of(argv):
+    return config.Draft(vars(asen.get_args_parser().parse_args(argv)), flags.given_flags(argv))
+
+
+def test_a_checkpoint_restores_the_flags_not_given_except_this_invocations():
+    draft = draft_of(['--lr', '0.5', '--resume', 'old.pth'])
+    saved = {'lr': 0.1, 'margin': 0.3, 'name': 'old', 'epochs': 9, 'workers': 7, 'test': True, 'resume': 'x',
+             'visdom_port': 8097}
+    assert config.restore_from_checkpoint(draft, {'args': saved}, 'step') == {'margin', 'name', 'epochs'}
+    assert (draft.lr, draft.margin, draft.name, draft.epochs) == (0.5, 0.3, 'old', 9)
+    assert (draft.workers, draft.test, draft.resume) == (None, False, 'old.pth') and 'visdom_port' not in vars(draft)
+    assert draft.describe() == ['step: --margin 0.3, --name old, --epochs 9']
+    for no_settings in ({'state_dict': {}}, {'args': ['lr', 0.1]}, ['args']):
+        draft = draft_of([])
+        assert config.restore_from_checkpoint(draft, no_settings, 'step') == set() and draft.notes == []
+
+
+def test_the_authors_layout_sets_only_what_it_tells():
+    draft = draft_of(['--dim_embed', '64'])
+    config.adopt_original_settings(draft, {'model': 'ASENet_V2', 'backbone': None, 'dim_embed': 512, 'stage': None},
+                                   'layout')
+    assert (draft.model, draft.backbone, draft.dim_embed, draft.stage) == ('ASENet_V2', 'resnet50', 64, None)
+
+
+def test_a_resumed_run_starts_after_the_checkpoints_epoch():
+    for epoch, start in ((3, 4), (np.int64(3), 4), (0, 1), (None, 1)):
+        draft = draft_of(['--epochs', '5'])
+        config.derive(draft, {'epoch': epoch}, starts_stage2=False)
+        assert draft.start_epoch == start and type(draft.start_epoch) is int, epoch
+    draft = draft_of(['--epochs', '5'])
+    config.derive(draft, {}, starts_stage2=False)
+    assert draft.start_epoch == 1
+    draft = draft_of(['--epochs', '5'])
+    config.derive(draft, {'epoch': 4}, starts_stage2=True)             # ASEN++ stage 2 starts at epoch 1
+    assert draft.start_epoch == 1
+    draft = draft_of(['--epochs', '5', '--start_epoch', '2'])
+    config.derive(draft, {'epoch': 4}, starts_stage2=False)            # given: it wins
+    assert draft.start_epoch == 2
+    draft = draft_of(['--epochs', '5', '--test', '--resume', 'm.pth'])
+    config.derive(draft, {'epoch': 4}, starts_stage2=False)            # not training: no first epoch
+    assert draft.start_epoch == 1
+    draft = draft_of(['--epochs', '5', '--resume', 'm.pth'])
+    with pytest.raises(utils.UserError, match=r'already finished epoch 5 and --epochs is 5'):
+        config.derive(draft, {'epoch': 5}, starts_stage2=False)
+
+
+def test_a_file_outside_runs_names_the_results_folder_when_used_and_no_name_is_given():
+    def name(argv):
+        draft = draft_of(argv)
+        config.name_after_checkpoint(draft, 'step')
+        return draft.name
+    assert name(['--test', '--resume', 'downloads/theirs.pth.tar']) == 'theirs'
+    assert name(['--visualize', '--resume', 'downloads/fashionai/model_best.pth.tar']) == 'fashionai-model_best'
+    assert name(['--test', '--resume', 'downloads/theirs.pth.tar', '--name', 'mine']) == 'mine'
+    assert name(['--resume', 'downloads/theirs.pth.tar']) == 'ASEN'                    # training: its run's name
+    assert name(['--test', '--resume', 'runs/shared/model_best.pth.tar']) == 'ASEN'     # a run folder's file
+    assert name(['--test', '--resume', 'auto']) == 'ASEN'
+    assert name(['--test']) == 'ASEN'
+
+
+def test_resume_auto_continues_training_only(workdir):
+    args = config.from_flags(['--resume', 'auto', '--name', 'fresh'])            # runs/fresh/ holds no snapshot
+    assert args.resume is None and args.name == 'fresh'
+    for use in (['--test'], ['--visualize'], ['--report'], ['--retrieve', 'q.jpg', '--attribute', 'colour']):
+        with pytest.raises(utils.UserError, match='^--resume auto continues a training run'):
+            config.from_flags(['--resume', 'auto', *use])
+    with pytest.raises(utils.UserError, match='^--overwrite with --resume auto'):
+        config.from_flags(['--resume', 'auto', '--overwrite'])
+    assert not os.path.exists('runs')
 
 
 def test_no_module_imports_the_entry_point():

@@ -18,6 +18,7 @@ from helpers import file_hash
     ('downloads/fashionai/model_best.pth.tar', 'fashionai-model_best'),     # our snapshot's name: its folder
     ('downloads/darn/checkpoint.pth.tar', 'darn-checkpoint'),
     ('weights', 'weights'),
+    ('downloads/.pth', '.pth'),                                             # a suffix alone is the name
 ])
 def test_the_folder_is_named_after_the_file(path, name):
     assert config.checkpoint_run_name(path) == name
