@@ -353,7 +353,7 @@ def test_the_authors_layout_sets_only_what_it_tells():
 
 
 def test_a_resumed_run_starts_after_the_checkpoints_epoch():
-    for epoch, start in ((3, 4), (np.int64(3), 4), (0, 1), (None, 1)):
+    for epoch, start in ((3, 4), (4, 5), (np.int64(3), 4), (0, 1), (None, 1)):
         draft = draft_of(['--epochs', '5'])
         config.derive(draft, {'epoch': epoch}, starts_stage2=False)
         assert draft.start_epoch == start and type(draft.start_epoch) is int, epoch
