@@ -17,6 +17,8 @@ from helpers import file_hash
     ('downloads/asenv2_fashionai.pth', 'asenv2_fashionai'),
     ('downloads/fashionai/model_best.pth.tar', 'fashionai-model_best'),     # our snapshot's name: its folder
     ('downloads/darn/checkpoint.pth.tar', 'darn-checkpoint'),
+    ('downloads/darn/step.pth.tar', 'darn-step'),
+    ('downloads/darn/interrupted.pth.tar', 'darn-interrupted'),
     ('weights', 'weights'),
     ('downloads/.pth', '.pth'),                                             # a suffix alone is the name
 ])
