@@ -1,6 +1,9 @@
-"""The command line tells the truth: --help states each default once, each flag's range and role
-are its own (lib/flags.py), the SynthFashion preset yields to every explicit flag and picks its precision for the device used, a too-old torch is one
-line, the original's --visdom is accepted, and --heatmap-every decides which epochs draw."""
+"""The command line tells the truth: --help states each default once, the defaults are the paper's,
+each flag's range, kind and role are its own (lib/flags.py), the SynthFashion preset yields to every
+explicit flag and picks its precision for the device used, the resolution (lib/config.py) restores
+what a checkpoint may, derives the first epoch and the results folder, and refuses settings that
+cannot work together, a too-old torch is one line, the original's --visdom is accepted, and
+--heatmap-every decides which epochs draw."""
 import argparse
 import ast
 import glob
