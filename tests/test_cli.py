@@ -1,11 +1,18 @@
-"""The command line tells the truth: --help states each default once, each flag's range and role
-are its own (lib/flags.py), the SynthFashion preset yields to every explicit flag and picks its precision for the device used, a too-old torch is one
-line, the original's --visdom is accepted, and --heatmap-every decides which epochs draw."""
+"""The command line tells the truth: --help states each default once, the defaults are the paper's,
+each flag's range, kind and role are its own (lib/flags.py), the SynthFashion preset yields to every
+explicit flag and picks its precision for the device used, the resolution (lib/config.py) restores
+what a checkpoint may, derives the first epoch and the results folder, and refuses settings that
+cannot work together, a too-old torch is one line, the original's --visdom is accepted, and
+--heatmap-every decides which epochs draw."""
+import argparse
 import ast
 import glob
+import math
 import os
 import re
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -144,6 +151,255 @@ def test_only_the_flags_that_shape_the_weights_tell_runs_apart():
         assert (differs is not None) == (rule.role == flags.RUN), dest
     assert flags.RULES['lr'].role == flags.RUN and flags.RULES['epochs'].role == flags.KEPT
     assert flags.RULES['workers'].role == flags.INVOCATION and 'workers' in flags.INVOCATION_FLAGS
+
+
+def test_the_first_difference_named_is_the_plainest():
+    """Of several settings that differ, the dataset, the model, the stage, the backbone come first,
+    in that order, then the rest by name."""
+    args = config.from_flags([])
+    saved = {**args.as_dict(), 'lr': 0.5, 'batch_size': 8, 'backbone': 'resnet18', 'stage': 2, 'model': 'ASENpp',
+             'dataset': 'DARN', 'workers': 3}
+    for expected in ('dataset', 'model', 'stage', 'backbone', 'batch_size', 'lr'):
+        assert flags.first_difference(args, saved) == (expected, saved[expected], getattr(args, expected))
+        saved[expected] = getattr(args, expected)
+    assert flags.first_difference(args, saved) is None                  # --workers does not shape the weights
+
+
+# The defaults: the paper's training (Adam at 1e-4, margin 0.2, 1024-d embeddings, batches of 16
+# triplets of 224 px, 100000 triplets an epoch, 200 epochs, StepLR every epoch by 0.985), ASEN++'s
+# (threshold 0.1, beta 0.6, 1e-5 for the global branch, local and alignment weights 0.1), CSN's
+# regularisers' weights, and the rest off or unset.
+DEFAULTS = {
+    'dataset': 'FashionAI', 'data_path': 'data', 'img_size': 224, 'num_triplets': 100000, 'synth_images': 2000,
+    'skip_bad_images': False, 'check_data': False, 'workers': None, 'allow_large_images': False,
+    'cache_images': False, 'model': 'ASENet', 'backbone': 'resnet50', 'pretrained': True, 'backbone_weights': None,
+    'dim_embed': 1024, 'csn_fixed_masks': False, 'csn_reg': False, 'csn_embed_weight': 5e-3,
+    'csn_mask_weight': 5e-4, 'stage': None, 'local_backbone': 'resnet34', 'local_size': None, 'threshold': 0.1,
+    'beta': 0.6, 'local_crop': 'original', 'epochs': 200, 'start_epoch': 1, 'batch_size': 16,
+    'eval_batch_size': 64, 'lr': 1e-4, 'step_size': 1, 'decay_rate': 0.985, 'margin': 0.2, 'lr_global': 1e-5,
+    'local_weight': 0.1, 'align_weight': 0.1, 'seed': 1, 'amp': 'off', 'tf32': None, 'channels_last': False,
+    'compile': False, 'compile_mode': 'default', 'concat_forward': False, 'sync_bn': False, 'name': 'ASEN',
+    'resume': None, 'checkpoint_every': '5m', 'overwrite': False, 'test': False, 'no_cuda': False,
+    'log_interval': 400, 'heatmap_every': 0, 'visdom': False, 'visualize': False, 'report': False,
+    'retrieve': None, 'attribute': None, 'topk': 10, 'gallery': None, 'collect': None, 'collect_out': None,
+    'collect_by': 'model'}
+
+
+def test_the_defaults_are_the_papers():
+    parsed = vars(asen.get_args_parser().parse_args([]))
+    assert parsed == DEFAULTS
+    assert all(type(parsed[k]) is type(v) for k, v in DEFAULTS.items())          # 1e-4, not 1; None, not 0
+    assert all(rule.default == DEFAULTS[dest] for dest, rule in flags.RULES.items() if rule.default is not None)
+    assert config.from_flags([]).as_dict() == DEFAULTS                           # no step changes a default
+    assert flags.RULES['stage'].choices == (1, 2) and asen.get_args_parser().parse_args(['--stage', '1']).stage == 1
+
+
+# Each ranged flag: (values accepted, values refused), its bounds and one past each.
+RANGES = {
+    'img_size': ([32, 4096], [31, 4097]), 'num_triplets': ([1, 100_000_000], [0, 100_000_001]),
+    'synth_images': ([40, 10_000_000], [39, 10_000_001]), 'workers': ([0, 256], [-1, 257]),
+    'dim_embed': ([1, 65536], [0, 65537]), 'local_size': ([1, 4096], [0, 4097]),
+    'epochs': ([1, 100_000], [0, 100_001]), 'start_epoch': ([1, 10**9], [0]),
+    'batch_size': ([1, 65536], [0, 65537]), 'eval_batch_size': ([1, 65536], [0, 65537]),
+    'step_size': ([1], [0]), 'seed': ([0, 2**63 - 1], [-1, 2**63]), 'log_interval': ([1], [0]),
+    'heatmap_every': ([0], [-1]), 'topk': ([1], [0]),
+    'csn_embed_weight': ([0.0, 1e-9], [-1e-9, math.inf]), 'csn_mask_weight': ([0.0, 1e-9], [-1e-9, math.nan]),
+    'threshold': ([1e-9, 0.5, 1 - 1e-9], [0.0, 1.0]), 'beta': ([0.0, 1.0], [-1e-9, 1 + 1e-9]),
+    'lr': ([1e-9, 0.5, 1.5], [0.0, -1e-9]), 'lr_global': ([1e-9, 0.5, 1.5], [0.0]),
+    'margin': ([1e-9, 0.5, 1.5], [0.0]), 'decay_rate': ([1e-9, 1.0], [0.0, 1 + 1e-9]),
+    'local_weight': ([0.0, 1e-9, 2.0], [-1e-9]), 'align_weight': ([0.0, 1e-9, 2.0], [-1e-9]),
+    'name': (['ASEN', 'a.b', '...'], ['', '.', '..', 'a/b', '/abs', 'a\0b']),
+    **{dest: (['x', '.'], ['']) for dest in ('data_path', 'backbone_weights', 'resume', 'retrieve', 'attribute',
+                                              'gallery', 'collect_out')},
+}
+
+
+def test_each_flags_range_has_its_bounds():
+    """Each bound is in, one past it is out: on the command line (argparse's type=) and for a
+    value restored from a checkpoint (`accepts`)."""
+    ranged = {dest: rule.range for dest, rule in flags.RULES.items() if rule.range is not None}
+    assert set(ranged) == set(RANGES)
+    for dest, (good, bad) in RANGES.items():
+        rng = ranged[dest]
+        for value in good:
+            assert rng.accepts(value) and rng(str(value)) == value, (dest, value)
+        for value in bad:
+            assert not rng.accepts(value), (dest, value)
+            with pytest.raises(argparse.ArgumentTypeError):
+                rng(str(value))
+    assert flags.RULES['seed'].range.allowed == 'a whole number from 0 to 2**63-1'
+
+
+def test_a_restored_value_of_another_kind_is_refused():
+    """A checkpoint's 'img_size': 64.0, 'lr': 'fast' or 'pretrained': 'yes' is damage, not a setting:
+    refused by name, also where the value would pass the range's comparison (True for a whole number)."""
+    for dest, value, words in (('img_size', 64.0, 'a whole number'), ('img_size', '64', 'a whole number'),
+                               ('epochs', True, 'a whole number'), ('lr', 'fast', 'a number'),
+                               ('lr', False, 'a number'), ('pretrained', 'yes', 'true or false'),
+                               ('name', 7, 'a string'), ('collect', ['a', 1], 'a list of strings'),
+                               ('amp', 'fp8', 'one of off, bf16, fp16'), ('stage', 3, 'one of 1, 2'),
+                               ('img_size', None, 'a whole number')):
+        draft = config.Draft(vars(asen.get_args_parser().parse_args([])), ())
+        draft.set(dest, value, '--resume old.pth.tar')
+        with pytest.raises(utils.UserError, match=rf'^{flag_re(dest)} .* \(from --resume old.pth.tar\): must be {words}'):
+            draft.freeze({dest}, 'old.pth.tar')
+    draft = config.Draft({**DEFAULTS, 'pretrained': 'yes'}, ())
+    with pytest.raises(utils.UserError, match='--pretrained'):           # past a restored flag left unset
+        draft.freeze({'attribute', 'pretrained'}, 'old.pth.tar')
+    restored = config.Draft({**DEFAULTS, 'amp': 'bf16', 'stage': 2, 'collect_by': 'run'}, ())
+    assert restored.freeze(set(DEFAULTS), 'old.pth.tar').amp == 'bf16'       # each of its kind and choices
+    for whole_value in (0, 7, 2**63):
+        assert flags.KIND_TESTS['int'](whole_value) and flags.KIND_TESTS['float'](whole_value)
+    for other in (True, False, 2.0, '2', None):
+        assert not flags.KIND_TESTS['int'](other), other
+    for other in (True, '2.0', None):
+        assert not flags.KIND_TESTS['float'](other), other
+
+
+def flag_re(dest):
+    return re.escape(flags.flag_name(dest))
+
+
+def test_checkpoint_every_takes_fractions_of_a_minute():
+    assert flags.parse_interval('0.5m') == (None, 30.0) and flags.parse_interval(' 2m ') == (None, 120.0)
+    assert flags.checkpoint_interval('0.5m') == '0.5m'
+    for bad in ('-1m', 'infm', 'nanm', '-3', 'm'):
+        with pytest.raises(ValueError):
+            flags.parse_interval(bad)
+
+
+# ----------------------------------------------------------------------------- the resolution (lib/config.py)
+
+def settings(**changes):
+    return {**DEFAULTS, **changes}
+
+
+@pytest.mark.parametrize('changes, explicit, needle', [
+    (dict(start_epoch=4, epochs=3), (), '--start_epoch 4: must be from 1 to --epochs (3)'),
+    (dict(topk=3), ('topk',), '--topk applies only with --retrieve'),
+    (dict(attribute='colour'), ('attribute',), '--attribute applies only with --retrieve'),
+    (dict(csn_reg=True), (), '--csn-reg applies only to --model ConditionalSimNet'),
+    (dict(csn_fixed_masks=True, model='ASENpp'), (), '--csn-fixed-masks applies only to --model ConditionalSimNet'),
+    (dict(model='ConditionalSimNet', csn_mask_weight=0.1), ('csn_mask_weight',), '--csn-mask-weight applies only with --csn-reg'),
+    (dict(test=True), (), '--test needs --resume'),
+    (dict(report=True), (), '--report needs --resume'),
+    (dict(retrieve='q.jpg', resume='m.pth'), (), '--retrieve needs --attribute'),
+    (dict(cache_images=True, dataset='Zappos50k'), (), '--cache-images is not available for Zappos50k'),
+    (dict(visualize=True, resume='m.pth', dataset='Zappos50k'), (), '--visualize is not available for Zappos50k'),
+])
+def test_settings_that_cannot_work_together_are_refused(changes, explicit, needle):
+    with pytest.raises(utils.UserError) as refused:
+        config.check_values(settings(**changes), frozenset(explicit))
+    assert needle in str(refused.value)
+
+
+@pytest.mark.parametrize('changes, explicit', [
+    (dict(start_epoch=3, epochs=3), ()),
+    (dict(retrieve='q.jpg', attribute='colour', topk=3, resume='m.pth'), ('retrieve', 'attribute', 'topk')),
+    (dict(model='ConditionalSimNet', csn_reg=True, csn_fixed_masks=True, csn_embed_weight=0.1),
+     ('model', 'csn_reg', 'csn_fixed_masks', 'csn_embed_weight')),
+    (dict(test=True, report=True, visualize=True, resume='m.pth'), ()),
+    (dict(dataset='Zappos50k', test=True, resume='m.pth'), ()),
+    (dict(cache_images=True), ()),
+])
+def test_settings_that_work_together_are_accepted(changes, explicit):
+    config.check_values(settings(**changes), frozenset(explicit))
+
+
+def test_visualize_and_retrieve_are_refused_under_torchrun_only(monkeypatch):
+    for changes in (dict(visualize=True), dict(retrieve='q.jpg', attribute='colour')):
+        config.check_values(settings(resume='m.pth', **changes), frozenset())
+        monkeypatch.setattr(runtime, 'distributed', lambda: True)
+        with pytest.raises(utils.UserError, match='without torchrun'):
+            config.check_values(settings(resume='m.pth', **changes), frozenset())
+        monkeypatch.setattr(runtime, 'distributed', lambda: False)
+    monkeypatch.setattr(runtime, 'distributed', lambda: True)
+    config.check_values(settings(test=True, resume='m.pth'), frozenset())
+
+
+def test_collect_takes_only_its_own_flags():
+    args = config.from_flags(['--collect', 'a', 'b', '--collect-by', 'run'])
+    assert args.collect == ['a', 'b'] and args.collect_by == 'run' and args.explicit == {'collect', 'collect_by'}
+    with pytest.raises(utils.UserError, match=r'^--lr does not apply with --collect'):
+        config.from_flags(['--collect', 'a', '--lr', '0.5'])
+
+
+def test_training_is_anything_but_test_report_visualize_retrieve():
+    plain = dict(test=False, report=False, visualize=False, retrieve=None)
+    assert config.is_training(types.SimpleNamespace(**plain))
+    for flag, value in (('test', True), ('report', True), ('visualize', True), ('retrieve', 'q.jpg')):
+        assert not config.is_training(types.SimpleNamespace(**{**plain, flag: value})), flag
+
+
+def draft_of(argv):
+    return config.Draft(vars(asen.get_args_parser().parse_args(argv)), flags.given_flags(argv))
+
+
+def test_a_checkpoint_restores_the_flags_not_given_except_this_invocations():
+    draft = draft_of(['--lr', '0.5', '--resume', 'old.pth'])
+    saved = {'lr': 0.1, 'margin': 0.3, 'name': 'old', 'epochs': 9, 'workers': 7, 'test': True, 'resume': 'x',
+             'visdom_port': 8097}
+    assert config.restore_from_checkpoint(draft, {'args': saved}, 'step') == {'margin', 'name', 'epochs'}
+    assert (draft.lr, draft.margin, draft.name, draft.epochs) == (0.5, 0.3, 'old', 9)
+    assert (draft.workers, draft.test, draft.resume) == (None, False, 'old.pth') and 'visdom_port' not in vars(draft)
+    assert draft.describe() == ['step: --margin 0.3, --name old, --epochs 9']
+    for no_settings in ({'state_dict': {}}, {'args': ['lr', 0.1]}, ['args']):
+        draft = draft_of([])
+        assert config.restore_from_checkpoint(draft, no_settings, 'step') == set() and draft.notes == []
+
+
+def test_the_authors_layout_sets_only_what_it_tells():
+    draft = draft_of(['--dim_embed', '64'])
+    config.adopt_original_settings(draft, {'model': 'ASENet_V2', 'backbone': None, 'dim_embed': 512, 'stage': None},
+                                   'layout')
+    assert (draft.model, draft.backbone, draft.dim_embed, draft.stage) == ('ASENet_V2', 'resnet50', 64, None)
+
+
+def test_a_resumed_run_starts_after_the_checkpoints_epoch():
+    for epoch, start in ((3, 4), (4, 5), (np.int64(3), 4), (0, 1), (None, 1)):
+        draft = draft_of(['--epochs', '5'])
+        config.derive(draft, {'epoch': epoch}, starts_stage2=False)
+        assert draft.start_epoch == start and type(draft.start_epoch) is int, epoch
+    draft = draft_of(['--epochs', '5'])
+    config.derive(draft, {}, starts_stage2=False)
+    assert draft.start_epoch == 1
+    draft = draft_of(['--epochs', '5'])
+    config.derive(draft, {'epoch': 4}, starts_stage2=True)             # ASEN++ stage 2 starts at epoch 1
+    assert draft.start_epoch == 1
+    draft = draft_of(['--epochs', '5', '--start_epoch', '2'])
+    config.derive(draft, {'epoch': 4}, starts_stage2=False)            # given: it wins
+    assert draft.start_epoch == 2
+    draft = draft_of(['--epochs', '5', '--test', '--resume', 'm.pth'])
+    config.derive(draft, {'epoch': 4}, starts_stage2=False)            # not training: no first epoch
+    assert draft.start_epoch == 1
+    draft = draft_of(['--epochs', '5', '--resume', 'm.pth'])
+    with pytest.raises(utils.UserError, match=r'already finished epoch 5 and --epochs is 5'):
+        config.derive(draft, {'epoch': 5}, starts_stage2=False)
+
+
+def test_a_file_outside_runs_names_the_results_folder_when_used_and_no_name_is_given():
+    def name(argv):
+        draft = draft_of(argv)
+        config.name_after_checkpoint(draft, 'step')
+        return draft.name
+    assert name(['--test', '--resume', 'downloads/theirs.pth.tar']) == 'theirs'
+    assert name(['--visualize', '--resume', 'downloads/fashionai/model_best.pth.tar']) == 'fashionai-model_best'
+    assert name(['--test', '--resume', 'downloads/theirs.pth.tar', '--name', 'mine']) == 'mine'
+    assert name(['--resume', 'downloads/theirs.pth.tar']) == 'ASEN'                    # training: its run's name
+    assert name(['--test', '--resume', 'runs/shared/model_best.pth.tar']) == 'ASEN'     # a run folder's file
+    assert name(['--test', '--resume', 'auto']) == 'ASEN'
+    assert name(['--test']) == 'ASEN'
+
+
+def test_resume_auto_continues_training_only(workdir):
+    args = config.from_flags(['--resume', 'auto', '--name', 'fresh'])            # runs/fresh/ holds no snapshot
+    assert args.resume is None and args.name == 'fresh'
+    for use in (['--test'], ['--visualize'], ['--report'], ['--retrieve', 'q.jpg', '--attribute', 'colour']):
+        with pytest.raises(utils.UserError, match='^--resume auto continues a training run'):
+            config.from_flags(['--resume', 'auto', *use])
+    with pytest.raises(utils.UserError, match='^--overwrite with --resume auto'):
+        config.from_flags(['--resume', 'auto', '--overwrite'])
+    assert not os.path.exists('runs')
 
 
 def test_no_module_imports_the_entry_point():

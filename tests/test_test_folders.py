@@ -17,7 +17,10 @@ from helpers import file_hash
     ('downloads/asenv2_fashionai.pth', 'asenv2_fashionai'),
     ('downloads/fashionai/model_best.pth.tar', 'fashionai-model_best'),     # our snapshot's name: its folder
     ('downloads/darn/checkpoint.pth.tar', 'darn-checkpoint'),
+    ('downloads/darn/step.pth.tar', 'darn-step'),
+    ('downloads/darn/interrupted.pth.tar', 'darn-interrupted'),
     ('weights', 'weights'),
+    ('downloads/.pth', '.pth'),                                             # a suffix alone is the name
 ])
 def test_the_folder_is_named_after_the_file(path, name):
     assert config.checkpoint_run_name(path) == name

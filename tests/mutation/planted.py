@@ -108,6 +108,12 @@ D = [
  ('checkpoints: newest snapshot by the order found', 'lib/checkpoints.py', '_, path, checkpoint = max(found, key=lambda item: item[0])', '_, path, checkpoint = found[-1]', 'test_checkpoints'),
  ("checkpoints: step snapshot keeps the RNGs of now, not the pass's", 'lib/checkpoints.py', "    state['rng'] = rng\n", '', 'test_checkpoints'),
  ('checkpoints: restore leaves the RNGs', 'lib/checkpoints.py', "    utils.set_rng_state(checkpoint['rng'])\n    return", '    return', 'test_checkpoints'),
+ ('config: a checkpoint restores the invocation flags', 'lib/config.py', 'keep = draft.explicit | flags.INVOCATION_FLAGS', 'keep = draft.explicit', 'test_cli'),
+ ('config: a checkpoint restores keys no flag has', 'lib/config.py', 'if key not in keep and key in vars(draft)}', 'if key not in keep}', 'test_cli'),
+ ('config: a step snapshot outside runs/ named by its file alone', 'lib/config.py', "SNAPSHOT_STEMS = ('checkpoint', 'model_best', 'step', 'interrupted')", "SNAPSHOT_STEMS = ('checkpoint', 'model_best', 'interrupted')", 'test_test_folders'),
+ ('flags: --epochs shapes the weights', 'lib/flags.py', "train('--epochs', role=KEPT,", "train('--epochs', role=RUN,", 'test_cli'),
+ ('flags: the dataset not named first of the differences', 'lib/flags.py', "IDENTITY_FIRST = ('dataset', 'model', 'stage', 'backbone')", "IDENTITY_FIRST = ('model', 'stage', 'backbone')", 'test_cli'),
+ ('flags: every flag counted as given', 'lib/flags.py', '    probe.set_defaults(**{dest: NOT_GIVEN for dest in probe.rules})\n', '', 'test_cli'),
 ]
 only = sys.argv[1:]
 for name, f, old, new, test in D:
