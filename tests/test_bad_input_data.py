@@ -438,6 +438,8 @@ CASES = [
     case('checkpoint-data-path-missing', TEST_OLD, ['gone/SynthFashion', 'not found', 'as saved in --resume',
                                                    '--data_path'], saved_arg('data_path', 'gone'),
          absent=('--synth-images',)),
+    case('given-data-path-missing', TEST_OLD + ['--data_path', 'gone'], ['gone/SynthFashion', 'not found', '--data_path'],
+         saved_arg('data_path', 'data'), absent=('as saved in --resume', '--synth-images')),
     case('checkpoint-relative-data-path-elsewhere', ['--test', '--resume', f'../{BEST}', '--no-cuda'],
          ['data/SynthFashion', 'not found', 'working directory', 'elsewhere', '--data_path'], run_from('elsewhere'),
          absent=('--synth-images',)),

@@ -102,6 +102,29 @@ def test_skip_bad_images_logs_the_check_and_records_the_share_scored(damaged, wo
     assert table['rows'][0]['scored_share'] == pytest.approx((listed - dropped) / listed)
 
 
+@pytest.mark.parametrize('flags, scanned', [([], False), (['--skip-bad-images'], True)])
+def test_the_dataset_is_scanned_before_training_only_with_skip_bad_images(tiny_data, caplog, flags, scanned):
+    """Without --skip-bad-images a bad image stops the run when it is read: no scan of every image
+    first (it reads the whole dataset), and nothing of it in the log."""
+    import logging
+    from lib import config, inputs
+    args = config.from_flags(TINY + ['--data_path', str(tiny_data)] + flags)
+    with caplog.at_level(logging.INFO, logger='asen'):
+        inputs.prepare_dataset(args)
+    assert any('dataset check of' in r.getMessage() for r in caplog.records) == scanned
+
+
+def test_a_caller_without_skip_bad_images_gets_no_scan(tiny_data, caplog):
+    """pretrain.py's settings have no --skip-bad-images: its data is never scanned first."""
+    import argparse
+    import logging
+    from lib import inputs
+    args = argparse.Namespace(data_path=str(tiny_data), dataset='SynthFashion', synth_images=48, test=False)
+    with caplog.at_level(logging.INFO, logger='asen'):
+        inputs.prepare_dataset(args)
+    assert not any('dataset check of' in r.getMessage() for r in caplog.records)
+
+
 def test_a_whole_split_records_no_share():
     class Set:
         def __init__(self, n, listed):

@@ -1,5 +1,6 @@
 """Tests of the SynthFashion generator (small sizes, a few seconds)."""
 
+import argparse
 import json
 import os
 
@@ -67,6 +68,19 @@ def test_ensure_reuses_and_regenerates(tmp_path):
     assert json.loads((root / "settings.json").read_text()) == dict(
         synthfashion.DEFAULT_SETTINGS, **changed)
     assert os.listdir(tmp_path) == ["data"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("n_train, n_eval", [(42, 10), (43, 10), (200, 50)])
+def test_training_generates_a_quarter_of_the_images_for_validation_and_test(tmp_path, n_train, n_eval):
+    """--synth-images N: training generates N training images and N // 4 each for validation and
+    test (a whole number: 42 gives 10, not 10.5), and testing then finds it as it asked."""
+    from lib import config, inputs
+    argv = ["--dataset", "SynthFashion", "--synth-images", str(n_train), "--data_path", str(tmp_path)]
+    inputs.prepare_dataset(config.from_flags(argv))
+    root = tmp_path / "SynthFashion"
+    assert [len(read_filenames(root, split)) for split in ("train", "valid", "test")] == [n_train, n_eval, n_eval]
+    testing = argparse.Namespace(**dict(vars(config.from_flags(argv)), test=True))
+    inputs.prepare_dataset(testing)                 # testing never generates: it finds the folder as it asks
 
 
 def test_unknown_setting_is_rejected(tmp_path):
