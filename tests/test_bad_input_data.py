@@ -226,6 +226,10 @@ def checkpoint_further_on(w):
     w.replace('runs/long/metrics.jsonl', first + '\n' + first.replace('"epoch": 1', '"epoch": 2') + '\n')
 
 
+def damaged_synth_settings(w):
+    w.replace(f'{SYNTH}/settings.json', '{not json')
+
+
 def results_of_another_model(w):
     w.replace('runs/other/test_results.json', json.dumps(dict(GOOD_RESULT, checkpoint='elsewhere/model.pth.tar')))
 
@@ -417,7 +421,9 @@ CASES = [
     case('test-over-another-models-results', TEST + ['--name', 'other'],
          ['runs/other/test_results.json', 'elsewhere/model.pth.tar', '--name'], results_of_another_model),
     case('test-never-regenerates-data', TEST + ['--synth-images', '400'],
-         ['--synth-images 400', 'never (re)generates'], allow=('test.log',)),
+         ['--synth-images 400', 'generated with other settings', 'never (re)generates'], allow=('test.log',)),
+    case('test-never-regenerates-damaged-data', TEST, ['does not hold a generated SynthFashion', 'settings.json',
+                                                       'never (re)generates'], damaged_synth_settings, allow=('test.log',)),
     case('visualize-never-generates-data', ['--visualize', '--resume', BEST, '--no-cuda', '--data_path', 'fresh'],
          ['fresh/SynthFashion', 'never (re)generates'], allow=('test.log',)),
     case('retrieve-never-generates-data', RETRIEVE + ['--data_path', 'fresh'],
