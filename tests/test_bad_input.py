@@ -218,6 +218,10 @@ def checkpoint_with_bad_margin(w):
     torch.save(state, w.path('old/c.pth.tar'))
 
 
+def short_regions(w):
+    w.replace(f'{SYNTH}/regions_test.txt', '\n'.join(w.lines(f'{SYNTH}/regions_test.txt')[:-1]) + '\n')
+
+
 def damaged_regions(w):
     w.edit_line(f'{SYNTH}/regions_test.txt', 3, '1 2 3')
 
@@ -346,7 +350,9 @@ CASES = [
          attribute_out_of_range),
     case('attribute-count-mismatch', TEST + ['--dataset', 'DARN'], ['attribute count', 'data/meta.json'],
          meta_elsewhere),
-    case('damaged-regions-file', TEST, ['regions_test.txt', 'regenerate'], damaged_regions),
+    case('damaged-regions-file', TEST, ['regions_test.txt', 'not a regions file', 'regenerate'], damaged_regions),
+    case('regions-file-a-line-short', TEST, ['regions_test.txt', 'lines for', 'images in filenames_test.txt',
+                                              'regenerate'], short_regions),
     case('meta-json-not-json', NEW, ['meta.json', 'not valid JSON'], bad_meta_json),
     case('synth-folder-not-ours', NEW + ['--data_path', 'mine'], ['mine/SynthFashion', 'did not write'],
          foreign_synth_folder),
