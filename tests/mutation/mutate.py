@@ -14,7 +14,9 @@ augmented assignments, unary - ~ not removed, and/or swapped, numbers n -> n + 1
 floats x -> 2x), True/False swapped, None as a keyword argument -> 0, a call of a one-argument
 elementwise function (tanh, sigmoid, relu, softmax, floor, ...) replaced by its argument, `break`
 <-> `continue`. Strings are never mutated. A mutant that raises while being exec'd, or that makes
-the tests fail, error or run past --timeout seconds, is killed.
+the tests fail, error or run past --timeout seconds, is killed; each kill is printed with its
+reason (the first failing test, the timeout, or the load error). --timeout must be at least twice
+the unmutated run's time: a timeout fires inside a test and can leave its state to the next mutants.
 """
 import argparse
 import ast
@@ -25,6 +27,7 @@ import io
 import os
 import signal
 import sys
+import time
 import contextlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -185,11 +188,23 @@ def restore(module, original, rebound):
         space[key] = value
 
 
+class FirstFailure:
+    """A pytest plugin that keeps the id of the first test that failed or errored (a kill's reason)."""
+    def __init__(self):
+        self.nodeid = None
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed and self.nodeid is None:
+            self.nodeid = report.nodeid
+
+
 def run_tests(args):
+    """pytest's exit code (0: the tests pass) and the first failing test's id."""
     import pytest
     argv = ['-x', '-q', '-n', '0', '-p', 'no:cacheprovider', '-W', 'ignore'] + args.tests + (['-k', args.k] if args.k else [])
+    first = FirstFailure()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return pytest.main(argv)
+        return pytest.main(argv, plugins=[first]), first.nodeid
 
 
 def main():
@@ -221,9 +236,18 @@ def main():
     module = importlib.import_module(name)
     original = dict(module.__dict__)
     signal.signal(signal.SIGALRM, on_alarm)
-    if run_tests(args) != 0:
-        print('the tests fail on the unmutated module')
+    started = time.monotonic()
+    rc, failed = run_tests(args)
+    if rc != 0:
+        print(f'the tests fail on the unmutated module ({failed})')
         return 1
+    baseline = time.monotonic() - started
+    if args.timeout < 2 * baseline:
+        # a timeout fires inside pytest, in the middle of a test: it would count a slow mutant killed
+        # and can leave that test's state (signal handlers, patched modules) to the mutants after it
+        print(f'--timeout {args.timeout} is under twice the unmutated run ({baseline:.0f} s): pass '
+              f'--timeout {int(3 * baseline) + 1} or more (or fewer tests)')
+        return 2
     survived, killed = [], 0
     for i, (node, desc) in enumerate(points):
         if args.only is not None and i not in args.only:
@@ -239,11 +263,11 @@ def main():
         try:
             exec(compile(mutated, path, 'exec'), module.__dict__)
             rebound = rebind(module, original)
-            rc = run_tests(args)
+            rc, failed = run_tests(args)
         except Timeout:
-            rc = 'timeout'
+            rc, failed = 'timeout', f'past --timeout {args.timeout} s'
         except Exception as err:          # the mutant does not even load
-            rc = f'load: {type(err).__name__}'
+            rc, failed = f'load: {type(err).__name__}', 'the mutant does not load'
         finally:
             signal.alarm(0)
             restore(module, original, rebound)
@@ -252,7 +276,7 @@ def main():
             print(f'SURVIVED {i:4d} {where}', flush=True)
         else:
             killed += 1
-        print(f'done {i}: {"survived" if rc == 0 else "killed"}', file=sys.stderr, flush=True)
+        print(f'done {i}: ' + ('survived' if rc == 0 else f'killed by {failed}'), file=sys.stderr, flush=True)
     tested = killed + len(survived)
     print(f'{args.module}: {tested} mutants, {killed} killed, {len(survived)} survived')
     return 0
