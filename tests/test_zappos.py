@@ -137,6 +137,17 @@ def test_triplet_accuracy_is_strict_and_in_float32():
     assert zappos.triplet_correct(emb, rows[:, [0, 2, 1]]).tolist() == [False, False]
 
 
+def test_training_accuracy_is_strict_too():
+    """The training log's accuracy (evaluation.triplet_accuracy, the share of s_ap > s_an) counts a tie
+    as wrong, as the evaluation does: a float share, not a count."""
+    from lib import evaluation
+    sim_an = torch.tensor([0.5, 0.5, 0.5, 0.2])
+    sim_ap = torch.tensor([0.5, 0.6, 0.4, 0.9])                     # tie, right, wrong, right
+    acc = evaluation.triplet_accuracy(sim_an, sim_ap)
+    assert acc.dtype == torch.float32 and acc.item() == 0.5
+    assert evaluation.triplet_accuracy(sim_an, sim_an).item() == 0.0
+
+
 def test_accuracy_without_triplets_is_zero():
     rows, conditions = np.zeros((0, 3), dtype=np.int64), np.zeros(0, dtype=np.int64)
     assert zappos.condition_accuracy(torch.eye(3), rows, conditions, 2) == ([0.0, 0.0], 0.0)
