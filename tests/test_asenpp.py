@@ -305,6 +305,55 @@ def test_authors_checkpoint_gives_their_map(tiny_data, workdir):
     assert torch.equal(tnet.embeddingnet.attr_embedding.weight, state['embeddingnet.attr_embedding.weight'])
 
 
+def test_authors_asenpp_state_dicts_convert_and_load():
+    info, state = checkpoints.convert_original_state_dict(theirs.build(5).state_dict())
+    assert info == dict(model='ASENpp', backbone='resnet18', local_backbone='resnet18', stage=2, n_attributes=5,
+                        dim_embed=16)
+    models.TripletWrapper(tiny_asenpp()).load_state_dict(state)
+    # their main.py's file: {'epoch', 'model', 'mAP'}
+    file = {'epoch': 20, 'model': theirs.build(5).state_dict(), 'mAP': 0.5}
+    assert checkpoints.adopt_original(file, 'theirs.pth.tar')['stage'] == 2
+    assert 'model' not in file and file['prec'] == 0.5 and set(file['state_dict']) == set(state)
+    # keys that are not theirs are kept for loading to name them; a trunk's fc and layer4 are dropped
+    extra = {'extra.weight': torch.ones(1), 'choices.global.basenet.fc.weight': torch.ones(2, 2),
+             'choices.global.basenet.layer4.0.conv1.weight': torch.ones(1), 'choices.global.odd': torch.ones(1)}
+    info, state = checkpoints.convert_original_state_dict(dict(extra, **theirs.build(5, local=False).state_dict()))
+    assert (info['stage'], info['local_backbone'], info['backbone'], info['dim_embed']) == (1, None, 'resnet18', 16)
+    result = models.TripletWrapper(tiny_asenpp(stage=1)).load_state_dict(state, strict=False)
+    assert result.missing_keys == [] and set(result.unexpected_keys) == {'extra.weight', 'choices.global.odd'}
+
+
+def test_authors_asenpp_state_dicts_that_are_not_theirs():
+    state = theirs.build(5).state_dict()
+    state['choices.local.attrnet.attr_embedding.weight'] = state['choices.global.attrnet.attr_embedding.weight'] + 1
+    with pytest.raises(UserError, match='global and local attribute embeddings differ'):
+        checkpoints.convert_original_state_dict(state)
+    state = {k: v for k, v in theirs.build(5).state_dict().items() if '.basenet.' not in k}
+    with pytest.raises(UserError, match=r'without the global trunk choices\.global\.basenet'):
+        checkpoints.convert_original_state_dict(state)
+
+
+def test_a_stage1_file_loads_into_stage2_only_if_its_global_branch_fits():
+    stage1 = models.TripletWrapper(tiny_asenpp(stage=1)).state_dict()
+    tnet = models.TripletWrapper(tiny_asenpp())
+    local = {k: v.clone() for k, v in tnet.state_dict().items() if k.startswith('embeddingnet.local_')}
+    checkpoints.load_stage1_weights(tnet, {'state_dict': stage1}, 's1.pth.tar')
+    assert all(torch.equal(tnet.state_dict()[k], v) for k, v in stage1.items())
+    assert all(torch.equal(tnet.state_dict()[k], v) for k, v in local.items())
+    gone = list(stage1)[-4:]                    # four keys missing: the first three are named
+    with pytest.raises(UserError) as raised:
+        checkpoints.load_stage1_weights(tnet, {'state_dict': {k: v for k, v in stage1.items() if k not in gone}},
+                                        's1.pth.tar')
+    assert str(raised.value) == ('--resume s1.pth.tar: does not fit the global branch of this ASENpp (--backbone or '
+                                 '--dim_embed differ?): ' + ', '.join(gone[:3]))
+    with pytest.raises(UserError, match=r'global branch of this ASENpp .*: embeddingnet\.extra$'):
+        checkpoints.load_stage1_weights(tnet, {'state_dict': dict(stage1, **{'embeddingnet.extra': torch.ones(1)})},
+                                        's1.pth.tar')
+    three = models.TripletWrapper(tiny_asenpp(stage=1, n_attributes=3)).state_dict()
+    with pytest.raises(UserError, match='^--resume s1.pth.tar: attribute count 3 in the file but this dataset has 5'):
+        checkpoints.load_stage1_weights(tnet, {'state_dict': three}, 's1.pth.tar')
+
+
 # ----------------------------------------------------------------------------- stage preparation (asenpp.prepare)
 
 def asenpp_snapshot(path, stage, model='ASENpp'):

@@ -133,3 +133,88 @@ def test_weights_are_finite_of_every_floating_tensor():
     with torch.no_grad():
         net.bias[0] = float('nan')
     assert not checkpoints.weights_are_finite(net)
+
+
+# ----------------------------------------------------------------------------- the checks of a loaded file (validate)
+
+def a_snapshot(**changes):
+    """A snapshot as training writes it (a Linear layer, Adam after one step), then `changes`."""
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+    net(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    args = type('Args', (), {'as_dict': lambda self: {'lr': 0.1}})()
+    state = checkpoints.snapshot(1, net, optimizer, scheduler, torch.amp.GradScaler('cpu', enabled=False), 0.5, 0.5,
+                                 args)
+    return dict(state, **changes)
+
+
+def step_entry(**changes):
+    """A step snapshot's position: epoch 2 after one step, one process, one stream."""
+    meters = torch.zeros(1, engine.meter_width(), dtype=torch.float64)
+    return dict({'epoch': 2, 'batch': 1, 'meters': meters, 'streams': 1, 'world': 1}, **changes)
+
+
+def refusal(checkpoint):
+    with pytest.raises(utils.UserError) as raised:
+        checkpoints.validate(checkpoint, 'f.pth.tar')
+    message = str(raised.value)
+    assert message.startswith('--resume f.pth.tar: ') and '\n' not in message
+    return message
+
+
+def test_validate_accepts_what_training_and_the_authors_write():
+    weights = {'embeddingnet.w': torch.ones(2), 'embeddingnet.n': torch.tensor([1, 2])}
+    accepted = [
+        a_snapshot(),
+        a_snapshot(epoch=0, prec=None, best_prec=0.0),                          # a step snapshot's first epoch
+        a_snapshot(optimizer=dict(a_snapshot()['optimizer'], param_groups=[{'params': [0, 1]}])),  # no lr saved
+        a_snapshot(step=step_entry()),                                          # the smallest position
+        a_snapshot(step=step_entry(meters=torch.zeros(1, engine.LEGACY_METER_ROW_WIDTH, dtype=torch.float64))),
+        a_snapshot(epoch=None, step=step_entry(epoch=4)),                       # no epoch: no order to check
+        {'epoch': 7, 'state_dict': weights, 'prec': 0.5},                       # Maryeon/asen's file
+        {'epoch': 7, 'state_dict': weights, 'prec': torch.tensor(41.5)},        # ... with a tensor score
+        {'epoch': 20, 'model': weights, 'mAP': 0.5},                            # Maryeon/asenpp's main.py
+    ]
+    for checkpoint in accepted:
+        checkpoints.validate(checkpoint, 'f.pth.tar')
+
+
+def test_validate_names_the_first_damaged_field():
+    assert "'model' is missing, not a dict of tensors" in refusal({'epoch': 1})
+    assert "'state_dict' is a list" in refusal({'state_dict': [1], 'epoch': 1})
+    assert "'model' is a str" in refusal({'model': 'weights', 'mAP': 0.5})
+    assert 'entry 3 is a Tensor' in refusal({'state_dict': {3: torch.ones(1)}})     # names are strings
+    assert "'epoch' is tensor(3)" in refusal(a_snapshot(epoch=torch.tensor(3)))     # a whole number, not a tensor
+    assert "'epoch' is 1.0" in refusal(a_snapshot(epoch=1.0))
+    assert "'epoch' is True" in refusal(a_snapshot(epoch=True))
+    assert "'prec' is tensor([1., 2.])" in refusal(a_snapshot(prec=torch.tensor([1.0, 2.0])))
+    assert "'mAP' is inf" in refusal({'model': {}, 'mAP': float('inf')})
+    assert "'args' are a dict, not a dict of flags" in refusal(a_snapshot(args={1: 'lr'}))
+    optimizer = a_snapshot()['optimizer']
+    assert "'optimizer' is not an optimiser state" in refusal(a_snapshot(optimizer=dict(optimizer, param_groups=[])))
+    assert "optimiser's eps is inf" in refusal(a_snapshot(optimizer=dict(
+        optimizer, param_groups=[dict(optimizer['param_groups'][0], eps=float('inf'))])))
+    moments = {0: dict(optimizer['state'][0], exp_avg=torch.full((2, 3), float('nan')))}
+    assert "optimiser's exp_avg is not finite" in refusal(a_snapshot(optimizer=dict(optimizer, state=moments)))
+    assert "'scheduler' is a NoneType" in refusal(a_snapshot(scheduler=None))
+    assert "'scaler' is a list" in refusal(a_snapshot(scaler=[]))
+    assert "streams is 0" in refusal(a_snapshot(step=step_entry(streams=0)))
+    assert "world is True" in refusal(a_snapshot(step=step_entry(world=True)))
+    assert 'without batch, world' in refusal(a_snapshot(step={k: v for k, v in step_entry().items()
+                                                                 if k not in ('batch', 'world')}))
+    assert "meters are (1, 2, 9)" in refusal(a_snapshot(step=step_entry(meters=torch.zeros(1, 2, 9))))
+    assert "meters are (1, 5)" in refusal(a_snapshot(step=step_entry(meters=torch.zeros(1, 5, dtype=torch.long))))
+
+
+def test_checking_the_rng_states_leaves_the_generators_as_they_were():
+    saved = a_snapshot()                                    # the RNG states of now
+    malformed = a_snapshot(rng=dict(saved['rng'], torch=torch.zeros(3)))
+    torch.rand(3), np.random.rand(), random.random()        # ... which the generators have left
+    before = utils.rng_state()
+    checkpoints.validate(saved, 'f.pth.tar')
+    assert "'rng' are malformed" in refusal(malformed)
+    after = utils.rng_state()
+    assert torch.equal(after['torch'], before['torch']) and after['python'] == before['python']
+    assert torch.equal(after['numpy'][1], before['numpy'][1]) and after['numpy'][2] == before['numpy'][2]

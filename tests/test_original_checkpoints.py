@@ -143,3 +143,40 @@ def test_mismatch_line_names_keys_and_shapes():
     assert utils.state_dict_mismatch(net.state_dict(), net.state_dict()) == ''
     with pytest.raises(UserError, match='layer3'):
         checkpoints.infer_backbone(['layer3.0.conv1.weight'])
+
+
+def test_weights_that_do_not_fit_are_one_line_naming_the_cause():
+    tnet = tiny_tnet('ASENet', n_attributes=3)
+    # no attribute weights in the file: the names, not an attribute count
+    with pytest.raises(UserError) as raised:
+        checkpoints.load_weights(tnet, {'state_dict': {'embeddingnet.extra': torch.zeros(1)}}, 'w.pth.tar')
+    line = str(raised.value)
+    assert line.startswith('--resume w.pth.tar: weights do not fit --model ASENet (--backbone')
+    assert 'unexpected keys: embeddingnet.extra' in line and 'attribute count' not in line
+    five = tiny_tnet('ASENet', n_attributes=5).state_dict()
+    with pytest.raises(UserError, match=r'^--resume w.pth.tar: attribute count 5 in the file but this dataset has 3; '
+                                        r'pass the --dataset it was trained on$'):
+        checkpoints.load_weights(tnet, {'state_dict': five}, 'w.pth.tar')
+    with pytest.raises(UserError, match="^--resume w.pth.tar: no 'state_dict' in the file"):
+        checkpoints.load_weights(tnet, {'model': five}, 'w.pth.tar')
+
+
+@pytest.mark.parametrize('kind', ['ASENet', 'ASENet_noASA', 'ASENet_noACA', 'ASENet_V2', 'ConditionalSimNet'])
+def test_attribute_count_of_each_network(kind):
+    assert checkpoints.attribute_count(models.TripletWrapper(tiny_net(kind, 3)).state_dict()) == 3
+    assert checkpoints.attribute_count({'embeddingnet.backbone.conv1.weight': torch.zeros(1)}) is None
+
+
+def test_only_the_authors_files_are_renamed():
+    theirs = orig.build('ASENet', 3).state_dict()
+    # a file of ours (its settings saved) is never renamed, whatever its keys
+    ours = {'epoch': 1, 'state_dict': dict(theirs), 'args': {'model': 'ASENet'}}
+    assert checkpoints.adopt_original(ours, 'o.pth.tar') is None and list(ours['state_dict']) == list(theirs)
+    assert checkpoints.adopt_original({'state_dict': tiny_tnet().state_dict()}, 'o.pth.tar') is None
+    file = {'epoch': 7, 'state_dict': dict(theirs), 'prec': 0.5}
+    info = checkpoints.adopt_original(file, 'o.pth.tar')
+    assert (info['model'], info['n_attributes'], info['dim_embed']) == ('ASENet', 3, 16)
+    tiny_tnet('ASENet', n_attributes=3).load_state_dict(file['state_dict'])
+    with pytest.raises(UserError, match=r'^--resume o.pth.tar: original-code layout .* layers \(none\)'):
+        checkpoints.adopt_original({'state_dict': {'embeddingnet.backbonenet.conv1.weight': torch.zeros(1)}},
+                                   'o.pth.tar')

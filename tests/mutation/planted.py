@@ -123,6 +123,13 @@ D = [
  ('flags: --epochs shapes the weights', 'lib/flags.py', "train('--epochs', role=KEPT,", "train('--epochs', role=RUN,", 'test_cli'),
  ('flags: the dataset not named first of the differences', 'lib/flags.py', "IDENTITY_FIRST = ('dataset', 'model', 'stage', 'backbone')", "IDENTITY_FIRST = ('model', 'stage', 'backbone')", 'test_cli'),
  ('flags: every flag counted as given', 'lib/flags.py', '    probe.set_defaults(**{dest: NOT_GIVEN for dest in probe.rules})\n', '', 'test_cli'),
+ ("checkpoints: checking a file's RNG states leaves them set", 'lib/checkpoints.py', '    finally:\n        utils.set_rng_state(before)\n', '    finally:\n        pass\n', 'test_checkpoints'),
+ ("checkpoints: ASEN++'s mAP left unchecked", 'lib/checkpoints.py', "for name in ('prec', 'best_prec', 'mAP'):", "for name in ('prec', 'best_prec'):", 'test_checkpoints'),
+ ("checkpoints: the authors' ASEN++ file's weights looked for under state_dict", 'lib/checkpoints.py', "key = 'state_dict' if 'state_dict' in checkpoint or 'args' in checkpoint else 'model'", "key = 'state_dict'", 'test_checkpoints'),
+ ("checkpoints: the authors' layer4 kept", 'lib/checkpoints.py', "ORIGINAL_UNUSED_BACKBONE = ('fc.', 'layer4.')", "ORIGINAL_UNUSED_BACKBONE = ('fc.',)", 'test_original_checkpoints'),
+ ('checkpoints: attribute counts swapped in the mismatch line', 'lib/checkpoints.py', 'attribute count {in_file} in the file but {where}', 'attribute count {here} in the file but {where}', 'test_original_checkpoints'),
+ ("checkpoints: ASEN++'s mAP not taken as prec", 'lib/checkpoints.py', "        checkpoint.setdefault('prec', checkpoint.get('mAP'))\n", '', 'test_asenpp'),
+ ("checkpoints: stage 1 into stage 2 expects the local attention", 'lib/checkpoints.py', "    local = ('embeddingnet.local_backbone.', 'embeddingnet.local_attn.')", "    local = ('embeddingnet.local_backbone.',)", 'test_asenpp'),
 ]
 only = sys.argv[1:]
 for name, f, old, new, test in D:
