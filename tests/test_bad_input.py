@@ -147,15 +147,16 @@ def step_snapshot_with(**changes):
     """runs/stepped/step.pth.tar: the shared run's snapshot made a step snapshot of epoch 1 after
     step 2 of 3 (16 triplets seen), then `changes` to its entries ('epoch' the snapshot's own)."""
     def setup(w):
+        entries = dict(changes)             # a copy: the same case may be set up again (a second session)
         state = torch.load(w.path(SHARED), weights_only=True)
-        state['epoch'] = changes.pop('snapshot_epoch', 0)
+        state['epoch'] = entries.pop('snapshot_epoch', 0)
         width = engine.meter_width()
         meters = torch.zeros(1, width, dtype=torch.float64)
         meters[0, engine.METER_FIELDS.index('count')] = 16
         state['step'] = {'epoch': 1, 'batch': 2, 'meters': meters, 'streams': 1, 'world': 1}
-        step = changes.pop('step', state['step'])
+        step = entries.pop('step', state['step'])
         if isinstance(step, dict):
-            step.update(changes)
+            step.update(entries)
         state['step'] = step
         w.path('runs/stepped').mkdir(parents=True)
         torch.save(state, w.path('runs/stepped/step.pth.tar'))

@@ -15,8 +15,10 @@ floats x -> 2x), True/False swapped, None as a keyword argument -> 0, a call of 
 elementwise function (tanh, sigmoid, relu, softmax, floor, ...) replaced by its argument, `break`
 <-> `continue`. Strings are never mutated. A mutant that raises while being exec'd, or that makes
 the tests fail, error or run past --timeout seconds, is killed; each kill is printed with its
-reason (the first failing test, the timeout, or the load error). --timeout must be at least twice
-the unmutated run's time: a timeout fires inside a test and can leave its state to the next mutants.
+reason (the first failing test, the timeout, or the load error). The unmutated run is made twice
+(each mutant is one more pytest session in this process, so a test must pass again in it), and
+--timeout must be at least twice its time (a timeout fires inside a test and can leave that test's
+state to the next mutants).
 """
 import argparse
 import ast
@@ -242,6 +244,11 @@ def main():
         print(f'the tests fail on the unmutated module ({failed})')
         return 1
     baseline = time.monotonic() - started
+    rc, failed = run_tests(args)
+    if rc != 0:         # every mutant is one more session in this process: the tests must allow it
+        print(f'the tests pass once but fail when run again in this process ({failed}): a test or its set-up '
+              f'keeps state between sessions; fix that or leave it out with -k')
+        return 1
     if args.timeout < 2 * baseline:
         # a timeout fires inside pytest, in the middle of a test: it would count a slow mutant killed
         # and can leave that test's state (signal handlers, patched modules) to the mutants after it
