@@ -308,6 +308,8 @@ CASES = [
          step_snapshot_with(epoch=5)),
     case('step-epoch-past-epochs', STEPPED, ['epoch 1', '--epochs is 1', 'nothing to train'],
          step_snapshot_with(snapshot_epoch=1, epoch=2)),
+    case('step-epoch-not-the-start-epoch', STEPPED + ['--epochs', '3', '--start_epoch', '2'],
+         ['step snapshot of epoch 1', 'trains epochs 2 to 3'], step_snapshot_with()),
     case('step-batch-past-the-epoch', STEPPED, ['after step 7 of epoch 1', 'has 3 steps'],
          step_snapshot_with(batch=7, meters=counted_meters(24))),
     case('step-batch-zero', STEPPED, ["batch is 0", 'whole number >= 1'], step_snapshot_with(batch=0)),

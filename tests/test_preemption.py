@@ -208,6 +208,63 @@ def test_resume_auto_refuses_another_runs_snapshot(trained_run, monkeypatch, cap
     assert sorted(os.listdir(run)) == before
 
 
+def bare_preemption(every, run_dir):
+    """A Preemption of a new run (no snapshot to continue) for --checkpoint-every `every`, over a
+    one-layer network: its schedule alone."""
+    import types
+    import torch
+    from lib.preemption import Preemption
+    net = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(net.parameters())
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
+    args = types.SimpleNamespace(checkpoint_every=every, resume=None, epochs=3, start_epoch=1)
+    return Preemption(net, optimizer, scheduler, torch.amp.GradScaler('cpu', enabled=False), args, str(run_dir),
+                      torch.device('cpu'), None)
+
+
+def test_a_step_snapshot_every_n_steps_counts_from_the_last_snapshot(tmp_path):
+    """--checkpoint-every 3: due after steps 3 and 6 (never a stop); an epoch snapshot between
+    (restart) starts the count again."""
+    preemption = bare_preemption('3', tmp_path)
+    with preemption.stops_deferred():
+        due = [preemption._due_after_step() for _ in range(7)]
+        preemption.restart()
+        after_restart = [preemption._due_after_step()[0] for _ in range(3)]
+    assert due == [(False, False), (False, False), (True, False)] * 2 + [(False, False)]
+    assert after_restart == [False, False, True]
+
+
+def test_a_step_snapshot_every_n_minutes_is_due_once_they_have_passed(tmp_path, monkeypatch):
+    """--checkpoint-every 2m: due at the first step that ends 120 s or more after the last snapshot."""
+    from lib import preemption as module
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, 'monotonic', lambda: clock[0])
+    preemption = bare_preemption('2m', tmp_path)
+    with preemption.stops_deferred():
+        due = []
+        for now in (1060.0, 1119.9, 1120.0, 1130.0):
+            clock[0] = now
+            due.append(preemption._due_after_step()[0])
+            if due[-1]:
+                preemption.restart()                    # the snapshot written: 120 s from 1120
+        clock[0] = 1240.0
+        due.append(preemption._due_after_step()[0])
+    assert due == [False, False, True, False, True]
+
+
+def test_a_stop_signal_is_served_at_the_next_step(tmp_path):
+    """A stop signal between steps: the next step writes a step snapshot and stops, whatever the
+    interval; at an epoch's end stop_if_asked stops before the last epoch only."""
+    preemption = bare_preemption('1000', tmp_path)
+    with preemption.stops_deferred():
+        assert preemption._due_after_step() == (False, False)
+        os.kill(os.getpid(), signal.SIGTERM)            # deferred: noted, served at the step boundary
+        assert preemption._due_after_step() == (True, True)
+        preemption.stop_if_asked(3)                     # after the last epoch: the run ends, no stop
+        with pytest.raises(runtime.Stopped, match='stopped by SIGTERM at the end of epoch 2'):
+            preemption.stop_if_asked(2)
+
+
 def test_checkpoint_every_values(capsys):
     from lib.flags import parse_interval
     assert parse_interval('500') == (500, None) and parse_interval('10m') == (None, 600.0)
