@@ -265,6 +265,43 @@ def test_a_stop_signal_is_served_at_the_next_step(tmp_path):
             preemption.stop_if_asked(2)
 
 
+def step_position(epoch=1, batch=2, count=16, acc_sum=10.0, acc_last=1.0):
+    """A step snapshot's position: `batch` steps of `epoch` done, its one meter row."""
+    import torch
+    from lib import engine
+    meters = torch.zeros(1, engine.meter_width(), dtype=torch.float64)
+    for field, value in (('count', count), ('acc_sum', acc_sum), ('acc_last', acc_last)):
+        meters[0, engine.METER_FIELDS.index(field)] = value
+    return {'epoch': epoch, 'batch': batch, 'meters': meters, 'streams': 1, 'world': 1}
+
+
+@pytest.mark.parametrize('position, refused', [
+    (step_position(), None),
+    (step_position(acc_sum=0.0, acc_last=0.0), None),                     # no triplet right yet
+    (step_position(acc_sum=16.0, acc_last=1.0), None),                    # every triplet right
+    (step_position(batch=3, count=24, acc_sum=24.0), None),               # the epoch's last step
+    (step_position(batch=4, count=24), 'after step 4 of epoch 1'),
+    (step_position(epoch=2), 'of epoch 2, but this run trains epochs 1 to 3'),
+    (step_position(count=15), 'not those of 16 triplets in 2 step(s)'),
+    (step_position(acc_sum=16.5), 'not those of 16 triplets'),
+    (step_position(acc_sum=-0.5), 'not those of 16 triplets'),
+    (step_position(acc_last=1.5), 'not those of 16 triplets'),
+    (step_position(acc_last=-0.5), 'not those of 16 triplets'),
+])
+def test_a_step_snapshots_position_is_checked_against_the_runs_sizes(tmp_path, position, refused):
+    """check_epoch_sizes for a run of --epochs 3 from epoch 1, 3 steps of 8 of 24 triplets an
+    epoch: the step within the epoch, the count of triplets seen and the accuracies within it."""
+    from utils import UserError
+    preemption = bare_preemption('5m', tmp_path)
+    preemption.position = position
+    preemption.args.batch_size = 8
+    if refused is None:
+        preemption.check_epoch_sizes(3, 24, 0)
+    else:
+        with pytest.raises(UserError, match=refused.replace('(', r'\(').replace(')', r'\)')):
+            preemption.check_epoch_sizes(3, 24, 0)
+
+
 def test_checkpoint_every_values(capsys):
     from lib.flags import parse_interval
     assert parse_interval('500') == (500, None) and parse_interval('10m') == (None, 600.0)
