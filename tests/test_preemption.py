@@ -210,28 +210,65 @@ def test_resume_auto_refuses_another_runs_snapshot(trained_run, monkeypatch, cap
 
 def bare_preemption(every, run_dir):
     """A Preemption of a new run (no snapshot to continue) for --checkpoint-every `every`, over a
-    one-layer network: its schedule alone."""
-    import types
+    one-layer network: --epochs 3 from epoch 1, batches of 8."""
     import torch
+    from lib.config import Config
     from lib.preemption import Preemption
     net = torch.nn.Linear(2, 2)
     optimizer = torch.optim.Adam(net.parameters())
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
-    args = types.SimpleNamespace(checkpoint_every=every, resume=None, epochs=3, start_epoch=1)
+    args = Config(dict(checkpoint_every=every, resume=None, epochs=3, start_epoch=1, batch_size=8), explicit=())
     return Preemption(net, optimizer, scheduler, torch.amp.GradScaler('cpu', enabled=False), args, str(run_dir),
                       torch.device('cpu'), None)
 
 
-def test_a_step_snapshot_every_n_steps_counts_from_the_last_snapshot(tmp_path):
-    """--checkpoint-every 3: due after steps 3 and 6 (never a stop); an epoch snapshot between
+@pytest.mark.parametrize('every', [2, 3])
+def test_a_step_snapshot_every_n_steps_counts_from_the_last_snapshot(tmp_path, every):
+    """--checkpoint-every N: due after steps N and 2N (never a stop); an epoch snapshot between
     (restart) starts the count again."""
-    preemption = bare_preemption('3', tmp_path)
+    preemption = bare_preemption(str(every), tmp_path)
     with preemption.stops_deferred():
-        due = [preemption._due_after_step() for _ in range(7)]
+        due = [preemption._due_after_step() for _ in range(2 * every + 1)]
         preemption.restart()
-        after_restart = [preemption._due_after_step()[0] for _ in range(3)]
-    assert due == [(False, False), (False, False), (True, False)] * 2 + [(False, False)]
-    assert after_restart == [False, False, True]
+        after_restart = [preemption._due_after_step()[0] for _ in range(every)]
+    assert due == ([(False, False)] * (every - 1) + [(True, False)]) * 2 + [(False, False)]
+    assert after_restart == [False] * (every - 1) + [True]
+
+
+def test_after_a_step_the_snapshot_is_written_when_due_and_the_stop_served(tmp_path):
+    """after_step with --checkpoint-every 2: nothing after step 1 (the loss not even checked), a
+    step snapshot of step 2 after it (its loss checked first); a stop signal then writes one after
+    step 3 and raises Stopped."""
+    import torch
+    from lib import engine
+    preemption = bare_preemption('2', tmp_path)
+    checked = []
+    with preemption.stops_deferred():
+        preemption.check_processes(1, 1)
+        preemption.check_epoch_sizes(4, 32, 0)
+        preemption.start_epoch(1)
+        meters = engine.TrainMeters(torch.device('cpu'))
+        preemption.after_step(1, meters, lambda: checked.append(1))
+        assert checked == [] and not (tmp_path / 'step.pth.tar').exists()
+        preemption.after_step(2, meters, lambda: checked.append(2))
+        assert checked == [2] and load(tmp_path / 'step.pth.tar')['step']['batch'] == 2
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(runtime.Stopped, match='stopped by SIGTERM at epoch 1, step 3 of 4'):
+            preemption.after_step(3, meters, lambda: checked.append(3))
+    assert checked == [2, 3] and load(tmp_path / 'step.pth.tar')['step']['batch'] == 3
+
+
+def test_an_epoch_continues_at_the_step_after_its_snapshot_with_its_meters(tmp_path):
+    """start_epoch: the step snapshot's epoch starts at the step after it, with the meters of the
+    steps done; any other epoch at step 0 with new meters."""
+    import torch
+    from lib import engine
+    preemption = bare_preemption('5m', tmp_path)
+    position = step_position(epoch=2, batch=2, count=16, acc_sum=10.0)
+    preemption.position = position
+    first, meters = preemption.start_epoch(2)
+    assert first == 2 and torch.equal(engine.meter_row(meters, torch.device('cpu')).cpu(), position['meters'][0])
+    assert preemption.start_epoch(3) == (0, None)
 
 
 def test_a_step_snapshot_every_n_minutes_is_due_once_they_have_passed(tmp_path, monkeypatch):
@@ -294,7 +331,6 @@ def test_a_step_snapshots_position_is_checked_against_the_runs_sizes(tmp_path, p
     from utils import UserError
     preemption = bare_preemption('5m', tmp_path)
     preemption.position = position
-    preemption.args.batch_size = 8
     if refused is None:
         preemption.check_epoch_sizes(3, 24, 0)
     else:
