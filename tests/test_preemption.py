@@ -258,6 +258,28 @@ def test_after_a_step_the_snapshot_is_written_when_due_and_the_stop_served(tmp_p
     assert checked == [2, 3] and load(tmp_path / 'step.pth.tar')['step']['batch'] == 3
 
 
+def test_after_a_step_snapshot_the_minutes_count_from_it(tmp_path, monkeypatch):
+    """--checkpoint-every 2m through after_step on a stub clock: the snapshot written at 120 s
+    restarts the interval, so the step 10 s later writes none, the one 120 s later does."""
+    import torch
+    from lib import engine
+    from lib import preemption as module
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, 'monotonic', lambda: clock[0])
+    preemption = bare_preemption('2m', tmp_path)
+    meters = engine.TrainMeters(torch.device('cpu'))
+    written = []
+    with preemption.stops_deferred():
+        preemption.check_processes(1, 1)
+        preemption.check_epoch_sizes(4, 32, 0)
+        preemption.start_epoch(1)
+        for step, now in ((1, 1120.0), (2, 1130.0), (3, 1240.0)):
+            clock[0] = now
+            preemption.after_step(step, meters, lambda: None)
+            written.append(load(tmp_path / 'step.pth.tar')['step']['batch'])
+    assert written == [1, 1, 3]
+
+
 def test_an_epoch_continues_at_the_step_after_its_snapshot_with_its_meters(tmp_path):
     """start_epoch: the step snapshot's epoch starts at the step after it, with the meters of the
     steps done; any other epoch at step 0 with new meters."""
