@@ -137,6 +137,11 @@ def test_a_whole_split_records_no_share():
     part = type('E', (), {'queries': Set(3, 4), 'candidates': Set(9, 9)})()
     assert evaluation.scored_share(whole) is None
     assert evaluation.scored_share(part) == {'queries': [3, 4], 'candidates': [9, 9], 'share': 0.75}
+    # every query scored (one), candidates left out: recorded, and the share is the queries' whole
+    one_query = type('E', (), {'queries': Set(1, 1), 'candidates': Set(2, 3)})()
+    assert evaluation.scored_share(one_query) == {'queries': [1, 1], 'candidates': [2, 3], 'share': 1.0}
+    no_query = type('E', (), {'queries': Set(0, 0), 'candidates': Set(2, 3)})()
+    assert evaluation.scored_share(no_query)['share'] == 0.0
 
 
 def test_tables_mark_a_partly_scored_row():
