@@ -143,3 +143,49 @@ def test_a_pass_left_early_keeps_its_persistent_workers():
     assert multiprocessing.active_children() == workers           # the same processes, kept
     gpuinput.stop_workers()
     assert not multiprocessing.active_children()
+
+
+def test_a_commands_end_leaves_other_daemon_processes_alone():
+    """stop_workers at the end of each command ends the loaders' workers only: a daemonic process
+    the caller (an in-process user of asen.main) started itself stays; only the interpreter's exit
+    (kill_leftovers) kills what is left."""
+    other = multiprocessing.get_context('fork').Process(target=time.sleep, args=(60,), daemon=True)
+    other.start()
+    try:
+        gpuinput.stop_workers()
+        assert other.is_alive()
+        gpuinput.stop_workers(kill_leftovers=True)
+        other.join(timeout=10)
+        assert not other.is_alive()
+    finally:
+        if other.is_alive():
+            other.kill()
+            other.join()
+
+
+class FailsWhileFlagged(torch.utils.data.Dataset):
+    """Items 0-3; item 2 raises while the file `flag` exists (read in the worker, at each fetch)."""
+    def __init__(self, flag):
+        self.flag = flag
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        if i == 2 and os.path.exists(self.flag):
+            raise ValueError('an unreadable image')
+        return torch.tensor(i)
+
+
+def test_a_failed_pass_leaves_the_loader_able_to_start_another(tmp_path):
+    """shut_down_on_error ends a persistent loader's workers when its pass fails and forgets that
+    pass, so that the next pass starts new workers instead of reusing the ended ones."""
+    flag = tmp_path / 'flag'
+    flag.touch()
+    loader = torch.utils.data.DataLoader(FailsWhileFlagged(str(flag)), batch_size=1, num_workers=1,
+                                         persistent_workers=True)
+    with pytest.raises(ValueError, match='an unreadable image'):
+        list(gpuinput.shut_down_on_error(loader))
+    flag.unlink()
+    assert [int(b) for b in gpuinput.shut_down_on_error(loader)] == [0, 1, 2, 3]
+    loader._iterator._shutdown_workers()
