@@ -14,7 +14,7 @@ import sys
 import utils
 from lib import checkpoints, commands, config, inputs, runfolder, runtime, tables
 from lib import datacheck, images, report
-from lib.config import Resolved, continuation, get_args_parser, resolve_configuration  # noqa: F401
+from lib.config import get_args_parser, resolve_configuration
 from lib.runtime import is_main_process, local_first
 
 

@@ -235,7 +235,8 @@ def check_step_entry(checkpoint, where):
     """A step snapshot's 'step' entry, whole: the epoch in progress (the one after the snapshot's
     'epoch'), the steps done, the loader streams, the processes and their meter rows ((world, width)
     finite floats, the width lib/engine's). Its sizes against the run's own (steps per epoch, the
-    meters' counts, --epochs) are checked by preemption.Preemption (check_processes, check_epoch_sizes) once the run is built."""
+    meters' counts, --epochs) are checked once the run is built (preemption.Preemption's
+    check_processes and check_epoch_sizes)."""
     from lib import engine                          # engine imports this module
     step = checkpoint['step']
     damaged = "the file is damaged; move it away to continue from the epoch snapshot, or start anew"

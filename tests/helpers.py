@@ -179,6 +179,22 @@ def device_batches(sizes, size=64, device='cuda'):
 
 # ----------------------------------------------------------------------------- file hashes
 
+def meter_rows(count=0, acc_sum=0.0, acc_last=0.0):
+    """One process's meter row of a step snapshot, (1, width) float64: the triplets counted and
+    the accuracies given, every other field 0."""
+    meters = torch.zeros(1, engine.meter_width(), dtype=torch.float64)
+    for field, value in (('count', count), ('acc_sum', acc_sum), ('acc_last', acc_last)):
+        meters[0, engine.METER_FIELDS.index(field)] = value
+    return meters
+
+
+def step_position(epoch, batch, meters=None, **entries):
+    """A step snapshot's 'step' entry: `batch` steps of `epoch` done by one process with one loader
+    stream (`meters` its meter rows, zeros unless given), then `entries` over it."""
+    return {'epoch': epoch, 'batch': batch, 'meters': meter_rows() if meters is None else meters,
+            'streams': 1, 'world': 1, **entries}
+
+
 _HASHES = {}
 SETTLED_S = 2.0       # a file last written this long ago: a write now would give it a later mtime
 

@@ -29,7 +29,8 @@ import losses
 import synthfashion
 import utils
 from helpers import (BEST, NEW, RETRIEVE, SHARED, SYNTH, TEST, TINY, assert_kept, assert_one_line_error, check_case,
-                     disk_full_on, link_or_copy, no_training, read_only_run_dir, run_cli, tree_hashes)
+                     disk_full_on, link_or_copy, meter_rows, no_training, read_only_run_dir, run_cli, step_position,
+                     tree_hashes)
 from lib import engine, inputs, runfolder
 # no_training skips optimizer.step(), so the scheduler's step warns; that is the stub's doing
 pytestmark = pytest.mark.filterwarnings('ignore:Detected call of:UserWarning')
@@ -150,24 +151,13 @@ def step_snapshot_with(**changes):
         entries = dict(changes)             # a copy: the same case may be set up again (a second session)
         state = torch.load(w.path(SHARED), weights_only=True)
         state['epoch'] = entries.pop('snapshot_epoch', 0)
-        width = engine.meter_width()
-        meters = torch.zeros(1, width, dtype=torch.float64)
-        meters[0, engine.METER_FIELDS.index('count')] = 16
-        state['step'] = {'epoch': 1, 'batch': 2, 'meters': meters, 'streams': 1, 'world': 1}
-        step = entries.pop('step', state['step'])
+        step = entries.pop('step', step_position(1, 2, meter_rows(16)))
         if isinstance(step, dict):
             step.update(entries)
         state['step'] = step
         w.path('runs/stepped').mkdir(parents=True)
         torch.save(state, w.path('runs/stepped/step.pth.tar'))
     return setup
-
-
-def counted_meters(count, acc_sum=0.0):
-    meters = torch.zeros(1, engine.meter_width(), dtype=torch.float64)
-    meters[0, engine.METER_FIELDS.index('count')] = count
-    meters[0, engine.METER_FIELDS.index('acc_sum')] = acc_sum
-    return meters
 
 
 def pickled_list_snapshot(w):
@@ -311,17 +301,17 @@ CASES = [
     case('step-epoch-not-the-start-epoch', STEPPED + ['--epochs', '3', '--start_epoch', '2'],
          ['step snapshot of epoch 1', 'trains epochs 2 to 3'], step_snapshot_with()),
     case('step-batch-past-the-epoch', STEPPED, ['after step 7 of epoch 1', 'has 3 steps'],
-         step_snapshot_with(batch=7, meters=counted_meters(24))),
+         step_snapshot_with(batch=7, meters=meter_rows(24))),
     case('step-batch-zero', STEPPED, ["batch is 0", 'whole number >= 1'], step_snapshot_with(batch=0)),
     case('step-meters-garbage', STEPPED, ['meters', 'not those of 16 triplets'],
-         step_snapshot_with(meters=counted_meters(999))),
+         step_snapshot_with(meters=meter_rows(999))),
     case('step-meters-accuracy-garbage', STEPPED, ['meters', 'not those of 16 triplets'],
-         step_snapshot_with(meters=counted_meters(16, acc_sum=1e9))),
+         step_snapshot_with(meters=meter_rows(16, acc_sum=1e9))),
     case('step-meters-wrong-width', STEPPED, ['meters are (1, 3)', f'(1, {engine.meter_width()})'],
          step_snapshot_with(meters=torch.zeros(1, 3, dtype=torch.float64))),
     case('step-meters-not-a-tensor', STEPPED, ['meters are str'], step_snapshot_with(meters='garbage')),
     case('step-meters-not-finite', STEPPED, ['meters are not finite'],
-         step_snapshot_with(meters=counted_meters(float('nan')))),
+         step_snapshot_with(meters=meter_rows(float('nan')))),
     case('step-world-mismatch', STEPPED, ['meters are (1,', '(2,'], step_snapshot_with(world=2)),
     case('resume-auto-of-a-pickled-list', NEW[:-1] + ['listed', '--resume', 'auto'],
          ['runs/listed/checkpoint.pth.tar', 'holds a list'], pickled_list_snapshot),

@@ -9,7 +9,7 @@ import torch
 import asen
 import utils
 from conftest import TINY
-from helpers import load
+from helpers import load, step_position
 from lib import checkpoints, commands, engine, evaluation
 
 
@@ -114,8 +114,7 @@ def test_a_step_snapshot_holds_the_last_epoch_the_position_and_the_pass_rng():
 def test_the_newest_snapshot_is_the_most_advanced_one(tmp_path):
     assert checkpoints.newest_snapshot(str(tmp_path)) is None
     assert checkpoints.last_snapshot_note(str(tmp_path)) == 'no snapshot was written yet'
-    step = {'epoch': 3, 'batch': 5, 'streams': 1, 'world': 1,
-            'meters': torch.zeros(1, engine.meter_width(), dtype=torch.float64)}
+    step = step_position(3, 5)
     torch.save({'epoch': 3, 'state_dict': {}}, tmp_path / 'checkpoint.pth.tar')
     torch.save({'epoch': 2, 'state_dict': {}, 'step': step}, tmp_path / 'step.pth.tar')
     path, loaded = checkpoints.newest_snapshot(str(tmp_path))
@@ -151,9 +150,8 @@ def a_snapshot(**changes):
 
 
 def step_entry(**changes):
-    """A step snapshot's position: epoch 2 after one step, one process, one stream."""
-    meters = torch.zeros(1, engine.meter_width(), dtype=torch.float64)
-    return dict({'epoch': 2, 'batch': 1, 'meters': meters, 'streams': 1, 'world': 1}, **changes)
+    """A step snapshot's position: epoch 2 after one step, then `changes`."""
+    return {**step_position(2, 1), **changes}
 
 
 def refusal(checkpoint):

@@ -2,17 +2,21 @@
 stop signals with exit status 75, and --resume auto."""
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import warnings
 
 import pytest
+import torch
 
 import asen
 from conftest import ROOT, TINY
-from lib import commands, runtime
-from helpers import FAITHFUL, assert_one_line_error, assert_same_run, load, run_main
+from lib import commands, engine, preemption as preemption_module, runtime
+from lib.config import Config
+from helpers import FAITHFUL, assert_one_line_error, assert_same_run, load, meter_rows, run_main, step_position
+from utils import UserError
 
 STEPS_PER_EPOCH = 3                                         # TINY: 24 triplets, batches of 8
 
@@ -211,15 +215,29 @@ def test_resume_auto_refuses_another_runs_snapshot(trained_run, monkeypatch, cap
 def bare_preemption(every, run_dir):
     """A Preemption of a new run (no snapshot to continue) for --checkpoint-every `every`, over a
     one-layer network: --epochs 3 from epoch 1, batches of 8."""
-    import torch
-    from lib.config import Config
-    from lib.preemption import Preemption
     net = torch.nn.Linear(2, 2)
     optimizer = torch.optim.Adam(net.parameters())
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1)
     args = Config(dict(checkpoint_every=every, resume=None, epochs=3, start_epoch=1, batch_size=8), explicit=())
-    return Preemption(net, optimizer, scheduler, torch.amp.GradScaler('cpu', enabled=False), args, str(run_dir),
-                      torch.device('cpu'), None)
+    return preemption_module.Preemption(net, optimizer, scheduler, torch.amp.GradScaler('cpu', enabled=False), args,
+                                        str(run_dir), torch.device('cpu'), None)
+
+
+def started(preemption):
+    """`preemption` as commands.train readies it for epoch 1 of a run of 4 steps of 8 triplets (one
+    process, one loader stream); returns new meters for its steps."""
+    preemption.check_processes(1, 1)
+    preemption.check_epoch_sizes(4, 32, 0)
+    preemption.start_epoch(1)
+    return engine.TrainMeters(torch.device('cpu'))
+
+
+@pytest.fixture()
+def clock(monkeypatch):
+    """lib/preemption's time.monotonic, stubbed: set clock[0] to the time now (from 1000 s)."""
+    now = [1000.0]
+    monkeypatch.setattr(preemption_module.time, 'monotonic', lambda: now[0])
+    return now
 
 
 @pytest.mark.parametrize('every', [2, 3])
@@ -239,15 +257,10 @@ def test_after_a_step_the_snapshot_is_written_when_due_and_the_stop_served(tmp_p
     """after_step with --checkpoint-every 2: nothing after step 1 (the loss not even checked), a
     step snapshot of step 2 after it (its loss checked first); a stop signal then writes one after
     step 3 and raises Stopped."""
-    import torch
-    from lib import engine
     preemption = bare_preemption('2', tmp_path)
     checked = []
     with preemption.stops_deferred():
-        preemption.check_processes(1, 1)
-        preemption.check_epoch_sizes(4, 32, 0)
-        preemption.start_epoch(1)
-        meters = engine.TrainMeters(torch.device('cpu'))
+        meters = started(preemption)
         preemption.after_step(1, meters, lambda: checked.append(1))
         assert checked == [] and not (tmp_path / 'step.pth.tar').exists()
         preemption.after_step(2, meters, lambda: checked.append(2))
@@ -258,21 +271,13 @@ def test_after_a_step_the_snapshot_is_written_when_due_and_the_stop_served(tmp_p
     assert checked == [2, 3] and load(tmp_path / 'step.pth.tar')['step']['batch'] == 3
 
 
-def test_after_a_step_snapshot_the_minutes_count_from_it(tmp_path, monkeypatch):
+def test_after_a_step_snapshot_the_minutes_count_from_it(tmp_path, clock):
     """--checkpoint-every 2m through after_step on a stub clock: the snapshot written at 120 s
     restarts the interval, so the step 10 s later writes none, the one 120 s later does."""
-    import torch
-    from lib import engine
-    from lib import preemption as module
-    clock = [1000.0]
-    monkeypatch.setattr(module.time, 'monotonic', lambda: clock[0])
     preemption = bare_preemption('2m', tmp_path)
-    meters = engine.TrainMeters(torch.device('cpu'))
     written = []
     with preemption.stops_deferred():
-        preemption.check_processes(1, 1)
-        preemption.check_epoch_sizes(4, 32, 0)
-        preemption.start_epoch(1)
+        meters = started(preemption)
         for step, now in ((1, 1120.0), (2, 1130.0), (3, 1240.0)):
             clock[0] = now
             preemption.after_step(step, meters, lambda: None)
@@ -283,21 +288,16 @@ def test_after_a_step_snapshot_the_minutes_count_from_it(tmp_path, monkeypatch):
 def test_an_epoch_continues_at_the_step_after_its_snapshot_with_its_meters(tmp_path):
     """start_epoch: the step snapshot's epoch starts at the step after it, with the meters of the
     steps done; any other epoch at step 0 with new meters."""
-    import torch
-    from lib import engine
     preemption = bare_preemption('5m', tmp_path)
-    position = step_position(epoch=2, batch=2, count=16, acc_sum=10.0)
-    preemption.position = position
+    continued = position(epoch=2, batch=2, count=16, acc_sum=10.0)
+    preemption.position = continued
     first, meters = preemption.start_epoch(2)
-    assert first == 2 and torch.equal(engine.meter_row(meters, torch.device('cpu')).cpu(), position['meters'][0])
+    assert first == 2 and torch.equal(engine.meter_row(meters, torch.device('cpu')).cpu(), continued['meters'][0])
     assert preemption.start_epoch(3) == (0, None)
 
 
-def test_a_step_snapshot_every_n_minutes_is_due_once_they_have_passed(tmp_path, monkeypatch):
+def test_a_step_snapshot_every_n_minutes_is_due_once_they_have_passed(tmp_path, clock):
     """--checkpoint-every 2m: due at the first step that ends 120 s or more after the last snapshot."""
-    from lib import preemption as module
-    clock = [1000.0]
-    monkeypatch.setattr(module.time, 'monotonic', lambda: clock[0])
     preemption = bare_preemption('2m', tmp_path)
     with preemption.stops_deferred():
         due = []
@@ -324,39 +324,34 @@ def test_a_stop_signal_is_served_at_the_next_step(tmp_path):
             preemption.stop_if_asked(2)
 
 
-def step_position(epoch=1, batch=2, count=16, acc_sum=10.0, acc_last=1.0):
-    """A step snapshot's position: `batch` steps of `epoch` done, its one meter row."""
-    import torch
-    from lib import engine
-    meters = torch.zeros(1, engine.meter_width(), dtype=torch.float64)
-    for field, value in (('count', count), ('acc_sum', acc_sum), ('acc_last', acc_last)):
-        meters[0, engine.METER_FIELDS.index(field)] = value
-    return {'epoch': epoch, 'batch': batch, 'meters': meters, 'streams': 1, 'world': 1}
+def position(epoch=1, batch=2, count=16, acc_sum=10.0, acc_last=1.0):
+    """A step snapshot's position: `batch` steps of `epoch` done, its meter row counting `count`
+    triplets with these accuracies."""
+    return step_position(epoch, batch, meter_rows(count, acc_sum, acc_last))
 
 
-@pytest.mark.parametrize('position, refused', [
-    (step_position(), None),
-    (step_position(acc_sum=0.0, acc_last=0.0), None),                     # no triplet right yet
-    (step_position(acc_sum=16.0, acc_last=1.0), None),                    # every triplet right
-    (step_position(batch=3, count=24, acc_sum=24.0), None),               # the epoch's last step
-    (step_position(batch=4, count=24), 'after step 4 of epoch 1'),
-    (step_position(epoch=2), 'of epoch 2, but this run trains epochs 1 to 3'),
-    (step_position(count=15), 'not those of 16 triplets in 2 step(s)'),
-    (step_position(acc_sum=16.5), 'not those of 16 triplets'),
-    (step_position(acc_sum=-0.5), 'not those of 16 triplets'),
-    (step_position(acc_last=1.5), 'not those of 16 triplets'),
-    (step_position(acc_last=-0.5), 'not those of 16 triplets'),
+@pytest.mark.parametrize('entry, refused', [
+    (position(), None),
+    (position(acc_sum=0.0, acc_last=0.0), None),                     # no triplet right yet
+    (position(acc_sum=16.0, acc_last=1.0), None),                    # every triplet right
+    (position(batch=3, count=24, acc_sum=24.0), None),               # the epoch's last step
+    (position(batch=4, count=24), 'after step 4 of epoch 1'),
+    (position(epoch=2), 'of epoch 2, but this run trains epochs 1 to 3'),
+    (position(count=15), 'not those of 16 triplets in 2 step(s)'),
+    (position(acc_sum=16.5), 'not those of 16 triplets'),
+    (position(acc_sum=-0.5), 'not those of 16 triplets'),
+    (position(acc_last=1.5), 'not those of 16 triplets'),
+    (position(acc_last=-0.5), 'not those of 16 triplets'),
 ])
-def test_a_step_snapshots_position_is_checked_against_the_runs_sizes(tmp_path, position, refused):
+def test_a_step_snapshots_position_is_checked_against_the_runs_sizes(tmp_path, entry, refused):
     """check_epoch_sizes for a run of --epochs 3 from epoch 1, 3 steps of 8 of 24 triplets an
     epoch: the step within the epoch, the count of triplets seen and the accuracies within it."""
-    from utils import UserError
     preemption = bare_preemption('5m', tmp_path)
-    preemption.position = position
+    preemption.position = entry
     if refused is None:
         preemption.check_epoch_sizes(3, 24, 0)
     else:
-        with pytest.raises(UserError, match=refused.replace('(', r'\(').replace(')', r'\)')):
+        with pytest.raises(UserError, match=re.escape(refused)):
             preemption.check_epoch_sizes(3, 24, 0)
 
 
